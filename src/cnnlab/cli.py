@@ -1,0 +1,207 @@
+"""`cnnlab` command line: thin — parses, calls the library, prints."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+EXAMPLES = """examples:
+  cnnlab train recipes/demo.yaml                       train the demo recipe
+  cnnlab train recipes/demo.yaml optim.lr=0.01 train.epochs=5 --out runs/fast
+  cnnlab train - data.source=folder:~/photos model.name=resnet18   (defaults + overrides)
+  cnnlab eval runs/demo                                re-evaluate on the saved test split
+  cnnlab predict runs/demo photos/ cat.png --top-k 3   classify files and folders
+  cnnlab config recipes/demo.yaml                      show the fully resolved config
+  cnnlab config --keys                                 every key, its default and meaning
+  cnnlab datasets | cnnlab models
+"""
+
+
+def _resolve_config(arg: str | None):
+    """A path, a bare recipe name found in ./recipes, or '-' / None for the defaults."""
+    if arg in (None, "-"):
+        return None
+    p = Path(arg)
+    if p.is_file():
+        return p
+    for candidate in (Path("recipes") / f"{arg}.yaml", Path("recipes") / arg):
+        if candidate.is_file():
+            return candidate
+    from .config import ConfigError
+
+    raise ConfigError(f"config file not found: {arg}")
+
+
+def _cmd_train(a) -> int:
+    from .api import train
+
+    train(_resolve_config(a.config), a.overrides, out=a.out, runs_root=a.runs_root, progress=a.progress,
+          quiet=a.quiet)
+    return 0
+
+
+def _print_metrics(m: dict) -> None:
+    lo, hi = m["accuracy_ci95"]
+    print(f"evaluated on: {m['evaluated_on']} ({m['n']} images)")
+    print(f"loss {m['loss']:.4f}   accuracy {m['accuracy']:.4f}  (95% Wilson CI {lo:.4f}–{hi:.4f})")
+    print(f"chance (majority class '{m['chance']['majority_class']}'): {m['chance']['accuracy']:.4f}")
+    print(f"{'class':<16}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>9}")
+    for c, r in m["per_class"].items():
+        print(f"{c:<16}{r['precision']:>10.4f}{r['recall']:>10.4f}{r['f1']:>10.4f}{r['support']:>9}")
+    for avg in ("macro", "weighted"):
+        print(f"{avg + ' avg':<16}{m['precision_' + avg]:>10.4f}{m['recall_' + avg]:>10.4f}{m['f1_' + avg]:>10.4f}")
+
+
+def _cmd_eval(a) -> int:
+    from .api import evaluate
+
+    m = evaluate(a.run, data=a.data, device=a.device)
+    if a.json:
+        print(json.dumps(m, indent=2))
+    else:
+        _print_metrics(m)
+    return 0
+
+
+def _cmd_predict(a) -> int:
+    from .api import predict
+
+    results = predict(a.run, a.paths, top_k=a.top_k, device=a.device)
+    if not results:
+        print("no image files found in: " + " ".join(a.paths), file=sys.stderr)
+        return 2
+    if a.json:
+        print(json.dumps(results, indent=2))
+    else:
+        width = min(60, max(len(r["file"]) for r in results))
+        for r in results:
+            if "error" in r:
+                print(f"{r['file']:<{width}}  ERROR: {r['error']}")
+            else:
+                tops = "   ".join(f"{t['class']} {t['probability']:.3f}" for t in r["top"])
+                print(f"{r['file']:<{width}}  {tops}")
+    return 1 if any("error" in r for r in results) else 0
+
+
+def _cmd_datasets(a) -> int:
+    from .data import list_datasets
+
+    for name, doc in list_datasets().items():
+        print(f"{name:<18}{doc}")
+    return 0
+
+
+def _cmd_models(a) -> int:
+    from .models import create_model, describe_model, list_models
+
+    print(f"{'name':<14}{'params (10 classes, 1×28² / 3×64²)':>36}  description")
+    for name in list_models():
+        counts = []
+        for c, s in ((1, 28), (3, 64)):
+            try:
+                counts.append(f"{sum(p.numel() for p in create_model(name, 10, c, s).parameters()):,}")
+            except ValueError:
+                counts.append("-")
+        print(f"{name:<14}{' / '.join(counts):>36}  {describe_model(name)}")
+    return 0
+
+
+def _cmd_config(a) -> int:
+    from .config import describe_keys, dump_config, load_config
+
+    if a.keys:
+        for key, default, meaning in describe_keys():
+            print(f"{key:<26}{default:<16}{meaning}")
+        return 0
+    print(dump_config(load_config(_resolve_config(a.config), a.overrides)), end="")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    p = argparse.ArgumentParser(prog="cnnlab", description="Run, compare and report CNN image-classification "
+                                "experiments from one YAML config.", epilog=EXAMPLES,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"cnnlab {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    t = sub.add_parser("train", help="train one experiment and write its run folder",
+                       description="Train CONFIG (a YAML file, a recipe name in ./recipes, or '-' for the "
+                       "defaults) with key=value overrides; writes config.yaml, split.json, history.csv, "
+                       "metrics.json, model.safetensors and env.json to the run folder.",
+                       epilog="overrides use dotted keys: data.source=folder:PATH data.image_size=64 "
+                       "model.name=mlp optim.name=sgd optim.lr=0.1 train.epochs=20 train.seed=1 "
+                       "train.early_stopping.patience=5 (see `cnnlab config --keys`)")
+    t.add_argument("config", help="YAML config, recipe name, or '-'")
+    t.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    t.add_argument("--out", help="run folder to create (must be new or empty); default runs/<name>[-N]")
+    t.add_argument("--runs-root", default="runs", help="parent of auto-named run folders (default: runs)")
+    t.add_argument("--progress", choices=["auto", "bar", "plain", "none"], help="progress display")
+    t.add_argument("-q", "--quiet", action="store_true", help="print nothing")
+    t.set_defaults(fn=_cmd_train)
+
+    e = sub.add_parser("eval", help="re-evaluate a saved model",
+                       description="Evaluate RUN's best model on its saved test split (reproducing "
+                       "metrics.json), or on every image of --data (class names must match).")
+    e.add_argument("run", help="run folder")
+    e.add_argument("--data", help="another source, e.g. folder:PATH")
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    e.set_defaults(fn=_cmd_eval)
+
+    pr = sub.add_parser("predict", help="classify image files or folders with a saved model",
+                        description="Top-k classes with probabilities for each image; folders are searched "
+                        "recursively. Unreadable files are reported, not fatal (exit code 1).")
+    pr.add_argument("run", help="run folder")
+    pr.add_argument("paths", nargs="+", help="image files or folders")
+    pr.add_argument("-k", "--top-k", type=int, default=3)
+    pr.add_argument("--device", default="cpu")
+    pr.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    pr.set_defaults(fn=_cmd_predict)
+
+    d = sub.add_parser("datasets", help="list the built-in data sources")
+    d.set_defaults(fn=_cmd_datasets)
+    m = sub.add_parser("models", help="list the registered models")
+    m.set_defaults(fn=_cmd_models)
+
+    c = sub.add_parser("config", help="print a resolved config, or every key with --keys")
+    c.add_argument("config", nargs="?", help="YAML config or recipe name (default: the defaults)")
+    c.add_argument("overrides", nargs="*", metavar="key=value")
+    c.add_argument("--keys", action="store_true", help="list every key with its default and meaning")
+    c.set_defaults(fn=_cmd_config)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "fn", None):
+        parser.print_help()
+        return 0
+    from .config import ConfigError
+    from .data import DataError
+    from .models.weights import WeightsError
+    from .runs import RunError
+    from .train.loop import TrainingDiverged
+
+    try:
+        return args.fn(args)
+    except TrainingDiverged as e:
+        print(f"cnnlab: training diverged: {e}", file=sys.stderr)
+        return 3
+    except (ConfigError, DataError, RunError, WeightsError, ValueError, FileNotFoundError, RuntimeError) as e:
+        if os.environ.get("CNNLAB_DEBUG"):
+            raise
+        print(f"cnnlab: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("cnnlab: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

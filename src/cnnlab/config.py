@@ -1,0 +1,355 @@
+"""Typed experiment configuration: YAML (safe loading only) + dotted overrides.
+
+A config is a tree of dataclasses. Every key has a default, a type and, where
+it matters, a range or a list of choices; `load_config` rejects unknown keys,
+wrong types and out-of-range values *before* any work starts, naming the key
+and the valid choices.
+
+    cfg = load_config("recipes/demo.yaml", ["optim.lr=0.01", "train.epochs=3"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the key and the fix."""
+
+
+def _opt(default, help: str, **checks):
+    """A config field: its default, a one-line meaning (with unit) and checks.
+
+    checks: choices=[...], min=, max= (inclusive), gt= (exclusive), lt=.
+    """
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: typing.cast(Any, type(d))(d),
+                     metadata={"help": help, **checks})
+    return field(default=default, metadata={"help": help, **checks})
+
+
+MONITORS = ["val_loss", "val_accuracy", "loss", "accuracy"]
+
+
+@dataclass
+class EarlyStopping:
+    patience: int = _opt(5, "epochs without improvement before stopping", min=1)
+    monitor: str = _opt("val_loss", "metric watched", choices=MONITORS)
+    min_delta: float = _opt(0.0, "smallest change that counts as improvement", min=0.0)
+
+
+@dataclass
+class DataConfig:
+    source: str = _opt("animal-shapes", "animal-shapes | animal-shapes-5 | random | folder:PATH")
+    image_size: Optional[int] = _opt(None, "side of the square input in pixels (null: the source's own)", min=1, max=4096)
+    channels: Optional[int] = _opt(None, "1 (grayscale) or 3 (RGB); null: the source's own", choices=[1, 3])
+    batch_size: int = _opt(128, "training batch size (images)", min=1)
+    eval_batch_size: int = _opt(1024, "batch size for validation / test / predict", min=1)
+    val_fraction: float = _opt(0.15, "fraction of each class held out for validation", min=0.0, lt=1.0)
+    test_fraction: float = _opt(0.15, "fraction of each class held out for the test", min=0.0, lt=1.0)
+    validation_split: Optional[float] = _opt(
+        None, "Keras-style: validation fraction with no test split (stratified and shuffled, "
+              "unlike Keras' last-N-percent); overrides val/test_fraction", gt=0.0, lt=1.0)
+    split_seed: int = _opt(0, "seed of the stratified split (kept fixed across training seeds)", min=0)
+    max_per_class: Optional[int] = _opt(None, "keep at most this many images per class (seeded)", min=1)
+    normalize: bool = _opt(True, "zero mean / unit variance per channel, statistics from the training split")
+    resize: str = _opt("stretch", "how folder images reach image_size", choices=["stretch", "center-crop"])
+    # the first paper's synthetic set
+    random_samples: int = _opt(100, "source 'random': number of images", min=2)
+    random_classes: int = _opt(2, "source 'random': number of classes", min=2)
+    # augmentation, applied to whole batches on the device while training
+    augment: bool = _opt(False, "random rotation / flip / scale / translation of training batches")
+    aug_rotation: float = _opt(10.0, "max rotation, degrees (uniform in ±)", min=0.0, max=180.0)
+    aug_hflip: float = _opt(0.5, "probability of a horizontal flip", min=0.0, max=1.0)
+    aug_scale: float = _opt(0.1, "max relative zoom (uniform in 1±)", min=0.0, lt=1.0)
+    aug_translate: float = _opt(0.1, "max shift as a fraction of the image side", min=0.0, max=0.5)
+    expand: int = _opt(0, "offline expansion: K augmented copies of each training image (second paper: 2)", min=0, max=100)
+    on_bad_file: str = _opt("skip", "unreadable images in a folder: skip (listed) or fail", choices=["skip", "fail"])
+
+
+@dataclass
+class ModelConfig:
+    name: str = _opt("harahap-cnn", "a registered model; see `cnnlab models`")
+    weights: Optional[str] = _opt(None, "null | PATH (.safetensors, or .pt/.pth state dict) | imagenet")
+    freeze: str = _opt("none", "'backbone' trains only the classifier head", choices=["none", "backbone"])
+    batch_norm: Optional[bool] = _opt(None, "batch normalisation on/off (null: the model's default)")
+    dropout: Optional[float] = _opt(None, "dropout probability before the classifier (null: default)", min=0.0, lt=1.0)
+    hidden: Optional[list[int]] = _opt(None, "hidden layer widths of the dense head / MLP (null: default)")
+    init: str = _opt("default", "weight initialisation",
+                     choices=["default", "xavier-uniform", "he-normal", "he-uniform", "uniform-fan-in"])
+
+
+@dataclass
+class OptimConfig:
+    name: str = _opt("adam", "optimiser", choices=["sgd", "adam", "adamw", "rmsprop"], kind="optimizer")
+    lr: float = _opt(0.001, "base (peak) learning rate", gt=0.0, max=10.0)
+    momentum: float = _opt(0.9, "sgd / rmsprop momentum", min=0.0, lt=1.0)
+    nesterov: bool = _opt(False, "sgd: Nesterov momentum")
+    beta1: float = _opt(0.9, "adam / adamw first-moment decay", min=0.0, lt=1.0)
+    beta2: float = _opt(0.999, "adam / adamw second-moment decay", min=0.0, lt=1.0)
+    eps: float = _opt(1e-7, "adam / rmsprop epsilon (Keras' default)", gt=0.0)
+    weight_decay: float = _opt(0.0, "decoupled weight decay (adamw) or the optimiser's own decay term; "
+                                     "NOT the papers' L2 loss term, see regularization.l2", min=0.0)
+    clip_grad_norm: Optional[float] = _opt(None, "clip the global gradient norm to this value", gt=0.0)
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = _opt("constant", "learning-rate schedule",
+                     choices=["constant", "step", "exponential", "cosine", "cyclic", "one-cycle", "plateau"],
+                     kind="schedule")
+    warmup_epochs: float = _opt(0.0, "linear warm-up from 0 over this many epochs", min=0.0)
+    step_size: float = _opt(10.0, "step: epochs between decays", gt=0.0)
+    gamma: float = _opt(0.1, "step / exponential / plateau decay factor (exponential: per epoch)", gt=0.0, max=1.0)
+    min_lr: float = _opt(0.0, "cosine / cyclic lower learning rate", min=0.0)
+    cycle_epochs: float = _opt(4.0, "cyclic: epochs per full triangle", gt=0.0)
+    pct_start: float = _opt(0.3, "one-cycle: fraction of training spent warming up", gt=0.0, lt=1.0)
+    patience: int = _opt(3, "plateau: epochs without improvement before decaying", min=1)
+
+
+@dataclass
+class RegularizationConfig:
+    l2: float = _opt(0.0, "λ of the papers' loss term λ/2·Σ‖W‖² over conv/dense weights", min=0.0)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = _opt(10, "maximum number of epochs", min=1)
+    seed: int = _opt(0, "seed of weights, data order, augmentation and dropout", min=0)
+    early_stopping: Optional[EarlyStopping] = _opt(None, "null, or {patience, monitor, min_delta}")
+    monitor: str = _opt("val_loss", "metric that picks the best epoch when early stopping is off",
+                        choices=MONITORS)
+    device: str = _opt("auto", "auto | cpu | cuda | cuda:N")
+    precision: str = _opt("32", "32 | bf16-mixed | 16-mixed (16-mixed on CUDA only)",
+                          choices=["32", "bf16-mixed", "16-mixed"])
+    channels_last: bool = _opt(False, "channels-last memory format for conv nets")
+    threads: Optional[int] = _opt(None, "CPU threads (null: one per core)", min=1)
+    progress: str = _opt("auto", "progress bar: auto (only on a terminal) | bar | plain | none",
+                         choices=["auto", "bar", "plain", "none"])
+
+
+@dataclass
+class Config:
+    name: Optional[str] = _opt(None, "run name (null: recipe name + time)")
+    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "data source, split, preprocessing"})
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "network"})
+    optim: OptimConfig = field(default_factory=OptimConfig, metadata={"help": "optimiser"})
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig, metadata={"help": "learning-rate schedule"})
+    regularization: RegularizationConfig = field(default_factory=RegularizationConfig, metadata={"help": "loss terms"})
+    train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "loop, seed, runtime"})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def check(self) -> None:
+        """Cross-field checks that a single key's range cannot express."""
+        d = self.data
+        if d.validation_split is None and d.val_fraction + d.test_fraction >= 1.0:
+            raise ConfigError(
+                f"data.val_fraction + data.test_fraction = {d.val_fraction + d.test_fraction:g}: "
+                "they must sum to less than 1 so that something is left to train on")
+        if not (d.source in ("animal-shapes", "animal-shapes-5", "random") or d.source.startswith("folder:")):
+            raise ConfigError(f"unknown data.source {d.source!r}; choose one of: animal-shapes, "
+                              "animal-shapes-5, random, folder:PATH")
+        if self.model.hidden is not None and (not self.model.hidden or min(self.model.hidden) < 1):
+            raise ConfigError("model.hidden: a non-empty list of positive layer widths, e.g. [128]")
+        dev = self.train.device
+        if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
+            raise ConfigError(f"unknown train.device {dev!r}; choose one of: auto, cpu, cuda, cuda:N")
+        from .models import list_models  # late import: models does not import config
+
+        if self.model.name not in list_models():
+            raise ConfigError(_choices_msg("model.name", self.model.name, list_models(), "model"))
+
+
+# --------------------------------------------------------------------------- parsing
+
+def _choices_msg(key: str, value: Any, choices, kind: str | None = None) -> str:
+    kind = kind or key.split(".")[-1]
+    msg = f"unknown {kind} {value!r} ({key}); choose one of: {', '.join(map(str, choices))}"
+    close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+    return msg + (f" (did you mean {close[0]!r}?)" if close else "")
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+
+
+def _coerce(key: str, value: Any, tp, meta: dict) -> Any:
+    """Check `value` against the annotation `tp`; return it (ints widen to float)."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise ConfigError(f"{key}: must not be null")
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(key, value, inner, meta)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, bool) and tp is EarlyStopping:
+            return EarlyStopping() if value else None
+        if isinstance(value, int) and not isinstance(value, bool) and tp is EarlyStopping:
+            value = {"patience": value}  # `train.early_stopping=5` is shorthand for the patience
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {', '.join(f.name for f in dataclasses.fields(tp))}; "
+                              f"got {value!r}")
+        return _build(tp, value, key + ".")
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list of {_type_name(inner)}; got {value!r}")
+        return [_coerce(f"{key}[{i}]", v, inner, {}) for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false (or on/off); got {value!r}")
+    elif tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                value = int(value)
+            else:
+                raise ConfigError(f"{key}: expected an integer; got {value!r}")
+    elif tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number; got {value!r}")
+        value = float(value)
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ConfigError(f"{key}: expected a finite number; got {value!r}")
+    elif tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string; got {value!r}")
+    choices = meta.get("choices")
+    if choices is not None and value not in choices:
+        raise ConfigError(_choices_msg(key, value, choices, meta.get("kind")))
+    for check, ok, word in (("min", lambda v, b: v >= b, "at least"), ("max", lambda v, b: v <= b, "at most"),
+                            ("gt", lambda v, b: v > b, "greater than"), ("lt", lambda v, b: v < b, "less than")):
+        if check in meta and not ok(value, meta[check]):
+            raise ConfigError(f"{key}: must be {word} {meta[check]}; got {value!r}")
+    return value
+
+
+def _build(cls, values: dict, prefix: str = ""):
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for k, v in values.items():
+        if k not in fields:
+            raise ConfigError(_unknown_key_msg(prefix, k, list(fields)))
+        kwargs[k] = _coerce(prefix + k, v, hints[k], dict(fields[k].metadata))
+    return cls(**kwargs)
+
+
+def _unknown_key_msg(prefix: str, key: Any, valid: list[str]) -> str:
+    msg = f"unknown key {prefix}{key!s}; valid keys under {prefix.rstrip('.') or 'the top level'}: {', '.join(valid)}"
+    close = difflib.get_close_matches(str(key), valid, n=1)
+    return msg + (f" (did you mean {prefix}{close[0]}?)" if close else "")
+
+
+def parse_value(text: str) -> Any:
+    """A command-line value, read as one YAML scalar/flow item: 0.01, true, null, [64, 32], adam."""
+    try:
+        return yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        return text
+
+
+def _set_dotted(tree: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for p in parts[:-1]:
+        nxt = node.get(p)
+        if nxt is None or not isinstance(nxt, dict):
+            nxt = {} if not isinstance(nxt, dict) else nxt
+            node[p] = nxt
+        node = nxt
+    node[parts[-1]] = value
+
+
+def read_yaml(path: str | Path) -> dict:
+    """Read a YAML file with the safe loader only (no object-constructing tags)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid (safe) YAML: {e}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a UTF-8 text file") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (data, model, optim, …)")
+    return data
+
+
+def config_from_dict(tree: dict, overrides: list[str] | dict | None = None) -> Config:
+    """Validate a nested dict (+ overrides as 'a.b=v' strings or {a.b: v}) into a Config."""
+    tree = _deepcopy(tree)
+    items = overrides.items() if isinstance(overrides, dict) else [_split_override(o) for o in overrides or []]
+    for k, v in items:
+        _set_dotted(tree, k, v)
+    cfg = _build(Config, tree)
+    cfg.check()
+    return cfg
+
+
+def _split_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key=value, e.g. optim.lr=0.01")
+    k, v = text.split("=", 1)
+    return k.strip(), parse_value(v)
+
+
+def _deepcopy(x):
+    if isinstance(x, dict):
+        return {k: _deepcopy(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_deepcopy(v) for v in x]
+    return x
+
+
+def load_config(source: str | Path | dict | Config | None = None,
+                overrides: list[str] | dict | None = None) -> Config:
+    """A validated Config from a YAML path, a dict, an existing Config or None (defaults)."""
+    if isinstance(source, Config):
+        tree = source.to_dict()
+    elif isinstance(source, dict):
+        tree = source
+    elif source is None:
+        tree = {}
+    else:
+        tree = read_yaml(source)
+        if tree.get("name") is None:
+            tree["name"] = Path(source).stem
+    return config_from_dict(tree, overrides)
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def describe_keys(cls=Config, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, meaning) for every key, for `--help` and the README."""
+    rows = []
+    for f in dataclasses.fields(cls):
+        tp = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(tp) and f.name != "early_stopping":
+            rows += describe_keys(tp, prefix + f.name + ".")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_ = f.metadata.get("help", "")
+        if "choices" in f.metadata and len(f.metadata["choices"]) > 2:
+            help_ += f" [{', '.join(map(str, f.metadata['choices']))}]"
+        rows.append((prefix + f.name, "null" if default is None else str(default), help_))
+    return rows

@@ -1,0 +1,9 @@
+"""Data: sources → uint8 tensors, stratified seeded splits, batched augmentation, device loaders.
+
+`data` imports nothing from `train`.
+"""
+
+from .sources import Dataset, DataError, load_source, list_datasets, SOURCES  # noqa: F401
+from .split import stratified_split, Split  # noqa: F401
+from .augment import augment_batch  # noqa: F401
+from .loader import DeviceLoader, prepare  # noqa: F401

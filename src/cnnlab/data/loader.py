@@ -1,0 +1,139 @@
+"""The in-memory fast path: each split as one uint8 tensor on the device, batches by index.
+
+Normalisation (x/255 − mean)/std with the *training* split's per-channel
+statistics happens per batch, fused with the uint8 → float conversion, so the
+resident data stays 4× smaller than float and nothing is computed per sample.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+
+from .augment import augment_batch
+from .sources import Dataset
+from .split import Split
+
+
+@dataclass
+class Normalizer:
+    """Per-channel mean / std in [0, 1] pixel units (identity when normalisation is off)."""
+
+    mean: list[float]
+    std: list[float]
+
+    @classmethod
+    def fit(cls, images: torch.Tensor, enabled: bool = True) -> "Normalizer":
+        c = images.shape[1]
+        if not enabled or len(images) == 0:
+            return cls([0.0] * c, [1.0] * c)
+        x = images.transpose(0, 1).reshape(c, -1).double() / 255.0  # (C, N·H·W)
+        std = x.std(1).clamp_min(1e-6)
+        return cls(x.mean(1).tolist(), std.tolist())
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) uint8 → float32 normalised."""
+        shape = (1, -1, 1, 1)
+        scale = (1.0 / (255.0 * torch.tensor(self.std, device=x.device))).view(shape)
+        shift = (torch.tensor(self.mean, device=x.device) / torch.tensor(self.std, device=x.device)).view(shape)
+        return x.float() * scale - shift
+
+
+class DeviceLoader:
+    """Yields (x float (B,C,H,W), y int64 (B,)) batches from device-resident tensors.
+
+    shuffle: a fresh permutation each epoch from `generator` (seeded → repeatable).
+    augment: a function (x, generator) → x applied to every training batch.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, normalizer: Normalizer, batch_size: int,
+                 shuffle: bool = False, generator: torch.Generator | None = None,
+                 augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 channels_last: bool = False):
+        self.images, self.labels = images, labels
+        self.normalizer, self.batch_size = normalizer, batch_size
+        self.shuffle, self.generator, self.augment = shuffle, generator, augment
+        self.channels_last = channels_last
+
+    def __len__(self) -> int:
+        return (len(self.labels) + self.batch_size - 1) // self.batch_size
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.labels)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n = len(self.labels)
+        order = torch.randperm(n, generator=self.generator, device=self.generator.device) \
+            if self.shuffle else None
+        for start in range(0, n, self.batch_size):
+            if order is None:
+                xb, yb = self.images[start:start + self.batch_size], self.labels[start:start + self.batch_size]
+            else:
+                idx = order[start:start + self.batch_size]
+                xb, yb = self.images[idx], self.labels[idx]
+            xb = self.normalizer(xb)
+            if self.augment is not None:
+                xb = self.augment(xb)
+            if self.channels_last:
+                xb = xb.contiguous(memory_format=torch.channels_last)
+            yield xb, yb
+
+
+@dataclass
+class Prepared:
+    train: DeviceLoader
+    val: DeviceLoader | None
+    test: DeviceLoader | None
+    normalizer: Normalizer
+    split: Split
+    eval_part: str  # "test", or "val" when there is no test split (Keras-style validation_split)
+
+
+def expand_offline(images: torch.Tensor, labels: torch.Tensor, train_idx: list[int], copies: int,
+                   seed: int, aug_kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """The second paper's offline expansion: append `copies` augmented versions of each training image.
+
+    Returns the images / labels with the copies appended and, for each copy, its source index.
+    """
+    if copies <= 0 or not train_idx:
+        return images, labels, []
+    g = torch.Generator().manual_seed(seed)
+    src = torch.tensor(train_idx).repeat(copies)
+    out = []
+    for chunk in src.split(4096):
+        x = images[chunk].float()
+        x = augment_batch(x, g, **aug_kwargs)
+        out.append(x.round_().clamp_(0, 255).to(torch.uint8))
+    return torch.cat([images, *out]), torch.cat([labels, labels[src]]), src.tolist()
+
+
+def prepare(ds: Dataset, split: Split, *, batch_size: int, eval_batch_size: int, device: torch.device,
+            seed: int, normalize: bool = True, augment: dict | None = None, expand: int = 0,
+            expand_seed: int = 0, channels_last: bool = False) -> Prepared:
+    """Move the split to `device` and build its loaders.
+
+    augment: None, or the kwargs of `augment_batch` (rotation, hflip, scale, translate).
+    """
+    images, labels = ds.images, ds.labels
+    aug_kwargs = augment or {"rotation": 10.0, "hflip": 0.5, "scale": 0.1, "translate": 0.1}
+    images, labels, copy_of = expand_offline(images, labels, split.train, expand, expand_seed, aug_kwargs)
+    train_idx = split.train + list(range(len(ds.labels), len(labels)))
+    split.expanded_from = copy_of
+    norm = Normalizer.fit(ds.images[split.train], normalize)  # statistics of the original training images
+
+    def part(idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        t = torch.tensor(idx, dtype=torch.int64)
+        return images[t].to(device), labels[t].to(device)
+
+    g_order = torch.Generator(device=device).manual_seed(seed)
+    g_aug = torch.Generator(device=device).manual_seed(seed + 1_000_003)
+    aug_fn = (lambda x: augment_batch(x, g_aug, **augment)) if augment else None
+    train = DeviceLoader(*part(train_idx), norm, batch_size, shuffle=True, generator=g_order, augment=aug_fn,
+                         channels_last=channels_last)
+    val = DeviceLoader(*part(split.val), norm, eval_batch_size, channels_last=channels_last) if split.val else None
+    test = DeviceLoader(*part(split.test), norm, eval_batch_size, channels_last=channels_last) if split.test else None
+    eval_part = "test" if test is not None else "val"
+    return Prepared(train, val, test, norm, split, eval_part)

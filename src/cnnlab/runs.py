@@ -1,0 +1,178 @@
+"""The run folder: the only contract between training and reporting.
+
+    runs/<name>/
+      config.yaml  split.json  history.csv  metrics.json  model.safetensors  env.json  [bad_files.csv]
+
+Everything here reads and writes plain files (YAML, JSON, CSV, safetensors: no
+pickle), so a run made elsewhere or months ago loads and reports the same way.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .config import Config, dump_config, load_config
+
+MODEL_FILE = "model.safetensors"
+
+
+class RunError(ValueError):
+    """A run folder that is missing or incomplete."""
+
+
+def new_run_dir(name: str, out: str | Path | None = None, root: str | Path = "runs") -> Path:
+    """`out` exactly (must be new or empty), else root/name, root/name-2, … (never overwrites a run)."""
+    if out is not None:
+        path = Path(out)
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+            raise RunError(f"output folder {path} already exists and is not empty; "
+                           "choose another --out (runs are never overwritten)")
+    else:
+        path, i = Path(root) / name, 2
+        while path.exists():
+            path, i = Path(root) / f"{name}-{i}", i + 1
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _json_default(o):
+    if isinstance(o, torch.Tensor):
+        return o.tolist()
+    if hasattr(o, "item"):
+        return o.item()
+    raise TypeError(f"not JSON-serialisable: {type(o).__name__}")
+
+
+HISTORY_COLUMNS = ["epoch", "loss", "accuracy", "val_loss", "val_accuracy", "lr", "seconds"]
+
+
+def write_history(path: Path, history: list[dict]) -> None:
+    cols = HISTORY_COLUMNS + sorted({k for row in history for k in row} - set(HISTORY_COLUMNS))
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=cols, restval="")
+        w.writeheader()
+        for row in history:
+            w.writerow({k: (repr(v) if isinstance(v, float) else v) for k, v in row.items()})
+
+
+def read_history(path: Path) -> list[dict]:
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    out = []
+    for row in rows:
+        out.append({k: (int(v) if k == "epoch" else float(v)) for k, v in row.items() if v != ""})
+    return out
+
+
+def write_bad_files(path: Path, bad: list[tuple[str, str]]) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "reason"])
+        w.writerows(bad)
+
+
+def save_model(path: Path, model: nn.Module, meta: dict) -> None:
+    """Weights as safetensors; how to rebuild and feed the model as JSON in the header."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={"cnnlab": json.dumps(meta)})
+    os.replace(tmp, path)
+
+
+def read_model_meta(path: Path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if "cnnlab" not in meta:
+        raise RunError(f"{path}: no cnnlab metadata; not a model saved by cnnlab")
+    return json.loads(meta["cnnlab"])
+
+
+def build_saved_model(path: Path) -> tuple[nn.Module, dict]:
+    """Rebuild the architecture from the metadata and load the weights (no pickle, no code)."""
+    from .models import create_model
+
+    meta = read_model_meta(path)
+    model = create_model(meta["model"], meta["num_classes"], meta["in_channels"], meta["image_size"],
+                         **meta.get("options", {}))
+    model.load_state_dict(load_file(str(path)))
+    model.eval()
+    return model, meta
+
+
+@dataclass
+class Run:
+    """A finished (or loaded) run: its folder and what it holds."""
+
+    path: Path
+    config: Config
+    history: list[dict] = field(default_factory=list)
+    metrics: dict = field(default_factory=dict)
+    env: dict = field(default_factory=dict)
+    _model: nn.Module | None = None
+    _meta: dict | None = None
+
+    @property
+    def model(self) -> nn.Module:
+        """The best epoch's model (loaded from model.safetensors on first use)."""
+        if self._model is None:
+            self._model, self._meta = build_saved_model(self.path / MODEL_FILE)
+        return self._model
+
+    @property
+    def meta(self) -> dict:
+        if self._meta is None:
+            self._meta = read_model_meta(self.path / MODEL_FILE)
+        return self._meta
+
+    @property
+    def classes(self) -> list[str]:
+        return self.meta["classes"]
+
+    @property
+    def split(self) -> dict:
+        return json.loads((self.path / "split.json").read_text(encoding="utf-8"))
+
+    def predict(self, paths, top_k: int = 3, device: str = "cpu") -> list[dict]:
+        """Classify image files / folders; see `cnnlab.predict`."""
+        from .predict import predict_files
+
+        return predict_files(self, paths, top_k=top_k, device=device)
+
+    def __repr__(self) -> str:
+        acc = self.metrics.get("accuracy")
+        return f"Run({str(self.path)!r}, accuracy={acc:.4f})" if acc is not None else f"Run({str(self.path)!r})"
+
+
+def load_run(path: str | Path) -> Run:
+    """Open a run folder written by `cnnlab train`."""
+    path = Path(path)
+    if not (path / "config.yaml").is_file():
+        raise RunError(f"{path} is not a run folder (no config.yaml)")
+    cfg = load_config(path / "config.yaml")
+    run = Run(path, cfg)
+    if (path / "history.csv").is_file():
+        run.history = read_history(path / "history.csv")
+    for name, attr in (("metrics.json", "metrics"), ("env.json", "env")):
+        if (path / name).is_file():
+            setattr(run, attr, json.loads((path / name).read_text(encoding="utf-8")))
+    return run
+
+
+def write_config(path: Path, cfg: Config) -> None:
+    (path / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")

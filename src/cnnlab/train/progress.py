@@ -1,0 +1,54 @@
+"""Keras-style epoch lines, with a live progress bar only when stdout is a terminal."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from tqdm.auto import tqdm
+
+
+def format_row(row: dict) -> str:
+    parts = [f"{row['seconds']:.1f}s"]
+    for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
+        if key in row:
+            parts.append(f"{key}: {row[key]:.4f}")
+    parts.append(f"lr: {row['lr']:.2e}")
+    return " - ".join(parts)
+
+
+class ProgressLogger:
+    """mode: auto (bar on a terminal, plain lines otherwise) | bar | plain | none."""
+
+    def __init__(self, mode: str = "auto", stream=None):
+        self.stream = stream or sys.stdout
+        if mode == "auto":
+            mode = "bar" if getattr(self.stream, "isatty", lambda: False)() else "plain"
+        self.mode = mode
+        self.bar = None
+        self._last = 0.0
+
+    def message(self, text: str) -> None:
+        if self.mode != "none":
+            print(text, file=self.stream, flush=True)
+
+    def epoch_start(self, epoch: int, epochs: int, steps: int) -> None:
+        self.epoch, self.epochs, self.steps = epoch, epochs, steps
+        if self.mode == "bar":
+            self.bar = tqdm(total=steps, desc=f"Epoch {epoch}/{epochs}", unit="step", leave=False,
+                            file=self.stream, dynamic_ncols=True)
+
+    def batch_end(self, step: int, loss) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            now = time.monotonic()
+            if now - self._last > 0.25 or step == self.steps:  # .item() syncs: not every step
+                self.bar.set_postfix(loss=f"{float(loss):.4f}")
+                self._last = now
+
+    def epoch_end(self, row: dict, is_best: bool = False) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        mark = "  *best" if is_best else ""
+        self.message(f"Epoch {self.epoch}/{self.epochs} - {self.steps}/{self.steps} - {format_row(row)}{mark}")
