@@ -25,6 +25,7 @@ from .data import Dataset, load_source, prepare, stratified_split
 from .metrics import classification_metrics
 from .models import create_model, freeze_backbone, load_weights
 from .runs import (MODEL_FILE, Run, load_run, new_run_dir, save_model, write_bad_files, write_config,
+                   write_predictions,
                    write_history, write_json)
 from .train import EarlyStopper, LRSchedule, Runtime, build_optimizer, fit, predict_logits
 from .train.progress import ProgressLogger
@@ -154,7 +155,9 @@ def train(config: str | Path | dict | Config | None = None, overrides: list[str]
 
     eval_loader = data.test if data.test is not None else data.val
     train_labels = ds.labels[split.train].numpy()
-    metrics, _ = _eval_metrics(model, eval_loader, runtime, ds.classes, train_labels)
+    metrics, logits = _eval_metrics(model, eval_loader, runtime, ds.classes, train_labels)
+    eval_idx = split.test if data.eval_part == "test" else split.val
+    write_predictions(run_dir / "predictions.csv", eval_idx, ds.labels[eval_idx], logits, ds.classes, ds.paths)
     metrics.update(evaluated_on=data.eval_part, best_epoch=result.best_epoch, epochs_run=len(result.history),
                    stopped_early=result.stopped_early, monitor=stopper.monitor, training_seconds=result.seconds,
                    parameters=n_params, trainable_parameters=sum(p.numel() for p in model.parameters()

@@ -109,6 +109,18 @@ def _cmd_models(a) -> int:
     return 0
 
 
+def _cmd_compare(a) -> int:
+    from .compare import main_compare
+
+    return main_compare(a)
+
+
+def _cmd_report(a) -> int:
+    from .report import main_report
+
+    return main_report(a)
+
+
 def _cmd_config(a) -> int:
     from .config import describe_keys, dump_config, load_config
 
@@ -167,6 +179,21 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(fn=_cmd_datasets)
     m = sub.add_parser("models", help="list the registered models")
     m.set_defaults(fn=_cmd_models)
+
+    s = sub.add_parser("compare", help="run a study: variants × seeds, each its own run; table, tests, figures",
+                       description="Run STUDY.yaml (a base config, a grid and/or named variants, seeds): every "
+                       "run is a normal run folder in its own process; finished runs are skipped on a rerun. "
+                       "Writes the comparison table (Markdown, CSV, LaTeX), paired tests, figures and report.html.")
+    s.add_argument("study", help="study YAML")
+    s.add_argument("--jobs", "-j", type=int, default=1, help="runs at once (default 1)")
+    s.add_argument("--out", help="study folder (default studies/<name>)")
+    s.set_defaults(fn=_cmd_compare)
+
+    r = sub.add_parser("report", help="write report.html (and figures) for a run or study folder",
+                       description="One self-contained HTML page (images embedded, no network) with the config, "
+                       "history, metrics, table, figures and the statistical statements.")
+    r.add_argument("folder", help="run or study folder")
+    r.set_defaults(fn=_cmd_report)
 
     c = sub.add_parser("config", help="print a resolved config, or every key with --keys")
     c.add_argument("config", nargs="?", help="YAML config or recipe name (default: the defaults)")

@@ -1,7 +1,8 @@
 """The run folder: the only contract between training and reporting.
 
     runs/<name>/
-      config.yaml  split.json  history.csv  metrics.json  model.safetensors  env.json  [bad_files.csv]
+      config.yaml  split.json  history.csv  metrics.json  predictions.csv  model.safetensors  env.json
+      [bad_files.csv]
 
 Everything here reads and writes plain files (YAML, JSON, CSV, safetensors: no
 pickle), so a run made elsewhere or months ago loads and reports the same way.
@@ -83,6 +84,25 @@ def write_bad_files(path: Path, bad: list[tuple[str, str]]) -> None:
         w = csv.writer(f)
         w.writerow(["path", "reason"])
         w.writerows(bad)
+
+
+def write_predictions(path: Path, indices: list[int], labels: torch.Tensor, logits: torch.Tensor,
+                      classes: list[str], paths: list[str] | None) -> None:
+    """One row per evaluated image: dataset index, file, true and predicted class, confidence, p(class)."""
+    probs = torch.softmax(logits.float(), 1)
+    conf, pred = probs.max(1)
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["index", "file", "true", "predicted", "correct", "confidence"] + [f"p_{c}" for c in classes])
+        for j, i in enumerate(indices):
+            t, p = int(labels[j]), int(pred[j])
+            w.writerow([i, paths[i] if paths else "", classes[t], classes[p], int(t == p), f"{conf[j]:.6f}"]
+                       + [f"{v:.6f}" for v in probs[j].tolist()])
+
+
+def read_predictions(path: Path) -> list[dict]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
 
 
 def save_model(path: Path, model: nn.Module, meta: dict) -> None:
