@@ -36,7 +36,8 @@ def load_data(cfg: Config, progress: bool = True) -> Dataset:
     d = cfg.data
     return load_source(d.source, image_size=d.image_size, channels=d.channels, random_samples=d.random_samples,
                        random_classes=d.random_classes, seed=d.split_seed, resize=d.resize,
-                       on_bad_file=d.on_bad_file, max_per_class=d.max_per_class, progress=progress)
+                       on_bad_file=d.on_bad_file, classes=d.classes, max_per_class=d.max_per_class,
+                       progress=progress)
 
 
 def split_fractions(cfg: Config) -> tuple[float, float]:

@@ -59,6 +59,7 @@ class DataConfig:
         None, "Keras-style: validation fraction with no test split (stratified and shuffled, "
               "unlike Keras' last-N-percent); overrides val/test_fraction", gt=0.0, lt=1.0)
     split_seed: int = _opt(0, "seed of the stratified split (kept fixed across training seeds)", min=0)
+    classes: Optional[list[str]] = _opt(None, "keep only these classes (by name), in this order (null: all)")
     max_per_class: Optional[int] = _opt(None, "keep at most this many images per class (seeded)", min=1)
     normalize: bool = _opt(True, "zero mean / unit variance per channel, statistics from the training split")
     resize: str = _opt("stretch", "how folder images reach image_size", choices=["stretch", "center-crop"])
@@ -159,6 +160,9 @@ class Config:
         if not (d.source in ("animal-shapes", "animal-shapes-5", "random") or d.source.startswith("folder:")):
             raise ConfigError(f"unknown data.source {d.source!r}; choose one of: animal-shapes, "
                               "animal-shapes-5, random, folder:PATH")
+        if self.data.classes is not None and (len(self.data.classes) < 2 or
+                                              len(set(self.data.classes)) != len(self.data.classes)):
+            raise ConfigError("data.classes: at least two distinct class names, e.g. [cat, dog]")
         if self.model.hidden is not None and (not self.model.hidden or min(self.model.hidden) < 1):
             raise ConfigError("model.hidden: a non-empty list of positive layer widths, e.g. [128]")
         dev = self.train.device

@@ -159,6 +159,22 @@ def subsample_per_class(ds: Dataset, per_class: int, seed: int) -> Dataset:
     return _take(ds, keep)
 
 
+def select_classes(ds: Dataset, names: list[str]) -> Dataset:
+    """Only the named classes, re-numbered in the given order."""
+    unknown = [n for n in names if n not in ds.classes]
+    if unknown:
+        raise DataError(f"data.classes: {', '.join(map(repr, unknown))} not in {ds.name}; "
+                        f"its classes: {', '.join(ds.classes)}")
+    old = torch.tensor([ds.classes.index(n) for n in names])
+    keep = torch.isin(ds.labels, old).nonzero().flatten()
+    sub = _take(ds, keep)
+    remap = torch.full((len(ds.classes),), -1, dtype=torch.int64)
+    remap[old] = torch.arange(len(names))
+    sub.labels = remap[sub.labels]
+    sub.classes = list(names)
+    return sub
+
+
 def _take(ds: Dataset, idx: torch.Tensor) -> Dataset:
     idx_list = idx.tolist()
     pos = {old: new for new, old in enumerate(idx_list)}
@@ -199,7 +215,7 @@ def _folder(root: Path, image_size: int | None, channels: int | None, resize: st
 def load_source(source: str, *, image_size: int | None = None, channels: int | None = None,
                 random_samples: int = 100, random_classes: int = 2, seed: int = 0,
                 resize: str = "stretch", on_bad_file: str = "skip", max_per_class: int | None = None,
-                progress: bool = True) -> Dataset:
+                classes: list[str] | None = None, progress: bool = True) -> Dataset:
     """Decode a source into a Dataset at the requested size and channels (None: the source's own)."""
     if source == "animal-shapes":
         ds = _animal(ANIMAL_CLASSES, source, image_size, channels)
@@ -212,6 +228,8 @@ def load_source(source: str, *, image_size: int | None = None, channels: int | N
                      on_bad_file, progress)
     else:
         raise DataError(f"unknown data source {source!r}; choose one of: {', '.join(SOURCES)}")
+    if classes is not None:
+        ds = select_classes(ds, classes)
     if max_per_class is not None:
         ds = subsample_per_class(ds, max_per_class, seed)
     return ds
