@@ -179,12 +179,18 @@ def train(config: str | Path | dict | Config | None = None, overrides: list[str]
     return run
 
 
+def _fmt_p(p: float | None) -> str:
+    if p is None:
+        return "n/a"
+    return "< 0.0001" if p < 1e-4 else f"{p:.2g}"
+
+
 def _print_summary(log: ProgressLogger, m: dict, run_dir: Path) -> None:
     lo, hi = m["accuracy_ci95"]
     part = "Test" if m["evaluated_on"] == "test" else "Validation (no test split)"
     log.message(f"{part}: loss {m['loss']:.4f} - accuracy {m['accuracy']:.4f} (95% CI {lo:.3f}–{hi:.3f}, "
                 f"n={m['n']}) - macro F1 {m['f1_macro']:.4f} - chance {m['chance']['accuracy']:.3f} "
-                f"(p above chance {m['chance'].get('p_value_above_chance', float('nan')):.2g}) - "
+                f"(p above chance {_fmt_p(m['chance'].get('p_value_above_chance'))}) - "
                 f"best epoch {m['best_epoch']}")
     log.message(f"Run folder: {run_dir}")
 

@@ -1,0 +1,101 @@
+"""Shared fixtures: an isolated decode cache, tiny image folders, one small trained run.
+
+Every test that trains uses tiny data (a few hundred 28×28 images, 1–3 epochs) so the
+whole suite stays within a few minutes on two CPU cores.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+# The library must never write into ~/.cache while testing: point the decode cache at
+# a session temp folder before anything imports cnnlab (subprocesses inherit it).
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cnnlab_cache(tmp_path_factory):
+    """A fresh CNNLAB_CACHE for the whole session (also seen by CLI subprocesses)."""
+    d = tmp_path_factory.mktemp("cnnlab-cache")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("CNNLAB_CACHE", str(d))
+    mp.delenv("CNNLAB_DEBUG", raising=False)  # the CLI would re-raise instead of printing one line
+    yield d
+    mp.undo()
+
+
+@pytest.fixture(scope="session")
+def cnnlab_bin() -> Path:
+    """The `cnnlab` console script of the interpreter running the tests."""
+    exe = Path(sys.executable).parent / "cnnlab"
+    if not exe.exists():
+        pytest.skip(f"no cnnlab console script next to {sys.executable}")
+    return exe
+
+
+# --------------------------------------------------------------------------- image folders
+
+def class_pattern(label: int, size: int, rng: np.random.Generator | None = None) -> np.ndarray:
+    """A (size, size) uint8 image whose content depends on the class: a bright bar whose
+    position encodes the label, plus a little noise so images differ."""
+    img = np.zeros((size, size), np.uint8)
+    band = max(1, size // 8)
+    start = (label * band * 2) % max(1, size - band)
+    img[:, start:start + band] = 220
+    if rng is not None:
+        img = np.clip(img.astype(int) + rng.integers(0, 30, img.shape), 0, 255).astype(np.uint8)
+    return img
+
+
+def write_image(path: Path, array: np.ndarray, mode: str = "L", fmt: str | None = None) -> Path:
+    """Save a (H, W) uint8 array as an image of Pillow `mode` (L, RGB, RGBA, P, LA)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = Image.fromarray(array, "L")
+    if mode == "P":
+        img = img.convert("RGB").convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
+    elif mode != "L":
+        img = img.convert(mode)
+    img.save(path, format=fmt)
+    return path
+
+
+def make_image_folder(root: Path, classes: dict[str, int], size: int = 16, seed: int = 0,
+                      ext: str = ".png", mode: str = "L") -> Path:
+    """root/<class>/<class>_<i><ext> with `classes[name]` images per class."""
+    rng = np.random.default_rng(seed)
+    for label, (name, n) in enumerate(classes.items()):
+        for i in range(n):
+            write_image(root / name / f"{name}_{i:03d}{ext}", class_pattern(label, size, rng), mode)
+    return root
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    """A builder: image_folder({"cat": 5, "dog": 5}, size=16, ext=".png") → Path."""
+    def build(classes: dict[str, int], name: str = "imgs", **kw) -> Path:
+        return make_image_folder(tmp_path / name, classes, **kw)
+    return build
+
+
+# --------------------------------------------------------------------------- a trained run
+
+TINY_RUN_OVERRIDES = {
+    "data.max_per_class": 30,  # 300 Animal-Shape images: 210 train / 45 val / 45 test
+    "data.batch_size": 32,
+    "train.epochs": 2,
+    "train.seed": 0,
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, cnnlab_cache):
+    """One small harahap-cnn run on Animal-Shape, shared by the run-folder / CLI tests (read-only!)."""
+    import cnnlab
+
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    return cnnlab.train(None, dict(TINY_RUN_OVERRIDES, name="tiny"), out=out, quiet=True)
