@@ -139,7 +139,8 @@ def train(config: str | Path | dict | Config | None = None, overrides: list[str]
     run_dir = new_run_dir(cfg.name, out, runs_root)
     write_config(run_dir, cfg)
     write_json(run_dir / "split.json", split.to_json(ds.paths, torch.cat([ds.labels, ds.labels[split.expanded_from]])
-                                                     if split.expanded_from else ds.labels, ds.classes))
+                                                     if split.expanded_from else ds.labels, ds.classes),
+               compact=True)
     if ds.bad_files:
         write_bad_files(run_dir / "bad_files.csv", ds.bad_files)
         log.message(f"skipped {len(ds.bad_files)} bad file(s)/folder(s), listed in {run_dir / 'bad_files.csv'}: "
@@ -161,7 +162,10 @@ def train(config: str | Path | dict | Config | None = None, overrides: list[str]
     write_predictions(run_dir / "predictions.csv", eval_idx, ds.labels[eval_idx], logits, ds.classes, ds.paths)
     metrics.update(evaluated_on=data.eval_part, best_epoch=result.best_epoch, epochs_run=len(result.history),
                    stopped_early=result.stopped_early, monitor=stopper.monitor, training_seconds=result.seconds,
-                   parameters=n_params, trainable_parameters=sum(p.numel() for p in model.parameters()
+                   parameters=n_params,
+                   caution=("the best epoch was chosen on the same validation images these metrics come "
+                            "from, so they are optimistic; keep a test split for an unbiased estimate")
+                   if data.eval_part == "val" and stopper.monitor.startswith("val_") else None, trainable_parameters=sum(p.numel() for p in model.parameters()
                                                                  if p.requires_grad))
     meta = {"model": cfg.model.name, "options": {**options, "init": cfg.model.init},
             "num_classes": len(ds.classes), "in_channels": ds.images.shape[1], "image_size": ds.images.shape[-1],

@@ -44,9 +44,16 @@ def new_run_dir(name: str, out: str | Path | None = None, root: str | Path = "ru
     return path
 
 
-def write_json(path: Path, obj) -> None:
+def write_json(path: Path, obj, compact: bool = False) -> None:
+    """Indented JSON, written atomically; compact=True puts each top-level value on one line
+    (split.json's long index lists)."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n", encoding="utf-8")
+    if compact and isinstance(obj, dict):
+        text = "{\n" + ",\n".join(f"  {json.dumps(k)}: {json.dumps(v, default=_json_default)}"
+                                   for k, v in obj.items()) + "\n}"
+    else:
+        text = json.dumps(obj, indent=2, default=_json_default)
+    tmp.write_text(text + "\n", encoding="utf-8")
     os.replace(tmp, path)
 
 
