@@ -33,12 +33,19 @@ class Normalizer:
         std = x.std(1).clamp_min(1e-6)
         return cls(x.mean(1).tolist(), std.tolist())
 
+    def _affine(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        cache = self.__dict__.setdefault("_cache", {})
+        if device not in cache:  # built once per device, not per batch
+            std = torch.tensor(self.std, dtype=torch.float64)
+            mean = torch.tensor(self.mean, dtype=torch.float64)
+            cache[device] = ((1.0 / (255.0 * std)).float().view(1, -1, 1, 1).to(device),
+                             (mean / std).float().view(1, -1, 1, 1).to(device))
+        return cache[device]
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) uint8 → float32 normalised."""
-        shape = (1, -1, 1, 1)
-        scale = (1.0 / (255.0 * torch.tensor(self.std, device=x.device))).view(shape)
-        shift = (torch.tensor(self.mean, device=x.device) / torch.tensor(self.std, device=x.device)).view(shape)
-        return x.float() * scale - shift
+        """(B, C, H, W) uint8 → float32 normalised: x/255·(1/std) − mean/std."""
+        scale, shift = self._affine(x.device)
+        return torch.addcmul(-shift, x.float(), scale)
 
 
 class DeviceLoader:

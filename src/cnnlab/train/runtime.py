@@ -28,7 +28,8 @@ class Runtime:
         self.precision = precision
         self.channels_last = channels_last
         if self.device.type == "cpu":
-            torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+            torch.set_num_threads(threads or cores or 1)
         self.threads = torch.get_num_threads()
 
     def autocast(self):
