@@ -100,12 +100,13 @@ def _eval_metrics(model, loader, runtime, classes, train_labels) -> tuple[dict, 
 
 def train(config: str | Path | dict | Config | None = None, overrides: list[str] | dict | None = None, *,
           out: str | Path | None = None, runs_root: str | Path = "runs", progress: str | None = None,
-          quiet: bool = False) -> Run:
+          quiet: bool = False, report: bool = True) -> Run:
     """Train one experiment end to end and write its run folder; returns the Run.
 
     config: a YAML path, a dict, a Config or None (defaults). overrides: ["optim.lr=0.01", …]
     or {"optim.lr": 0.01}. out: the run folder (new or empty); default runs_root/<name>[-N].
     progress: auto | bar | plain | none (default: the config's train.progress; 'none' if quiet).
+    report: also write plots/ and report.html (a failure there is reported, never loses the run).
     """
     cfg = load_config(config, overrides)
     if cfg.name is None:
@@ -178,9 +179,20 @@ def train(config: str | Path | dict | Config | None = None, overrides: list[str]
     env.update(started_at=started, wall_seconds=round(time.perf_counter() - t_start, 3))
     write_json(run_dir / "env.json", env)
     _print_summary(log, metrics, run_dir)
+    if report:
+        _write_report(run_dir, log)
     run = Run(run_dir, cfg, result.history, metrics, env)
     run._model, run._meta = model.eval().cpu(), meta
     return run
+
+
+def _write_report(run_dir: Path, log: ProgressLogger) -> None:
+    try:
+        from .report import write_report
+
+        log.message(f"Report: {write_report(run_dir)}")
+    except Exception as e:  # the run is saved; a figure problem must not lose it
+        log.message(f"(report not written: {type(e).__name__}: {e}; retry with `cnnlab report {run_dir}`)")
 
 
 def _fmt_p(p: float | None) -> str:

@@ -193,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="One self-contained HTML page (images embedded, no network) with the config, "
                        "history, metrics, table, figures and the statistical statements.")
     r.add_argument("folder", help="run or study folder")
+    r.add_argument("--replot", action="store_true", help="redraw the figures even if up to date")
     r.set_defaults(fn=_cmd_report)
 
     c = sub.add_parser("config", help="print a resolved config, or every key with --keys")
