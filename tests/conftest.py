@@ -6,7 +6,7 @@ whole suite stays within a few minutes on two CPU cores.
 
 from __future__ import annotations
 
-import os
+import inspect
 import sys
 from pathlib import Path
 
@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-# The library must never write into ~/.cache while testing: point the decode cache at
-# a session temp folder before anything imports cnnlab (subprocesses inherit it).
+# The library must never write into ~/.cache while testing: cnnlab reads $CNNLAB_CACHE each
+# time it caches, so a session-wide environment variable (inherited by CLI subprocesses) is enough.
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -92,10 +92,24 @@ TINY_RUN_OVERRIDES = {
 }
 
 
+def fit_run(overrides, out=None, config=None, **kw):
+    """`cnnlab.api.train`, silent and (where supported) without the plots / HTML report, which
+    test_report covers; the function is taken from cnnlab.api because the package attributes
+    `cnnlab.train` / `cnnlab.predict` collide with the subpackage / submodule of those names
+    (see test_runs_cli.py::test_package_api_names_stay_functions)."""
+    from cnnlab.api import train
+
+    kw.setdefault("quiet", True)
+    if "report" in inspect.signature(train).parameters:
+        kw.setdefault("report", False)
+    return train(config, overrides, out=out, **kw)
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, cnnlab_cache):
-    """One small harahap-cnn run on Animal-Shape, shared by the run-folder / CLI tests (read-only!)."""
-    import cnnlab
+    """One small harahap-cnn run on Animal-Shape, shared by the run-folder / CLI tests (read-only!).
+    Trained with the library's defaults (report included), as a user's run would be."""
+    from cnnlab.api import train
 
     out = tmp_path_factory.mktemp("runs") / "tiny"
-    return cnnlab.train(None, dict(TINY_RUN_OVERRIDES, name="tiny"), out=out, quiet=True)
+    return train(None, dict(TINY_RUN_OVERRIDES, name="tiny"), out=out, quiet=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import yaml
@@ -82,6 +83,24 @@ def test_dotted_overrides_are_typed():
     assert cfg.data.image_size is None
 
 
+@pytest.mark.parametrize("text,value", [("1e-3", 0.001), ("3E-4", 0.0003), ("5e-4", 0.0005), ("1.0e-3", 0.001),
+                                        ("2.5e+1", 25.0), (".5", 0.5)])
+def test_scientific_notation_is_a_number(tmp_path, text, value):
+    """`lr: 1e-3` is how everyone writes a learning rate; PyYAML's YAML-1.1 resolver alone
+    reads `1e-3` (no dot) as the *string* '1e-3'."""
+    assert load_config(None, [f"regularization.l2={text}"]).regularization.l2 == pytest.approx(value)
+    p = write(tmp_path, f"optim:\n  weight_decay: {text}\n")
+    assert load_config(p).optim.weight_decay == pytest.approx(value)
+
+
+def test_string_keys_accept_digit_only_values():
+    """Folders named 0..9 (MNIST-style) and runs named 2024: on the command line `name=2024`
+    cannot be quoted past the shell, and YAML reads it as an integer; a string key should
+    take the text rather than fail with "expected a string; got 2024"."""
+    assert load_config(None, ["name=2024"]).name == "2024"
+    assert load_config(None, ["data.classes=[3, 5]"]).data.classes == ["3", "5"]
+
+
 def test_integer_widens_to_float():
     cfg = load_config(None, ["optim.lr=1"])
     assert cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float)
@@ -112,6 +131,17 @@ def test_early_stopping_yaml_null_overridden_by_key(tmp_path):
     p = write(tmp_path, "train:\n  early_stopping: null\n")
     cfg = load_config(p, ["train.early_stopping.patience=2"])
     assert cfg.train.early_stopping.patience == 2
+
+
+def test_early_stopping_shorthand_survives_a_nested_key(tmp_path):
+    """`early_stopping: 2` is documented shorthand for patience 2; setting another of its keys
+    (here min_delta) must not silently reset the patience to the default 5."""
+    assert load_config(None, ["train.early_stopping=2"]).train.early_stopping.patience == 2
+    p = write(tmp_path, "train:\n  early_stopping: 2\n")
+    es = load_config(p, ["train.early_stopping.min_delta=0.1"]).train.early_stopping
+    assert (es.patience, es.min_delta) == (2, 0.1)
+    es = load_config(None, ["train.early_stopping=2", "train.early_stopping.monitor=val_accuracy"]).train.early_stopping
+    assert (es.patience, es.monitor) == (2, "val_accuracy")
 
 
 def test_override_without_equals_sign():
@@ -275,3 +305,21 @@ def test_every_described_key_is_settable():
         for part in key.split("."):
             node = node[part]
         load_config(None, {key: node})
+
+
+def _is_train_config(path: Path) -> bool:
+    """Study files for `cnnlab compare` (base / variants / grid) are not train configs."""
+    tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    return not ({"base", "variants", "grid", "seeds"} & set(tree))
+
+
+RECIPES = [p for p in sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+           if _is_train_config(p)]
+
+
+@pytest.mark.skipif(not RECIPES, reason="no recipes/ folder")
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
+def test_shipped_recipes_are_valid(recipe):
+    cfg = load_config(recipe)
+    assert cfg.name
+    assert load_config(yaml.safe_load(dump_config(cfg))) == cfg
