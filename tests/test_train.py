@@ -12,9 +12,9 @@ from torch import nn
 
 import cnnlab
 from cnnlab.models import create_model
-from cnnlab.train import EarlyStopper, LRSchedule, build_optimizer, l2_penalty
-from cnnlab.train.callbacks import monitor_mode
-from cnnlab.train.optim import OPTIMIZERS, l2_weights
+from cnnlab.training import EarlyStopper, LRSchedule, build_optimizer, l2_penalty
+from cnnlab.training.callbacks import monitor_mode
+from cnnlab.training.optim import OPTIMIZERS, l2_weights
 
 from cnnlab.api import evaluate
 

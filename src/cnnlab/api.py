@@ -21,15 +21,15 @@ import torch.nn.functional as F
 
 from . import __version__
 from .config import Config, load_config
-from .data import Dataset, load_source, prepare, stratified_split
+from .data import DataError, Dataset, load_source, prepare, stratified_split
 from .metrics import classification_metrics
 from .models import create_model, freeze_backbone, load_weights
 from .runs import (MODEL_FILE, Run, load_run, new_run_dir, save_model, write_bad_files, write_config,
                    write_predictions,
                    write_history, write_json)
-from .train import EarlyStopper, LRSchedule, Runtime, build_optimizer, fit, predict_logits
-from .train.progress import ProgressLogger
-from .train.runtime import seed_everything
+from .training import EarlyStopper, LRSchedule, Runtime, build_optimizer, fit, predict_logits
+from .training.progress import ProgressLogger
+from .training.runtime import seed_everything
 
 
 def load_data(cfg: Config, progress: bool = True) -> Dataset:
@@ -118,12 +118,17 @@ def train(config: str | Path | dict | Config | None = None, overrides: list[str]
     val_f, test_f = split_fractions(cfg)
     split = stratified_split(ds.labels, val_f, test_f, cfg.data.split_seed, ds.predefined)
     if not split.train:
-        raise ValueError("the training split is empty; lower data.val_fraction / data.test_fraction")
+        raise DataError("the training split is empty; lower data.val_fraction / data.test_fraction")
+    if not split.val and not split.test:
+        raise DataError(f"no validation or test images: {len(ds)} images in {len(ds.classes)} classes with "
+                        f"val_fraction={val_f:g}, test_fraction={test_f:g} leave none held out; raise a fraction "
+                        "(or data.max_per_class)")
     seed_everything(cfg.train.seed)
     data = prepare(ds, split, batch_size=cfg.data.batch_size, eval_batch_size=cfg.data.eval_batch_size,
                    device=runtime.device, seed=cfg.train.seed, normalize=cfg.data.normalize,
                    augment=_augment_kwargs(cfg) if cfg.data.augment else None, expand=cfg.data.expand,
-                   expand_seed=cfg.data.split_seed + 1, channels_last=cfg.train.channels_last)
+                   expand_seed=cfg.data.split_seed + 1, expand_augment=_augment_kwargs(cfg),
+                   channels_last=cfg.train.channels_last)
     model, options = build_model(cfg, ds, log=log.message)
     model = model.to(runtime.device)
     if cfg.train.channels_last:

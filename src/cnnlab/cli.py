@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     from .data import DataError
     from .models.weights import WeightsError
     from .runs import RunError
-    from .train.loop import TrainingDiverged
+    from .training.loop import TrainingDiverged
 
     try:
         return args.fn(args)

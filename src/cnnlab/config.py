@@ -151,8 +151,13 @@ class Config:
         return dataclasses.asdict(self)
 
     def check(self) -> None:
-        """Cross-field checks that a single key's range cannot express."""
+        """Cross-field checks that a single key's range cannot express; folder paths made absolute
+        (relative to the current directory) so the saved config works from anywhere."""
         d = self.data
+        if d.source.startswith("folder:"):
+            import os
+
+            d.source = "folder:" + os.path.abspath(os.path.expanduser(d.source[len("folder:"):]))
         if d.validation_split is None and d.val_fraction + d.test_fraction >= 1.0:
             raise ConfigError(
                 f"data.val_fraction + data.test_fraction = {d.val_fraction + d.test_fraction:g}: "
@@ -224,12 +229,19 @@ def _coerce(key: str, value: Any, tp, meta: dict) -> Any:
             else:
                 raise ConfigError(f"{key}: expected an integer; got {value!r}")
     elif tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as text
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number; got {value!r}")
         value = float(value)
         if value != value or value in (float("inf"), float("-inf")):
             raise ConfigError(f"{key}: expected a finite number; got {value!r}")
     elif tp is str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = str(value)  # name=2024, data.classes=[3, 5]: digit-only names
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string; got {value!r}")
     choices = meta.get("choices")
@@ -270,11 +282,17 @@ def parse_value(text: str) -> Any:
 def _set_dotted(tree: dict, key: str, value: Any) -> None:
     parts = key.split(".")
     node = tree
-    for p in parts[:-1]:
+    for i, p in enumerate(parts[:-1]):
         nxt = node.get(p)
-        if nxt is None or not isinstance(nxt, dict):
-            nxt = {} if not isinstance(nxt, dict) else nxt
-            node[p] = nxt
+        if isinstance(nxt, bool) and nxt:
+            nxt = {}  # early_stopping: true → its defaults, then the nested key
+        elif isinstance(nxt, int) and not isinstance(nxt, bool):
+            nxt = {"patience": nxt}  # early_stopping: 5 shorthand
+        elif nxt is not None and not isinstance(nxt, dict):
+            raise ConfigError(f"{'.'.join(parts[:i + 1])} is {nxt!r}, not a section; cannot set {key}")
+        if nxt is None:
+            nxt = {}
+        node[p] = nxt
         node = nxt
     node[parts[-1]] = value
 

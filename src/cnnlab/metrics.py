@@ -20,7 +20,9 @@ def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[f
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return (max(0.0, centre - half), min(1.0, centre + half))
+    lo, hi = max(0.0, centre - half), min(1.0, centre + half)
+    # rounding can push a bound past the estimate at 0/n or n/n: the interval must contain p
+    return (0.0 if successes == 0 else min(lo, p), 1.0 if successes == n else max(hi, p))
 
 
 def classification_metrics(y_true, y_pred, classes: list[str], *, loss: float | None = None,

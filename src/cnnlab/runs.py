@@ -177,7 +177,7 @@ class Run:
 
     def predict(self, paths, top_k: int = 3, device: str = "cpu") -> list[dict]:
         """Classify image files / folders; see `cnnlab.predict`."""
-        from .predict import predict_files
+        from .inference import predict_files
 
         return predict_files(self, paths, top_k=top_k, device=device)
 

@@ -119,13 +119,14 @@ def expand_offline(images: torch.Tensor, labels: torch.Tensor, train_idx: list[i
 
 def prepare(ds: Dataset, split: Split, *, batch_size: int, eval_batch_size: int, device: torch.device,
             seed: int, normalize: bool = True, augment: dict | None = None, expand: int = 0,
-            expand_seed: int = 0, channels_last: bool = False) -> Prepared:
+            expand_seed: int = 0, expand_augment: dict | None = None, channels_last: bool = False) -> Prepared:
     """Move the split to `device` and build its loaders.
 
-    augment: None, or the kwargs of `augment_batch` (rotation, hflip, scale, translate).
+    augment: None, or the kwargs of `augment_batch` (rotation, hflip, scale, translate) for batches.
+    expand / expand_augment: offline copies per training image, and their augmentation kwargs.
     """
     images, labels = ds.images, ds.labels
-    aug_kwargs = augment or {"rotation": 10.0, "hflip": 0.5, "scale": 0.1, "translate": 0.1}
+    aug_kwargs = expand_augment or augment or {"rotation": 10.0, "hflip": 0.5, "scale": 0.1, "translate": 0.1}
     images, labels, copy_of = expand_offline(images, labels, split.train, expand, expand_seed, aug_kwargs)
     train_idx = split.train + list(range(len(ds.labels), len(labels)))
     split.expanded_from = copy_of

@@ -80,7 +80,9 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
     """Rebuilds numpy arrays and nothing else: any other global is refused."""
 
     ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-               ("numpy", "ndarray"), ("numpy", "dtype")}
+               ("numpy", "ndarray"), ("numpy", "dtype"),
+               ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),  # protocol 5
+               ("_codecs", "encode")}  # protocol 2 stores bytes as latin-1 text
 
     def find_class(self, module, name):
         if (module, name) in self.ALLOWED:
@@ -98,8 +100,11 @@ def _animal_mnist_dir() -> Path:
 
 
 def read_animal_pickle(path: Path) -> np.ndarray:
-    with gzip.open(path, "rb") as f:
-        arr = _NumpyOnlyUnpickler(f).load()
+    try:
+        with gzip.open(path, "rb") as f:
+            arr = _NumpyOnlyUnpickler(f).load()
+    except (pickle.UnpicklingError, EOFError, OSError, ValueError) as e:
+        raise DataError(f"{path}: {e}") from None
     if not isinstance(arr, np.ndarray):
         raise DataError(f"{path}: expected a numpy array, found {type(arr).__name__}")
     return arr

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 
-import torchvision
 from torch import nn
 
 from .papers import Classifier
@@ -20,7 +19,11 @@ from .registry import MODELS
 def _vgg(arch: str, num_classes: int, in_channels: int, image_size: int, batch_norm: bool,
          dropout: float) -> nn.Module:
     tv_name = arch + ("_bn" if batch_norm else "")
-    features = getattr(torchvision.models, tv_name)(weights=None).features
+    # only the conv stack: building torchvision's whole VGG would also allocate its 120 M-parameter
+    # classifier (~2 s) just to discard it
+    from torchvision.models.vgg import cfgs, make_layers
+
+    features = make_layers(cfgs["D" if arch == "vgg16" else "E"], batch_norm=batch_norm)
     if in_channels != 3:
         old = features[0]
         features[0] = nn.Conv2d(in_channels, old.out_channels, 3, padding=1)
