@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from cnnlab.compare import (StudyError, aggregate, expand_study, expand_variants, is_finished, load_study,
+from cnnlab.compare import (METRIC_BOUNDS, StudyError, aggregate, expand_study, expand_variants, is_finished, load_study,
                             run_study)
 from cnnlab.config import ConfigError
 
@@ -170,8 +170,9 @@ def test_tiny_study_run_folders_and_summary(tiny_study):
             assert stat["mean"] == pytest.approx(statistics.mean(vals))
             assert stat["sd"] == pytest.approx(statistics.stdev(vals))
             half = 12.706205 * statistics.stdev(vals) / 2 ** 0.5  # t(0.975, 1) · sd / √2
-            assert stat["ci95"] == pytest.approx([statistics.mean(vals) - half, statistics.mean(vals) + half],
-                                                 abs=1e-6)
+            lo, hi = METRIC_BOUNDS[key]  # the interval is clipped to the metric's possible range
+            assert stat["ci95"] == pytest.approx([max(lo, statistics.mean(vals) - half),
+                                                  min(hi, statistics.mean(vals) + half)], abs=1e-6)
     assert s["variants"][0]["model"] == "alkhairi-cnn" and s["variants"][1]["optimizer"] == "sgd"
     assert s["variants"][1]["lr"] == 0.05
     means = {v["name"]: v["metrics"]["accuracy"]["mean"] for v in s["variants"]}

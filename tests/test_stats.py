@@ -124,9 +124,19 @@ def test_sentence_no_significant_difference_and_t_test():
 def test_sentence_chance_single_run():
     p = stats.binomial_above_chance(12, 20, 0.55)
     s = stats.sentence(accuracy=0.60, n=20, chance=0.55, p_value=p, part="val")
-    assert s == ("validation accuracy 0.600 on 20 images is not above chance 0.550 "
+    assert s == ("validation accuracy 0.600 on 20 images is not significantly above chance 0.550 "
                  f"({stats.format_p(p)}, exact binomial)")
     assert "p = 0.4" in s
     above = stats.chance_sentence(0.965, 1000, 0.2, 1e-300, subject="cnn-adam", seeds=3)
-    assert above == ("cnn-adam: test accuracy 0.965 (mean of 3 seeds) on 1,000 images is above chance 0.200 "
+    assert above == ("cnn-adam: test accuracy 0.965 (mean of 3 seeds) on 1,000 images is significantly above chance 0.200 "
                      "(p < 0.001, exact binomial, largest p of 3 seeds)")
+
+
+def test_interval_is_clipped_to_the_metric_range():
+    s = stats.summarize([0.2, 0.9], bounds=(0.0, 1.0))
+    half = 12.706 * (0.7 / 2 ** 0.5) / 2 ** 0.5  # t(0.975, 1) · sd / √n, far wider than [0, 1]
+    assert s["mean"] == pytest.approx(0.55)
+    assert 0.55 - half < 0 and 0.55 + half > 1
+    assert s["ci95"] == [0.0, 1.0]
+    unclipped = stats.summarize([0.90, 0.92, 0.94], bounds=(0.0, 1.0))["ci95"]
+    assert unclipped == pytest.approx([0.92 - 4.303 * 0.02 / 3 ** 0.5, 0.92 + 4.303 * 0.02 / 3 ** 0.5], abs=1e-4)

@@ -39,7 +39,7 @@ def _cmd_train(a) -> int:
     from .api import train
 
     train(_resolve_config(a.config), a.overrides, out=a.out, runs_root=a.runs_root, progress=a.progress,
-          quiet=a.quiet)
+          quiet=a.quiet, report=not a.no_report)
     return 0
 
 
@@ -154,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--runs-root", default="runs", help="parent of auto-named run folders (default: runs)")
     t.add_argument("--progress", choices=["auto", "bar", "plain", "none"], help="progress display")
     t.add_argument("-q", "--quiet", action="store_true", help="print nothing")
+    t.add_argument("--no-report", action="store_true", help="skip plots/ and report.html (`cnnlab report` later)")
     t.set_defaults(fn=_cmd_train)
 
     e = sub.add_parser("eval", help="re-evaluate a saved model",
@@ -186,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "Writes the comparison table (Markdown, CSV, LaTeX), paired tests, figures and report.html.")
     s.add_argument("study", help="study YAML")
     s.add_argument("--jobs", "-j", type=int, default=1, help="runs at once (default 1)")
-    s.add_argument("--out", help="study folder (default studies/<name>)")
+    s.add_argument("--out", help="study folder (default studies/<study file name without .yaml>)")
     s.set_defaults(fn=_cmd_compare)
 
     r = sub.add_parser("report", help="write report.html (and figures) for a run or study folder",
@@ -226,6 +227,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"cnnlab: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `cnnlab … | head`
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print("cnnlab: interrupted", file=sys.stderr)
         return 130

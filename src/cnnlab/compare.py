@@ -84,6 +84,10 @@ STUDY_KEYS = ["name", "description", "base", "overrides", "grid", "variants", "p
 SECTIONS = ["data", "model", "optim", "schedule", "regularization", "train"]
 PRETRAIN_REF = "@pretrain/"
 METRICS = ["accuracy", "loss", "best_epoch", "precision_macro", "recall_macro", "f1_macro", "training_seconds"]
+# the possible range of each, to which a t-interval over few seeds is clipped
+METRIC_BOUNDS = {"accuracy": (0.0, 1.0), "precision_macro": (0.0, 1.0), "recall_macro": (0.0, 1.0),
+                 "f1_macro": (0.0, 1.0), "loss": (0.0, float("inf")), "best_epoch": (1.0, float("inf")),
+                 "training_seconds": (0.0, float("inf"))}
 IGNORED_ON_RERUN = {"train.threads", "train.progress"}  # may differ between reruns of the same study
 _NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=-]*$")
 
@@ -375,7 +379,7 @@ def _run_one(job: _Job, threads: int | None) -> tuple[int, float, str]:
     if threads:
         cmd.append(f"train.threads={threads}")
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    cmd += ["--out", str(job.run_dir), "--progress", "plain"]
+    cmd += ["--out", str(job.run_dir), "--progress", "plain", "--no-report"]  # the study report writes every run's page
     t0 = time.perf_counter()
     with open(job.log, "w", encoding="utf-8") as log:
         log.write("$ " + shlex.join(cmd) + "\n")
@@ -648,7 +652,7 @@ def aggregate(study_dir: str | Path) -> dict:
              "metrics": {}, "evaluated_on": ms[0].get("evaluated_on") if ms else None,
              "n_eval": ms[0].get("n") if ms else None, "_by_seed": by_seed}
         for key in METRICS:
-            s = stats.summarize([m[key] for m in ms if m.get(key) is not None])
+            s = stats.summarize([m[key] for m in ms if m.get(key) is not None], bounds=METRIC_BOUNDS[key])
             v["metrics"][key] = {"mean": s["mean"], "sd": s["sd"], "ci95": s["ci95"], "values": s["values"]}
         variants.append(v)
     done = [v for v in variants if v["_by_seed"]]

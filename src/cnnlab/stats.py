@@ -27,11 +27,14 @@ ALPHA = 0.05  # significance threshold used by the sentences
 
 # --------------------------------------------------------------------------- over seeds
 
-def summarize(values: Iterable[float], confidence: float = 0.95) -> dict:
+def summarize(values: Iterable[float], confidence: float = 0.95,
+              bounds: tuple[float, float] = (-math.inf, math.inf)) -> dict:
     """{'mean', 'sd', 'ci95', 'values', 'n'} of per-seed values.
 
-    sd: sample sd (ddof=1); ci95: [lo, hi], the t-interval of the mean. With n = 1 both are
-    None; with n = 0 the mean is None too.
+    sd: sample sd (ddof=1); ci95: [lo, hi], the t-interval of the mean, clipped to `bounds`
+    (the metric's possible range: an accuracy interval of [-0.27, 1.25] from 2 seeds says
+    nothing a reader can use beyond [0, 1]). With n = 1 sd and ci95 are None; with n = 0
+    the mean is None too.
     """
     vals = [float(v) for v in values]
     n = len(vals)
@@ -43,7 +46,7 @@ def summarize(values: Iterable[float], confidence: float = 0.95) -> dict:
     if n >= 2:
         sd = math.sqrt(math.fsum((v - mean) ** 2 for v in vals) / (n - 1))
         half = t_quantile(0.5 + confidence / 2, n - 1) * sd / math.sqrt(n)
-        out["sd"], out["ci95"] = sd, [mean - half, mean + half]
+        out["sd"], out["ci95"] = sd, [max(bounds[0], mean - half), min(bounds[1], mean + half)]
     return out
 
 
@@ -167,13 +170,13 @@ def comparison_sentence(variant: str, against: str, difference_points: float, p_
 
 def chance_sentence(accuracy: float, n: int, chance: float, p_value: float, *, part: str = "test",
                     subject: str | None = None, seeds: int | None = None, alpha: float = ALPHA) -> str:
-    """'validation accuracy 0.600 on 20 images is not above chance 0.550 (p = 0.42, exact binomial)'.
+    """'validation accuracy 0.600 on 20 images is not significantly above chance 0.550 (p = 0.42, exact binomial)'.
 
     subject: a name to start with ('cnn-adam: …'); seeds: when the accuracy is a mean over
     several runs, p_value is the largest (least significant) of their p-values.
     """
     part_word = {"val": "validation", "test": "test"}.get(part, part)
-    verdict = "is above" if p_value < alpha else "is not above"
+    verdict = "is significantly above" if p_value < alpha else "is not significantly above"
     mean = f" (mean of {seeds} seeds)" if seeds and seeds > 1 else ""
     test = "exact binomial" + (f", largest p of {seeds} seeds" if seeds and seeds > 1 else "")
     text = (f"{part_word} accuracy {accuracy:.3f}{mean} on {_count(n)} images {verdict} chance {chance:.3f} "

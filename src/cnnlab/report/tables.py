@@ -15,14 +15,10 @@ def part_name(evaluated_on: str | None) -> str:
 
 
 def fmt_p(p: float | None) -> str:
-    """'p = 0.42', 'p = 0.004', 'p < 0.001' (two significant digits are all a p-value carries)."""
-    if p is None or (isinstance(p, float) and math.isnan(p)):
-        return "p = n/a"
-    if p < 0.001:
-        return "p < 0.001"
-    if p < 0.01:
-        return f"p = {p:.3f}"
-    return f"p = {p:.2f}"
+    """The one p-value format of cnnlab (stats.format_p): 'p = 0.42', 'p = 0.0040', 'p < 0.001'."""
+    from ..stats import format_p
+
+    return format_p(p)
 
 
 def fmt(v, digits: int = 3) -> str:
@@ -56,9 +52,9 @@ def chance_sentence(metrics: dict) -> str | None:
     level, p = chance_level(metrics), ch.get("p_value_above_chance")
     if level is None or p is None:
         return None
-    verdict = "is significantly above" if p < ALPHA else "is not significantly above"
-    return (f"{part_name(metrics.get('evaluated_on'))} accuracy {metrics['accuracy']:.3f} on {metrics['n']} images "
-            f"{verdict} chance {level:.3f} ({fmt_p(p)}, exact binomial)")
+    from ..stats import chance_sentence as sentence
+
+    return sentence(metrics["accuracy"], metrics["n"], level, p, part=metrics.get("evaluated_on") or "test")
 
 
 def chance_explanation(metrics: dict) -> str:
