@@ -6,7 +6,6 @@ import argparse
 import json
 import os
 import sys
-from pathlib import Path
 
 EXAMPLES = """examples:
   cnnlab train recipes/demo.yaml                       train the demo recipe
@@ -24,15 +23,12 @@ def _resolve_config(arg: str | None):
     """A path, a bare recipe name found in ./recipes, or '-' / None for the defaults."""
     if arg in (None, "-"):
         return None
-    p = Path(arg)
-    if p.is_file():
-        return p
-    for candidate in (Path("recipes") / f"{arg}.yaml", Path("recipes") / arg):
-        if candidate.is_file():
-            return candidate
-    from .config import ConfigError
+    from .config import ConfigError, find_recipe
 
-    raise ConfigError(f"config file not found: {arg}")
+    path = find_recipe(arg)
+    if path is None:
+        raise ConfigError(f"config file not found: {arg}")
+    return path
 
 
 def _cmd_train(a) -> int:

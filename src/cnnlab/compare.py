@@ -78,7 +78,7 @@ from typing import Any
 import yaml
 
 from . import stats
-from .config import ConfigError, load_config, read_yaml
+from .config import ConfigError, find_recipe, load_config, read_yaml
 
 STUDY_KEYS = ["name", "description", "base", "overrides", "grid", "variants", "pretrain", "seeds"]
 SECTIONS = ["data", "model", "optim", "schedule", "regularization", "train"]
@@ -795,13 +795,10 @@ def write_tables(summary: dict, study_dir: Path) -> None:
 # --------------------------------------------------------------------------- command line
 
 def _resolve_study(arg: str) -> Path:
-    p = Path(arg)
-    if p.is_file():
-        return p
-    for candidate in (Path("recipes") / f"{arg}.yaml", Path("recipes") / arg):
-        if candidate.is_file():
-            return candidate
-    raise StudyError(f"study file not found: {arg}")
+    path = find_recipe(arg)
+    if path is None:
+        raise StudyError(f"study file not found: {arg}")
+    return path
 
 
 def main_compare(args) -> int:

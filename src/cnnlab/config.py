@@ -297,6 +297,17 @@ def _set_dotted(tree: dict, key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def find_recipe(arg: str) -> Path | None:
+    """A YAML path as given, or a bare recipe name looked up in ./recipes (`demo` → recipes/demo.yaml)."""
+    p = Path(arg)
+    if p.is_file():
+        return p
+    for candidate in (Path("recipes") / f"{arg}.yaml", Path("recipes") / arg):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
 def read_yaml(path: str | Path) -> dict:
     """Read a YAML file with the safe loader only (no object-constructing tags)."""
     path = Path(path)
