@@ -77,6 +77,22 @@ def write_history(path: Path, history: list[dict]) -> None:
             w.writerow({k: (repr(v) if isinstance(v, float) else v) for k, v in row.items()})
 
 
+def format_epoch(row: dict) -> str:
+    """The Keras-style part of an epoch line: '2.6s - loss: 0.41 - accuracy: 0.86 - val_loss: … - lr: 1e-03'."""
+    parts = [f"{row['seconds']:.1f}s"]
+    for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
+        if key in row:
+            parts.append(f"{key}: {row[key]:.4f}")
+    parts.append(f"lr: {row['lr']:.2e}")
+    return " - ".join(parts)
+
+
+def keras_log(history: list[dict], epochs: int | None = None) -> str:
+    """The whole history as the Keras-style log `cnnlab train` printed (without step counts)."""
+    total = epochs or (history[-1]["epoch"] if history else 0)
+    return "\n".join(f"Epoch {int(r['epoch'])}/{total} - {format_epoch(r)}" for r in history)
+
+
 def read_history(path: Path) -> list[dict]:
     with open(path, newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))

@@ -215,6 +215,11 @@ def run_page(run: RunFolder, plots: dict[str, Path], notes: list[str], mistakes:
     out.append(f"<p>One row per epoch; the best epoch ({esc(best)}, monitored: "
                f"{esc(m.get('monitor', '?'))}) is highlighted.</p>")
     out.append('<div class="scroll">' + table(cols, rows, row_classes=classes_) + "</div>")
+    from ..runs import keras_log
+
+    planned = (run.config.get("train") or {}).get("epochs")
+    out.append("<h3>Training log</h3><p>As <code>cnnlab train</code> printed it (Keras-style).</p>"
+               f"<pre>{esc(keras_log(run.history, planned))}</pre>")
 
     if run.bad_files:
         out.append(f"<h2>Bad files ({len(run.bad_files)})</h2><p>Unreadable images skipped while loading the data "

@@ -7,14 +7,7 @@ import time
 
 from tqdm.auto import tqdm
 
-
-def format_row(row: dict) -> str:
-    parts = [f"{row['seconds']:.1f}s"]
-    for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
-        if key in row:
-            parts.append(f"{key}: {row[key]:.4f}")
-    parts.append(f"lr: {row['lr']:.2e}")
-    return " - ".join(parts)
+from ..runs import format_epoch as format_row
 
 
 class ProgressLogger:
