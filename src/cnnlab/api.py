@@ -9,25 +9,32 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import platform
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 
 from . import __version__
-from .config import Config, load_config
+from .config import RESUME_IGNORED, Config, ConfigError, config_differences, load_config
 from .data import DataError, Dataset, load_source, prepare, stratified_split
 from .metrics import classification_metrics
 from .models import create_model, freeze_backbone, load_weights
-from .runs import (MODEL_FILE, Run, load_run, new_run_dir, save_model, write_bad_files, write_config,
+from .runs import (MODEL_FILE, Run, RunError, load_run, new_run_dir, save_model, write_bad_files, write_config,
                    write_predictions,
                    write_history, write_json)
-from .training import EarlyStopper, LRSchedule, Runtime, build_optimizer, fit, predict_logits
+from .training.checkpoint import CHECKPOINT
+from .training import (EarlyStopper, LRSchedule, Runtime, TrainingDiverged, TrainingInterrupted, TrainState,
+                       build_optimizer, fit, predict_logits, read_checkpoint, restore_checkpoint, save_checkpoint)
 from .training.progress import ProgressLogger
 from .training.runtime import seed_everything
 
@@ -98,97 +105,225 @@ def _eval_metrics(model, loader, runtime, classes, train_labels) -> tuple[dict, 
     return m, logits
 
 
+def _resume_config(run_dir: Path, config, overrides, force: list[str]) -> Config:
+    """The saved config, with `config`/`overrides` applied only where `force` allows a change."""
+    saved = load_config(run_dir / "config.yaml")
+    cfg = load_config(config if config is not None else saved, overrides)
+    changed = config_differences(saved, cfg, ignore=RESUME_IGNORED)
+    refused = [line for key, line in changed if not ("all" in force or key in force)]
+    if refused:
+        raise ConfigError(f"cannot resume {run_dir} with a different config: " + "; ".join(refused)
+                          + ". Allow a change with --force KEY (e.g. --force train.epochs), or start a new run")
+    return cfg
+
+
+def _build_all(cfg: Config, log: ProgressLogger) -> SimpleNamespace:
+    """Data, split, loaders, model, optimiser, schedule and stopper for `cfg` (seeded)."""
+    b = SimpleNamespace(runtime=Runtime(cfg.train.device, cfg.train.precision, cfg.train.threads,
+                                        cfg.train.channels_last))
+    b.ds = load_data(cfg, progress=log.mode == "bar")
+    val_f, test_f = split_fractions(cfg)
+    b.split = stratified_split(b.ds.labels, val_f, test_f, cfg.data.split_seed, b.ds.predefined)
+    if not b.split.train:
+        raise DataError("the training split is empty; lower data.val_fraction / data.test_fraction")
+    if not b.split.val and not b.split.test:
+        raise DataError(f"no validation or test images: {len(b.ds)} images in {len(b.ds.classes)} classes with "
+                        f"val_fraction={val_f:g}, test_fraction={test_f:g} leave none held out; raise a fraction "
+                        "(or data.max_per_class)")
+    seed_everything(cfg.train.seed)
+    d = cfg.data
+    b.data = prepare(b.ds, b.split, batch_size=d.batch_size, eval_batch_size=d.eval_batch_size,
+                     device=b.runtime.device, seed=cfg.train.seed, normalize=d.normalize,
+                     augment=_augment_kwargs(cfg) if d.augment else None, expand=d.expand,
+                     expand_seed=d.split_seed + 1, expand_augment=_augment_kwargs(cfg),
+                     channels_last=cfg.train.channels_last)
+    model, b.options = build_model(cfg, b.ds, log=log.message)
+    b.model = model.to(b.runtime.device)
+    if cfg.train.channels_last:
+        b.model = b.model.to(memory_format=torch.channels_last)
+    o, s = cfg.optim, cfg.schedule
+    b.optimizer = build_optimizer(b.model.parameters(), o.name, o.lr, momentum=o.momentum, nesterov=o.nesterov,
+                                  beta1=o.beta1, beta2=o.beta2, eps=o.eps, weight_decay=o.weight_decay)
+    b.schedule = LRSchedule(b.optimizer, s.name, o.lr, len(b.data.train), cfg.train.epochs,
+                            warmup_epochs=s.warmup_epochs, step_size=s.step_size, gamma=s.gamma, min_lr=s.min_lr,
+                            cycle_epochs=s.cycle_epochs, pct_start=s.pct_start, patience=s.patience)
+    es = cfg.train.early_stopping
+    b.stopper = EarlyStopper(es.monitor, es.patience, es.min_delta) if es else EarlyStopper(cfg.train.monitor)
+    return b
+
+
+def _split_json(b) -> dict:
+    ds, split = b.ds, b.split
+    labels = torch.cat([ds.labels, ds.labels[split.expanded_from]]) if split.expanded_from else ds.labels
+    return split.to_json(ds.paths, labels, ds.classes)
+
+
+def _start_run_folder(cfg: Config, b, out, runs_root, log: ProgressLogger) -> Path:
+    run_dir = new_run_dir(cfg.name, out, runs_root)
+    write_config(run_dir, cfg)
+    write_json(run_dir / "split.json", _split_json(b), compact=True)
+    if b.ds.bad_files:
+        write_bad_files(run_dir / "bad_files.csv", b.ds.bad_files)
+        log.message(f"skipped {len(b.ds.bad_files)} bad file(s)/folder(s), listed in {run_dir / 'bad_files.csv'}: "
+                    + "; ".join(f"{p} ({r})" for p, r in b.ds.bad_files[:3])
+                    + (" …" if len(b.ds.bad_files) > 3 else ""))
+    return run_dir
+
+
+def _resume_state(run_dir: Path, cfg: Config, b, log: ProgressLogger) -> TrainState:
+    saved_split = json.loads((run_dir / "split.json").read_text(encoding="utf-8"))
+    if any(saved_split.get(k) != getattr(b.split, k) for k in ("train", "val", "test")):
+        raise DataError(f"the data changed since {run_dir} started: its split no longer matches split.json; "
+                        "start a new run")
+    if not (run_dir / CHECKPOINT).is_file():  # killed before its first checkpoint: start over, same folder
+        log.message(f"{run_dir} has no checkpoint yet; training it from the beginning")
+        return TrainState()
+    tensors, meta = read_checkpoint(run_dir)
+    state = restore_checkpoint(tensors, meta, b.model, b.optimizer, b.schedule, b.stopper, b.data.train,
+                               b.runtime.grad_scaler())
+    if state.finished and state.epoch < cfg.train.epochs:  # --force train.epochs: go on
+        state.finished, state.stopped_early, b.stopper.bad_epochs = False, False, 0
+    if state.finished and (run_dir / "metrics.json").is_file():
+        raise RunError(f"{run_dir} has already finished ({state.epoch} epochs); nothing to resume "
+                       "(raise train.epochs with --force train.epochs to train on)")
+    where = f"epoch {state.epoch + 1}, step {state.step_in_epoch}" if state.step_in_epoch else \
+        f"the end of epoch {state.epoch}"
+    log.message(f"Resuming {run_dir} from {where}")
+    return state
+
+
+class _StopRequest:
+    """SIGINT / SIGTERM: the first asks for a clean stop at the next step boundary (with a
+    checkpoint); a second Ctrl-C stops at once."""
+
+    def __init__(self):
+        self.requested, self._old = None, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+        print(f"\n{self.requested}: stopping at the next step with a checkpoint "
+              "(Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        return False
+
+
 def train(config: str | Path | dict | Config | None = None, overrides: list[str] | dict | None = None, *,
           out: str | Path | None = None, runs_root: str | Path = "runs", progress: str | None = None,
-          quiet: bool = False, report: bool = True) -> Run:
+          quiet: bool = False, report: bool = True, resume: str | Path | None = None,
+          force: list[str] | tuple = ()) -> Run:
     """Train one experiment end to end and write its run folder; returns the Run.
 
     config: a YAML path, a dict, a Config or None (defaults). overrides: ["optim.lr=0.01", …]
     or {"optim.lr": 0.01}. out: the run folder (new or empty); default runs_root/<name>[-N].
     progress: auto | bar | plain | none (default: the config's train.progress; 'none' if quiet).
     report: also write plots/ and report.html (a failure there is reported, never loses the run).
+    resume: a run folder to continue from its checkpoint (its config, unless `force` names the
+    keys allowed to change, e.g. ["train.epochs"]).
     """
-    cfg = load_config(config, overrides)
+    cfg = _resume_config(Path(resume), config, overrides, list(force)) if resume else load_config(config, overrides)
     if cfg.name is None:
         cfg.name = "run"
     log = ProgressLogger("none" if quiet else (progress or cfg.train.progress))
     t_start, started = time.perf_counter(), dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    runtime = Runtime(cfg.train.device, cfg.train.precision, cfg.train.threads, cfg.train.channels_last)
-    ds = load_data(cfg, progress=log.mode == "bar")
-    val_f, test_f = split_fractions(cfg)
-    split = stratified_split(ds.labels, val_f, test_f, cfg.data.split_seed, ds.predefined)
-    if not split.train:
-        raise DataError("the training split is empty; lower data.val_fraction / data.test_fraction")
-    if not split.val and not split.test:
-        raise DataError(f"no validation or test images: {len(ds)} images in {len(ds.classes)} classes with "
-                        f"val_fraction={val_f:g}, test_fraction={test_f:g} leave none held out; raise a fraction "
-                        "(or data.max_per_class)")
-    seed_everything(cfg.train.seed)
-    data = prepare(ds, split, batch_size=cfg.data.batch_size, eval_batch_size=cfg.data.eval_batch_size,
-                   device=runtime.device, seed=cfg.train.seed, normalize=cfg.data.normalize,
-                   augment=_augment_kwargs(cfg) if cfg.data.augment else None, expand=cfg.data.expand,
-                   expand_seed=cfg.data.split_seed + 1, expand_augment=_augment_kwargs(cfg),
-                   channels_last=cfg.train.channels_last)
-    model, options = build_model(cfg, ds, log=log.message)
-    model = model.to(runtime.device)
-    if cfg.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    o, s = cfg.optim, cfg.schedule
-    optimizer = build_optimizer(model.parameters(), o.name, o.lr, momentum=o.momentum, nesterov=o.nesterov,
-                                beta1=o.beta1, beta2=o.beta2, eps=o.eps, weight_decay=o.weight_decay)
-    schedule = LRSchedule(optimizer, s.name, o.lr, len(data.train), cfg.train.epochs,
-                          warmup_epochs=s.warmup_epochs, step_size=s.step_size, gamma=s.gamma, min_lr=s.min_lr,
-                          cycle_epochs=s.cycle_epochs, pct_start=s.pct_start, patience=s.patience)
-    es = cfg.train.early_stopping
-    stopper = EarlyStopper(es.monitor, es.patience, es.min_delta) if es else EarlyStopper(cfg.train.monitor)
+    b = _build_all(cfg, log)
+    if resume:
+        run_dir = Path(resume)
+        state = _resume_state(run_dir, cfg, b, log)
+        write_config(run_dir, cfg)
+    else:
+        run_dir, state = _start_run_folder(cfg, b, out, runs_root, log), TrainState()
+    n_params = sum(p.numel() for p in b.model.parameters())
+    log.message(f"{cfg.name}: {cfg.model.name} ({n_params:,} parameters) on {b.ds.name} — "
+                f"{len(b.ds.classes)} classes, train {b.data.train.num_samples} / val {len(b.split.val)} / "
+                f"test {len(b.split.test)} images of {tuple(b.ds.images.shape[1:])}, {b.runtime.device} "
+                f"{b.runtime.precision}, {b.runtime.threads} thread(s)")
 
-    run_dir = new_run_dir(cfg.name, out, runs_root)
-    write_config(run_dir, cfg)
-    write_json(run_dir / "split.json", split.to_json(ds.paths, torch.cat([ds.labels, ds.labels[split.expanded_from]])
-                                                     if split.expanded_from else ds.labels, ds.classes),
-               compact=True)
-    if ds.bad_files:
-        write_bad_files(run_dir / "bad_files.csv", ds.bad_files)
-        log.message(f"skipped {len(ds.bad_files)} bad file(s)/folder(s), listed in {run_dir / 'bad_files.csv'}: "
-                    + "; ".join(f"{p} ({r})" for p, r in ds.bad_files[:3]) + (" …" if len(ds.bad_files) > 3 else ""))
-    n_params = sum(p.numel() for p in model.parameters())
-    log.message(f"{cfg.name}: {model.__class__.__name__ if cfg.model.name is None else cfg.model.name} "
-                f"({n_params:,} parameters) on {ds.name} — {len(ds.classes)} classes, "
-                f"train {data.train.num_samples} / val {len(split.val)} / test {len(split.test)} images "
-                f"of {tuple(ds.images.shape[1:])}, {runtime.device} {runtime.precision}, "
-                f"{runtime.threads} thread(s)")
+    def checkpoint(st: TrainState) -> None:
+        save_checkpoint(run_dir, st, b.model, b.optimizer, b.schedule, b.stopper, b.data.train, cfg.to_dict(),
+                        b.runtime.grad_scaler())
 
-    result = fit(model, data, optimizer, schedule, runtime, epochs=cfg.train.epochs, stopper=stopper,
-                 l2=cfg.regularization.l2, clip_grad_norm=o.clip_grad_norm, progress=log)
+    with _StopRequest() as stop:
+        def on_step(st: TrainState) -> None:
+            every = cfg.train.checkpoint_every_steps
+            if stop.requested or (every and (st.epoch * len(b.data.train) + st.step_in_epoch) % every == 0):
+                checkpoint(st)
+            if stop.requested:
+                raise TrainingInterrupted(_interrupted_message(stop.requested, st, run_dir))
 
-    eval_loader = data.test if data.test is not None else data.val
-    train_labels = ds.labels[split.train].numpy()
-    metrics, logits = _eval_metrics(model, eval_loader, runtime, ds.classes, train_labels)
-    eval_idx = split.test if data.eval_part == "test" else split.val
-    write_predictions(run_dir / "predictions.csv", eval_idx, ds.labels[eval_idx], logits, ds.classes, ds.paths)
-    metrics.update(evaluated_on=data.eval_part, best_epoch=result.best_epoch, epochs_run=len(result.history),
-                   stopped_early=result.stopped_early, monitor=stopper.monitor, training_seconds=result.seconds,
-                   parameters=n_params,
-                   caution=("the best epoch was chosen on the same validation images these metrics come "
-                            "from, so they are optimistic; keep a test split for an unbiased estimate")
-                   if data.eval_part == "val" and stopper.monitor.startswith("val_") else None, trainable_parameters=sum(p.numel() for p in model.parameters()
-                                                                 if p.requires_grad))
-    meta = {"model": cfg.model.name, "options": {**options, "init": cfg.model.init},
-            "num_classes": len(ds.classes), "in_channels": ds.images.shape[1], "image_size": ds.images.shape[-1],
-            "classes": ds.classes, "mean": data.normalizer.mean, "std": data.normalizer.std,
-            "resize": cfg.data.resize, "best_epoch": result.best_epoch, "source": ds.name}
-    save_model(run_dir / MODEL_FILE, model, meta)
-    write_history(run_dir / "history.csv", result.history)
-    write_json(run_dir / "metrics.json", metrics)
-    env = environment(runtime, cfg.train.seed)
-    env.update(started_at=started, wall_seconds=round(time.perf_counter() - t_start, 3))
+        def on_epoch(st: TrainState) -> None:
+            checkpoint(st)
+            if stop.requested and not st.finished:
+                raise TrainingInterrupted(_interrupted_message(stop.requested, st, run_dir))
+
+        try:
+            result = fit(b.model, b.data, b.optimizer, b.schedule, b.runtime, epochs=cfg.train.epochs,
+                         stopper=b.stopper, l2=cfg.regularization.l2, clip_grad_norm=cfg.optim.clip_grad_norm,
+                         progress=log, state=state, on_step=on_step, on_epoch=on_epoch)
+        except TrainingDiverged as e:
+            _record_divergence(run_dir, state, e)
+            raise
+
+    metrics, meta = _finish(cfg, b, result, run_dir)
+    env = environment(b.runtime, cfg.train.seed)
+    env.update(started_at=started, wall_seconds=round(time.perf_counter() - t_start, 3), resumed=bool(resume))
     write_json(run_dir / "env.json", env)
     _print_summary(log, metrics, run_dir)
     if report:
         _write_report(run_dir, log)
     run = Run(run_dir, cfg, result.history, metrics, env)
-    run._model, run._meta = model.eval().cpu(), meta
+    run._model, run._meta = b.model.eval().cpu(), meta
     return run
+
+
+def _interrupted_message(signame: str, st: TrainState, run_dir: Path) -> str:
+    return (f"stopped by {signame} at epoch {st.epoch + (1 if st.step_in_epoch else 0)}, step {st.step_in_epoch}; "
+            f"checkpoint saved. Resume with: cnnlab train --resume {run_dir}")
+
+
+def _record_divergence(run_dir: Path, state: TrainState, e: TrainingDiverged) -> None:
+    """Keep what is good: the history so far and the best model; the last checkpoint is untouched."""
+    write_history(run_dir / "history.csv", state.history)
+    write_json(run_dir / "failure.json", {"error": "diverged", "message": str(e), "step": e.step,
+                                          "epoch": state.epoch + 1, "best_epoch": state.best_epoch})
+    if state.best_state is not None:
+        save_file({k: v.detach().cpu().contiguous() for k, v in state.best_state.items()},
+                  str(run_dir / "best-before-divergence.safetensors"))
+
+
+def _finish(cfg: Config, b, result, run_dir: Path) -> tuple[dict, dict]:
+    """Test metrics, predictions, the best model, history and metrics.json."""
+    data, split, ds = b.data, b.split, b.ds
+    eval_loader = data.test if data.test is not None else data.val
+    metrics, logits = _eval_metrics(b.model, eval_loader, b.runtime, ds.classes, ds.labels[split.train].numpy())
+    eval_idx = split.test if data.eval_part == "test" else split.val
+    write_predictions(run_dir / "predictions.csv", eval_idx, ds.labels[eval_idx], logits, ds.classes, ds.paths)
+    biased = data.eval_part == "val" and b.stopper.monitor.startswith("val_")
+    metrics.update(evaluated_on=data.eval_part, best_epoch=result.best_epoch, epochs_run=len(result.history),
+                   stopped_early=result.stopped_early, monitor=b.stopper.monitor, training_seconds=result.seconds,
+                   parameters=sum(p.numel() for p in b.model.parameters()),
+                   trainable_parameters=sum(p.numel() for p in b.model.parameters() if p.requires_grad),
+                   caution=("the best epoch was chosen on the same validation images these metrics come "
+                            "from, so they are optimistic; keep a test split for an unbiased estimate")
+                   if biased else None)
+    meta = {"model": cfg.model.name, "options": {**b.options, "init": cfg.model.init},
+            "num_classes": len(ds.classes), "in_channels": ds.images.shape[1], "image_size": ds.images.shape[-1],
+            "classes": ds.classes, "mean": data.normalizer.mean, "std": data.normalizer.std,
+            "resize": cfg.data.resize, "best_epoch": result.best_epoch, "source": ds.name}
+    save_model(run_dir / MODEL_FILE, b.model, meta)
+    write_history(run_dir / "history.csv", result.history)
+    write_json(run_dir / "metrics.json", metrics)
+    return metrics, meta
 
 
 def _write_report(run_dir: Path, log: ProgressLogger) -> None:

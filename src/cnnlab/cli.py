@@ -34,8 +34,18 @@ def _resolve_config(arg: str | None):
 def _cmd_train(a) -> int:
     from .api import train
 
-    train(_resolve_config(a.config), a.overrides, out=a.out, runs_root=a.runs_root, progress=a.progress,
-          quiet=a.quiet, report=not a.no_report)
+    overrides = list(a.overrides)
+    config = a.config
+    if config is not None and "=" in config and not config.endswith((".yaml", ".yml")):
+        overrides.insert(0, config)  # `cnnlab train --resume RUN key=value`: no config, an override
+        config = None
+    if a.resume is None and config is None:
+        from .config import ConfigError
+
+        raise ConfigError("give a CONFIG (a YAML file, a recipe name or '-'), or --resume RUN_DIR")
+    force = [k.strip() for item in a.force for k in item.split(",") if k.strip()]
+    train(_resolve_config(config) if config is not None else None, overrides, out=a.out, runs_root=a.runs_root,
+          progress=a.progress, quiet=a.quiet, report=not a.no_report, resume=a.resume, force=force)
     return 0
 
 
@@ -144,12 +154,15 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog="overrides use dotted keys: data.source=folder:PATH data.image_size=64 "
                        "model.name=mlp optim.name=sgd optim.lr=0.1 train.epochs=20 train.seed=1 "
                        "train.early_stopping.patience=5 (see `cnnlab config --keys`)")
-    t.add_argument("config", help="YAML config, recipe name, or '-'")
+    t.add_argument("config", nargs="?", help="YAML config, recipe name, or '-' (not needed with --resume)")
     t.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     t.add_argument("--out", help="run folder to create (must be new or empty); default runs/<name>[-N]")
     t.add_argument("--runs-root", default="runs", help="parent of auto-named run folders (default: runs)")
     t.add_argument("--progress", choices=["auto", "bar", "plain", "none"], help="progress display")
     t.add_argument("-q", "--quiet", action="store_true", help="print nothing")
+    t.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its checkpoint")
+    t.add_argument("--force", action="append", default=[], metavar="KEYS",
+                   help="with --resume: config keys allowed to differ, comma-separated (e.g. train.epochs), or all")
     t.add_argument("--no-report", action="store_true", help="skip plots/ and report.html (`cnnlab report` later)")
     t.set_defaults(fn=_cmd_train)
 
@@ -211,13 +224,26 @@ def main(argv: list[str] | None = None) -> int:
     from .data import DataError
     from .models.weights import WeightsError
     from .runs import RunError
-    from .training.loop import TrainingDiverged
+    from .training.checkpoint import CheckpointError
+    from .training.loop import TrainingDiverged, TrainingInterrupted
 
     try:
         return args.fn(args)
     except TrainingDiverged as e:
         print(f"cnnlab: training diverged: {e}", file=sys.stderr)
         return 3
+    except TrainingInterrupted as e:
+        print(f"cnnlab: {e}", file=sys.stderr)
+        return 130
+    except CheckpointError as e:
+        print(f"cnnlab: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # disk full, unwritable folder, …: nothing already saved is touched
+        if os.environ.get("CNNLAB_DEBUG"):
+            raise
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        print(f"cnnlab: error: cannot read or write{where}: {e.strerror or e}", file=sys.stderr)
+        return 2
     except (ConfigError, DataError, RunError, WeightsError, ValueError, FileNotFoundError, RuntimeError) as e:
         if os.environ.get("CNNLAB_DEBUG"):
             raise

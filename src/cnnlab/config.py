@@ -133,6 +133,8 @@ class TrainConfig:
                           choices=["32", "bf16-mixed", "16-mixed"])
     channels_last: bool = _opt(False, "channels-last memory format for conv nets")
     threads: Optional[int] = _opt(None, "CPU threads (null: one per core)", min=1)
+    checkpoint_every_steps: Optional[int] = _opt(
+        None, "also checkpoint every N optimiser steps (null: after every epoch only)", min=1)
     progress: str = _opt("auto", "progress bar: auto (only on a terminal) | bar | plain | none",
                          choices=["auto", "bar", "plain", "none"])
 
@@ -366,6 +368,26 @@ def load_config(source: str | Path | dict | Config | None = None,
         if tree.get("name") is None:
             tree["name"] = Path(source).stem
     return config_from_dict(tree, overrides)
+
+
+RESUME_IGNORED = {"train.progress", "train.threads", "name"}  # may differ between sessions of one run
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict) and k != "early_stopping":
+            out.update(_flatten(v, prefix + k + "."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def config_differences(old: Config, new: Config, ignore: set[str] = frozenset()) -> list[tuple[str, str]]:
+    """[(dotted key, 'key: old → new')] for every key whose value differs."""
+    a, b = _flatten(old.to_dict()), _flatten(new.to_dict())
+    return [(k, f"{k}: {a.get(k)!r} → {b.get(k)!r}") for k in sorted(set(a) | set(b))
+            if k not in ignore and a.get(k) != b.get(k)]
 
 
 def dump_config(cfg: Config) -> str:

@@ -71,11 +71,19 @@ class DeviceLoader:
     def num_samples(self) -> int:
         return len(self.labels)
 
+    def new_order(self) -> torch.Tensor | None:
+        """This epoch's sample order (a permutation drawn from `generator`), or None when not shuffling."""
+        if not self.shuffle:
+            return None
+        return torch.randperm(len(self.labels), generator=self.generator, device=self.generator.device)
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self.iterate(self.new_order())
+
+    def iterate(self, order: torch.Tensor | None, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Batches in `order`, from batch `start_batch` on (a resumed epoch skips what it has done)."""
         n = len(self.labels)
-        order = torch.randperm(n, generator=self.generator, device=self.generator.device) \
-            if self.shuffle else None
-        for start in range(0, n, self.batch_size):
+        for start in range(start_batch * self.batch_size, n, self.batch_size):
             if order is None:
                 xb, yb = self.images[start:start + self.batch_size], self.labels[start:start + self.batch_size]
             else:
@@ -141,6 +149,7 @@ def prepare(ds: Dataset, split: Split, *, batch_size: int, eval_batch_size: int,
     aug_fn = (lambda x: augment_batch(x, g_aug, **augment)) if augment else None
     train = DeviceLoader(*part(train_idx), norm, batch_size, shuffle=True, generator=g_order, augment=aug_fn,
                          channels_last=channels_last)
+    train.aug_generator = g_aug  # its state goes into checkpoints
     val = DeviceLoader(*part(split.val), norm, eval_batch_size, channels_last=channels_last) if split.val else None
     test = DeviceLoader(*part(split.test), norm, eval_batch_size, channels_last=channels_last) if split.test else None
     eval_part = "test" if test is not None else "val"

@@ -1,4 +1,9 @@
-"""The training loop: `fit` → `train_one_epoch` / `evaluate`, each readable top to bottom."""
+"""The training loop: `fit` → `train_one_epoch` / `evaluate`, each readable top to bottom.
+
+Resumable at any step: `TrainState` says which epoch and batch training stands at,
+and `on_step` (called after every optimiser step) lets the caller checkpoint every N
+steps or stop cleanly when a signal asked it to.
+"""
 
 from __future__ import annotations
 
@@ -6,19 +11,29 @@ import copy
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .callbacks import EarlyStopper
+from .checkpoint import TrainState
 from .optim import LRSchedule, l2_penalty, l2_weights
 from .progress import ProgressLogger
 from .runtime import Runtime
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite."""
+    """The loss or the gradient became NaN or infinite."""
+
+    def __init__(self, message: str, step: int):
+        super().__init__(message)
+        self.step = step
+
+
+class TrainingInterrupted(RuntimeError):
+    """A signal asked training to stop; a checkpoint was written at the step boundary."""
 
 
 @dataclass
@@ -29,57 +44,75 @@ class FitResult:
     seconds: float = 0.0
 
 
+def _diverged(what: str, value: float, step: int) -> TrainingDiverged:
+    return TrainingDiverged(
+        f"{what} is {value} at step {step}. The learning rate is probably too high for this model and data: "
+        "lower optim.lr (e.g. by 10×), add a warm-up (schedule.warmup_epochs=1), or clip gradients "
+        "(optim.clip_grad_norm=1.0)", step)
+
+
 def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, schedule: LRSchedule,
                     runtime: Runtime, *, l2: float = 0.0, clip_grad_norm: float | None = None,
-                    progress: ProgressLogger | None = None, first_step: int = 0) -> dict:
-    """One pass over `loader`; returns the epoch's mean training loss and accuracy.
+                    progress: ProgressLogger | None = None, state: TrainState | None = None,
+                    on_step: Callable[[TrainState], None] | None = None) -> dict:
+    """One pass over `loader` (or the rest of it, when `state` says the epoch is under way).
 
-    The loss reported is the cross-entropy (as Keras prints it, on augmented batches
-    in training mode); the L2 term, when on, is added to what is minimised and
-    reported separately as `l2_penalty`.
+    Returns the epoch's mean training loss and accuracy. The loss reported is the
+    cross-entropy (as Keras prints it, on augmented batches in training mode); the
+    L2 term, when on, is added to what is minimised and reported as `l2_penalty`.
+    Divergence (a non-finite loss or gradient norm) raises at the step it happens.
     """
+    state = state or TrainState()
     model.train()
     if getattr(model, "frozen_backbone", False):
         model.backbone.eval()  # keep frozen batch-norm statistics frozen
     weights = l2_weights(model) if l2 > 0 else []
+    params = [p for p in model.parameters() if p.requires_grad]
     scaler = runtime.grad_scaler()
-    loss_sum = torch.zeros((), device=runtime.device)
-    correct = torch.zeros((), device=runtime.device, dtype=torch.int64)
-    seen, penalty = 0, torch.zeros(())
-    for i, (x, y) in enumerate(loader):
+    if state.step_in_epoch == 0:  # a fresh epoch: new order, zeroed sums
+        state.order = loader.new_order()
+        state.acc = {"loss_sum": torch.zeros((), device=runtime.device),
+                     "correct": torch.zeros((), device=runtime.device, dtype=torch.int64), "seen": 0,
+                     "penalty": 0.0}
+    acc, steps = state.acc, len(loader)
+    for x, y in loader.iterate(state.order, state.step_in_epoch):
+        step = state.epoch * steps + state.step_in_epoch + 1  # global, 1-based
         with runtime.autocast():
             logits = model(x)
             loss = F.cross_entropy(logits.float(), y)
         objective = loss + l2_penalty(weights, l2) if weights else loss
-        if runtime.device.type == "cpu" or i % 50 == 0:  # a sync per step is free on the CPU only
-            if not math.isfinite(loss.item()):
-                raise TrainingDiverged(
-                    f"loss is {loss.item()} at step {first_step + i + 1} (epoch step {i + 1}); "
-                    "the learning rate is probably too high: lower optim.lr or set optim.clip_grad_norm")
+        sync = runtime.device.type == "cpu" or step % 50 == 0  # a sync per step is free on the CPU only
+        if sync and not math.isfinite(loss.item()):
+            raise _diverged("the training loss", loss.item(), step)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(objective).backward()
             scaler.unscale_(optimizer)
         else:
             objective.backward()
-        if clip_grad_norm is not None:
-            nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
+        # the total gradient norm, clipped when asked; a non-finite one stops training before the update
+        norm = nn.utils.clip_grad_norm_(params, clip_grad_norm if clip_grad_norm is not None else math.inf)
+        if sync and scaler is None and not math.isfinite(norm.item()):
+            raise _diverged("the gradient norm", norm.item(), step)
         if scaler is not None:
             scaler.step(optimizer)
             scaler.update()
         else:
             optimizer.step()
         schedule.step()
-        loss_sum += loss.detach() * len(y)
-        correct += (logits.argmax(1) == y).sum()
-        seen += len(y)
+        acc["loss_sum"] += loss.detach() * len(y)
+        acc["correct"] += (logits.argmax(1) == y).sum()
+        acc["seen"] += len(y)
         if weights:
-            penalty = (objective - loss).detach()
+            acc["penalty"] = float(objective - loss)
+        state.step_in_epoch += 1
         if progress is not None:
-            progress.batch_end(i + 1, loss)
-    stats = {"loss": (loss_sum / max(1, seen)).item(), "accuracy": correct.item() / max(1, seen)}
+            progress.batch_end(state.step_in_epoch, loss)
+        if on_step is not None and state.step_in_epoch < steps:
+            on_step(state)  # may checkpoint, or raise TrainingInterrupted after checkpointing
+    stats = {"loss": (acc["loss_sum"] / max(1, acc["seen"])).item(), "accuracy": acc["correct"].item() / max(1, acc["seen"])}
     if weights:
-        stats["l2_penalty"] = float(penalty)
+        stats["l2_penalty"] = acc["penalty"]
     return stats
 
 
@@ -104,39 +137,44 @@ def evaluate(model: nn.Module, loader, runtime: Runtime, prefix: str = "val_") -
 
 def fit(model: nn.Module, data, optimizer: torch.optim.Optimizer, schedule: LRSchedule, runtime: Runtime, *,
         epochs: int, stopper: EarlyStopper, l2: float = 0.0, clip_grad_norm: float | None = None,
-        progress: ProgressLogger | None = None) -> FitResult:
-    """Train for up to `epochs`; leave `model` holding the best epoch's weights.
+        progress: ProgressLogger | None = None, state: TrainState | None = None,
+        on_step: Callable[[TrainState], None] | None = None,
+        on_epoch: Callable[[TrainState], None] | None = None) -> FitResult:
+    """Train for up to `epochs` (continuing from `state` if given); leave `model` holding the best
+    epoch's weights.
 
-    The best epoch is the one where `stopper.monitor` was best (val_* needs a
-    validation split; without one it falls back to the training metric).
+    The best epoch is the one where `stopper.monitor` was best (val_* needs a validation
+    split; without one it falls back to the training metric). on_epoch is called after
+    every epoch (the caller checkpoints there), on_step after every other step.
     """
     monitor = stopper.monitor if data.val is not None else stopper.monitor.replace("val_", "")
-    result, best_state, start = FitResult(), None, time.perf_counter()
-    for epoch in range(1, epochs + 1):
-        t0, lr = time.perf_counter(), schedule.lr
+    state = state or TrainState()
+    while state.epoch < epochs and not state.stopped_early:
+        t0, epoch = time.perf_counter(), state.epoch + 1
+        lr = schedule.lr_at(schedule.step_count - state.step_in_epoch)  # the rate the epoch started with
         if progress:
-            progress.epoch_start(epoch, epochs, len(data.train))
+            progress.epoch_start(epoch, epochs, len(data.train), done=state.step_in_epoch)
         row = {"epoch": epoch}
         row.update(train_one_epoch(model, data.train, optimizer, schedule, runtime, l2=l2,
-                                   clip_grad_norm=clip_grad_norm, progress=progress,
-                                   first_step=(epoch - 1) * len(data.train)))
+                                   clip_grad_norm=clip_grad_norm, progress=progress, state=state, on_step=on_step))
         if data.val is not None:
             row.update(evaluate(model, data.val, runtime))
         row.update(lr=lr, seconds=round(time.perf_counter() - t0, 3))
-        result.history.append(row)
+        state.history.append(row)
+        state.epoch, state.step_in_epoch, state.order = epoch, 0, None
+        state.seconds += time.perf_counter() - t0
         if stopper.update(epoch, row[monitor]):
-            best_state = copy.deepcopy(model.state_dict())
-            result.best_epoch = epoch
+            state.best_state, state.best_epoch = copy.deepcopy(model.state_dict()), epoch
         schedule.epoch_end(row[monitor], stopper.mode)
+        state.stopped_early = stopper.should_stop
+        state.finished = state.stopped_early or epoch >= epochs
         if progress:
-            progress.epoch_end(row, is_best=result.best_epoch == epoch)
-        if stopper.should_stop:
-            result.stopped_early = True
-            if progress:
-                progress.message(f"Early stopping: no {monitor} improvement > {stopper.min_delta:g} for "
-                                 f"{stopper.patience} epochs; restoring epoch {result.best_epoch}.")
-            break
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    result.seconds = round(time.perf_counter() - start, 3)
-    return result
+            progress.epoch_end(row, is_best=state.best_epoch == epoch)
+        if on_epoch is not None:
+            on_epoch(state)
+        if state.stopped_early and progress:
+            progress.message(f"Early stopping: no {monitor} improvement > {stopper.min_delta:g} for "
+                             f"{stopper.patience} epochs; restoring epoch {state.best_epoch}.")
+    if state.best_state is not None:
+        model.load_state_dict(state.best_state)
+    return FitResult(state.history, state.best_epoch, state.stopped_early, round(state.seconds, 3))

@@ -25,10 +25,11 @@ class ProgressLogger:
         if self.mode != "none":
             print(text, file=self.stream, flush=True)
 
-    def epoch_start(self, epoch: int, epochs: int, steps: int) -> None:
+    def epoch_start(self, epoch: int, epochs: int, steps: int, done: int = 0) -> None:
+        """done: steps already made in this epoch (a resumed run)."""
         self.epoch, self.epochs, self.steps = epoch, epochs, steps
         if self.mode == "bar":
-            self.bar = tqdm(total=steps, desc=f"Epoch {epoch}/{epochs}", unit="step", leave=False,
+            self.bar = tqdm(total=steps, initial=done, desc=f"Epoch {epoch}/{epochs}", unit="step", leave=False,
                             file=self.stream, dynamic_ncols=True)
 
     def batch_end(self, step: int, loss) -> None:
