@@ -215,12 +215,18 @@ def test_rerun_skips_finished_runs_and_redoes_only_a_broken_one(tiny_study, caps
     assert {p: p.stat().st_mtime_ns for p in runs} == before
 
     broken = tiny_study / "runs" / "mlp-sgd" / "seed-1"
-    (broken / "metrics.json").unlink()  # as if the run had been interrupted before its last file
+    resumed = tiny_study / "runs" / "cnn-adam" / "seed-0"
+    expected = _metrics(resumed)["accuracy"]
+    (resumed / "metrics.json").unlink()  # interrupted after its last checkpoint: resumed from it
+    (broken / "metrics.json").unlink()  # interrupted before any checkpoint: redone from scratch
+    (broken / "checkpoint.safetensors").unlink()
     (broken / "stray.txt").write_text("half-written", encoding="utf-8")
     run_study(TINY, jobs=2, out=tiny_study, quiet=True)
     assert is_finished(broken) and not (broken / "stray.txt").exists()  # the folder was redone from scratch
+    assert is_finished(resumed) and _metrics(resumed)["accuracy"] == expected
+    assert "--resume" in (resumed.with_name("seed-0.log")).read_text(encoding="utf-8")
     for p, mtime in before.items():
-        if p.parent != broken:
+        if p.parent not in (broken, resumed):
             assert p.stat().st_mtime_ns == mtime, f"{p} was rerun"
     s = aggregate(tiny_study)
     assert s["variants"][1]["metrics"]["accuracy"]["values"][1] == _metrics(broken)["accuracy"]

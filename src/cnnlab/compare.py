@@ -43,7 +43,8 @@ Execution: each run is `python -m cnnlab train` in its own process (no memory cr
 run), `jobs` at a time, each with train.threads = max(1, cores // jobs) unless the study sets it.
 A run is finished when its metrics.json and model.safetensors exist; finished runs are skipped on
 a rerun, but only if their config.yaml still matches the study (otherwise the study stops and
-says which keys differ: results are never silently stale). A half-written run folder is removed
+says which keys differ: results are never silently stale). An interrupted run with a checkpoint
+is resumed exactly where it stopped (`cnnlab train --resume`); one without a checkpoint is removed
 and run again. A failed run is recorded and the study goes on.
 
 Statistics (see cnnlab.stats): per metric, mean ± sample sd with a 95 % t-interval over the seeds
@@ -329,6 +330,7 @@ class _Job:
     expected: dict        # resolved config incl. the seed, to check a finished run against
     needs: list[Path]     # run folders (pretrain) that must finish first
     ref_keys: set[str]    # keys holding @pretrain paths (not compared on rerun: the folder may move)
+    resume: bool = False  # an interrupted run with a checkpoint: continue it
 
     @property
     def log(self) -> Path:
@@ -374,12 +376,17 @@ def _cores() -> int:
 
 def _run_one(job: _Job, threads: int | None) -> tuple[int, float, str]:
     """Train one run in a child process; returns (exit code, seconds, stderr tail)."""
-    cmd = [sys.executable, "-m", "cnnlab", "train", str(job.config_file), f"train.seed={job.seed}"]
+    if job.resume:  # interrupted earlier: go on from its checkpoint
+        cmd = [sys.executable, "-m", "cnnlab", "train", "--resume", str(job.run_dir)]
+    else:
+        cmd = [sys.executable, "-m", "cnnlab", "train", str(job.config_file), f"train.seed={job.seed}"]
     env = dict(os.environ)
     if threads:
         cmd.append(f"train.threads={threads}")
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    cmd += ["--out", str(job.run_dir), "--progress", "plain", "--no-report"]  # the study report writes every run's page
+    if not job.resume:
+        cmd += ["--out", str(job.run_dir)]
+    cmd += ["--progress", "plain", "--no-report"]  # the study report writes every run's page
     t0 = time.perf_counter()
     with open(job.log, "w", encoding="utf-8") as log:
         log.write("$ " + shlex.join(cmd) + "\n")
@@ -514,7 +521,9 @@ def run_study(study_path: str | Path, jobs: int = 1, out: str | Path | None = No
     for j in all_jobs:
         if is_finished(j.run_dir):
             continue
-        if j.run_dir.exists():  # interrupted or failed earlier: start it again from scratch
+        j.resume = (j.run_dir / "checkpoint.safetensors").is_file() and (j.run_dir / "config.yaml").is_file() \
+            and not _stale_keys(j)
+        if j.run_dir.exists() and not j.resume:  # interrupted before its first checkpoint: start again
             shutil.rmtree(j.run_dir)
         j.failed_file.unlink(missing_ok=True)
         todo.append(j)
