@@ -83,7 +83,7 @@ def _mtime(path: Path):
 
 
 def test_sigkill_at_random_moments_then_resume_is_bit_identical(reference, tmp_path):
-    rng = random.Random(1234)
+    rng = random.Random(int(os.environ.get("CNNLAB_KILL_SEED", "1234")))
     train_seconds = json.loads((reference / "metrics.json").read_text())["training_seconds"]
     run, ckpt = tmp_path / "run", tmp_path / "run" / "checkpoint.safetensors"
     kills = 0
@@ -98,6 +98,7 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(reference, tmp_p
             kills += 1
         p.communicate()
     assert kills >= 3, f"only {kills} kill(s) landed before the run finished"
+    print(f"KILLS {kills}")
     _resume_until_done(run)
     _assert_identical(run, reference)
     assert not list(run.glob(".*.tmp")), "a temporary checkpoint file was left behind"

@@ -330,7 +330,10 @@ def read_yaml(path: str | Path) -> dict:
 
 def config_from_dict(tree: dict, overrides: list[str] | dict | None = None) -> Config:
     """Validate a nested dict (+ overrides as 'a.b=v' strings or {a.b: v}) into a Config."""
-    tree = _deepcopy(tree)
+    try:
+        tree = _deepcopy(tree)
+    except RecursionError:  # a YAML alias that contains itself (a: &x [*x])
+        raise ConfigError("the config refers to itself (a recursive YAML alias); write the values out") from None
     items = overrides.items() if isinstance(overrides, dict) else [_split_override(o) for o in overrides or []]
     for k, v in items:
         _set_dotted(tree, k, v)

@@ -43,7 +43,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         except Exception as e:  # torch raises UnpicklingError / RuntimeError / EOFError…
             raise WeightsError(
                 f"{path}: refused. It is not a plain tensor state dict that loads with "
-                f"torch.load(weights_only=True) ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
+                f"torch.load(weights_only=True) ({type(e).__name__}: {_first_line(e)}). "
                 "cnnlab never falls back to unsafe unpickling: re-save the weights as a state dict "
                 "or as .safetensors") from None
         for key in ("state_dict", "model", "model_state_dict"):
@@ -53,6 +53,11 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             raise WeightsError(f"{path}: holds no state dict of tensors")
         return obj
     raise WeightsError(f"{path}: unknown weights format {path.suffix!r}; use .safetensors or .pt/.pth/.ckpt/.bin")
+
+
+def _first_line(e: Exception) -> str:
+    lines = str(e).splitlines()
+    return lines[0][:200] if lines else "no message"
 
 
 def _torchvision_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
