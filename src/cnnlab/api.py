@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 from . import __version__
 from .config import RESUME_IGNORED, Config, ConfigError, config_differences, load_config
 from .data import DataError, Dataset, load_source, prepare, stratified_split
+from .data.stream import default_memory_budget, fits_in_memory, parse_bytes, prepare_streaming
 from .metrics import classification_metrics
 from .models import create_model, freeze_backbone, load_weights
 from .runs import (MODEL_FILE, Run, RunError, load_run, new_run_dir, save_model, write_bad_files, write_config,
@@ -132,7 +133,15 @@ def _build_all(cfg: Config, log: ProgressLogger) -> SimpleNamespace:
                         "(or data.max_per_class)")
     seed_everything(cfg.train.seed)
     d = cfg.data
-    b.data = prepare(b.ds, b.split, batch_size=d.batch_size, eval_batch_size=d.eval_batch_size,
+    budget = parse_bytes(d.memory_budget) if d.memory_budget is not None else \
+        default_memory_budget(b.runtime.device)
+    c, h, w = b.ds.images.shape[1:]
+    resident = len(b.split.train) * (1 + d.expand) + len(b.split.val) + len(b.split.test)
+    b.streamed = not fits_in_memory(resident, c, h, w, budget)
+    if b.streamed:
+        log.message(f"{resident:,} images of {c}×{h}×{w} exceed data.memory_budget ({budget / 2**20:,.0f} MiB): "
+                    "streaming batches from the memory-mapped cache")
+    b.data = (prepare_streaming if b.streamed else prepare)(b.ds, b.split, batch_size=d.batch_size, eval_batch_size=d.eval_batch_size,
                      device=b.runtime.device, seed=cfg.train.seed, normalize=d.normalize,
                      augment=_augment_kwargs(cfg) if d.augment else None, expand=d.expand,
                      expand_seed=d.split_seed + 1, expand_augment=_augment_kwargs(cfg),
@@ -175,6 +184,8 @@ def _resume_state(run_dir: Path, cfg: Config, b, log: ProgressLogger) -> TrainSt
     if any(saved_split.get(k) != getattr(b.split, k) for k in ("train", "val", "test")):
         raise DataError(f"the data changed since {run_dir} started: its split no longer matches split.json; "
                         "start a new run")
+    for stale in run_dir.glob(f".{CHECKPOINT}.*.tmp"):  # a write cut short by a crash: never trusted, removed
+        stale.unlink(missing_ok=True)
     if not (run_dir / CHECKPOINT).is_file():  # killed before its first checkpoint: start over, same folder
         log.message(f"{run_dir} has no checkpoint yet; training it from the beginning")
         return TrainState()
@@ -276,7 +287,8 @@ def train(config: str | Path | dict | Config | None = None, overrides: list[str]
 
     metrics, meta = _finish(cfg, b, result, run_dir)
     env = environment(b.runtime, cfg.train.seed)
-    env.update(started_at=started, wall_seconds=round(time.perf_counter() - t_start, 3), resumed=bool(resume))
+    env.update(started_at=started, wall_seconds=round(time.perf_counter() - t_start, 3), resumed=bool(resume),
+               loader="streamed from the memory-mapped cache" if b.streamed else "in memory")
     write_json(run_dir / "env.json", env)
     _print_summary(log, metrics, run_dir)
     if report:

@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 EXAMPLES = """examples:
   cnnlab train recipes/demo.yaml                       train the demo recipe
@@ -94,6 +95,17 @@ def _cmd_predict(a) -> int:
 
 def _cmd_datasets(a) -> int:
     from .data import list_datasets
+
+    if a.action == "inspect":
+        from .config import ConfigError
+        from .data.inspect import format_inspection, inspect_folder
+
+        if not a.source or not a.source.startswith("folder:"):
+            raise ConfigError("usage: cnnlab datasets inspect folder:PATH [--image-size N] [--channels 1|3] [--json]")
+        report = inspect_folder(Path(os.path.expanduser(a.source[len("folder:"):])), a.image_size,
+                                channels=a.channels, progress=sys.stderr.isatty())
+        print(json.dumps(report, indent=1) if a.json else format_inspection(report))
+        return 0
 
     for name, doc in list_datasets().items():
         print(f"{name:<18}{doc}")
@@ -185,7 +197,15 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--json", action="store_true", help="print JSON instead of a table")
     pr.set_defaults(fn=_cmd_predict)
 
-    d = sub.add_parser("datasets", help="list the built-in data sources")
+    d = sub.add_parser("datasets", help="list the data sources, or inspect a folder before training",
+                       description="Without arguments: the built-in sources. `inspect folder:PATH`: classes, "
+                       "counts, image sizes, imbalance, duplicates (label conflicts, train/test leaks) and "
+                       "bad files, before any training.")
+    d.add_argument("action", nargs="?", choices=["inspect"])
+    d.add_argument("source", nargs="?", help="folder:PATH")
+    d.add_argument("--image-size", type=int, help="size to check the memory budget at (default 64)")
+    d.add_argument("--channels", type=int, choices=[1, 3], help="channels for the memory estimate")
+    d.add_argument("--json", action="store_true", help="print JSON")
     d.set_defaults(fn=_cmd_datasets)
     m = sub.add_parser("models", help="list the registered models")
     m.set_defaults(fn=_cmd_models)

@@ -73,6 +73,9 @@ class DataConfig:
     aug_scale: float = _opt(0.1, "max relative zoom (uniform in 1±)", min=0.0, lt=1.0)
     aug_translate: float = _opt(0.1, "max shift as a fraction of the image side", min=0.0, max=0.5)
     expand: int = _opt(0, "offline expansion: K augmented copies of each training image (second paper: 2)", min=0, max=100)
+    memory_budget: Optional[str] = _opt(
+        None, "bytes the decoded splits may hold in memory (4GB, 800MB, 40%); null: half the available RAM; "
+              "larger data is streamed from the memory-mapped cache")
     on_bad_file: str = _opt("skip", "unreadable images in a folder: skip (listed) or fail", choices=["skip", "fail"])
 
 
@@ -167,6 +170,13 @@ class Config:
         if not (d.source in ("animal-shapes", "animal-shapes-5", "random") or d.source.startswith("folder:")):
             raise ConfigError(f"unknown data.source {d.source!r}; choose one of: animal-shapes, "
                               "animal-shapes-5, random, folder:PATH")
+        if d.memory_budget is not None:
+            from .data.stream import parse_bytes
+
+            try:
+                parse_bytes(d.memory_budget)
+            except ValueError as e:
+                raise ConfigError(f"data.memory_budget: {e}") from None
         if self.data.classes is not None and (len(self.data.classes) < 2 or
                                               len(set(self.data.classes)) != len(self.data.classes)):
             raise ConfigError("data.classes: at least two distinct class names, e.g. [cat, dog]")

@@ -138,7 +138,9 @@ def prepare(ds: Dataset, split: Split, *, batch_size: int, eval_batch_size: int,
     images, labels, copy_of = expand_offline(images, labels, split.train, expand, expand_seed, aug_kwargs)
     train_idx = split.train + list(range(len(ds.labels), len(labels)))
     split.expanded_from = copy_of
-    norm = Normalizer.fit(ds.images[split.train], normalize)  # statistics of the original training images
+    from .stream import fit_normalizer, release_pages  # stream imports this module
+
+    norm = fit_normalizer(ds.images, split.train, normalize)  # statistics of the original training images
 
     def part(idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         t = torch.tensor(idx, dtype=torch.int64)
@@ -152,5 +154,6 @@ def prepare(ds: Dataset, split: Split, *, batch_size: int, eval_batch_size: int,
     train.aug_generator = g_aug  # its state goes into checkpoints
     val = DeviceLoader(*part(split.val), norm, eval_batch_size, channels_last=channels_last) if split.val else None
     test = DeviceLoader(*part(split.test), norm, eval_batch_size, channels_last=channels_last) if split.test else None
+    release_pages(ds.images)  # the device copies are made: drop the memory-mapped pages
     eval_part = "test" if test is not None else "val"
     return Prepared(train, val, test, norm, split, eval_part)
