@@ -115,13 +115,14 @@ def test_sigkill_during_a_checkpoint_write_then_resume_is_bit_identical(referenc
     assert not list(run.glob(".*.tmp"))  # cleaned up on resume
 
 
-def test_sigint_stops_at_a_step_with_a_checkpoint_and_resumes_identically(reference, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_stops_at_a_step_with_a_checkpoint_and_resumes_identically(reference, tmp_path, sig):
     run = tmp_path / "run"
     p = _train(["-", *RUN, "--out", str(run)])
     deadline = time.time() + 60
     while not (run / "checkpoint.safetensors").exists() and time.time() < deadline:
         time.sleep(0.05)
-    p.send_signal(signal.SIGINT)
+    p.send_signal(sig)
     out, err = p.communicate(timeout=60)
     assert p.returncode == 130, err
     assert f"Resume with: cnnlab train --resume {run}" in err
@@ -129,6 +130,24 @@ def test_sigint_stops_at_a_step_with_a_checkpoint_and_resumes_identically(refere
     assert (run / "checkpoint.safetensors").is_file() and not (run / "metrics.json").exists()
     _resume_until_done(run)
     _assert_identical(run, reference)
+
+
+def test_a_second_ctrl_c_stops_at_once(tmp_path):
+    run = tmp_path / "run"
+    p = _train(["-", *RUN, "train.checkpoint_every_steps=null", "--out", str(run)])
+    deadline = time.time() + 60
+    while not (run / "split.json").exists():  # the run folder is made: training starts
+        time.sleep(0.05)
+        assert time.time() < deadline
+    time.sleep(0.5)
+    p.send_signal(signal.SIGINT)
+    time.sleep(0.05)
+    p.send_signal(signal.SIGINT)
+    t0 = time.time()
+    out, err = p.communicate(timeout=60)
+    assert time.time() - t0 < 5  # at once (or at the step boundary, had the first already stopped it)
+    assert p.returncode == 130 and "Traceback" not in err
+    assert "cnnlab: interrupted" in err or "stopped by SIGINT" in err
 
 
 def test_resume_with_a_changed_config_is_refused_unless_forced(reference, tmp_path):
