@@ -135,11 +135,9 @@ def test_signal_stops_at_a_step_with_a_checkpoint_and_resumes_identically(refere
 def test_a_second_ctrl_c_stops_at_once(tmp_path):
     run = tmp_path / "run"
     p = _train(["-", *RUN, "train.checkpoint_every_steps=null", "--out", str(run)])
-    deadline = time.time() + 60
-    while not (run / "split.json").exists():  # the run folder is made: training starts
-        time.sleep(0.05)
-        assert time.time() < deadline
-    time.sleep(0.5)
+    first = p.stdout.readline()  # printed once the stop handler is installed, just before training
+    assert "parameters) on" in first, first
+    time.sleep(0.3)
     p.send_signal(signal.SIGINT)
     time.sleep(0.05)
     p.send_signal(signal.SIGINT)

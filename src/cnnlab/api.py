@@ -254,17 +254,17 @@ def train(config: str | Path | dict | Config | None = None, overrides: list[str]
         write_config(run_dir, cfg)
     else:
         run_dir, state = _start_run_folder(cfg, b, out, runs_root, log), TrainState()
-    n_params = sum(p.numel() for p in b.model.parameters())
-    log.message(f"{cfg.name}: {cfg.model.name} ({n_params:,} parameters) on {b.ds.name} — "
-                f"{len(b.ds.classes)} classes, train {b.data.train.num_samples} / val {len(b.split.val)} / "
-                f"test {len(b.split.test)} images of {tuple(b.ds.images.shape[1:])}, {b.runtime.device} "
-                f"{b.runtime.precision}, {b.runtime.threads} thread(s)")
-
     def checkpoint(st: TrainState) -> None:
         save_checkpoint(run_dir, st, b.model, b.optimizer, b.schedule, b.stopper, b.data.train, cfg.to_dict(),
                         b.runtime.grad_scaler())
 
     with _StopRequest() as stop:
+        n_params = sum(p.numel() for p in b.model.parameters())
+        log.message(f"{cfg.name}: {cfg.model.name} ({n_params:,} parameters) on {b.ds.name} — "
+                    f"{len(b.ds.classes)} classes, train {b.data.train.num_samples} / val {len(b.split.val)} / "
+                    f"test {len(b.split.test)} images of {tuple(b.ds.images.shape[1:])}, {b.runtime.device} "
+                    f"{b.runtime.precision}, {b.runtime.threads} thread(s)")
+
         def on_step(st: TrainState) -> None:
             every = cfg.train.checkpoint_every_steps
             if stop.requested or (every and (st.epoch * len(b.data.train) + st.step_in_epoch) % every == 0):

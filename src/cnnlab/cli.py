@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -253,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cnnlab: training diverged: {e}", file=sys.stderr)
         return 3
     except TrainingInterrupted as e:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a late second Ctrl-C must not turn a clean stop into a crash
         print(f"cnnlab: {e}", file=sys.stderr)
         return 130
     except CheckpointError as e:
