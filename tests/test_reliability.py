@@ -182,7 +182,7 @@ def test_divergence_stops_within_the_step_and_keeps_the_last_good_checkpoint(tmp
 
 
 def test_checkpoint_write_failure_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
-    from cnnlab.training import checkpoint as ck
+    from cnnlab import fileio as ck
 
     path = tmp_path / "checkpoint.safetensors"
     ck.atomic_write_bytes(path, b"previous complete checkpoint")

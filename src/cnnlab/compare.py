@@ -79,7 +79,7 @@ from typing import Any
 import yaml
 
 from . import stats
-from .config import ConfigError, find_recipe, load_config, read_yaml
+from .config import ConfigError, config_differences, dotted, find_recipe, load_config, read_yaml
 
 STUDY_KEYS = ["name", "description", "base", "overrides", "grid", "variants", "pretrain", "seeds"]
 SECTIONS = ["data", "model", "optim", "schedule", "regularization", "train"]
@@ -346,25 +346,13 @@ def is_finished(run_dir: Path) -> bool:
     return (run_dir / "metrics.json").is_file() and (run_dir / "model.safetensors").is_file()
 
 
-def _dotted(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict) and k != "early_stopping":
-            out.update(_dotted(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v
-    return out
-
-
 def _stale_keys(job: _Job) -> list[str]:
     try:
-        actual = load_config(job.run_dir / "config.yaml").to_dict()
+        actual = load_config(job.run_dir / "config.yaml")
     except ConfigError as e:
         return [f"config.yaml unreadable ({e})"]
-    a, b = _dotted(actual), _dotted(job.expected)
-    skip = IGNORED_ON_RERUN | job.ref_keys
-    return [f"{k}: {a.get(k)!r} → {b.get(k)!r}" for k in sorted(set(a) | set(b))
-            if k not in skip and a.get(k) != b.get(k)]
+    changed = config_differences(actual, load_config(job.expected), ignore=IGNORED_ON_RERUN | job.ref_keys)
+    return [line for _, line in changed]
 
 
 def _cores() -> int:
@@ -469,7 +457,7 @@ def _plan_jobs(study: dict, study_dir: Path) -> tuple[dict, list[_Job], dict[Pat
     def add(entry: dict, kind: str, config_file: Path, seeds: list[int]) -> None:
         config = _resolve_refs(entry["config"], study_dir)
         files[config_file] = yaml.safe_dump(config, sort_keys=False)
-        ref_keys = {k for k, v in _dotted(entry["config"]).items()
+        ref_keys = {k for k, v in dotted(entry["config"]).items()
                     if isinstance(v, str) and v.startswith(PRETRAIN_REF)}
         rel_runs = []
         for seed in seeds:

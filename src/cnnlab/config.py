@@ -386,11 +386,12 @@ def load_config(source: str | Path | dict | Config | None = None,
 RESUME_IGNORED = {"train.progress", "train.threads", "name"}  # may differ between sessions of one run
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict:
+def dotted(tree: dict, prefix: str = "") -> dict:
+    """A config tree as {dotted key: value} (early_stopping stays one value)."""
     out = {}
     for k, v in tree.items():
         if isinstance(v, dict) and k != "early_stopping":
-            out.update(_flatten(v, prefix + k + "."))
+            out.update(dotted(v, prefix + k + "."))
         else:
             out[prefix + k] = v
     return out
@@ -398,7 +399,7 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 
 def config_differences(old: Config, new: Config, ignore: set[str] = frozenset()) -> list[tuple[str, str]]:
     """[(dotted key, 'key: old → new')] for every key whose value differs."""
-    a, b = _flatten(old.to_dict()), _flatten(new.to_dict())
+    a, b = dotted(old.to_dict()), dotted(new.to_dict())
     return [(k, f"{k}: {a.get(k)!r} → {b.get(k)!r}") for k in sorted(set(a) | set(b))
             if k not in ignore and a.get(k) != b.get(k)]
 

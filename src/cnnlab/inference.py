@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .data.loader import Normalizer
 from .data.images import IMAGE_EXTENSIONS, BadImage, decode_image
 
 
@@ -27,8 +28,7 @@ def predict_files(run, paths, top_k: int = 3, device: str = "cpu", batch_size: i
     """[{file, top: [{class, probability}…]} | {file, error}] in input order."""
     meta = run.meta
     model = run.model.to(device).eval()
-    mean = torch.tensor(meta["mean"]).view(1, -1, 1, 1)
-    std = torch.tensor(meta["std"]).view(1, -1, 1, 1)
+    normalize = Normalizer(meta["mean"], meta["std"])  # the training run's own statistics and arithmetic
     k = min(top_k, len(meta["classes"]))
     results, batch, where = [], [], []
     files = collect_images(paths)
@@ -36,7 +36,7 @@ def predict_files(run, paths, top_k: int = 3, device: str = "cpu", batch_size: i
     def flush():
         if not batch:
             return
-        x = (torch.from_numpy(np.stack(batch)).float() / 255 - mean) / std
+        x = normalize(torch.from_numpy(np.stack(batch)))
         probs = torch.softmax(model(x.to(device)).float(), 1).cpu()
         p, i = probs.topk(k, 1)
         for row, (pv, iv) in zip(where, zip(p.tolist(), i.tolist())):

@@ -12,15 +12,16 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as st_save
 from torch import nn
 
 from .config import Config, dump_config, load_config
+from .fileio import atomic_write_bytes
 
 MODEL_FILE = "model.safetensors"
 
@@ -47,14 +48,12 @@ def new_run_dir(name: str, out: str | Path | None = None, root: str | Path = "ru
 def write_json(path: Path, obj, compact: bool = False) -> None:
     """Indented JSON, written atomically; compact=True puts each top-level value on one line
     (split.json's long index lists)."""
-    tmp = path.with_name(path.name + ".tmp")
     if compact and isinstance(obj, dict):
         text = "{\n" + ",\n".join(f"  {json.dumps(k)}: {json.dumps(v, default=_json_default)}"
                                    for k, v in obj.items()) + "\n}"
     else:
         text = json.dumps(obj, indent=2, default=_json_default)
-    tmp.write_text(text + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_bytes(path, (text + "\n").encode("utf-8"))
 
 
 def _json_default(o):
@@ -131,9 +130,7 @@ def read_predictions(path: Path) -> list[dict]:
 def save_model(path: Path, model: nn.Module, meta: dict) -> None:
     """Weights as safetensors; how to rebuild and feed the model as JSON in the header."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"cnnlab": json.dumps(meta)})
-    os.replace(tmp, path)
+    atomic_write_bytes(path, st_save(tensors, metadata={"cnnlab": json.dumps(meta)}))
 
 
 def read_model_meta(path: Path) -> dict:

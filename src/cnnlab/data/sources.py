@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import gzip
+import io
 import hashlib
 import importlib.util
 import os
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..fileio import atomic_write_bytes
 from .images import IMAGE_EXTENSIONS, DataError, decode_image, scan_folder
 
 
@@ -68,10 +70,9 @@ def cache_dir() -> Path:
 
 
 def _atomic_save_npz(path: Path, **arrays) -> None:
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-    os.replace(tmp, path)
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 # --------------------------------------------------------------------------- Animal-Shape

@@ -21,7 +21,7 @@ import torch
 
 from .augment import augment_batch
 from .images import DataError
-from .loader import Normalizer, Prepared
+from .loader import DeviceLoader, Normalizer, Prepared
 from .sources import Dataset
 from .split import Split
 
@@ -170,7 +170,7 @@ def release_pages(images: torch.Tensor) -> bool:
     return release is not None
 
 
-class StreamingLoader:
+class StreamingLoader(DeviceLoader):
     """Yields (x float (B,C,H,W), y int64 (B,)) batches read from `images` rows by index.
 
     Same interface and same batches as loader.DeviceLoader for the same generator state, but
@@ -202,12 +202,7 @@ class StreamingLoader:
         self._release = _release(images) if release_bytes else None
         self._release_bytes, self._read = release_bytes, 0
 
-    def __len__(self) -> int:
-        return (len(self.indices) + self.batch_size - 1) // self.batch_size
-
-    @property
-    def num_samples(self) -> int:
-        return len(self.indices)
+    # __len__, num_samples, new_order and __iter__ come from DeviceLoader (self.labels is this split's)
 
     def _gather(self, local: torch.Tensor) -> torch.Tensor:
         """uint8 rows for the split positions `local`, in that order (read sorted, then reordered)."""
@@ -225,15 +220,6 @@ class StreamingLoader:
             self._release()
             self._read = 0
         return x
-
-    def new_order(self) -> torch.Tensor | None:
-        """This epoch's sample order (a permutation drawn from `generator`), or None when not shuffling."""
-        if not self.shuffle:
-            return None
-        return torch.randperm(len(self.indices), generator=self.generator, device=self.generator.device)
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        return self.iterate(self.new_order())
 
     def iterate(self, order: torch.Tensor | None, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Batches in `order`, from batch `start_batch` on (a resumed epoch skips what it has done)."""

@@ -15,7 +15,6 @@ new one is complete. A crash in between leaves one or the other, never a mix.
 from __future__ import annotations
 
 import json
-import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +23,8 @@ import numpy as np
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
+
+from ..fileio import atomic_write_bytes
 
 CHECKPOINT = "checkpoint.safetensors"
 FORMAT = 1
@@ -43,43 +44,6 @@ class TrainState:
     order: torch.Tensor | None = None  # the sample order of the epoch in progress
     acc: dict = field(default_factory=dict)  # running sums of the epoch in progress
     seconds: float = 0.0  # training time so far, over all sessions
-
-
-_writes = 0
-
-
-def _crash_now() -> bool:
-    """CNNLAB_FAULT=checkpoint-write:K kills the process (SIGKILL) during its K-th checkpoint write.
-
-    Used by the reliability tests to prove that a crash mid-write never corrupts a run."""
-    global _writes
-    _writes += 1
-    spec = os.environ.get("CNNLAB_FAULT", "")
-    return spec.startswith("checkpoint-write:") and _writes == int(spec.split(":")[1])
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that `path` is always either the old or the complete new content."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            if _crash_now():  # fault injection (tests): die half-way through this write
-                f.write(data[: len(data) // 2])
-                f.flush()
-                os.kill(os.getpid(), 9)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # never leave a partial file behind (disk full, Ctrl-C…)
-        raise
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)  # the rename itself survives a power cut
-    finally:
-        os.close(fd)
 
 
 def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -137,7 +101,8 @@ def save_checkpoint(run_dir: Path, state: TrainState, model, optimizer, schedule
         "scaler": scaler.state_dict() if scaler is not None else None, "config": config,
     }
     path = Path(run_dir) / CHECKPOINT
-    atomic_write_bytes(path, st_save(tensors, metadata={"cnnlab_checkpoint": json.dumps(meta)}))
+    atomic_write_bytes(path, st_save(tensors, metadata={"cnnlab_checkpoint": json.dumps(meta)}),
+                       fault_point="checkpoint-write")
     return path
 
 

@@ -90,8 +90,12 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
             scaler.unscale_(optimizer)
         else:
             objective.backward()
-        # the total gradient norm, clipped when asked; a non-finite one stops training before the update
-        norm = nn.utils.clip_grad_norm_(params, clip_grad_norm if clip_grad_norm is not None else math.inf)
+        # the total gradient norm (clipped when asked); a non-finite one stops training before the update.
+        # Without clipping it is computed only on the steps that check it: no extra pass on the others.
+        if clip_grad_norm is not None:
+            norm = nn.utils.clip_grad_norm_(params, clip_grad_norm)
+        elif sync and scaler is None:
+            norm = nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
         if sync and scaler is None and not math.isfinite(norm.item()):
             raise _diverged("the gradient norm", norm.item(), step)
         if scaler is not None:
