@@ -260,6 +260,9 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as e:
         print(f"cnnlab: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `cnnlab … | head`
+        sys.stderr.close()
+        return 0
     except OSError as e:  # disk full, unwritable folder, …: nothing already saved is touched
         if os.environ.get("CNNLAB_DEBUG"):
             raise
@@ -271,9 +274,6 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"cnnlab: error: {e}", file=sys.stderr)
         return 2
-    except BrokenPipeError:  # `cnnlab … | head`
-        sys.stderr.close()
-        return 0
     except KeyboardInterrupt:
         print("cnnlab: interrupted", file=sys.stderr)
         return 130
