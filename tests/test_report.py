@@ -24,7 +24,7 @@ from cnnlab.report import plots, tables
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "test-artifacts"
-RUN_PLOTS = ["curves.png", "confusion.png", "predictions.png", "confused.png"]
+RUN_PLOTS = ["curves.png", "confusion.png", "predictions.png", "confused.png", "class_counts.png"]
 TINY = {"data.max_per_class": 30, "data.batch_size": 32, "train.epochs": 2, "train.seed": 0}
 
 
@@ -177,9 +177,14 @@ def test_run_report_states_metrics_and_chance(tiny_run_dir):
     m = json.loads((tiny_run_dir / "metrics.json").read_text())
     assert tables.chance_sentence(m)[1:] in html
     for text in ("macro average", "weighted average", "95 % interval", "config.yaml", "env.json",
-                 'href="misclassified.csv"', f"{m['accuracy']:.3f}", "bear", "zebra"):
+                 'href="misclassified.csv"', f"{m['accuracy']:.3f}", "bear", "zebra", "train images",
+                 tables.balance_sentence(m, m["classes"])):
         assert text in html, text
-    assert html.count('src="data:image/png;base64,') == 4
+    assert html.count('src="data:image/png;base64,') == len(RUN_PLOTS)
+    # per-class counts: 30 images per class split 22 / 4 / 4 (TINY's max_per_class)
+    counts = m["class_counts"]
+    assert [a + b + c for a, b, c in zip(counts["train"], counts["val"], counts["test"])] == [30] * 10
+    assert "The classes are balanced (22 training images each)." in html
 
 
 def test_first_papers_recipe_report_states_validation_accuracy_against_chance(harahap_dir):

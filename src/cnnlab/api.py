@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 from . import __version__
 from .config import RESUME_IGNORED, Config, ConfigError, config_differences, load_config
 from .data import DataError, Dataset, load_source, prepare, stratified_split
+from .data.loader import balance_sampling, balanced_class_weights, class_counts
 from .data.stream import default_memory_budget, fits_in_memory, parse_bytes, prepare_streaming
 from .metrics import classification_metrics
 from .models import create_model, freeze_backbone, load_weights
@@ -146,6 +147,7 @@ def _build_all(cfg: Config, log: ProgressLogger) -> SimpleNamespace:
                      augment=_augment_kwargs(cfg) if d.augment else None, expand=d.expand,
                      expand_seed=d.split_seed + 1, expand_augment=_augment_kwargs(cfg),
                      channels_last=cfg.train.channels_last)
+    _balance(cfg, b, log)
     model, b.options = build_model(cfg, b.ds, log=log.message)
     b.model = model.to(b.runtime.device)
     if cfg.train.channels_last:
@@ -159,6 +161,29 @@ def _build_all(cfg: Config, log: ProgressLogger) -> SimpleNamespace:
     es = cfg.train.early_stopping
     b.stopper = EarlyStopper(es.monitor, es.patience, es.min_delta) if es else EarlyStopper(cfg.train.monitor)
     return b
+
+
+def _balance(cfg: Config, b, log: ProgressLogger) -> None:
+    """data.class_weights / data.sampler = balanced, and a hint when the classes are imbalanced without them."""
+    d, k, train = cfg.data, len(b.ds.classes), b.data.train
+    counts = class_counts(train.labels, k)
+    b.class_weights = None
+    if d.class_weights == "balanced":
+        b.class_weights = balanced_class_weights(train.labels, k).to(b.runtime.device)
+    if d.sampler == "balanced":
+        balance_sampling(train, k)
+    b.val_class_weights = None  # val_loss weights each class equally when training balances them
+    if b.data.val is not None and (d.class_weights == "balanced" or d.sampler == "balanced"):
+        b.val_class_weights = balanced_class_weights(b.data.val.labels, k)
+    present = counts[counts > 0]
+    ratio = float(present.max() / present.min()) if len(present) else 1.0
+    if d.class_weights == "balanced" and d.sampler == "balanced":
+        log.message("note: data.class_weights=balanced and data.sampler=balanced together correct the imbalance "
+                    "twice (rare classes end up over-weighted); one of them is usually enough")
+    elif ratio >= 1.5 and d.class_weights == "none" and d.sampler == "shuffle":
+        big, small = int(counts.argmax()), int(torch.where(counts > 0, counts, counts.max() + 1).argmin())
+        log.message(f"classes are imbalanced: {b.ds.classes[big]} has {ratio:.1f}× the training images of "
+                    f"{b.ds.classes[small]}; consider data.class_weights=balanced or data.sampler=balanced")
 
 
 def _split_json(b) -> dict:
@@ -280,7 +305,8 @@ def train(config: str | Path | dict | Config | None = None, overrides: list[str]
         try:
             result = fit(b.model, b.data, b.optimizer, b.schedule, b.runtime, epochs=cfg.train.epochs,
                          stopper=b.stopper, l2=cfg.regularization.l2, clip_grad_norm=cfg.optim.clip_grad_norm,
-                         progress=log, state=state, on_step=on_step, on_epoch=on_epoch)
+                         progress=log, state=state, on_step=on_step, on_epoch=on_epoch,
+                         class_weights=b.class_weights, val_class_weights=b.val_class_weights)
         except TrainingDiverged as e:
             _record_divergence(run_dir, state, e)
             raise
@@ -328,6 +354,12 @@ def _finish(cfg: Config, b, result, run_dir: Path) -> tuple[dict, dict]:
                    caution=("the best epoch was chosen on the same validation images these metrics come "
                             "from, so they are optimistic; keep a test split for an unbiased estimate")
                    if biased else None)
+    k = len(ds.classes)
+    metrics["class_counts"] = {"train": class_counts(data.train.labels, k).tolist(),  # incl. offline copies
+                               "val": class_counts(ds.labels[split.val], k).tolist(),
+                               "test": class_counts(ds.labels[split.test], k).tolist()}
+    metrics["balancing"] = {"class_weights": b.class_weights.tolist() if b.class_weights is not None else None,
+                            "sampler": cfg.data.sampler}
     meta = {"model": cfg.model.name, "options": {**b.options, "init": cfg.model.init},
             "num_classes": len(ds.classes), "in_channels": ds.images.shape[1], "image_size": ds.images.shape[-1],
             "classes": ds.classes, "mean": data.normalizer.mean, "std": data.normalizer.std,

@@ -77,6 +77,11 @@ class DataConfig:
         None, "bytes the decoded splits may hold in memory (4GB, 800MB, 40%); null: half the available RAM; "
               "larger data is streamed from the memory-mapped cache")
     on_bad_file: str = _opt("skip", "unreadable images in a folder: skip (listed) or fail", choices=["skip", "fail"])
+    class_weights: str = _opt("none", "imbalanced classes: 'balanced' weights each class's training loss by "
+                              "n_train / (classes × its count), as scikit-learn's 'balanced'", choices=["none", "balanced"])
+    sampler: str = _opt("shuffle", "training order: shuffle (each image once per epoch) or balanced (each epoch "
+                        "draws as many images, with replacement, every class equally likely)",
+                        choices=["shuffle", "balanced"])
 
 
 @dataclass

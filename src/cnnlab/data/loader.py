@@ -71,10 +71,18 @@ class DeviceLoader:
     def num_samples(self) -> int:
         return len(self.labels)
 
+    sample_weights: torch.Tensor | None = None  # set by balance_sampling: draw with replacement
+
     def new_order(self) -> torch.Tensor | None:
-        """This epoch's sample order (a permutation drawn from `generator`), or None when not shuffling."""
+        """This epoch's sample order (a permutation drawn from `generator`), or None when not shuffling.
+
+        With `sample_weights` set (a balanced sampler) it is len(labels) draws with replacement,
+        each image drawn with probability ∝ its weight, as torch's WeightedRandomSampler does."""
         if not self.shuffle:
             return None
+        if self.sample_weights is not None:
+            return torch.multinomial(self.sample_weights, len(self.labels), replacement=True,
+                                     generator=self.generator)
         return torch.randperm(len(self.labels), generator=self.generator, device=self.generator.device)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -95,6 +103,27 @@ class DeviceLoader:
             if self.channels_last:
                 xb = xb.contiguous(memory_format=torch.channels_last)
             yield xb, yb
+
+
+def class_counts(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    return torch.bincount(labels.cpu(), minlength=num_classes)
+
+
+def balanced_class_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """scikit-learn's 'balanced' weights: n / (classes × count of the class), float32 (0 for an absent class).
+
+    Each present class then carries the same total weight in the loss."""
+    counts = class_counts(labels, num_classes).double()
+    present = int((counts > 0).sum())
+    w = torch.where(counts > 0, counts.sum() / (present * counts.clamp_min(1)), torch.zeros_like(counts))
+    return w.float()
+
+
+def balance_sampling(loader: DeviceLoader, num_classes: int) -> None:
+    """Make `loader` draw every class equally often: each image's weight is 1 / its class count."""
+    counts = class_counts(loader.labels, num_classes).double()
+    w = (1.0 / counts.clamp_min(1))[loader.labels.cpu()]
+    loader.sample_weights = w.to(loader.generator.device)
 
 
 @dataclass

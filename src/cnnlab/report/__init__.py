@@ -77,6 +77,9 @@ def _draw_run(run: RunFolder) -> tuple[dict[str, Path], list[str]]:
                                             chance=T.chance_level(m), title=f"{run.name}: training curves")
     else:
         notes.append("history.csv is missing or empty: no training curves.")
+    if m.get("class_counts") and run.classes:
+        files["counts"] = P.class_counts(m["class_counts"], run.classes, out / "class_counts.png",
+                                         title=f"{run.name}: images per class")
     if m.get("confusion_matrix") and run.classes:
         files["confusion"] = P.confusion(m["confusion_matrix"], run.classes, out / "confusion.png",
                                          title=f"{run.name}: confusion matrix ({part}, n = {m.get('n')})")

@@ -179,6 +179,8 @@ def run_page(run: RunFolder, plots: dict[str, Path], notes: list[str], mistakes:
                            f"a seeded random sample of the {len(run.predictions)} evaluated images.")),
         "confused": ("Most confidently wrong", "The wrong predictions the model was surest of "
                      "(all of them are listed in misclassified.csv)."),
+        "counts": ("Images per class", "Training (red, with any offline augmented copies), validation (blue) and "
+                   "test (grey) images of each class. " + T.balance_sentence(m, classes)),
     }
     for key, (alt, cap) in caps.items():
         if key in plots:
@@ -191,8 +193,12 @@ def run_page(run: RunFolder, plots: dict[str, Path], notes: list[str], mistakes:
     acc = [["accuracy", f"{m['accuracy']:.3f}", f"{lo:.3f}–{hi:.3f}" if lo is not None else "–", str(m["n"])]]
     if m.get("loss") is not None:
         acc.append(["loss (cross-entropy)", f"{m['loss']:.4f}", "", str(m["n"])])
+    counts = m.get("class_counts") or {}
     per = [[c, f"{v['precision']:.3f}", f"{v['recall']:.3f}", f"{v['f1']:.3f}", str(v["support"])]
-           for c, v in (m.get("per_class") or {}).items()]
+           + [str(counts[p][i]) for p in ("train", "val", "test") if p in counts]
+           for i, (c, v) in enumerate((m.get("per_class") or {}).items())]
+    per_head = ["Class", "Precision", "Recall", "F1", "Support"] + [f"{p} images" for p in ("train", "val", "test")
+                                                                     if p in counts]
     left = [table(["Metric", "Value", "95 % interval", "n"], acc), table(["Average", "Precision", "Recall", "F1"], avg)]
     if run.predictions:
         n_wrong = len(mistakes)
@@ -206,7 +212,7 @@ def run_page(run: RunFolder, plots: dict[str, Path], notes: list[str], mistakes:
                         f"{more}.</p>")
     out.append('<div class="cols"><div><h3>Overall</h3>' + "".join(left)
                + '</div><div><h3>Per class</h3><div class="scroll">'
-               + table(["Class", "Precision", "Recall", "F1", "Support"], per) + "</div></div></div>")
+               + table(per_head, per) + "</div></div></div>")
 
     out.append("<h2>History</h2>")
     cols = T.history_columns(run.history)

@@ -51,6 +51,34 @@ def short(name: str, limit: int = 14) -> str:
     return name if len(name) <= limit else name[:limit - 1] + "…"
 
 
+# --------------------------------------------------------------------------- class counts
+
+PART_COLOURS = {"train": TRAIN, "val": VAL, "test": "#7f7f7f"}
+
+
+def class_counts(counts: dict[str, list[int]], classes: list[str], path: Path, *, title: str = "") -> Path:
+    """Images per class in each split as stacked horizontal bars, largest training class on top."""
+    k = len(classes)
+    order = sorted(range(k), key=lambda i: counts.get("train", [0] * k)[i])
+    fig = _figure(7.0, 0.8 + 0.28 * k)
+    with matplotlib.rc_context(STYLE):
+        ax = fig.add_subplot()
+        left = np.zeros(k)
+        for part in ("train", "val", "test"):
+            vals = np.asarray([counts.get(part, [0] * k)[i] for i in order], dtype=float)
+            if vals.sum() == 0:
+                continue
+            ax.barh(range(k), vals, left=left, color=PART_COLOURS[part], label=part, height=0.7)
+            left += vals
+        ax.set_yticks(range(k), [short(classes[i], 18) for i in order])
+        ax.set_xlabel("images")
+        ax.grid(axis="y", visible=False)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
+        if title:
+            ax.set_title(title, loc="left")
+    return _save(fig, path)
+
+
 # --------------------------------------------------------------------------- training curves
 
 def training_curves(history: list[dict], path: Path, *, best_epoch: int | None = None,

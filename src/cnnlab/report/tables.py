@@ -45,6 +45,29 @@ def chance_level(metrics: dict) -> float | None:
     return max(float(ch["accuracy"]), float(ch.get("uniform") or 0.0))
 
 
+def balance_sentence(metrics: dict, classes: list[str]) -> str:
+    """How imbalanced the training classes are, and what (if anything) training did about it."""
+    train = (metrics.get("class_counts") or {}).get("train") or []
+    present = [(n, c) for n, c in zip(train, classes) if n > 0]
+    if not present:
+        return ""
+    (hi, big), (lo, small) = max(present), min(present)
+    bal = metrics.get("balancing") or {}
+    done = [what for what, on in (("the loss weighted per class (data.class_weights=balanced)",
+                                   bal.get("class_weights") is not None),
+                                  ("a balanced sampler (data.sampler=balanced)", bal.get("sampler") == "balanced"))
+            if on]
+    if hi == lo:
+        text = f"The classes are balanced ({hi} training images each)."
+    else:
+        text = f"The largest class ({big}, {hi}) has {hi / lo:.1f}× the training images of the smallest ({small}, {lo})."
+    if done:
+        return text + " Trained with " + " and ".join(done) + "."
+    if hi / lo >= 1.5:
+        return text + " No balancing was used (data.class_weights / data.sampler)."
+    return text
+
+
 def chance_sentence(metrics: dict) -> str | None:
     """E.g. 'validation accuracy 0.600 on 20 images is not significantly above chance 0.550
     (p = 0.42, exact binomial)', from metrics.json's chance block."""

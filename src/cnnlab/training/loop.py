@@ -54,12 +54,14 @@ def _diverged(what: str, value: float, step: int) -> TrainingDiverged:
 def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, schedule: LRSchedule,
                     runtime: Runtime, *, l2: float = 0.0, clip_grad_norm: float | None = None,
                     progress: ProgressLogger | None = None, state: TrainState | None = None,
-                    on_step: Callable[[TrainState], None] | None = None) -> dict:
+                    on_step: Callable[[TrainState], None] | None = None,
+                    class_weights: torch.Tensor | None = None) -> dict:
     """One pass over `loader` (or the rest of it, when `state` says the epoch is under way).
 
     Returns the epoch's mean training loss and accuracy. The loss reported is the
     cross-entropy (as Keras prints it, on augmented batches in training mode); the
     L2 term, when on, is added to what is minimised and reported as `l2_penalty`.
+    class_weights (K,) weights each class's loss (the reported loss is then that weighted mean).
     Divergence (a non-finite loss or gradient norm) raises at the step it happens.
     """
     state = state or TrainState()
@@ -79,7 +81,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
         step = state.epoch * steps + state.step_in_epoch + 1  # global, 1-based
         with runtime.autocast():
             logits = model(x)
-            loss = F.cross_entropy(logits.float(), y)
+            loss = F.cross_entropy(logits.float(), y, weight=class_weights)
         objective = loss + l2_penalty(weights, l2) if weights else loss
         sync = runtime.device.type == "cpu" or step % 50 == 0  # a sync per step is free on the CPU only
         if sync and not math.isfinite(loss.item()):
@@ -132,10 +134,13 @@ def predict_logits(model: nn.Module, loader, runtime: Runtime) -> tuple[torch.Te
     return torch.cat(outs), torch.cat(ys)
 
 
-def evaluate(model: nn.Module, loader, runtime: Runtime, prefix: str = "val_") -> dict:
-    """Mean cross-entropy and accuracy of `model` on `loader` (eval mode, no gradients)."""
+def evaluate(model: nn.Module, loader, runtime: Runtime, prefix: str = "val_",
+             class_weights: torch.Tensor | None = None) -> dict:
+    """Mean cross-entropy (weighted per class if `class_weights`) and accuracy of `model` on `loader`
+    (eval mode, no gradients)."""
     logits, y = predict_logits(model, loader, runtime)
-    return {prefix + "loss": F.cross_entropy(logits, y).item(),
+    w = class_weights.cpu() if class_weights is not None else None
+    return {prefix + "loss": F.cross_entropy(logits, y, weight=w).item(),
             prefix + "accuracy": (logits.argmax(1) == y).float().mean().item()}
 
 
@@ -143,7 +148,8 @@ def fit(model: nn.Module, data, optimizer: torch.optim.Optimizer, schedule: LRSc
         epochs: int, stopper: EarlyStopper, l2: float = 0.0, clip_grad_norm: float | None = None,
         progress: ProgressLogger | None = None, state: TrainState | None = None,
         on_step: Callable[[TrainState], None] | None = None,
-        on_epoch: Callable[[TrainState], None] | None = None) -> FitResult:
+        on_epoch: Callable[[TrainState], None] | None = None,
+        class_weights: torch.Tensor | None = None, val_class_weights: torch.Tensor | None = None) -> FitResult:
     """Train for up to `epochs` (continuing from `state` if given); leave `model` holding the best
     epoch's weights.
 
@@ -160,9 +166,10 @@ def fit(model: nn.Module, data, optimizer: torch.optim.Optimizer, schedule: LRSc
             progress.epoch_start(epoch, epochs, len(data.train), done=state.step_in_epoch)
         row = {"epoch": epoch}
         row.update(train_one_epoch(model, data.train, optimizer, schedule, runtime, l2=l2,
-                                   clip_grad_norm=clip_grad_norm, progress=progress, state=state, on_step=on_step))
+                                   clip_grad_norm=clip_grad_norm, progress=progress, state=state, on_step=on_step,
+                                   class_weights=class_weights))
         if data.val is not None:
-            row.update(evaluate(model, data.val, runtime))
+            row.update(evaluate(model, data.val, runtime, class_weights=val_class_weights))
         row.update(lr=lr, seconds=round(time.perf_counter() - t0, 3))
         state.history.append(row)
         state.epoch, state.step_in_epoch, state.order = epoch, 0, None
