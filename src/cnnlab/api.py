@@ -146,12 +146,14 @@ def _build_all(cfg: Config, log: ProgressLogger) -> SimpleNamespace:
                      device=b.runtime.device, seed=cfg.train.seed, normalize=d.normalize,
                      augment=_augment_kwargs(cfg) if d.augment else None, expand=d.expand,
                      expand_seed=d.split_seed + 1, expand_augment=_augment_kwargs(cfg),
-                     channels_last=cfg.train.channels_last)
+                     channels_last=b.runtime.channels_last)
     _balance(cfg, b, log)
     model, b.options = build_model(cfg, b.ds, log=log.message)
     b.model = model.to(b.runtime.device)
-    if cfg.train.channels_last:
+    if b.runtime.channels_last:
         b.model = b.model.to(memory_format=torch.channels_last)
+    if cfg.train.compile:
+        b.model.compile()  # in place: state_dict keys (checkpoints, saved models) stay the eager module's
     o, s = cfg.optim, cfg.schedule
     b.optimizer = build_optimizer(b.model.parameters(), o.name, o.lr, momentum=o.momentum, nesterov=o.nesterov,
                                   beta1=o.beta1, beta2=o.beta2, eps=o.eps, weight_decay=o.weight_decay)
