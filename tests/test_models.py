@@ -13,6 +13,7 @@ from torch import nn
 import cnnlab
 from cnnlab.models import create_model, freeze_backbone, list_models, load_weights
 from cnnlab.models.weights import WeightsError
+from cnnlab.models.papers import Flatten
 
 ALL_MODELS = list_models()
 
@@ -125,7 +126,8 @@ def test_harahap_cnn_exact_structure():
         (1, 32, (5, 5), (2, 2), (1, 1))
     assert b[2].num_features == 32
     assert b[3].kernel_size == 2
-    assert [type(x) for x in h] == [nn.Flatten, nn.Linear, nn.ReLU, nn.Dropout, nn.Linear]
+    assert [type(x) for x in h] == [Flatten, nn.Linear, nn.ReLU, nn.Dropout, nn.Linear]
+    assert isinstance(h[0], nn.Flatten)  # cnnlab's channels-last-friendly subclass
     assert (h[1].in_features, h[1].out_features) == (6272, 128) == (32 * 14 * 14, 128)
     assert h[3].p == 0.2
     assert (h[4].in_features, h[4].out_features) == (128, 10)
