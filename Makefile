@@ -4,7 +4,12 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test install clean
+BENCH_VENV  := .venv-bench
+BENCH_STAMP := $(BENCH_VENV)/.installed
+# the 100,000-JPEG folder benchmark's working folder (≈ 4 GB of JPEGs + a 1.2 GB cache)
+BENCH_DIR   ?= .bench-cache/folder
+
+.PHONY: demo test install clean bench bench-train bench-folder
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,5 +27,21 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# Keras 3 + TensorFlow + Lightning live in a separate venv: never part of `make test`
+$(BENCH_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install --quiet "torch>=2.6" "torchvision>=0.21"
+	$(BENCH_VENV)/bin/pip install --quiet -e ".[bench]"
+	$(BENCH_VENV)/bin/pip install --quiet --no-deps animal-mnist
+	touch $(BENCH_STAMP)
+
+bench-train: $(BENCH_STAMP)
+	$(BENCH_VENV)/bin/python benchmarks/train_bench.py --repeats 3 --write BENCHMARKS.md
+
+bench-folder: $(STAMP)
+	$(BIN)/python benchmarks/folder_bench.py $(BENCH_DIR) --n 100000 --repeats 3 --write BENCHMARKS.md
+
+bench: bench-train bench-folder
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(BENCH_VENV) .bench-cache runs .pytest_cache

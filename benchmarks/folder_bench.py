@@ -1,7 +1,7 @@
 """Image folders at scale: cnnlab's decode-once cache against torchvision ImageFolder + DataLoader.
 
-    python benchmarks/folder_bench.py /tmp/bench-jpegs            # 100,000 JPEGs (generated once)
-    python benchmarks/folder_bench.py /tmp/bench-jpegs --n 5000   # a smaller folder
+    python benchmarks/folder_bench.py /tmp/bench-jpegs --write BENCHMARKS.md   # 100,000 JPEGs, 3 runs
+    python benchmarks/folder_bench.py /tmp/bench-jpegs --n 5000 --repeats 1   # a quick look
 
 Generates DIR/images/<class>/<i>.jpg (10 classes, sides drawn from 64–512 px, quality 90) unless
 already there, then runs each measurement in its own process (so each peak RSS is its own):
@@ -14,7 +14,7 @@ already there, then runs each measurement in its own process (so each peak RSS i
 
 An "epoch" here is the data pipeline alone — every image once, in shuffled batches of --batch,
 normalised to float (B, C, SIZE, SIZE) — so the numbers compare loaders, not models.
-Prints a Markdown table with the machine and library versions.
+Prints (and with --write, puts into BENCHMARKS.md) a Markdown table of medians, machine and versions.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -133,15 +134,17 @@ def phase(name: str, a) -> dict:
 
 
 def _run_phase(name: str, a, env: dict) -> dict:
+    epochs = a.tv_epochs if name == "torchvision" else a.epochs
     cmd = [sys.executable, __file__, a.dir, "--phase", name, "--size", str(a.size), "--batch", str(a.batch),
-           "--epochs", str(a.epochs), "--workers", str(a.workers), "--threads", str(a.threads)]
+           "--epochs", str(epochs), "--workers", str(a.workers), "--threads", str(a.threads)]
     t = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if proc.returncode:
         raise SystemExit(f"phase {name} failed:\n{proc.stderr[-3000:]}")
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     res["wall_s"] = time.perf_counter() - t
-    print(f"  {name}: {res}", file=sys.stderr, flush=True)
+    print(f"  {name}: " + ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}"
+                                    for k, v in res.items() if k != "epoch_times"), file=sys.stderr, flush=True)
     return res
 
 
@@ -167,16 +170,79 @@ def _machine() -> str:
             f"Pillow {PIL.__version__}, numpy {numpy.__version__}")
 
 
+START, END = "<!-- folder-bench:start -->", "<!-- folder-bench:end -->"
+
+
+def _median(runs: list[dict], key: str) -> float:
+    return statistics.median(r[key] for r in runs)
+
+
+def markdown(r: dict[str, list[dict]], a, n: int) -> str:
+    reps = len(r["decode"])
+    out = [START, "## Image folders: decode once, then epochs from the cache (issue 5)", "",
+           f"`python benchmarks/folder_bench.py DIR --n {a.n} --repeats {a.repeats}` — generates {n:,} JPEGs "
+           "(sides 64–512 px, 10 classes), then compares cnnlab's decode-once cache with torchvision "
+           f"`ImageFolder` + `DataLoader` ({a.workers} workers) decoding and resizing every epoch, at "
+           f"{a.size}×{a.size} RGB, batch {a.batch}. An epoch here is the data pipeline alone (every image once, "
+           "shuffled, normalised float batches), no model. Each figure is the median of "
+           f"{reps} runs, each in its own process (the cache is deleted before every first load); an epoch "
+           f"figure within a run is the fastest of {a.epochs} epochs for cnnlab and {a.tv_epochs} for "
+           "torchvision.", "", f"Machine: {_machine()}. Measured {time.strftime('%Y-%m-%d')}.", "",
+           "| pipeline | what | time | images/s | peak RSS (this process) |", "|---|---|---:|---:|---:|"]
+
+    def rss(runs):
+        return f"{_median(runs, 'rss_mb'):,.0f} MB"
+
+    d = r["decode"]
+    out.append(f"| cnnlab | first load: decode + resize + write the cache ({d[0]['cache_mb']:,.0f} MB) | "
+               f"{_median(d, 'load_s'):.1f} s | {n / _median(d, 'load_s'):,.0f} | {rss(d)} |")
+    c = r["cached"]
+    out.append(f"| cnnlab | second load (stat {n:,} files, map the cache) | {_median(c, 'load_s'):.2f} s | – | "
+               f"{rss(c)} |")
+    for key, label in (("epoch-memory", "epoch from the cache, in memory"),
+                       ("epoch-stream", "epoch from the cache, streamed (over data.memory_budget)")):
+        e = r[key]
+        out.append(f"| cnnlab | {label} | {_median(e, 'epoch_s'):.2f} s | {n / _median(e, 'epoch_s'):,.0f} | "
+                   f"{rss(e)} |")
+    if r.get("torchvision"):
+        t = r["torchvision"]
+        out.append(f"| torchvision | ImageFolder + DataLoader({a.workers} workers): decode + resize, one epoch | "
+                   f"{_median(t, 'epoch_s'):.1f} s | {n / _median(t, 'epoch_s'):,.0f} | {rss(t)} + "
+                   f"{_median(t, 'worker_rss_mb'):,.0f} MB (largest worker) |")
+        sp_s = statistics.median(tv["epoch_s"] / st["epoch_s"] for tv, st in zip(t, r["epoch-stream"]))
+        sp_m = statistics.median(tv["epoch_s"] / mm["epoch_s"] for tv, mm in zip(t, r["epoch-memory"]))
+        out += ["", f"Epochs from the cache are {sp_s:.0f}× (streamed) and {sp_m:.0f}× (in memory) faster than "
+                f"decoding every epoch (target ≥ 5×; ratios within each run, then the median); the first load, "
+                f"which decodes once, costs {_median(d, 'load_s') / _median(t, 'epoch_s'):.1f} torchvision epochs. "
+                f"The streamed run's peak RSS is {rss(r['epoch-stream'])} (target < 2 GB), of which "
+                f"{_median(r['epoch-stream'], 'base_rss_mb'):,.0f} MB is importing torch and cnnlab."]
+    out += ["", END]
+    return "\n".join(out) + "\n"
+
+
+def write_into(path: Path, section: str) -> None:
+    text = path.read_text(encoding="utf-8") if path.is_file() else "# Benchmarks\n\n"
+    if START in text and END in text:
+        i, j = text.index(START), text.index(END) + len(END)
+        text = text[:i] + section.rstrip("\n") + text[j:]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    path.write_text(text, encoding="utf-8")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("dir", help="working folder: images/ (generated once) and cache/ go here")
     p.add_argument("--n", type=int, default=100_000, help="number of JPEGs (default 100,000)")
     p.add_argument("--size", type=int, default=64, help="training resolution (default 64)")
     p.add_argument("--batch", type=int, default=128, help="batch size (default 128)")
-    p.add_argument("--epochs", type=int, default=2, help="epochs per loader; the fastest is reported (default 2)")
+    p.add_argument("--epochs", type=int, default=2, help="cnnlab epochs per run; the fastest counts (default 2)")
+    p.add_argument("--tv-epochs", type=int, default=1, help="torchvision epochs per run (default 1)")
+    p.add_argument("--repeats", type=int, default=3, help="runs of every measurement; medians reported (default 3)")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers for torchvision (default 2)")
     p.add_argument("--threads", type=int, default=min(4, os.cpu_count() or 1), help="torch threads")
     p.add_argument("--skip-torchvision", action="store_true")
+    p.add_argument("--write", help="put the Markdown section into this file (e.g. BENCHMARKS.md)")
     p.add_argument("--phase", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.phase:
@@ -187,45 +253,22 @@ def main() -> None:
     gen_s = generate(root / "images", a.n, a.workers)
     print(f"folder: {a.n:,} JPEGs in {root / 'images'} (generated in {gen_s:.1f} s)", file=sys.stderr)
     cache = root / "cache"
-    if cache.exists():
-        import shutil
-
-        shutil.rmtree(cache)  # the first decode must start empty
     env = dict(os.environ, CNNLAB_CACHE=str(cache))
-    r = {name: _run_phase(name, a, env) for name in ("decode", "cached", "epoch-memory", "epoch-stream")}
-    if not a.skip_torchvision:
-        r["torchvision"] = _run_phase("torchvision", a, env)
+    names = ["decode", "cached", "epoch-memory", "epoch-stream"] + ([] if a.skip_torchvision else ["torchvision"])
+    r: dict[str, list[dict]] = {name: [] for name in names}
+    for rep in range(a.repeats):
+        print(f"run {rep + 1}/{a.repeats}", file=sys.stderr, flush=True)
+        if cache.exists():
+            import shutil
 
-    n = r["decode"]["images"]
-    print(f"\n### Image folder: {n:,} JPEGs (64–512 px, 10 classes) → {a.size}×{a.size} RGB, batch {a.batch}\n")
-    print(f"Machine: {_machine()}\n")
-    print("| pipeline | what | time | images/s | peak RSS (above imports) |")
-    print("|---|---|---:|---:|---:|")
-
-    def rss(x):
-        return f"{x['rss_mb']:,.0f} MB (+{x['rss_mb'] - x['base_rss_mb']:,.0f})"
-
-    d = r["decode"]
-    print(f"| cnnlab | first load: decode + resize + write cache ({d['cache_mb']:,.0f} MB) | {d['load_s']:.2f} s | "
-          f"{n / d['load_s']:,.0f} | {rss(d)} |")
-    c = r["cached"]
-    print(f"| cnnlab | second load (stat {n:,} files, map the cache) | {c['load_s']:.2f} s | – | {rss(c)} |")
-    for key, label in (("epoch-memory", "epoch from the cache, in memory (DeviceLoader)"),
-                       ("epoch-stream", "epoch from the cache, streamed (StreamingLoader)")):
-        e = r[key]
-        print(f"| cnnlab | {label} | {e['epoch_s']:.2f} s | {n / e['epoch_s']:,.0f} | {rss(e)} |")
-    if "torchvision" in r:
-        t = r["torchvision"]
-        print(f"| torchvision | ImageFolder + DataLoader({a.workers} workers): decode + resize, epoch | "
-              f"{t['epoch_s']:.2f} s | {n / t['epoch_s']:,.0f} | {rss(t)} + {t['worker_rss_mb']:,.0f} MB "
-              f"(largest worker) |")
-        print(f"\nEpoch speed-up from the cache: {t['epoch_s'] / r['epoch-stream']['epoch_s']:.0f}× streamed, "
-              f"{t['epoch_s'] / r['epoch-memory']['epoch_s']:.0f}× in memory; the first cnnlab load "
-              f"(decode once) costs {d['load_s'] / t['epoch_s']:.1f} torchvision epochs.")
-    print(f"\nPeak RSS is ru_maxrss of each measurement's own process; '+N' is what it added to the "
-          f"{r['decode']['base_rss_mb']:,.0f} MB of importing torch and cnnlab.")
-    print(f"\nEpochs: fastest of {a.epochs} (data pipeline only: every image once, shuffled, normalised float "
-          f"batches). Command: python benchmarks/folder_bench.py DIR --n {a.n}")
+            shutil.rmtree(cache)  # every first load starts empty
+        for name in names:
+            r[name].append(_run_phase(name, a, env))
+    section = markdown(r, a, r["decode"][0]["images"])
+    print(section)
+    if a.write:
+        write_into(Path(a.write), section)
+        print(f"written into {a.write}", file=sys.stderr)
 
 
 if __name__ == "__main__":

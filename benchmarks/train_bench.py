@@ -8,8 +8,9 @@ Two tasks, the same model, data, split, batch size, optimiser, schedule and epoc
 
   harahap   the first paper's net (conv 5×5×32 → BN → pool → dense 128 → dropout 0.2) on the built-in
             Animal-Shape silhouettes, 28×28×1, 10 classes, 7,000 training / 1,500 test images, batch 128,
-            15 epochs of AdamW (peak lr 0.003, weight decay 5e-4) on a one-cycle schedule, with random
-            flip / rotation ±5° / zoom ±5 % / shift ±5 % (the `make demo` recipe). Measured: training
+            20 epochs of AdamW (peak lr 0.003, weight decay 5e-4) on a one-cycle schedule, with random
+            flip / rotation ±5° / zoom ±5 % / shift ±5 % (the `make demo` recipe, 20 epochs instead of 15:
+            with 15 its test accuracy peaks at 95.9 %). Measured: training
             images per second, and the training seconds until the test accuracy first reaches 96 %.
   alkhairi  the second paper's CNN on the five Animal-Shape classes at 64×64×3, batch 128, Adam 1e-3,
             no augmentation, 3 epochs: training images per second.
@@ -48,7 +49,7 @@ ROOT = HERE.parent
 TOOLS = ("cnnlab", "keras", "plain", "lightning")
 TARGET = 0.96
 TASKS = {
-    "harahap": dict(source="animal-shapes", size=28, channels=1, model="harahap-cnn", epochs=15, batch=128,
+    "harahap": dict(source="animal-shapes", size=28, channels=1, model="harahap-cnn", epochs=20, batch=128,
                     optim="adamw", lr=0.003, weight_decay=5e-4, schedule="one-cycle", augment=True),
     "alkhairi": dict(source="animal-shapes-5", size=64, channels=3, model="alkhairi-cnn", epochs=3, batch=128,
                      optim="adam", lr=0.001, weight_decay=0.0, schedule="constant", augment=False),

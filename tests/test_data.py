@@ -16,7 +16,8 @@ import cnnlab
 from cnnlab.api import split_fractions
 from cnnlab.config import load_config
 from cnnlab.data import DataError, augment_batch, load_source, prepare, stratified_split
-from cnnlab.data.loader import Normalizer, expand_offline
+from cnnlab.data.loader import expand_offline
+from cnnlab.data.stream import fit_normalizer
 from cnnlab.data.sources import ANIMAL5_CLASSES, ANIMAL_CLASSES, read_animal_pickle
 
 from conftest import class_pattern, make_image_folder, write_image
@@ -503,7 +504,7 @@ def test_normalizer_uses_training_statistics_only():
 
 def test_normalizer_off_is_identity_scaling():
     images = torch.randint(0, 256, (10, 1, 4, 4), dtype=torch.uint8)
-    n = Normalizer.fit(images, enabled=False)
+    n = fit_normalizer(images, enabled=False)
     assert torch.allclose(n(images), images.float() / 255)
 
 

@@ -19,19 +19,11 @@ from .split import Split
 
 @dataclass
 class Normalizer:
-    """Per-channel mean / std in [0, 1] pixel units (identity when normalisation is off)."""
+    """Per-channel mean / std in [0, 1] pixel units (identity when normalisation is off);
+    computed from the training split by stream.fit_normalizer."""
 
     mean: list[float]
     std: list[float]
-
-    @classmethod
-    def fit(cls, images: torch.Tensor, enabled: bool = True) -> "Normalizer":
-        c = images.shape[1]
-        if not enabled or len(images) == 0:
-            return cls([0.0] * c, [1.0] * c)
-        x = images.transpose(0, 1).reshape(c, -1).double() / 255.0  # (C, N·H·W)
-        std = x.std(1).clamp_min(1e-6)
-        return cls(x.mean(1).tolist(), std.tolist())
 
     def _affine(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         cache = self.__dict__.setdefault("_cache", {})

@@ -199,3 +199,106 @@ def study_rows(summary: dict) -> list[dict]:
 
 def settings_text(settings: dict | None) -> str:
     return ", ".join(f"{k}={v}" for k, v in (settings or {}).items())
+
+
+# --------------------------------------------------------------------------- study tables (cnnlab compare)
+
+def _columns(summary: dict) -> list[tuple[str, str, float, str]]:
+    """(header, metric key, scale, number format) of the per-metric columns."""
+    parts = {v["evaluated_on"] for v in summary["variants"] if v["evaluated_on"]}
+    loss = "Test loss" if parts <= {"test"} else "Validation loss" if parts == {"val"} else "Evaluation loss"
+    avg = summary["averaging"]
+    return [(loss, "loss", 1, ".3f"), ("Best epoch", "best_epoch", 1, ".1f"),
+            (f"Precision ({avg})", "precision_macro", 1, ".3f"), (f"Recall ({avg})", "recall_macro", 1, ".3f"),
+            (f"F1 ({avg})", "f1_macro", 1, ".3f"), ("Accuracy (%)", "accuracy", 100, ".2f")]
+
+
+def _cell(stat: dict, scale: float, fmt: str) -> str:
+    if stat["mean"] is None:
+        return "–"
+    text = format(stat["mean"] * scale, fmt)
+    if stat["sd"] is not None:
+        lo, hi = (x * scale for x in stat["ci95"])
+        text += f" ± {stat['sd'] * scale:{fmt}} [{lo:{fmt}}, {hi:{fmt}}]"
+    return text
+
+
+def table_rows(summary: dict) -> tuple[list[str], list[list[str]]]:
+    """Header and formatted rows of the comparison table (one row per variant)."""
+    cols = _columns(summary)
+    header = (["Variant", "Model", "Optimiser", "Learning rate"] + [c[0] for c in cols]
+              + ["Parameters", "Training time (s)"])
+    rows = []
+    for v in summary["variants"]:
+        m = v["metrics"]
+        name = v["name"] + (f" ({len(v['failed'])} failed)" if v["failed"] else "")
+        rows.append([name, v["model"], v["optimizer"], f"{v['lr']:g}"]
+                    + [_cell(m[key], scale, fmt) for _, key, scale, fmt in cols]
+                    + [f"{v['parameters']:,}" if v["parameters"] is not None else "–",
+                       _cell(m["training_seconds"], 1, ".1f")])
+    return header, rows
+
+
+def _note(summary: dict) -> str:
+    n_seeds = len(summary["seeds"])
+    parts = sorted({f"{v['evaluated_on']} split ({v['n_eval']:,} images)" for v in summary["variants"]
+                    if v["evaluated_on"]})
+    spread = (f"mean ± sd [95 % t-interval] over {n_seeds} seeds" if n_seeds > 1 else "one seed: no spread")
+    return (f"{spread}; precision, recall and F1 {summary['averaging']}-averaged over classes; evaluated on the "
+            f"{', '.join(parts) or '–'}" + (f"; best: {summary['best']}" if summary["best"] else ""))
+
+
+def render_markdown(summary: dict) -> str:
+    header, rows = table_rows(summary)
+    right = {i for i, h in enumerate(header) if i >= 3}
+    lines = ["| " + " | ".join(header) + " |",
+             "|" + "|".join("---:" if i in right else "---" for i in range(len(header))) + "|"]
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
+    return "\n".join(lines) + f"\n\n{_note(summary)}\n"
+
+
+_TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
+        "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+
+
+def tex_escape(text: str) -> str:
+    """Escape LaTeX's special characters; ± and – become math / text dashes."""
+    out = "".join(_TEX.get(ch, ch) for ch in text)
+    return out.replace("±", r"$\pm$").replace("–", "--")
+
+
+def render_latex(summary: dict) -> str:
+    header, rows = table_rows(summary)
+    lines = [f"% {tex_escape(summary['name'])}: {tex_escape(_note(summary))}",
+             r"\begin{tabular}{llll" + "r" * (len(header) - 4) + "}", r"\hline",
+             " & ".join(tex_escape(h) for h in header) + r" \\", r"\hline"]
+    lines += [" & ".join(tex_escape(c) for c in row) + r" \\" for row in rows]
+    lines += [r"\hline", r"\end{tabular}"]
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(summary: dict, path: Path) -> None:
+    """Machine-readable table: numbers unformatted, each statistic its own column."""
+    cols = _columns(summary) + [("Training time (s)", "training_seconds", 1, "")]
+    header = ["Variant", "Model", "Optimiser", "Learning rate"]
+    for h, *_ in cols:
+        header += [f"{h} mean", f"{h} sd", f"{h} ci95 low", f"{h} ci95 high"]
+    header += ["Parameters", "Seeds", "Failed runs"]
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        for v in summary["variants"]:
+            row = [v["name"], v["model"], v["optimizer"], v["lr"]]
+            for _, key, scale, _ in cols:
+                s = v["metrics"][key]
+                lo, hi = s["ci95"] or (None, None)
+                row += ["" if x is None else x * scale for x in (s["mean"], s["sd"], lo, hi)]
+            row += ["" if v["parameters"] is None else v["parameters"], len(v["runs"]), len(v["failed"])]
+            w.writerow(row)
+
+
+def write_tables(summary: dict, study_dir: Path) -> None:
+    """table.md, table.csv and table.tex in the study folder."""
+    (study_dir / "table.md").write_text(render_markdown(summary), encoding="utf-8")
+    write_csv(summary, study_dir / "table.csv")
+    (study_dir / "table.tex").write_text(render_latex(summary), encoding="utf-8")
