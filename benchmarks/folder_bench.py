@@ -22,13 +22,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from bench_common import machine, machine_line, publish  # benchmarks/ is on sys.path
 
 CLASSES = [f"class{i}" for i in range(10)]
 
@@ -148,28 +149,6 @@ def _run_phase(name: str, a, env: dict) -> dict:
     return res
 
 
-def _machine() -> str:
-    import numpy
-    import PIL
-    import torch
-    import torchvision
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count()
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return (f"{cpu}, {cores} cores, {ram:.0f} GiB RAM; {platform.system()} {platform.release()}; "
-            f"Python {platform.python_version()}, torch {torch.__version__}, torchvision {torchvision.__version__}, "
-            f"Pillow {PIL.__version__}, numpy {numpy.__version__}")
-
-
 START, END = "<!-- folder-bench:start -->", "<!-- folder-bench:end -->"
 
 
@@ -187,7 +166,7 @@ def markdown(r: dict[str, list[dict]], a, n: int) -> str:
            "shuffled, normalised float batches), no model. Each figure is the median of "
            f"{reps} runs, each in its own process (the cache is deleted before every first load); an epoch "
            f"figure within a run is the fastest of {a.epochs} epochs for cnnlab and {a.tv_epochs} for "
-           "torchvision.", "", f"Machine: {_machine()}. Measured {time.strftime('%Y-%m-%d')}.", "",
+           "torchvision.", "", f"Machine: {machine_line(machine())}. Measured {time.strftime('%Y-%m-%d')}.", "",
            "| pipeline | what | time | images/s | peak RSS (this process) |", "|---|---|---:|---:|---:|"]
 
     def rss(runs):
@@ -218,16 +197,6 @@ def markdown(r: dict[str, list[dict]], a, n: int) -> str:
                 f"{_median(r['epoch-stream'], 'base_rss_mb'):,.0f} MB is importing torch and cnnlab."]
     out += ["", END]
     return "\n".join(out) + "\n"
-
-
-def write_into(path: Path, section: str) -> None:
-    text = path.read_text(encoding="utf-8") if path.is_file() else "# Benchmarks\n\n"
-    if START in text and END in text:
-        i, j = text.index(START), text.index(END) + len(END)
-        text = text[:i] + section.rstrip("\n") + text[j:]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text, encoding="utf-8")
 
 
 def main() -> None:
@@ -265,10 +234,7 @@ def main() -> None:
         for name in names:
             r[name].append(_run_phase(name, a, env))
     section = markdown(r, a, r["decode"][0]["images"])
-    print(section)
-    if a.write:
-        write_into(Path(a.write), section)
-        print(f"written into {a.write}", file=sys.stderr)
+    publish(section, a.write, START, END)
 
 
 if __name__ == "__main__":

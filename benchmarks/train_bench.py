@@ -36,13 +36,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from bench_common import machine, machine_line, publish  # benchmarks/ is on sys.path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -387,24 +388,6 @@ def throughput(r: dict) -> float:
     return r["n_train"] / statistics.median(steady)
 
 
-def _machine() -> dict:
-    import numpy
-    import torch
-    import torchvision
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return {"cpu": cpu, "cores": cores, "ram_gib": round(ram), "os": f"{platform.system()} {platform.release()}",
-            "python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "numpy": numpy.__version__}
-
-
 def _fmt_s(x: float | None) -> str:
     return "not reached" if x is None else f"{x:.1f} s"
 
@@ -413,8 +396,7 @@ def markdown(res: dict) -> str:
     m, reps = res["machine"], res["repeats"]
     lines = [START, "## Training throughput against Keras, a plain PyTorch loop and Lightning (issue 4)", "",
              f"`{res['command']}` — measured {res['date']}.", "",
-             f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB RAM, no GPU; {m['os']}; Python "
-             f"{m['python']}, torch {m['torch']}, torchvision {m['torchvision']}, numpy {m['numpy']}. "
+             f"Machine: {machine_line(m)}; no GPU. "
              f"Medians of {reps} runs per tool (each a fresh process, tools interleaved); ratios are taken "
              "within each run, then their median.", ""]
     for task in res["tasks"]:
@@ -475,16 +457,6 @@ def markdown(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_into(path: Path, section: str) -> None:
-    text = path.read_text(encoding="utf-8") if path.is_file() else "# Benchmarks\n\n"
-    if START in text and END in text:
-        a, b = text.index(START), text.index(END) + len(END)
-        text = text[:a] + section.rstrip("\n") + text[b:]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text, encoding="utf-8")
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tools", default=",".join(TOOLS), help="comma-separated: " + ", ".join(TOOLS))
@@ -512,7 +484,7 @@ def main() -> None:
     if bad:
         raise SystemExit(f"unknown tool/task {bad}; tools: {', '.join(TOOLS)}; tasks: {', '.join(TASKS)}")
     res = {"command": "python benchmarks/train_bench.py " + " ".join(sys.argv[1:]),
-           "date": time.strftime("%Y-%m-%d"), "machine": _machine(), "repeats": a.repeats, "tasks": tasks,
+           "date": time.strftime("%Y-%m-%d"), "machine": machine(), "repeats": a.repeats, "tasks": tasks,
            "epochs": {t: a.epochs or TASKS[t]["epochs"] for t in tasks}, "runs": {t: {} for t in tasks}}
     for task in tasks:
         export_data(task, cache)
@@ -530,10 +502,7 @@ def main() -> None:
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
     Path(a.json).write_text(json.dumps(res, indent=1), encoding="utf-8")
     section = markdown(res)
-    print(section)
-    if a.write:
-        write_into(Path(a.write), section)
-        print(f"written into {a.write}", file=sys.stderr)
+    publish(section, a.write, START, END)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,53 @@
+"""What both benchmark scripts share: the machine's description and writing a section of BENCHMARKS.md."""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from pathlib import Path
+
+
+def machine() -> dict:
+    """CPU model, cores, RAM, OS and library versions."""
+    import numpy
+    import PIL
+    import torch
+    import torchvision
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return {"cpu": cpu, "cores": cores, "ram_gib": round(ram), "os": f"{platform.system()} {platform.release()}",
+            "python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "pillow": PIL.__version__, "numpy": numpy.__version__}
+
+
+def machine_line(m: dict) -> str:
+    return (f"{m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB RAM; {m['os']}; Python {m['python']}, "
+            f"torch {m['torch']}, torchvision {m['torchvision']}, Pillow {m['pillow']}, numpy {m['numpy']}")
+
+
+def publish(section: str, path: str | None, start: str, end: str) -> None:
+    """Print `section`; with a `path`, also put it there (write_section)."""
+    print(section)
+    if path:
+        write_section(Path(path), section, start, end)
+        print(f"written into {path}", file=sys.stderr)
+
+
+def write_section(path: Path, section: str, start: str, end: str) -> None:
+    """Replace the text between the `start` and `end` markers of `path` with `section` (which carries
+    both markers), or append it; the rest of the file is kept."""
+    text = path.read_text(encoding="utf-8") if path.is_file() else "# Benchmarks\n\n"
+    if start in text and end in text:
+        i, j = text.index(start), text.index(end) + len(end)
+        text = text[:i] + section.rstrip("\n") + text[j:]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    path.write_text(text, encoding="utf-8")
