@@ -77,6 +77,17 @@ def generate(root: Path, n: int, workers: int) -> float:
 
 # --------------------------------------------------------------------------- phases (one process each)
 
+def _epochs(loader, epochs: int) -> dict:
+    """Iterate `loader` `epochs` times: every epoch's seconds, and the fastest."""
+    times = []
+    for _ in range(epochs):
+        t = time.perf_counter()
+        for _batch in loader:
+            pass
+        times.append(time.perf_counter() - t)
+    return {"epoch_s": min(times), "epoch_times": times}
+
+
 def phase(name: str, a) -> dict:
     import torch
 
@@ -103,14 +114,7 @@ def phase(name: str, a) -> dict:
                 loader = DeviceLoader(ds.images.clone(), ds.labels, norm, a.batch, shuffle=True, generator=g)
             else:
                 loader = StreamingLoader(ds.images, ds.labels, norm, a.batch, shuffle=True, generator=g)
-            times = []
-            for _ in range(a.epochs):
-                t = time.perf_counter()
-                for x, y in loader:
-                    pass
-                times.append(time.perf_counter() - t)
-            out["epoch_s"] = min(times)
-            out["epoch_times"] = times
+            out.update(_epochs(loader, a.epochs))
         out["rss_mb"], out["base_rss_mb"] = _rss_mb(), base
         return out
     if name == "torchvision":
@@ -123,14 +127,8 @@ def phase(name: str, a) -> dict:
         ds = datasets.ImageFolder(str(root), transform=tf)
         loader = DataLoader(ds, batch_size=a.batch, shuffle=True, num_workers=a.workers,
                             generator=torch.Generator().manual_seed(0), persistent_workers=a.epochs > 1)
-        times = []
-        for _ in range(a.epochs):
-            t = time.perf_counter()
-            for x, y in loader:
-                pass
-            times.append(time.perf_counter() - t)
-        return {"images": len(ds), "epoch_s": min(times), "epoch_times": times, "rss_mb": _rss_mb(),
-                "base_rss_mb": base, "worker_rss_mb": _children_rss_mb()}
+        return {"images": len(ds), **_epochs(loader, a.epochs), "rss_mb": _rss_mb(), "base_rss_mb": base,
+                "worker_rss_mb": _children_rss_mb()}
     raise SystemExit(f"unknown phase {name}")
 
 

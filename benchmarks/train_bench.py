@@ -81,14 +81,15 @@ def export_data(task: str, cache: Path) -> Path:
     import numpy as np
 
     from cnnlab.data import load_source, stratified_split
+    from cnnlab.data.stream import fit_normalizer
 
     ds = load_source(t["source"], image_size=t["size"], channels=t["channels"], progress=False)
     sp = stratified_split(ds.labels, 0.15, 0.15, 0)
+    norm = fit_normalizer(ds.images, sp.train)  # the statistics cnnlab itself trains with
     x, y = ds.images.numpy(), ds.labels.numpy()
-    tr = x[sp.train].astype("float64") / 255
     cache.mkdir(parents=True, exist_ok=True)
     np.savez(path, x_train=x[sp.train], y_train=y[sp.train], x_test=x[sp.test], y_test=y[sp.test],
-             mean=tr.mean(axis=(0, 2, 3)), std=tr.std(axis=(0, 2, 3)), classes=len(ds.classes))
+             mean=np.array(norm.mean), std=np.array(norm.std), classes=len(ds.classes))
     return path
 
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from . import __version__
+from . import __version__, stats
 from .config import RESUME_IGNORED, Config, ConfigError, config_differences, load_config
 from .data import DataError, Dataset, load_source, prepare, stratified_split
 from .data.loader import balance_sampling, balanced_class_weights, class_counts
@@ -168,7 +168,6 @@ def _build_all(cfg: Config, log: ProgressLogger) -> SimpleNamespace:
 def _balance(cfg: Config, b, log: ProgressLogger) -> None:
     """data.class_weights / data.sampler = balanced, and a hint when the classes are imbalanced without them."""
     d, k, train = cfg.data, len(b.ds.classes), b.data.train
-    counts = class_counts(train.labels, k)
     b.class_weights = None
     if d.class_weights == "balanced":
         b.class_weights = balanced_class_weights(train.labels, k).to(b.runtime.device)
@@ -177,13 +176,12 @@ def _balance(cfg: Config, b, log: ProgressLogger) -> None:
     b.val_class_weights = None  # val_loss weights each class equally when training balances them
     if b.data.val is not None and (d.class_weights == "balanced" or d.sampler == "balanced"):
         b.val_class_weights = balanced_class_weights(b.data.val.labels, k)
-    present = counts[counts > 0]
-    ratio = float(present.max() / present.min()) if len(present) else 1.0
     if d.class_weights == "balanced" and d.sampler == "balanced":
         log.message("note: data.class_weights=balanced and data.sampler=balanced together correct the imbalance "
                     "twice (rare classes end up over-weighted); one of them is usually enough")
-    elif ratio >= 1.5 and d.class_weights == "none" and d.sampler == "shuffle":
-        big, small = int(counts.argmax()), int(torch.where(counts > 0, counts, counts.max() + 1).argmin())
+        return
+    ratio, big, small = stats.imbalance(class_counts(train.labels, k).tolist()) or (1.0, 0, 0)
+    if ratio >= stats.IMBALANCED and d.class_weights == "none" and d.sampler == "shuffle":
         log.message(f"classes are imbalanced: {b.ds.classes[big]} has {ratio:.1f}× the training images of "
                     f"{b.ds.classes[small]}; consider data.class_weights=balanced or data.sampler=balanced")
 

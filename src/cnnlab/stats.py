@@ -109,6 +109,19 @@ def paired_ttest(a: Sequence[float], b: Sequence[float]) -> float | None:
 
 # --------------------------------------------------------------------------- chance level
 
+IMBALANCED = 1.5  # largest / smallest class at or above which a run is called imbalanced
+
+
+def imbalance(counts: Sequence[int]) -> tuple[float, int, int] | None:
+    """(largest / smallest count, index of the largest, index of the smallest) over the classes
+    that have any images; None when none has."""
+    present = [(n, i) for i, n in enumerate(counts) if n > 0]
+    if not present:
+        return None
+    (hi, big), (lo, small) = max(present), min(present)
+    return hi / lo, big, small
+
+
 def chance_level(majority_rate: float, num_classes: int) -> float:
     """The accuracy to beat: max(always predicting the majority class, guessing uniformly)."""
     return max(float(majority_rate), 1.0 / num_classes)

@@ -89,12 +89,16 @@ class DeviceLoader:
             else:
                 idx = order[start:start + self.batch_size]
                 xb, yb = self.images[idx], self.labels[idx]
-            xb = self.normalizer(xb)
-            if self.augment is not None:
-                xb = self.augment(xb)
-            if self.channels_last:
-                xb = xb.contiguous(memory_format=torch.channels_last)
-            yield xb, yb
+            yield self._to_input(xb), yb
+
+    def _to_input(self, xb: torch.Tensor) -> torch.Tensor:
+        """A uint8 batch on the device → the model's input: normalised, augmented, in its memory format."""
+        xb = self.normalizer(xb)
+        if self.augment is not None:
+            xb = self.augment(xb)
+        if self.channels_last:
+            xb = xb.contiguous(memory_format=torch.channels_last)
+        return xb
 
 
 def class_counts(labels: torch.Tensor, num_classes: int) -> torch.Tensor:

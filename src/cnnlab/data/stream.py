@@ -202,7 +202,7 @@ class StreamingLoader(DeviceLoader):
         self._release = _release(images) if release_bytes else None
         self._release_bytes, self._read = release_bytes, 0
 
-    # __len__, num_samples, new_order and __iter__ come from DeviceLoader (self.labels is this split's)
+    # __len__, num_samples, new_order, __iter__ and _to_input come from DeviceLoader (self.labels is this split's)
 
     def _gather(self, local: torch.Tensor) -> torch.Tensor:
         """uint8 rows for the split positions `local`, in that order (read sorted, then reordered)."""
@@ -243,14 +243,7 @@ class StreamingLoader(DeviceLoader):
                         pending = pool.submit(self._gather, local(starts[k + 1]))
                 else:
                     xb = self._gather(idx)
-                xb = xb.to(self.device, non_blocking=True)
-                yb = self.labels[idx.to(self.device)]
-                xb = self.normalizer(xb)
-                if self.augment is not None:
-                    xb = self.augment(xb)
-                if self.channels_last:
-                    xb = xb.contiguous(memory_format=torch.channels_last)
-                yield xb, yb
+                yield self._to_input(xb.to(self.device, non_blocking=True)), self.labels[idx.to(self.device)]
         finally:
             if pool:
                 pool.shutdown(wait=True, cancel_futures=True)

@@ -6,6 +6,8 @@ import csv
 import math
 from pathlib import Path
 
+from ..stats import IMBALANCED, imbalance
+
 ALPHA = 0.05  # the level at which "significantly" is said
 
 
@@ -48,22 +50,23 @@ def chance_level(metrics: dict) -> float | None:
 def balance_sentence(metrics: dict, classes: list[str]) -> str:
     """How imbalanced the training classes are, and what (if anything) training did about it."""
     train = (metrics.get("class_counts") or {}).get("train") or []
-    present = [(n, c) for n, c in zip(train, classes) if n > 0]
-    if not present:
+    measured = imbalance(train)
+    if measured is None:
         return ""
-    (hi, big), (lo, small) = max(present), min(present)
+    ratio, big, small = measured
     bal = metrics.get("balancing") or {}
     done = [what for what, on in (("the loss weighted per class (data.class_weights=balanced)",
                                    bal.get("class_weights") is not None),
                                   ("a balanced sampler (data.sampler=balanced)", bal.get("sampler") == "balanced"))
             if on]
-    if hi == lo:
-        text = f"The classes are balanced ({hi} training images each)."
+    if ratio == 1:
+        text = f"The classes are balanced ({train[big]} training images each)."
     else:
-        text = f"The largest class ({big}, {hi}) has {hi / lo:.1f}× the training images of the smallest ({small}, {lo})."
+        text = (f"The largest class ({classes[big]}, {train[big]}) has {ratio:.1f}× the training images of the "
+                f"smallest ({classes[small]}, {train[small]}).")
     if done:
         return text + " Trained with " + " and ".join(done) + "."
-    if hi / lo >= 1.5:
+    if ratio >= IMBALANCED:
         return text + " No balancing was used (data.class_weights / data.sampler)."
     return text
 
