@@ -9,7 +9,7 @@ BENCH_STAMP := $(BENCH_VENV)/.installed
 # the 100,000-JPEG folder benchmark's working folder (≈ 4 GB of JPEGs + a 1.2 GB cache)
 BENCH_DIR   ?= .bench-cache/folder
 
-.PHONY: demo test install clean bench bench-train bench-folder
+.PHONY: demo test install clean bench bench-train bench-switches bench-folder
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,7 +41,10 @@ bench-train: $(BENCH_STAMP)
 bench-folder: $(STAMP)
 	$(BIN)/python benchmarks/folder_bench.py $(BENCH_DIR) --n 100000 --repeats 3 --write BENCHMARKS.md
 
-bench: bench-train bench-folder
+bench-switches: $(STAMP)
+	$(BIN)/python benchmarks/switches_bench.py --profile --write BENCHMARKS.md
+
+bench: bench-train bench-switches bench-folder
 
 clean:
 	rm -rf $(VENV) $(BENCH_VENV) .bench-cache runs .pytest_cache

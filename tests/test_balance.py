@@ -103,6 +103,8 @@ def test_class_weights_and_balanced_sampler_lift_the_rare_class(imbalanced_folde
     # sampled 0.32): weighting recognises far more of the rare class, the sampler (which shows the
     # same 16 dogs ~15 times an epoch, so overfits them) somewhat more; both raise the balanced
     # accuracy without giving up the common class.
+    print(f"dog recall on 200 unseen dogs: plain {dog_plain:.3f}, class weights {dog_w:.3f}, "
+          f"balanced sampler {dog_s:.3f}")  # the README quotes these (pytest -s shows them)
     assert dog_w >= dog_plain + 0.25, (dog_plain, dog_w)
     assert dog_s > dog_plain, (dog_plain, dog_s)
     for dog, cat in ((dog_w, cat_w), (dog_s, cat_s)):

@@ -13,8 +13,9 @@ class _FlattenKeepingFormat(torch.autograd.Function):
 
     A channels-last input is copied into (C, H, W) order by flattening, so autograd's gradient
     arrives in NCHW order; torch's CPU max-pool backward, given a channels-last input and an NCHW
-    gradient, converts both to NCHW and back (measured 6.2 ms against 1.9 ms for the first paper's
-    128×32×28×28 batch: 13 % of its training step). Returning the gradient channels-last avoids that.
+    gradient, converts both to NCHW and back: two extra copies of the first paper's 128×32×28×28
+    activation every step. Returning the gradient channels-last avoids them (max-pool backward is then
+    1.5 ms of a 31 ms step: `python benchmarks/switches_bench.py --profile`).
     """
 
     @staticmethod

@@ -27,7 +27,7 @@ class Runtime:
         if precision == "16-mixed" and self.device.type != "cuda":
             raise RuntimeError("train.precision=16-mixed needs CUDA; on the CPU use bf16-mixed or 32")
         self.precision = precision
-        # channels-last measured 9–30 % faster on this project's CPU benchmarks (BENCHMARKS.md);
+        # channels-last measured 20–36 % faster on the CPU (benchmarks/switches_bench.py, BENCHMARKS.md);
         # unmeasured on CUDA, so off there unless asked for
         self.channels_last = channels_last if channels_last is not None else self.device.type == "cpu"
         if self.device.type == "cpu":

@@ -1,0 +1,107 @@
+"""The fast-path switches, measured: channels-last, bf16-mixed and torch.compile against plain fp32.
+
+    python benchmarks/switches_bench.py --profile --write BENCHMARKS.md   # what `make bench` runs
+    python benchmarks/switches_bench.py --nets "harahap-cnn 28×28×1"      # one net, table only
+
+Each row trains a few epochs with cnnlab's own loop (`cnnlab.api._build_all` + `train_one_epoch`) in
+a fresh process and reports the median epoch after the first (which pays for warm-up / compiling).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bench_common import machine, machine_line, publish  # benchmarks/ is on sys.path
+
+START, END = "<!-- switches-bench:start -->", "<!-- switches-bench:end -->"
+ROOT = Path(__file__).resolve().parent.parent
+NETS = {
+    "harahap-cnn 28×28×1": ["recipes/demo.yaml"],
+    "alkhairi-cnn 64×64×3": ["recipes/demo.yaml", "data.source=animal-shapes-5", "data.image_size=64",
+                             "data.channels=3", "model.name=alkhairi-cnn", "data.augment=false"],
+    "resnet18 32×32×3": ["recipes/demo.yaml", "data.max_per_class=50", "data.image_size=32", "data.channels=3",
+                         "model.name=resnet18"],
+}
+SWITCHES = {
+    "fp32, NCHW": ["train.channels_last=false"],
+    "fp32, channels-last (the CPU default)": ["train.channels_last=true"],
+    "bf16-mixed, channels-last": ["train.channels_last=true", "train.precision=bf16-mixed"],
+    "torch.compile, channels-last": ["train.channels_last=true", "train.compile=true"],
+}
+
+
+def measure(args: list[str], epochs: int, profile: bool) -> dict:
+    from cnnlab.api import _build_all
+    from cnnlab.config import load_config
+    from cnnlab.training.loop import train_one_epoch
+    from cnnlab.training.progress import ProgressLogger
+
+    cfg = load_config(args[0], args[1:])
+    b = _build_all(cfg, ProgressLogger("none"))
+    times = []
+    for _ in range(epochs):
+        t = time.perf_counter()
+        train_one_epoch(b.model, b.data.train, b.optimizer, b.schedule, b.runtime)
+        times.append(time.perf_counter() - t)
+    out = {"images": b.data.train.num_samples, "epoch_s": times}
+    if profile:
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            train_one_epoch(b.model, b.data.train, b.optimizer, b.schedule, b.runtime)
+        out["profile"] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
+        out["steps"] = len(b.data.train)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--epochs", type=int, default=3, help="epochs per row (default 3; the first is not counted)")
+    p.add_argument("--nets", default=",".join(NETS), help="comma-separated, of: " + ", ".join(NETS))
+    p.add_argument("--profile", action="store_true", help="also profile one epoch of the first net (channels-last)")
+    p.add_argument("--write", help="put the Markdown section into this file (e.g. BENCHMARKS.md)")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.worker:
+        print(json.dumps(measure(json.loads(a.worker), a.epochs, a.profile)))
+        return
+
+    def run(args: list[str], profile: bool = False) -> dict:
+        cmd = [sys.executable, __file__, "--worker", json.dumps(args), "--epochs", str(a.epochs)]
+        proc = subprocess.run(cmd + (["--profile"] if profile else []), capture_output=True, text=True, cwd=ROOT)
+        if proc.returncode:
+            raise SystemExit(proc.stderr[-3000:])
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    lines = [START, "## The fast-path switches (issue 4)", "",
+             f"`python benchmarks/switches_bench.py{' --profile' if a.profile else ''}` — cnnlab's own loop, each row "
+             f"a fresh process, median of epochs 2–{a.epochs}, measured {time.strftime('%Y-%m-%d')} on "
+             f"{machine_line(machine())} (single runs: ±10 % between runs is usual on a shared machine). "
+             "Channels-last is the CPU default; bf16-mixed and torch.compile stay off.", "",
+             "| net | setting | epoch (s) | images/s | vs fp32 NCHW |", "|---|---|---:|---:|---:|"]
+    for net in a.nets.split(","):
+        base = None
+        for name, switch in SWITCHES.items():
+            r = run(NETS[net] + switch)
+            epoch = statistics.median(r["epoch_s"][1:] or r["epoch_s"])
+            base = base or r["images"] / epoch
+            lines.append(f"| {net} | {name} | {epoch:.2f} | {r['images'] / epoch:,.0f} | "
+                         f"{r['images'] / epoch / base:.2f}× |")
+            print(lines[-1], file=sys.stderr, flush=True)
+    if a.profile:
+        net = a.nets.split(",")[0]
+        r = run(NETS[net] + SWITCHES["fp32, channels-last (the CPU default)"], profile=True)
+        lines += ["", f"Where one epoch of {net} (channels-last, {r['steps']} steps) spends its time:", "",
+                  "```", r["profile"].strip("\n"), "```"]
+    publish("\n".join(lines + ["", END]) + "\n", a.write, START, END)
+
+
+if __name__ == "__main__":
+    main()
