@@ -1,4 +1,4 @@
-"""The fast-path switches, measured: channels-last, bf16-mixed and torch.compile against plain fp32.
+"""The fast-path switches, measured: fused kernels, kept memory, channels-last, bf16-mixed, torch.compile.
 
     python benchmarks/switches_bench.py --profile --write BENCHMARKS.md   # what `make bench` runs
     python benchmarks/switches_bench.py --nets "harahap-cnn 28×28×1"      # one net, table only
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import statistics
 import subprocess
 import sys
@@ -28,11 +29,15 @@ NETS = {
     "resnet18 32×32×3": ["recipes/demo.yaml", "data.max_per_class=50", "data.image_size=32", "data.channels=3",
                          "model.name=resnet18"],
 }
-SWITCHES = {
-    "fp32, NCHW": ["train.channels_last=false"],
-    "fp32, channels-last (the CPU default)": ["train.channels_last=true"],
-    "bf16-mixed, channels-last": ["train.channels_last=true", "train.precision=bf16-mixed"],
-    "torch.compile, channels-last": ["train.channels_last=true", "train.compile=true"],
+SWITCHES = {  # "default": cnnlab's CPU defaults (fp32, channels-last, fused kernels, freed memory kept)
+    "the CPU default": [],
+    "without fused kernels (train.fused=false)": ["train.fused=false"],
+    "without kept memory (train.reuse_memory=false)": ["train.reuse_memory=false"],
+    "without either": ["train.fused=false", "train.reuse_memory=false"],
+    "without either, NCHW (+ train.channels_last=false)": ["train.fused=false", "train.reuse_memory=false",
+                                                           "train.channels_last=false"],
+    "bf16-mixed (train.precision=bf16-mixed)": ["train.precision=bf16-mixed"],
+    "torch.compile (train.compile=true)": ["train.compile=true"],
 }
 
 
@@ -44,12 +49,13 @@ def measure(args: list[str], epochs: int, profile: bool) -> dict:
 
     cfg = load_config(args[0], args[1:])
     b = _build_all(cfg, ProgressLogger("none"))
-    times = []
+    times, faults = [], []
     for _ in range(epochs):
-        t = time.perf_counter()
+        t, f = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         train_one_epoch(b.model, b.data.train, b.optimizer, b.schedule, b.runtime)
         times.append(time.perf_counter() - t)
-    out = {"images": b.data.train.num_samples, "epoch_s": times}
+        faults.append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f) / len(b.data.train))
+    out = {"images": b.data.train.num_samples, "epoch_s": times, "faults_per_step": faults}
     if profile:
         from torch.profiler import ProfilerActivity
         from torch.profiler import profile as torch_profile
@@ -65,7 +71,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--epochs", type=int, default=3, help="epochs per row (default 3; the first is not counted)")
     p.add_argument("--nets", default=",".join(NETS), help="comma-separated, of: " + ", ".join(NETS))
-    p.add_argument("--profile", action="store_true", help="also profile one epoch of the first net (channels-last)")
+    p.add_argument("--profile", action="store_true", help="also profile one epoch of the first net (the CPU default)")
     p.add_argument("--write", help="put the Markdown section into this file (e.g. BENCHMARKS.md)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -84,21 +90,26 @@ def main() -> None:
              f"`python benchmarks/switches_bench.py{' --profile' if a.profile else ''}` — cnnlab's own loop, each row "
              f"a fresh process, median of epochs 2–{a.epochs}, measured {time.strftime('%Y-%m-%d')} on "
              f"{machine_line(machine())} (single runs: ±10 % between runs is usual on a shared machine). "
-             "Channels-last is the CPU default; bf16-mixed and torch.compile stay off.", "",
-             "| net | setting | epoch (s) | images/s | vs fp32 NCHW |", "|---|---|---:|---:|---:|"]
+             "The CPU default is fp32, channels-last, fused kernels (the optimiser's fused step; the papers' "
+             "ReLU → batch norm → max-pool as one function, `cnnlab/models/fused.py`) and freed memory kept in "
+             "the process (`keep_freed_memory` in `cnnlab/training/runtime.py`); each other row switches "
+             "something off or on. Page faults are the process's minor faults per training step.", "",
+             "| net | setting | epoch (s) | images/s | vs the default | page faults / step |",
+             "|---|---|---:|---:|---:|---:|"]
     for net in a.nets.split(","):
         base = None
         for name, switch in SWITCHES.items():
             r = run(NETS[net] + switch)
             epoch = statistics.median(r["epoch_s"][1:] or r["epoch_s"])
+            faults = statistics.median(r["faults_per_step"][1:] or r["faults_per_step"])
             base = base or r["images"] / epoch
             lines.append(f"| {net} | {name} | {epoch:.2f} | {r['images'] / epoch:,.0f} | "
-                         f"{r['images'] / epoch / base:.2f}× |")
+                         f"{r['images'] / epoch / base:.2f}× | {faults:,.0f} |")
             print(lines[-1], file=sys.stderr, flush=True)
     if a.profile:
         net = a.nets.split(",")[0]
-        r = run(NETS[net] + SWITCHES["fp32, channels-last (the CPU default)"], profile=True)
-        lines += ["", f"Where one epoch of {net} (channels-last, {r['steps']} steps) spends its time:", "",
+        r = run(NETS[net], profile=True)
+        lines += ["", f"Where one epoch of {net} (the CPU default, {r['steps']} steps) spends its time:", "",
                   "```", r["profile"].strip("\n"), "```"]
     publish("\n".join(lines + ["", END]) + "\n", a.write, START, END)
 

@@ -30,7 +30,7 @@ from .data import DataError, Dataset, load_source, prepare, stratified_split
 from .data.loader import balance_sampling, balanced_class_weights, class_counts
 from .data.stream import default_memory_budget, fits_in_memory, parse_bytes, prepare_streaming
 from .metrics import classification_metrics
-from .models import create_model, freeze_backbone, load_weights
+from .models import create_model, freeze_backbone, load_weights, set_fusion
 from .runs import (MODEL_FILE, Run, RunError, load_run, new_run_dir, save_model, write_bad_files, write_config,
                    write_predictions,
                    write_history, write_json)
@@ -121,8 +121,8 @@ def _resume_config(run_dir: Path, config, overrides, force: list[str]) -> Config
 
 def _build_all(cfg: Config, log: ProgressLogger) -> SimpleNamespace:
     """Data, split, loaders, model, optimiser, schedule and stopper for `cfg` (seeded)."""
-    b = SimpleNamespace(runtime=Runtime(cfg.train.device, cfg.train.precision, cfg.train.threads,
-                                        cfg.train.channels_last))
+    t = cfg.train
+    b = SimpleNamespace(runtime=Runtime(t.device, t.precision, t.threads, t.channels_last, t.fused, t.reuse_memory))
     b.ds = load_data(cfg, progress=log.mode == "bar")
     val_f, test_f = split_fractions(cfg)
     b.split = stratified_split(b.ds.labels, val_f, test_f, cfg.data.split_seed, b.ds.predefined)
@@ -152,11 +152,13 @@ def _build_all(cfg: Config, log: ProgressLogger) -> SimpleNamespace:
     b.model = model.to(b.runtime.device)
     if b.runtime.channels_last:
         b.model = b.model.to(memory_format=torch.channels_last)
+    set_fusion(b.model, b.runtime.fused and not cfg.train.compile)  # compile fuses by itself
     if cfg.train.compile:
         b.model.compile()  # in place: state_dict keys (checkpoints, saved models) stay the eager module's
     o, s = cfg.optim, cfg.schedule
     b.optimizer = build_optimizer(b.model.parameters(), o.name, o.lr, momentum=o.momentum, nesterov=o.nesterov,
-                                  beta1=o.beta1, beta2=o.beta2, eps=o.eps, weight_decay=o.weight_decay)
+                                  beta1=o.beta1, beta2=o.beta2, eps=o.eps, weight_decay=o.weight_decay,
+                                  fused=b.runtime.fused)
     b.schedule = LRSchedule(b.optimizer, s.name, o.lr, len(b.data.train), cfg.train.epochs,
                             warmup_epochs=s.warmup_epochs, step_size=s.step_size, gamma=s.gamma, min_lr=s.min_lr,
                             cycle_epochs=s.cycle_epochs, pct_start=s.pct_start, patience=s.patience)

@@ -90,7 +90,7 @@ METRICS = ["accuracy", "loss", "best_epoch", "precision_macro", "recall_macro", 
 METRIC_BOUNDS = {"accuracy": (0.0, 1.0), "precision_macro": (0.0, 1.0), "recall_macro": (0.0, 1.0),
                  "f1_macro": (0.0, 1.0), "loss": (0.0, float("inf")), "best_epoch": (1.0, float("inf")),
                  "training_seconds": (0.0, float("inf"))}
-IGNORED_ON_RERUN = {"train.threads", "train.progress"}  # may differ between reruns of the same study
+IGNORED_ON_RERUN = {"train.threads", "train.progress", "train.reuse_memory"}  # may differ between reruns of the same study
 _NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=-]*$")
 
 

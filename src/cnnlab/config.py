@@ -143,6 +143,13 @@ class TrainConfig:
         None, "channels-last memory format (null: on for the CPU, where it measured 20–36 % faster; off on CUDA)")
     compile: bool = _opt(False, "torch.compile the model (measured 0.62–0.93× the speed of eager channels-last "
                                 "on the CPU, after a long first compile; needs a C++ compiler)")
+    fused: Optional[bool] = _opt(
+        None, "fused kernels: the optimiser's fused step (sgd, adam, adamw) and the papers' nets' fused "
+              "ReLU → batch norm → max-pool in training (null: on for the CPU, where they measured faster; "
+              "off on CUDA)")
+    reuse_memory: Optional[bool] = _opt(
+        None, "keep freed tensor memory in the process instead of re-faulting it from the OS every step "
+              "(glibc; null: on for the CPU, where it measured faster; process-wide once on)")
     threads: Optional[int] = _opt(None, "CPU threads (null: one per core)", min=1)
     checkpoint_every_steps: Optional[int] = _opt(
         None, "also checkpoint every N optimiser steps (null: after every epoch only)", min=1)
@@ -391,7 +398,7 @@ def load_config(source: str | Path | dict | Config | None = None,
     return config_from_dict(tree, overrides)
 
 
-RESUME_IGNORED = {"train.progress", "train.threads", "name"}  # may differ between sessions of one run
+RESUME_IGNORED = {"train.progress", "train.threads", "train.reuse_memory", "name"}  # may differ between sessions of one run
 
 
 def dotted(tree: dict, prefix: str = "") -> dict:

@@ -10,3 +10,4 @@ from __future__ import annotations
 from .registry import MODELS, create_model, list_models, describe_model  # noqa: F401
 from . import papers, vgg, resnet  # noqa: F401  (registers the builders)
 from .weights import load_weights, freeze_backbone  # noqa: F401
+from .fused import set_fusion  # noqa: F401

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .fused import FusedSequential
 from .registry import MODELS
 
 
@@ -74,7 +75,7 @@ def harahap_cnn(num_classes: int, in_channels: int = 1, image_size: int = 28, *,
         layers.append(nn.BatchNorm2d(32))
     layers.append(nn.MaxPool2d(2))
     side = image_size // 2
-    return Classifier(nn.Sequential(*layers), dense_head(32 * side * side, list(hidden), num_classes, dropout))
+    return Classifier(FusedSequential(*layers), dense_head(32 * side * side, list(hidden), num_classes, dropout))
 
 
 @MODELS.register("alkhairi-cnn")
@@ -93,7 +94,7 @@ def alkhairi_cnn(num_classes: int, in_channels: int = 3, image_size: int = 64, *
     layers += [nn.MaxPool2d(2), nn.Conv2d(10, 20, 5), nn.ReLU(inplace=True)]
     if batch_norm:
         layers.append(nn.BatchNorm2d(20))
-    return Classifier(nn.Sequential(*layers), dense_head(20 * side * side, list(hidden), num_classes, dropout))
+    return Classifier(FusedSequential(*layers), dense_head(20 * side * side, list(hidden), num_classes, dropout))
 
 
 @MODELS.register("mlp")

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import random
+import sys
 
 import numpy as np
 import torch
@@ -14,11 +16,13 @@ class Runtime:
     """Where and how tensors compute.
 
     device: auto | cpu | cuda | cuda:N.  precision: "32" | "bf16-mixed" | "16-mixed" (CUDA).
-    channels_last: None picks the measured default for the device.
+    channels_last, fused, reuse_memory: None picks the measured default for the device (on for the CPU).
+    fused: the optimiser's fused step and the models' fused ReLU → batch-norm → max-pool blocks.
+    reuse_memory: `keep_freed_memory()` for this process.
     """
 
     def __init__(self, device: str = "auto", precision: str = "32", threads: int | None = None,
-                 channels_last: bool | None = None):
+                 channels_last: bool | None = None, fused: bool | None = None, reuse_memory: bool | None = None):
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if device.startswith("cuda") and not torch.cuda.is_available():
@@ -30,6 +34,10 @@ class Runtime:
         # channels-last measured 20–36 % faster on the CPU (benchmarks/switches_bench.py, BENCHMARKS.md);
         # unmeasured on CUDA, so off there unless asked for
         self.channels_last = channels_last if channels_last is not None else self.device.type == "cpu"
+        # measured on the CPU (benchmarks/switches_bench.py); unmeasured on CUDA, so off there unless asked for
+        self.fused = fused if fused is not None else self.device.type == "cpu"
+        self.reuse_memory = (reuse_memory if reuse_memory is not None else self.device.type == "cpu") \
+            and keep_freed_memory()
         if self.device.type == "cpu":
             cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
             torch.set_num_threads(threads or cores or 1)
@@ -48,10 +56,37 @@ class Runtime:
 
     def describe(self) -> dict:
         d = {"device": str(self.device), "precision": self.precision, "threads": self.threads,
-             "channels_last": self.channels_last}
+             "channels_last": self.channels_last, "fused": self.fused, "reuse_memory": self.reuse_memory}
         if self.device.type == "cuda":
             d["gpu"] = torch.cuda.get_device_name(self.device)
         return d
+
+
+_KEPT = False
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep freed tensor memory in the process instead of handing it back to the OS.
+
+    By default glibc serves big blocks (the activations of a training step, megabytes each) with fresh
+    mmap()s and trims freed heap memory, so every step faults every activation page in again: about
+    1.2 million page faults in 4 epochs of the first paper's net. Serving blocks up to 32 MiB from the
+    heap and trimming only beyond 256 MiB free removes most of them (measured 14 % faster per epoch,
+    `benchmarks/switches_bench.py`; the price is that up to 256 MiB of freed memory stays counted in the
+    process's RSS). The setting is process-wide and stays. Returns whether it is in effect (False off
+    glibc).
+    """
+    global _KEPT
+    if _KEPT or not sys.platform.startswith("linux"):
+        return _KEPT
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's <malloc.h>; 32 MiB is its largest mmap threshold
+    _KEPT = bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 256 << 20))
+    return _KEPT
 
 
 def seed_everything(seed: int) -> None:

@@ -1,0 +1,135 @@
+"""ReLU → BatchNorm2d → MaxPool2d(2) in training as one autograd function: the papers' conv block, fused.
+
+Written by hand because torch's three CPU kernels and their backward passes each walk the whole
+conv activation (the first paper's is 128×32×28×28 floats per batch), and on a 2-core CPU those
+passes, not the arithmetic, are most of the step. The fused version computes the same thing with
+fewer of them (`python benchmarks/switches_bench.py`, BENCHMARKS.md):
+
+- forward: ReLU in place; the batch statistics in one pass (`torch.batch_norm_update_stats`, which also
+  updates the running statistics exactly as BatchNorm2d does); max-pool the ReLU output *before* the
+  affine, which is allowed because y = γ·(x − μ)/σ + β is increasing in x per channel when γ > 0, so
+  the max of the normalised window is the normalised max (same index, same value); the affine then
+  runs on the 4× smaller pooled tensor. Nothing full-sized is written except the pooling indices.
+- backward: batch norm's input gradient is γ/σ·(dz − mean(dz) − x̂·mean(dz·x̂)), and dz is non-zero only at
+  the pooled positions, so both means come from the small pooled tensors. What is left is one
+  per-channel affine of the saved activation, a scatter of the pooled gradient to its argmax
+  positions, and the ReLU mask, in place.
+
+`FusedSequential` is an nn.Sequential (same children, same state-dict keys) that takes this path
+for each ReLU → BatchNorm2d → MaxPool2d(2) run when it applies (training-mode batch norm with affine
+weights all > 0, float32 4-D input, gradients on) and the modules' own path otherwise: evaluation,
+inference and saved models never see it. `set_fusion(model, False)` (config `train.fused=false`)
+turns it off.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+
+def _plane_view(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """(N, C, H, W) → (N, H·W, C) if channels_last else (N, C, H·W): a view when `t` is laid out so."""
+    n, c = t.shape[:2]
+    return t.permute(0, 2, 3, 1).reshape(n, -1, c) if channels_last else t.reshape(n, c, -1)
+
+
+class _ReLUBatchNormMaxPool(torch.autograd.Function):
+    """maxpool2(batchnorm_train(relu(y))) with γ > 0; y (the conv output) is overwritten by relu(y)."""
+
+    @staticmethod
+    def forward(ctx, y, weight, bias, running_mean, running_var, momentum: float, eps: float):
+        ctx.set_materialize_grads(False)
+        r = y.relu_()
+        ctx.mark_dirty(y)
+        mean, var = torch.batch_norm_update_stats(r, running_mean, running_var, momentum)  # var: biased
+        invstd = (var + eps).rsqrt()
+        scale = weight * invstd
+        shift = bias - mean * scale
+        pooled, idx = F.max_pool2d_with_indices(r, 2, 2)
+        out = torch.addcmul(shift.view(1, -1, 1, 1), pooled, scale.view(1, -1, 1, 1))
+        ctx.save_for_backward(r, pooled, idx, mean, invstd, weight)
+        return out, y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad, _grad_relu):
+        r, pooled, idx, mean, invstd, weight = ctx.saved_tensors
+        if grad is None:
+            return None, None, None, None, None, None, None
+        n, c, h, w = r.shape
+        m = n * h * w
+        xhat = (pooled - mean.view(1, -1, 1, 1)) * invstd.view(1, -1, 1, 1)
+        dbias = grad.sum((0, 2, 3))
+        dweight = (grad * xhat).sum((0, 2, 3))
+        a = weight * invstd                      # ∂(output)/∂(relu output) at the pooled positions
+        k = -a * invstd * dweight / m            # the x̂·mean(dz·x̂) term, per unit of relu output
+        b = -a * dbias / m - k * mean            # the mean(dz) term, with k's centring
+        d = torch.empty_like(r)
+        torch.addcmul(b.view(1, -1, 1, 1), r, k.view(1, -1, 1, 1), out=d)
+        sparse = grad * a.view(1, -1, 1, 1)  # the pooled gradient, to go to each window's argmax
+        cl = not d.is_contiguous() and d.is_contiguous(memory_format=torch.channels_last)
+        dv = _plane_view(d, cl)
+        if dv.data_ptr() != d.data_ptr():  # not a view (an unusual layout): scatter through max-pool's own backward
+            d += torch.ops.aten.max_pool2d_with_indices_backward(sparse, r, [2, 2], [2, 2], [0, 0], [1, 1], False, idx)
+        else:
+            dv.scatter_add_(1 if cl else 2, _plane_view(idx, cl), _plane_view(sparse, cl))
+        torch.ops.aten.threshold_backward.grad_input(d, r, 0, grad_input=d)  # the ReLU mask, in place
+        return d, dweight, dbias, None, None, None, None
+
+
+def _fusable(relu: nn.Module, bn: nn.Module, pool: nn.Module) -> bool:
+    """The module triple this file computes: in-place ReLU, affine BatchNorm2d, max-pool 2×2 stride 2."""
+    def pair(v):
+        return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+    return (type(relu) is nn.ReLU and relu.inplace and type(bn) is nn.BatchNorm2d and bn.affine
+            and type(pool) is nn.MaxPool2d and pair(pool.kernel_size) == (2, 2)
+            and pair(pool.stride or pool.kernel_size) == (2, 2) and pair(pool.padding) == (0, 0)
+            and pair(pool.dilation) == (1, 1) and not pool.ceil_mode and not pool.return_indices)
+
+
+def relu_bn_maxpool(y: torch.Tensor, bn: nn.BatchNorm2d) -> torch.Tensor | None:
+    """The fused block on `y` with `bn`'s parameters and statistics, or None when it does not apply
+    now (then run the modules): batch norm in eval mode, a γ ≤ 0, no gradients, not float32 4-D."""
+    if not (bn.training and torch.is_grad_enabled() and y.dim() == 4 and y.dtype == torch.float32
+            and bn.weight.dtype == torch.float32 and y.shape[2] >= 2 and y.shape[3] >= 2):
+        return None
+    if bool((bn.weight <= 0).any()):  # pooling before the affine needs an increasing affine (γ = 0: a tie
+        return None                   # that the modules break by window position, which then gets γ's gradient)
+    momentum = 0.0 if bn.momentum is None else bn.momentum
+    if bn.track_running_stats:
+        bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:  # cumulative average, as BatchNorm2d
+            momentum = 1.0 / float(bn.num_batches_tracked)
+    out, _ = _ReLUBatchNormMaxPool.apply(y, bn.weight, bn.bias, bn.running_mean, bn.running_var,
+                                         momentum, bn.eps)
+    return out
+
+
+class FusedSequential(nn.Sequential):
+    """nn.Sequential that runs each ReLU → BatchNorm2d → MaxPool2d(2) as `relu_bn_maxpool` when it can."""
+
+    fuse = True
+
+    def forward(self, x):
+        mods = list(self)
+        i = 0
+        while i < len(mods):
+            if self.fuse and i + 2 < len(mods) and _fusable(*mods[i:i + 3]):
+                out = relu_bn_maxpool(x, mods[i + 1])
+                if out is not None:
+                    x, i = out, i + 3
+                    continue
+            x = mods[i](x)
+            i += 1
+        return x
+
+
+def set_fusion(model: nn.Module, on: bool) -> int:
+    """Turn the fused blocks of `model` on or off; returns how many FusedSequential modules it holds."""
+    seqs = [m for m in model.modules() if isinstance(m, FusedSequential)]
+    for m in seqs:
+        m.fuse = on
+    return len(seqs)
