@@ -102,6 +102,20 @@ def test_only_the_exact_pattern_fuses():
     seq = FusedSequential(conv, nn.ReLU(inplace=True), nn.BatchNorm2d(4), nn.MaxPool2d(2))
     assert _uses_fused(seq(torch.randn(2, 1, 9, 9)))
     assert set_fusion(seq, False) == 1 and not _uses_fused(seq(torch.randn(2, 1, 9, 9)))
+    assert set_fusion(seq, None) == 1 and _uses_fused(seq(torch.randn(2, 1, 9, 9)))  # None: on the CPU
+
+
+def test_fused_and_kept_memory_are_the_cpu_defaults_and_can_be_turned_off(tmp_path):
+    from conftest import fit_run
+
+    tiny = {"data.max_per_class": 100, "data.batch_size": 64, "train.epochs": 1, "train.seed": 0, "optim.lr": 0.003,
+            "model.name": "harahap-cnn"}
+    a = fit_run(tiny, out=tmp_path / "fused")
+    b = fit_run(dict(tiny, **{"train.fused": False, "train.reuse_memory": False}), out=tmp_path / "plain")
+    assert a.env["fused"] is True and a.env["reuse_memory"] is True
+    assert b.env["fused"] is False and b.env["reuse_memory"] is False
+    # the same function of the same weights: losses agree to float rounding, not bit for bit
+    assert a.history[0]["loss"] == pytest.approx(b.history[0]["loss"], rel=1e-3)
 
 
 def test_papers_nets_keep_their_state_dict_and_fuse():

@@ -140,8 +140,8 @@ class TrainConfig:
     precision: str = _opt("32", "32 | bf16-mixed | 16-mixed (16-mixed on CUDA only)",
                           choices=["32", "bf16-mixed", "16-mixed"])
     channels_last: Optional[bool] = _opt(
-        None, "channels-last memory format (null: on for the CPU, where it measured 20–36 % faster; off on CUDA)")
-    compile: bool = _opt(False, "torch.compile the model (measured 0.62–0.93× the speed of eager channels-last "
+        None, "channels-last memory format (null: on for the CPU, where it measured 12–54 % faster; off on CUDA)")
+    compile: bool = _opt(False, "torch.compile the model (measured 0.63–0.98× the speed of eager channels-last "
                                 "on the CPU, after a long first compile; needs a C++ compiler)")
     fused: Optional[bool] = _opt(
         None, "fused kernels: the optimiser's fused step (sgd, adam, adamw) and the papers' nets' fused "

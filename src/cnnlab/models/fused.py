@@ -17,9 +17,9 @@ fewer of them (`python benchmarks/switches_bench.py`, BENCHMARKS.md):
 
 `FusedSequential` is an nn.Sequential (same children, same state-dict keys) that takes this path
 for each ReLU → BatchNorm2d → MaxPool2d(2) run when it applies (training-mode batch norm with affine
-weights all > 0, float32 4-D input, gradients on) and the modules' own path otherwise: evaluation,
-inference and saved models never see it. `set_fusion(model, False)` (config `train.fused=false`)
-turns it off.
+weights all > 0, float32 4-D input, gradients on; on the CPU unless asked for) and the modules' own
+path otherwise: evaluation, inference and saved models never see it. `set_fusion(model, False)` (config
+`train.fused=false`) turns it off.
 """
 
 from __future__ import annotations
@@ -109,15 +109,19 @@ def relu_bn_maxpool(y: torch.Tensor, bn: nn.BatchNorm2d) -> torch.Tensor | None:
 
 
 class FusedSequential(nn.Sequential):
-    """nn.Sequential that runs each ReLU → BatchNorm2d → MaxPool2d(2) as `relu_bn_maxpool` when it can."""
+    """nn.Sequential that runs each ReLU → BatchNorm2d → MaxPool2d(2) as `relu_bn_maxpool` when it can.
 
-    fuse = True
+    fuse: None (the default) fuses on the CPU only, where it was measured; True or False always or never.
+    """
+
+    fuse: bool | None = None
 
     def forward(self, x):
         mods = list(self)
+        fuse = self.fuse if self.fuse is not None else x.device.type == "cpu"
         i = 0
         while i < len(mods):
-            if self.fuse and i + 2 < len(mods) and _fusable(*mods[i:i + 3]):
+            if fuse and i + 2 < len(mods) and _fusable(*mods[i:i + 3]):
                 out = relu_bn_maxpool(x, mods[i + 1])
                 if out is not None:
                     x, i = out, i + 3
@@ -127,8 +131,9 @@ class FusedSequential(nn.Sequential):
         return x
 
 
-def set_fusion(model: nn.Module, on: bool) -> int:
-    """Turn the fused blocks of `model` on or off; returns how many FusedSequential modules it holds."""
+def set_fusion(model: nn.Module, on: bool | None) -> int:
+    """Turn the fused blocks of `model` on, off, or back to CPU-only (None); returns how many
+    FusedSequential modules it holds."""
     seqs = [m for m in model.modules() if isinstance(m, FusedSequential)]
     for m in seqs:
         m.fuse = on

@@ -31,7 +31,7 @@ class Runtime:
         if precision == "16-mixed" and self.device.type != "cuda":
             raise RuntimeError("train.precision=16-mixed needs CUDA; on the CPU use bf16-mixed or 32")
         self.precision = precision
-        # channels-last measured 20–36 % faster on the CPU (benchmarks/switches_bench.py, BENCHMARKS.md);
+        # channels-last measured 12–54 % faster on the CPU (benchmarks/switches_bench.py, BENCHMARKS.md);
         # unmeasured on CUDA, so off there unless asked for
         self.channels_last = channels_last if channels_last is not None else self.device.type == "cpu"
         # measured on the CPU (benchmarks/switches_bench.py); unmeasured on CUDA, so off there unless asked for
@@ -69,12 +69,12 @@ def keep_freed_memory() -> bool:
     """Make glibc's malloc keep freed tensor memory in the process instead of handing it back to the OS.
 
     By default glibc serves big blocks (the activations of a training step, megabytes each) with fresh
-    mmap()s and trims freed heap memory, so every step faults every activation page in again: about
-    1.2 million page faults in 4 epochs of the first paper's net. Serving blocks up to 32 MiB from the
-    heap and trimming only beyond 256 MiB free removes most of them (measured 14 % faster per epoch,
-    `benchmarks/switches_bench.py`; the price is that up to 256 MiB of freed memory stays counted in the
-    process's RSS). The setting is process-wide and stays. Returns whether it is in effect (False off
-    glibc).
+    mmap()s and trims freed heap memory, so steps fault activation pages in again: ~4,600 page faults
+    per step of the first paper's net. Serving blocks up to 32 MiB from the heap and trimming only
+    beyond 256 MiB free removes them (measured 13 % faster without the fused kernels, 1–8 % with them,
+    `benchmarks/switches_bench.py`; blocks over 32 MiB, glibc's limit, are still mapped afresh; the
+    price is that up to 256 MiB of freed memory stays counted in the process's RSS). The setting is
+    process-wide and stays. Returns whether it is in effect (False off glibc).
     """
     global _KEPT
     if _KEPT or not sys.platform.startswith("linux"):
