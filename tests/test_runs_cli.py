@@ -348,6 +348,10 @@ def test_cli_config_keys_and_resolved(capsys):
     text = capsys.readouterr().out
     for key in ("optim.lr", "data.image_size", "train.early_stopping", "schedule.name", "model.init"):
         assert key in text
+    from cnnlab.config import describe_keys
+
+    for line, (key, default, _) in zip(text.splitlines(), describe_keys()):  # key, default: separate columns
+        assert line.split()[:2] == [key, default.split()[0]], line
     assert cli.main(["config", "-", "optim.lr=0.05", "model.hidden=[16]"]) == 0
     cfg = load_config(yaml.safe_load(capsys.readouterr().out))
     assert cfg.optim.lr == 0.05 and cfg.model.hidden == [16]

@@ -144,8 +144,10 @@ def _cmd_config(a) -> int:
     from .config import describe_keys, dump_config, load_config
 
     if a.keys:
-        for key, default, meaning in describe_keys():
-            print(f"{key:<26}{default:<16}{meaning}")
+        rows = describe_keys()
+        kw, dw = (max(len(r[i]) for r in rows) + 2 for i in (0, 1))  # columns as wide as the longest entry
+        for key, default, meaning in rows:
+            print(f"{key:<{kw}}{default:<{dw}}{meaning}")
         return 0
     print(dump_config(load_config(_resolve_config(a.config), a.overrides)), end="")
     return 0
