@@ -9,7 +9,7 @@ fewer of them (`python benchmarks/switches_bench.py`, BENCHMARKS.md):
   updates the running statistics exactly as BatchNorm2d does); max-pool the ReLU output *before* the
   affine, which is allowed because y = γ·(x − μ)/σ + β is increasing in x per channel when γ > 0, so
   the max of the normalised window is the normalised max (same index, same value); the affine then
-  runs on the 4× smaller pooled tensor. Nothing full-sized is written except the pooling indices.
+  runs on the 4× smaller pooled tensor. The only full-sized write is the in-place ReLU.
 - backward: batch norm's input gradient is γ/σ·(dz − mean(dz) − x̂·mean(dz·x̂)), and dz is non-zero only at
   the pooled positions, so both means come from the small pooled tensors. What is left is one
   per-channel affine of the saved activation, a scatter of the pooled gradient to its argmax
@@ -28,6 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
+
+
+def is_channels_last(t: torch.Tensor) -> bool:
+    """A 4-D tensor laid out channels-last (and not also plain contiguous, as 1-channel or 1×1 ones are)."""
+    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
 
 
 def _plane_view(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
@@ -67,15 +72,11 @@ class _ReLUBatchNormMaxPool(torch.autograd.Function):
         a = weight * invstd                      # ∂(output)/∂(relu output) at the pooled positions
         k = -a * invstd * dweight / m            # the x̂·mean(dz·x̂) term, per unit of relu output
         b = -a * dbias / m - k * mean            # the mean(dz) term, with k's centring
-        d = torch.empty_like(r)
+        cl = is_channels_last(r)  # d in one of the two layouts _plane_view can view without a copy
+        d = torch.empty_like(r, memory_format=torch.channels_last if cl else torch.contiguous_format)
         torch.addcmul(b.view(1, -1, 1, 1), r, k.view(1, -1, 1, 1), out=d)
         sparse = grad * a.view(1, -1, 1, 1)  # the pooled gradient, to go to each window's argmax
-        cl = not d.is_contiguous() and d.is_contiguous(memory_format=torch.channels_last)
-        dv = _plane_view(d, cl)
-        if dv.data_ptr() != d.data_ptr():  # not a view (an unusual layout): scatter through max-pool's own backward
-            d += torch.ops.aten.max_pool2d_with_indices_backward(sparse, r, [2, 2], [2, 2], [0, 0], [1, 1], False, idx)
-        else:
-            dv.scatter_add_(1 if cl else 2, _plane_view(idx, cl), _plane_view(sparse, cl))
+        _plane_view(d, cl).scatter_add_(1 if cl else 2, _plane_view(idx, cl), _plane_view(sparse, cl))
         torch.ops.aten.threshold_backward.grad_input(d, r, 0, grad_input=d)  # the ReLU mask, in place
         return d, dweight, dbias, None, None, None, None
 

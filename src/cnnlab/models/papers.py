@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .fused import FusedSequential
+from .fused import FusedSequential, is_channels_last
 from .registry import MODELS
 
 
@@ -15,15 +15,14 @@ class _FlattenKeepingFormat(torch.autograd.Function):
     A channels-last input is copied into (C, H, W) order by flattening, so autograd's gradient
     arrives in NCHW order; torch's CPU max-pool backward, given a channels-last input and an NCHW
     gradient, converts both to NCHW and back: two extra copies of the first paper's 128×32×28×28
-    activation every step. Returning the gradient channels-last avoids them (max-pool backward is then
-    1.5 ms of a 31 ms step: `python benchmarks/switches_bench.py --profile`).
+    activation every step. Returning the gradient channels-last avoids them (the unfused path:
+    `train.fused=false`; the fused block takes it in either layout).
     """
 
     @staticmethod
     def forward(ctx, x):
         ctx.shape = x.shape
-        ctx.channels_last = x.dim() == 4 and not x.is_contiguous() and \
-            x.is_contiguous(memory_format=torch.channels_last)
+        ctx.channels_last = is_channels_last(x)
         return x.reshape(x.shape[0], -1)
 
     @staticmethod
