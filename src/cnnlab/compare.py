@@ -79,7 +79,8 @@ from typing import Any
 import yaml
 
 from . import stats
-from .config import ConfigError, config_differences, dotted, find_recipe, load_config, read_yaml
+from .config import (RESULT_NEUTRAL, ConfigError, config_differences, dotted, find_recipe, load_config,
+                     read_yaml)
 from .report.tables import render_markdown, write_tables  # the Markdown / CSV / LaTeX writers
 
 STUDY_KEYS = ["name", "description", "base", "overrides", "grid", "variants", "pretrain", "seeds"]
@@ -90,7 +91,6 @@ METRICS = ["accuracy", "loss", "best_epoch", "precision_macro", "recall_macro", 
 METRIC_BOUNDS = {"accuracy": (0.0, 1.0), "precision_macro": (0.0, 1.0), "recall_macro": (0.0, 1.0),
                  "f1_macro": (0.0, 1.0), "loss": (0.0, float("inf")), "best_epoch": (1.0, float("inf")),
                  "training_seconds": (0.0, float("inf"))}
-IGNORED_ON_RERUN = {"train.threads", "train.progress", "train.reuse_memory"}  # may differ between reruns of the same study
 _NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=-]*$")
 
 
@@ -352,7 +352,7 @@ def _stale_keys(job: _Job) -> list[str]:
         actual = load_config(job.run_dir / "config.yaml")
     except ConfigError as e:
         return [f"config.yaml unreadable ({e})"]
-    changed = config_differences(actual, load_config(job.expected), ignore=IGNORED_ON_RERUN | job.ref_keys)
+    changed = config_differences(actual, load_config(job.expected), ignore=RESULT_NEUTRAL | job.ref_keys)
     return [line for _, line in changed]
 
 

@@ -398,7 +398,10 @@ def load_config(source: str | Path | dict | Config | None = None,
     return config_from_dict(tree, overrides)
 
 
-RESUME_IGNORED = {"train.progress", "train.threads", "train.reuse_memory", "name"}  # may differ between sessions of one run
+# keys that change how a run computes or looks, never what it computes: a resumed run or a study's rerun
+# may differ in them
+RESULT_NEUTRAL = {"train.progress", "train.threads", "train.reuse_memory"}
+RESUME_IGNORED = RESULT_NEUTRAL | {"name"}  # may differ between sessions of one run
 
 
 def dotted(tree: dict, prefix: str = "") -> dict:

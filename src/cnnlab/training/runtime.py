@@ -31,14 +31,13 @@ class Runtime:
         if precision == "16-mixed" and self.device.type != "cuda":
             raise RuntimeError("train.precision=16-mixed needs CUDA; on the CPU use bf16-mixed or 32")
         self.precision = precision
-        # channels-last measured 12–54 % faster on the CPU (benchmarks/switches_bench.py, BENCHMARKS.md);
-        # unmeasured on CUDA, so off there unless asked for
-        self.channels_last = channels_last if channels_last is not None else self.device.type == "cpu"
-        # measured on the CPU (benchmarks/switches_bench.py); unmeasured on CUDA, so off there unless asked for
-        self.fused = fused if fused is not None else self.device.type == "cpu"
-        self.reuse_memory = (reuse_memory if reuse_memory is not None else self.device.type == "cpu") \
-            and keep_freed_memory()
-        if self.device.type == "cpu":
+        # None: on where measured faster, the CPU (channels-last 12–54 %, the fused kernels and kept memory:
+        # benchmarks/switches_bench.py, BENCHMARKS.md); unmeasured on CUDA, so off there unless asked for
+        cpu = self.device.type == "cpu"
+        self.channels_last, self.fused, reuse_memory = (cpu if v is None else v
+                                                        for v in (channels_last, fused, reuse_memory))
+        self.reuse_memory = reuse_memory and keep_freed_memory()
+        if cpu:
             cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
             torch.set_num_threads(threads or cores or 1)
         self.threads = torch.get_num_threads()
