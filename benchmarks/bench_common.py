@@ -1,9 +1,10 @@
-"""What both benchmark scripts share: the machine's description and writing a section of BENCHMARKS.md."""
+"""What the benchmark scripts share: the machine's description and writing a section of BENCHMARKS.md."""
 
 from __future__ import annotations
 
 import os
 import platform
+import statistics
 import sys
 from pathlib import Path
 
@@ -26,6 +27,11 @@ def machine() -> dict:
     return {"cpu": cpu, "cores": cores, "ram_gib": round(ram), "os": f"{platform.system()} {platform.release()}",
             "python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
             "pillow": PIL.__version__, "numpy": numpy.__version__}
+
+
+def steady_median(per_epoch: list[float]) -> float:
+    """The median over the epochs after the first, which pays for warm-up (all of them if there is one)."""
+    return statistics.median(per_epoch[1:] or per_epoch)
 
 
 def machine_line(m: dict) -> str:

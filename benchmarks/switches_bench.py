@@ -12,13 +12,12 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from bench_common import machine, machine_line, publish  # benchmarks/ is on sys.path
+from bench_common import machine, machine_line, publish, steady_median  # benchmarks/ is on sys.path
 
 START, END = "<!-- switches-bench:start -->", "<!-- switches-bench:end -->"
 ROOT = Path(__file__).resolve().parent.parent
@@ -100,8 +99,7 @@ def main() -> None:
         base = None
         for name, switch in SWITCHES.items():
             r = run(NETS[net] + switch)
-            epoch = statistics.median(r["epoch_s"][1:] or r["epoch_s"])
-            faults = statistics.median(r["faults_per_step"][1:] or r["faults_per_step"])
+            epoch, faults = steady_median(r["epoch_s"]), steady_median(r["faults_per_step"])
             base = base or r["images"] / epoch
             lines.append(f"| {net} | {name} | {epoch:.2f} | {r['images'] / epoch:,.0f} | "
                          f"{r['images'] / epoch / base:.2f}× | {faults:,.0f} |")

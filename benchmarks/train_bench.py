@@ -3,6 +3,8 @@
     make bench                                   # installs the extras, runs this, writes BENCHMARKS.md
     python benchmarks/train_bench.py --repeats 3 --write BENCHMARKS.md
     python benchmarks/train_bench.py --tools cnnlab,plain --repeats 1 --epochs 3   # a quick look
+    python benchmarks/train_bench.py --from-json .bench-cache/train_bench.json --write BENCHMARKS.md
+                                                 # re-render the section from the last run's raw results
 
 Two tasks, the same model, data, split, batch size, optimiser, schedule and epochs for every tool:
 
@@ -43,7 +45,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench_common import machine, machine_line, publish  # benchmarks/ is on sys.path
+from bench_common import machine, machine_line, publish, steady_median  # benchmarks/ is on sys.path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -386,8 +388,13 @@ def time_to(target: float, r: dict) -> float | None:
 
 def throughput(r: dict) -> float:
     """Images per second of the median epoch after the first (the first pays for warm-up)."""
-    steady = r["epoch_s"][1:] or r["epoch_s"]
-    return r["n_train"] / statistics.median(steady)
+    return r["n_train"] / steady_median(r["epoch_s"])
+
+
+def _spread(values: list[float], fmt: str) -> str:
+    """The median, then the runs' range when there are several: '3.58× (2.39–3.91)'."""
+    med = format(statistics.median(values), fmt)
+    return med if len(values) < 2 else f"{med} ({format(min(values), fmt)}–{format(max(values), fmt)})"
 
 
 def _fmt_s(x: float | None) -> str:
@@ -399,8 +406,8 @@ def markdown(res: dict) -> str:
     lines = [START, "## Training throughput against Keras, a plain PyTorch loop and Lightning (issue 4)", "",
              f"`{res['command']}` — measured {res['date']}.", "",
              f"Machine: {machine_line(m)}; no GPU. "
-             f"Medians of {reps} runs per tool (each a fresh process, tools interleaved); ratios are taken "
-             "within each run, then their median.", ""]
+             f"Medians of {reps} runs per tool (each a fresh process, tools interleaved), the runs' range in "
+             "brackets; ratios are taken within each run, then their median.", ""]
     for task in res["tasks"]:
         t = TASKS[task]
         runs = res["runs"][task]
@@ -417,9 +424,9 @@ def markdown(res: dict) -> str:
         lines += [head, sep]
         for tool in tools:
             rs = runs[tool]
-            ips = statistics.median(throughput(r) for r in rs)
             ratio = [throughput(c) / throughput(r) for c, r in zip(runs["cnnlab"], rs)] if "cnnlab" in runs else []
-            row = f"| {tool} | {ips:,.0f} | {'–' if tool == 'cnnlab' else f'{statistics.median(ratio):.2f}×'} |"
+            row = (f"| {tool} | {_spread([throughput(r) for r in rs], ',.0f')} | "
+                   f"{'–' if tool == 'cnnlab' or not ratio else _spread(ratio, '.2f').replace(' (', '× (', 1)} |")
             if task == "harahap":
                 tt = [time_to(TARGET, r) for r in rs]
                 reached = [x for x in tt if x is not None]
@@ -467,6 +474,8 @@ def main() -> None:
     p.add_argument("--epochs", type=int, help="override every task's epochs (a quick look)")
     p.add_argument("--cache", default=str(ROOT / ".bench-cache"), help="exported splits go here")
     p.add_argument("--json", default=str(ROOT / ".bench-cache" / "train_bench.json"), help="raw results")
+    p.add_argument("--from-json", metavar="FILE", help="no runs: render the section from FILE, the raw results "
+                                                       "an earlier run saved (--json)")
     p.add_argument("--write", help="put the Markdown section into this file (e.g. BENCHMARKS.md)")
     p.add_argument("--worker", nargs=3, metavar=("TOOL", "TASK", "EPOCHS"), help=argparse.SUPPRESS)
     p.add_argument("--roofline", action="store_true", help=argparse.SUPPRESS)
@@ -480,6 +489,9 @@ def main() -> None:
         print(json.dumps(roofline()))
         return
 
+    if a.from_json:
+        publish(markdown(json.loads(Path(a.from_json).read_text(encoding="utf-8"))), a.write, START, END)
+        return
     tools = [t for t in a.tools.split(",") if t]
     tasks = [t for t in a.tasks.split(",") if t]
     bad = [t for t in tools if t not in TOOLS] + [t for t in tasks if t not in TASKS]
