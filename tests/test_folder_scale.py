@@ -419,3 +419,65 @@ def test_cli_datasets_inspect_finds_a_train_test_leak(tmp_path, cnnlab_bin):
     r = subprocess.run([str(cnnlab_bin), "datasets", "inspect", f"folder:{root}"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "leak" in r.stdout and "copied-from-train.png" in r.stdout
+
+
+def _interrupt_at_line(k: int, functions: set[str]):
+    """A tracer that raises KeyboardInterrupt at the k-th line executed in `functions` of cnnlab/data/folder.py,
+    as a Ctrl-C arriving between those two lines would (signal handlers run between bytecodes)."""
+    seen = [0]
+
+    def local(frame, event, arg):
+        if event == "line":
+            seen[0] += 1
+            if seen[0] == k:
+                raise KeyboardInterrupt
+        return local
+
+    def tracer(frame, event, arg):
+        code = frame.f_code
+        if code.co_filename.endswith(os.path.join("data", "folder.py")) and code.co_name in functions:
+            return local
+        return None
+
+    return tracer, seen
+
+
+CACHE_WRITERS = {"_update", "append", "write_raw", "finish", "_commit", "_copy_rows", "_write_index", "_cleanup"}
+
+
+@pytest.mark.parametrize("cached", [0, 4], ids=["fresh", "partly-cached"])
+def test_an_interrupt_at_any_line_of_a_cache_update_never_leaves_a_wrong_image(tmp_path, monkeypatch, cached):
+    """Ctrl-C at every line of the decode-and-commit code in turn, then a normal load: every image must
+    equal a fresh decode (no all-zero row recorded before its pixels were written, no half-made file)."""
+    import sys
+
+    root = tmp_path / "photos"
+    files = [root / c / f"{i}.png" for c in ("a", "b") for i in range(3)]
+    for n, f in enumerate(files):
+        _save(f, _noise(12, 12, seed=n))
+    expected = _fresh_decode(root, monkeypatch, tmp_path).images.clone()
+    assert all(expected[i].any() for i in range(len(expected)))
+    k, interrupted = 0, 0
+    while True:
+        k += 1
+        monkeypatch.setenv("CNNLAB_CACHE", str(tmp_path / f"cache{k}"))
+        if cached:  # a cache holding some of the files, so the commit merges old and new rows
+            hidden = files[cached:]
+            for f in hidden:
+                f.rename(f.with_suffix(".hidden"))
+            _load(root)
+            for f in hidden:
+                f.with_suffix(".hidden").rename(f)
+        tracer, seen = _interrupt_at_line(k, CACHE_WRITERS)
+        sys.settrace(tracer)
+        try:
+            _load(root)
+        except KeyboardInterrupt:
+            interrupted += 1
+        finally:
+            sys.settrace(None)
+        if seen[0] < k:  # the load ran to the end before the k-th line: every line has been tried
+            break
+        ds, _ = _load(root)
+        assert torch.equal(ds.images, expected), f"wrong pixels after an interrupt at line {k} of the update"
+    assert interrupted > 50

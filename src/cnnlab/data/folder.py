@@ -273,7 +273,10 @@ def _copy_rows(dst: _NpyWriter, src_path: Path, runs: list[tuple[int, int]], row
         for a, b in runs:
             for s in range(a, b, chunk):
                 e = min(b, s + chunk)
-                dst.write_raw(os.pread(fd, (e - s) * row_bytes, offset + s * row_bytes), e - s)
+                data = os.pread(fd, (e - s) * row_bytes, offset + s * row_bytes)
+                if len(data) != (e - s) * row_bytes:  # never let missing rows become zeros in the new file
+                    raise OSError(f"{src_path}: rows {s}–{e} are beyond the end of the file")
+                dst.write_raw(data, e - s)
 
 
 def _runs(seq: list[int]) -> list[tuple[int, int]]:
@@ -341,9 +344,10 @@ def _update(root: Path, cdir: Path, row_shape: tuple[int, int, int], resize: str
                     if on_bad_file == "fail":
                         failure = _bad_error(root, rel, str(res))
                         break
-                else:
-                    outcome[rel] = ("row", new.rows)
+                else:  # pixels first, then the record: an interrupt between the two loses a row, never
+                    row = new.rows  # points the index at one that was not written
                     new.append(res)
+                    outcome[rel] = ("row", row)
         except BaseException as e:  # Ctrl-C or a crash mid-way: keep what was decoded
             failure = e
             raise

@@ -67,6 +67,21 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], plain: dict) -> dict:
     return {"state": state, "param_groups": plain["param_groups"]}
 
 
+def _match_parameter_layouts(optimizer: torch.optim.Optimizer) -> None:
+    """Give each per-parameter state tensor (Adam's moments, momentum buffers) its parameter's memory layout.
+
+    Checkpoints store tensors contiguous, and `Optimizer.load_state_dict` restores dtype and device but
+    not strides. torch's fused CPU steps walk a parameter and its state with the parameter's strides,
+    so a channels-last conv weight (more than one input channel) paired with a contiguous moment is
+    updated element-against-the-wrong-element: resumed runs then differed from uninterrupted ones.
+    """
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for key, value in optimizer.state.get(p, {}).items():
+                if isinstance(value, torch.Tensor) and value.shape == p.shape and value.stride() != p.stride():
+                    optimizer.state[p][key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
+
+
 def _numpy_rng_state() -> dict:
     name, keys, pos, has_gauss, gauss = np.random.get_state()
     return {"name": name, "keys": keys.tolist(), "pos": int(pos), "has_gauss": int(has_gauss), "gauss": float(gauss)}
@@ -148,6 +163,7 @@ def restore_checkpoint(tensors: dict, meta: dict, model, optimizer, schedule, st
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     best = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")} or None
     optimizer.load_state_dict(_unflatten_optimizer(tensors, meta["optimizer"]))
+    _match_parameter_layouts(optimizer)
     schedule.load_state_dict(meta["schedule"])
     stopper.load_state_dict(meta["stopper"])
     torch.set_rng_state(tensors["rng.torch"])
