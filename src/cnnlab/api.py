@@ -8,8 +8,8 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
-import json
 import os
 import platform
 import signal
@@ -22,7 +22,6 @@ from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 
 from . import __version__, stats
 from .config import RESUME_IGNORED, Config, ConfigError, config_differences, load_config
@@ -31,7 +30,9 @@ from .data.loader import balance_sampling, balanced_class_weights, class_counts
 from .data.stream import default_memory_budget, fits_in_memory, parse_bytes, prepare_streaming
 from .metrics import classification_metrics
 from .models import create_model, freeze_backbone, load_weights, set_fusion
-from .runs import (MODEL_FILE, Run, RunError, load_run, new_run_dir, save_model, write_bad_files, write_config,
+from .tensorfile import save_tensors
+from .runs import (MODEL_FILE, Run, RunError, load_run, new_run_dir, read_json, run_lock, save_model,
+                   write_bad_files, write_config,
                    write_predictions,
                    write_history, write_json)
 from .training.checkpoint import CHECKPOINT
@@ -194,12 +195,24 @@ def _split_json(b) -> dict:
     return split.to_json(ds.paths, labels, ds.classes)
 
 
-def _start_run_folder(cfg: Config, b, out, runs_root, log: ProgressLogger) -> Path:
+def _start_run_folder(cfg: Config, b, out, runs_root, log: ProgressLogger, held: contextlib.ExitStack) -> Path:
+    """A new run folder, locked by this process, with config.yaml, split.json (and bad_files.csv).
+    If those cannot be written (disk full…) nothing is left behind: the folder is new, or was empty."""
+    existed = out is not None and Path(out).is_dir()
     run_dir = new_run_dir(cfg.name, out, runs_root)
-    write_config(run_dir, cfg)
-    write_json(run_dir / "split.json", _split_json(b), compact=True)
+    held.enter_context(run_lock(run_dir))
+    try:
+        write_config(run_dir, cfg)
+        write_json(run_dir / "split.json", _split_json(b), compact=True)
+        if b.ds.bad_files:
+            write_bad_files(run_dir / "bad_files.csv", b.ds.bad_files)
+    except OSError:
+        for f in run_dir.iterdir():
+            f.unlink(missing_ok=True)
+        if not existed:
+            run_dir.rmdir()
+        raise
     if b.ds.bad_files:
-        write_bad_files(run_dir / "bad_files.csv", b.ds.bad_files)
         log.message(f"skipped {len(b.ds.bad_files)} bad file(s)/folder(s), listed in {run_dir / 'bad_files.csv'}: "
                     + "; ".join(f"{p} ({r})" for p, r in b.ds.bad_files[:3])
                     + (" …" if len(b.ds.bad_files) > 3 else ""))
@@ -207,7 +220,7 @@ def _start_run_folder(cfg: Config, b, out, runs_root, log: ProgressLogger) -> Pa
 
 
 def _resume_state(run_dir: Path, cfg: Config, b, log: ProgressLogger) -> TrainState:
-    saved_split = json.loads((run_dir / "split.json").read_text(encoding="utf-8"))
+    saved_split = read_json(run_dir / "split.json")
     if any(saved_split.get(k) != getattr(b.split, k) for k in ("train", "val", "test")):
         raise DataError(f"the data changed since {run_dir} started: its split no longer matches split.json; "
                         "start a new run")
@@ -274,13 +287,38 @@ def train(config: str | Path | dict | Config | None = None, overrides: list[str]
         cfg.name = "run"
     log = ProgressLogger("none" if quiet else (progress or cfg.train.progress))
     t_start, started = time.perf_counter(), dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    b = _build_all(cfg, log)
-    if resume:
-        run_dir = Path(resume)
-        state = _resume_state(run_dir, cfg, b, log)
-        write_config(run_dir, cfg)
-    else:
-        run_dir, state = _start_run_folder(cfg, b, out, runs_root, log), TrainState()
+    with contextlib.ExitStack() as held:  # the run folder stays locked (runs.run_lock) until the run ends
+        if resume:
+            run_dir = Path(resume)
+            held.enter_context(run_lock(run_dir))  # before any work: a second resume of it stops here
+        b = _build_all(cfg, log)
+        if resume:
+            state = _resume_state(run_dir, cfg, b, log)
+            write_config(run_dir, cfg)
+        else:
+            run_dir, state = _start_run_folder(cfg, b, out, runs_root, log, held), TrainState()
+        try:
+            result = _fit(cfg, b, run_dir, state, log)
+            metrics, meta = _finish(cfg, b, result, run_dir)
+        except OSError as e:  # disk full mid-run: the last checkpoint is intact; say how to go on
+            if e.filename is None or isinstance(e, BrokenPipeError):
+                raise
+            raise OSError(e.errno, f"{e.strerror or e}; the run stopped. Free some space, then resume it with: "
+                          f"cnnlab train --resume {run_dir}", e.filename) from e
+        env = environment(b.runtime, cfg.train.seed)
+        env.update(started_at=started, wall_seconds=round(time.perf_counter() - t_start, 3), resumed=bool(resume),
+                   loader="streamed from the memory-mapped cache" if b.streamed else "in memory")
+        write_json(run_dir / "env.json", env)
+    _print_summary(log, metrics, run_dir)
+    if report:
+        _write_report(run_dir, log)
+    run = Run(run_dir, cfg, result.history, metrics, env)
+    run._model, run._meta = b.model.eval().cpu(), meta
+    return run
+
+
+def _fit(cfg: Config, b, run_dir: Path, state: TrainState, log: ProgressLogger):
+    """The training loop with checkpoints (every epoch, every N steps, on a stop signal) and a clean stop."""
     def checkpoint(st: TrainState) -> None:
         save_checkpoint(run_dir, st, b.model, b.optimizer, b.schedule, b.stopper, b.data.train, cfg.to_dict(),
                         b.runtime.grad_scaler())
@@ -305,25 +343,13 @@ def train(config: str | Path | dict | Config | None = None, overrides: list[str]
                 raise TrainingInterrupted(_interrupted_message(stop.requested, st, run_dir))
 
         try:
-            result = fit(b.model, b.data, b.optimizer, b.schedule, b.runtime, epochs=cfg.train.epochs,
-                         stopper=b.stopper, l2=cfg.regularization.l2, clip_grad_norm=cfg.optim.clip_grad_norm,
-                         progress=log, state=state, on_step=on_step, on_epoch=on_epoch,
-                         class_weights=b.class_weights, val_class_weights=b.val_class_weights)
+            return fit(b.model, b.data, b.optimizer, b.schedule, b.runtime, epochs=cfg.train.epochs,
+                       stopper=b.stopper, l2=cfg.regularization.l2, clip_grad_norm=cfg.optim.clip_grad_norm,
+                       progress=log, state=state, on_step=on_step, on_epoch=on_epoch,
+                       class_weights=b.class_weights, val_class_weights=b.val_class_weights)
         except TrainingDiverged as e:
             _record_divergence(run_dir, state, e)
             raise
-
-    metrics, meta = _finish(cfg, b, result, run_dir)
-    env = environment(b.runtime, cfg.train.seed)
-    env.update(started_at=started, wall_seconds=round(time.perf_counter() - t_start, 3), resumed=bool(resume),
-               loader="streamed from the memory-mapped cache" if b.streamed else "in memory")
-    write_json(run_dir / "env.json", env)
-    _print_summary(log, metrics, run_dir)
-    if report:
-        _write_report(run_dir, log)
-    run = Run(run_dir, cfg, result.history, metrics, env)
-    run._model, run._meta = b.model.eval().cpu(), meta
-    return run
 
 
 def _interrupted_message(signame: str, st: TrainState, run_dir: Path) -> str:
@@ -337,8 +363,8 @@ def _record_divergence(run_dir: Path, state: TrainState, e: TrainingDiverged) ->
     write_json(run_dir / "failure.json", {"error": "diverged", "message": str(e), "step": e.step,
                                           "epoch": state.epoch + 1, "best_epoch": state.best_epoch})
     if state.best_state is not None:
-        save_file({k: v.detach().cpu().contiguous() for k, v in state.best_state.items()},
-                  str(run_dir / "best-before-divergence.safetensors"))
+        save_tensors(run_dir / "best-before-divergence.safetensors", state.best_state, "cnnlab_best_before_divergence",
+                     {"best_epoch": state.best_epoch})
 
 
 def _finish(cfg: Config, b, result, run_dir: Path) -> tuple[dict, dict]:

@@ -52,13 +52,15 @@ def _cmd_train(a) -> int:
 
 
 def _print_metrics(m: dict) -> None:
+    from .display import printable as P  # class names are folder names: never print their control codes raw
+
     lo, hi = m["accuracy_ci95"]
-    print(f"evaluated on: {m['evaluated_on']} ({m['n']} images)")
+    print(f"evaluated on: {P(m['evaluated_on'])} ({m['n']} images)")
     print(f"loss {m['loss']:.4f}   accuracy {m['accuracy']:.4f}  (95% Wilson CI {lo:.4f}–{hi:.4f})")
-    print(f"chance (majority class '{m['chance']['majority_class']}'): {m['chance']['accuracy']:.4f}")
+    print(f"chance (majority class '{P(m['chance']['majority_class'])}'): {m['chance']['accuracy']:.4f}")
     print(f"{'class':<16}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>9}")
     for c, r in m["per_class"].items():
-        print(f"{c:<16}{r['precision']:>10.4f}{r['recall']:>10.4f}{r['f1']:>10.4f}{r['support']:>9}")
+        print(f"{P(c):<16}{r['precision']:>10.4f}{r['recall']:>10.4f}{r['f1']:>10.4f}{r['support']:>9}")
     for avg in ("macro", "weighted"):
         print(f"{avg + ' avg':<16}{m['precision_' + avg]:>10.4f}{m['recall_' + avg]:>10.4f}{m['f1_' + avg]:>10.4f}")
 
@@ -84,13 +86,15 @@ def _cmd_predict(a) -> int:
     if a.json:
         print(json.dumps(results, indent=2))
     else:
-        width = min(60, max(len(r["file"]) for r in results))
+        from .display import printable as P
+
+        width = min(60, max(len(P(r["file"])) for r in results))
         for r in results:
             if "error" in r:
-                print(f"{r['file']:<{width}}  ERROR: {r['error']}")
+                print(f"{P(r['file']):<{width}}  ERROR: {P(r['error'])}")
             else:
-                tops = "   ".join(f"{t['class']} {t['probability']:.3f}" for t in r["top"])
-                print(f"{r['file']:<{width}}  {tops}")
+                tops = "   ".join(f"{P(t['class'])} {t['probability']:.3f}" for t in r["top"])
+                print(f"{P(r['file']):<{width}}  {tops}")
     return 1 if any("error" in r for r in results) else 0
 
 
@@ -151,6 +155,13 @@ def _cmd_config(a) -> int:
         return 0
     print(dump_config(load_config(_resolve_config(a.config), a.overrides)), end="")
     return 0
+
+
+def _error(text: str) -> None:
+    """An error line on stderr; names and paths in it shown escaped (no raw terminal control codes)."""
+    from .display import printable_lines
+
+    print(printable_lines(text), file=sys.stderr)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -238,8 +249,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .proc import follow_parent
+
+    follow_parent()  # a study's child run ends with the study (SIGTERM: a clean stop with a checkpoint)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # key=value overrides after an option (`cnnlab train - --out X train.epochs=1`)
+        if hasattr(args, "overrides") and all("=" in x and not x.startswith("-") for x in extra):
+            args.overrides = [*args.overrides, *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if not getattr(args, "fn", None):
         parser.print_help()
         return 0
@@ -253,14 +272,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except TrainingDiverged as e:
-        print(f"cnnlab: training diverged: {e}", file=sys.stderr)
+        _error(f"cnnlab: training diverged: {e}")
         return 3
     except TrainingInterrupted as e:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a late second Ctrl-C must not turn a clean stop into a crash
-        print(f"cnnlab: {e}", file=sys.stderr)
+        _error(f"cnnlab: {e}")
         return 130
     except CheckpointError as e:
-        print(f"cnnlab: error: {e}", file=sys.stderr)
+        _error(f"cnnlab: error: {e}")
         return 2
     except BrokenPipeError:  # `cnnlab … | head`
         sys.stderr.close()
@@ -269,12 +288,12 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("CNNLAB_DEBUG"):
             raise
         where = f" ({e.filename})" if getattr(e, "filename", None) else ""
-        print(f"cnnlab: error: cannot read or write{where}: {e.strerror or e}", file=sys.stderr)
+        _error(f"cnnlab: error: cannot read or write{where}: {e.strerror or e}")
         return 2
     except (ConfigError, DataError, RunError, WeightsError, ValueError, FileNotFoundError, RuntimeError) as e:
         if os.environ.get("CNNLAB_DEBUG"):
             raise
-        print(f"cnnlab: error: {e}", file=sys.stderr)
+        _error(f"cnnlab: error: {e}")
         return 2
     except KeyboardInterrupt:
         print("cnnlab: interrupted", file=sys.stderr)

@@ -81,6 +81,7 @@ import yaml
 from . import stats
 from .config import (RESULT_NEUTRAL, ConfigError, config_differences, dotted, find_recipe, load_config,
                      read_yaml)
+from .proc import child_env
 from .report.tables import render_markdown, write_tables  # the Markdown / CSV / LaTeX writers
 
 STUDY_KEYS = ["name", "description", "base", "overrides", "grid", "variants", "pretrain", "seeds"]
@@ -369,7 +370,7 @@ def _run_one(job: _Job, threads: int | None) -> tuple[int, float, str]:
         cmd = [sys.executable, "-m", "cnnlab", "train", "--resume", str(job.run_dir)]
     else:
         cmd = [sys.executable, "-m", "cnnlab", "train", str(job.config_file), f"train.seed={job.seed}"]
-    env = dict(os.environ)
+    env = child_env()  # the child stops (cleanly, with a checkpoint) if this process dies
     if threads:
         cmd.append(f"train.threads={threads}")
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))

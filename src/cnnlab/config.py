@@ -25,6 +25,10 @@ class ConfigError(ValueError):
     """A config that cannot be used; the message names the key and the fix."""
 
 
+SEED_MAX = 2**32 - 1  # seeds are 32-bit (NumPy's limit); larger ones overflowed torch's 64-bit arithmetic
+MAX_NODES = 100_000  # values in one YAML document once its aliases are expanded (a config has ~100)
+
+
 def _opt(default, help: str, **checks):
     """A config field: its default, a one-line meaning (with unit) and checks.
 
@@ -58,7 +62,8 @@ class DataConfig:
     validation_split: Optional[float] = _opt(
         None, "Keras-style: validation fraction with no test split (stratified and shuffled, "
               "unlike Keras' last-N-percent); overrides val/test_fraction", gt=0.0, lt=1.0)
-    split_seed: int = _opt(0, "seed of the stratified split (kept fixed across training seeds)", min=0)
+    split_seed: int = _opt(0, "seed of the stratified split (kept fixed across training seeds)", min=0,
+                           max=SEED_MAX)
     classes: Optional[list[str]] = _opt(None, "keep only these classes (by name), in this order (null: all)")
     max_per_class: Optional[int] = _opt(None, "keep at most this many images per class (seeded)", min=1)
     normalize: bool = _opt(True, "zero mean / unit variance per channel, statistics from the training split")
@@ -132,7 +137,7 @@ class RegularizationConfig:
 @dataclass
 class TrainConfig:
     epochs: int = _opt(10, "maximum number of epochs", min=1)
-    seed: int = _opt(0, "seed of weights, data order, augmentation and dropout", min=0)
+    seed: int = _opt(0, "seed of weights, data order, augmentation and dropout", min=0, max=SEED_MAX)
     early_stopping: Optional[EarlyStopping] = _opt(None, "null, or {patience, monitor, min_delta}")
     monitor: str = _opt("val_loss", "metric that picks the best epoch when early stopping is off",
                         choices=MONITORS)
@@ -173,6 +178,8 @@ class Config:
     def check(self) -> None:
         """Cross-field checks that a single key's range cannot express; folder paths made absolute
         (relative to the current directory) so the saved config works from anywhere."""
+        if self.name is not None:
+            check_run_name(self.name)
         d = self.data
         if d.source.startswith("folder:"):
             import os
@@ -204,6 +211,14 @@ class Config:
 
         if self.model.name not in list_models():
             raise ConfigError(_choices_msg("model.name", self.model.name, list_models(), "model"))
+
+
+def check_run_name(name: str) -> None:
+    """A run name becomes one folder under the runs root: no path separators, '.', '..' or control characters."""
+    if (not name.strip() or name in (".", "..") or any(c in name for c in "/\\")
+            or any(ord(c) < 32 or ord(c) == 127 for c in name)):
+        raise ConfigError(f"name {name!r}: a run name becomes one folder under the runs root, so it may not be "
+                          "empty, '.' or '..', or hold '/', '\\' or control characters; to write elsewhere use --out")
 
 
 # --------------------------------------------------------------------------- parsing
@@ -301,9 +316,11 @@ def _unknown_key_msg(prefix: str, key: Any, valid: list[str]) -> str:
 def parse_value(text: str) -> Any:
     """A command-line value, read as one YAML scalar/flow item: 0.01, true, null, [64, 32], adam."""
     try:
-        return yaml.safe_load(text) if text.strip() else ""
+        value = yaml.safe_load(text) if text.strip() else ""
     except yaml.YAMLError:
         return text
+    check_expanded_size(value, f"the value {text[:40]!r}")
+    return value
 
 
 def _set_dotted(tree: dict, key: str, value: Any) -> None:
@@ -348,6 +365,7 @@ def read_yaml(path: str | Path) -> dict:
         raise ConfigError(f"{path}: not a UTF-8 text file") from None
     if data is None:
         data = {}
+    check_expanded_size(data, str(path))
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections (data, model, optim, …)")
     return data
@@ -355,12 +373,11 @@ def read_yaml(path: str | Path) -> dict:
 
 def config_from_dict(tree: dict, overrides: list[str] | dict | None = None) -> Config:
     """Validate a nested dict (+ overrides as 'a.b=v' strings or {a.b: v}) into a Config."""
-    try:
-        tree = _deepcopy(tree)
-    except RecursionError:  # a YAML alias that contains itself (a: &x [*x])
-        raise ConfigError("the config refers to itself (a recursive YAML alias); write the values out") from None
+    check_expanded_size(tree, "the config")
+    tree = _deepcopy(tree)
     items = overrides.items() if isinstance(overrides, dict) else [_split_override(o) for o in overrides or []]
     for k, v in items:
+        check_expanded_size(v, f"override {k}")
         _set_dotted(tree, k, v)
     cfg = _build(Config, tree)
     cfg.check()
@@ -372,6 +389,36 @@ def _split_override(text: str) -> tuple[str, Any]:
         raise ConfigError(f"override {text!r} must look like key=value, e.g. optim.lr=0.01")
     k, v = text.split("=", 1)
     return k.strip(), parse_value(v)
+
+
+def check_expanded_size(obj: Any, what: str, limit: int = MAX_NODES) -> None:
+    """Refuse YAML whose aliases expand to more than `limit` values, or refer to themselves, before anything
+    expands them: a few hundred bytes of nested aliases ("billion laughs") would otherwise take minutes and
+    gigabytes to copy. Shared parts are counted once per use, each computed once (memoised by identity)."""
+    sizes: dict[int, int] = {}
+    active: set[int] = set()
+
+    def size(x) -> int:
+        if not isinstance(x, (dict, list)):
+            return 1
+        key = id(x)
+        if key in sizes:
+            return sizes[key]
+        if key in active:
+            raise ConfigError(f"{what} refers to itself (a recursive YAML alias); write the values out")
+        active.add(key)
+        n = 1 + sum(size(v) for v in (x.values() if isinstance(x, dict) else x))
+        active.discard(key)
+        if n > limit:
+            raise ConfigError(f"{what} expands to more than {limit:,} values (nested YAML aliases?); "
+                              "a config needs a few hundred at most")
+        sizes[key] = n
+        return n
+
+    try:
+        size(obj)
+    except RecursionError:
+        raise ConfigError(f"{what} is nested too deeply") from None
 
 
 def _deepcopy(x):

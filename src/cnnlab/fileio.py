@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -35,11 +36,22 @@ def atomic_write_bytes(path: Path, data: bytes, fault_point: str | None = None) 
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # never leave a partial file behind (disk full, Ctrl-C…)
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # the rename itself survives a power cut
+        finally:
+            os.close(fd)
+    except OSError as e:  # disk full, read-only, …: say which file (a write error alone names none)
+        with contextlib.suppress(OSError):
+            tmp.unlink()  # never leave a partial file behind
+        if e.filename is None or Path(e.filename) == tmp:
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from e
         raise
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)  # the rename itself survives a power cut
-    finally:
-        os.close(fd)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # Ctrl-C…: the same
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """`atomic_write_bytes` of UTF-8 text."""
+    atomic_write_bytes(path, text.encode("utf-8"))

@@ -10,20 +10,23 @@ pickle), so a run made elsewhere or months ago loads and reports the same way.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
-from safetensors.torch import save as st_save
 from torch import nn
 
 from .config import Config, dump_config, load_config
-from .fileio import atomic_write_bytes
+from .fileio import atomic_write_bytes, atomic_write_text
+from .tensorfile import TensorFileError, load_tensors, read_meta, save_tensors
 
 MODEL_FILE = "model.safetensors"
+MODEL_META_KEY = "cnnlab"
 
 
 class RunError(ValueError):
@@ -64,16 +67,32 @@ def _json_default(o):
     raise TypeError(f"not JSON-serialisable: {type(o).__name__}")
 
 
+def read_json(path: Path) -> dict:
+    """A run folder's JSON file; a missing, truncated or garbled one is a RunError naming it."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RunError(f"{path}: missing") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise RunError(f"{path}: unreadable JSON ({e}); the file is truncated or damaged") from None
+
+
 HISTORY_COLUMNS = ["epoch", "loss", "accuracy", "val_loss", "val_accuracy", "lr", "seconds"]
+
+
+def _write_csv(path: Path, header: list[str], rows) -> None:
+    """A CSV file, written atomically."""
+    buf = io.StringIO(newline="")
+    w = csv.writer(buf)
+    w.writerow(header)
+    w.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
 
 
 def write_history(path: Path, history: list[dict]) -> None:
     cols = HISTORY_COLUMNS + sorted({k for row in history for k in row} - set(HISTORY_COLUMNS))
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=cols, restval="")
-        w.writeheader()
-        for row in history:
-            w.writerow({k: (repr(v) if isinstance(v, float) else v) for k, v in row.items()})
+    _write_csv(path, cols, ([repr(r[k]) if isinstance(r.get(k), float) else r.get(k, "") for k in cols]
+                            for r in history))
 
 
 def format_epoch(row: dict) -> str:
@@ -102,10 +121,7 @@ def read_history(path: Path) -> list[dict]:
 
 
 def write_bad_files(path: Path, bad: list[tuple[str, str]]) -> None:
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["path", "reason"])
-        w.writerows(bad)
+    _write_csv(path, ["path", "reason"], bad)
 
 
 def write_predictions(path: Path, indices: list[int], labels: torch.Tensor, logits: torch.Tensor,
@@ -113,13 +129,15 @@ def write_predictions(path: Path, indices: list[int], labels: torch.Tensor, logi
     """One row per evaluated image: dataset index, file, true and predicted class, confidence, p(class)."""
     probs = torch.softmax(logits.float(), 1)
     conf, pred = probs.max(1)
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["index", "file", "true", "predicted", "correct", "confidence"] + [f"p_{c}" for c in classes])
+
+    def rows():
         for j, i in enumerate(indices):
             t, p = int(labels[j]), int(pred[j])
-            w.writerow([i, paths[i] if paths else "", classes[t], classes[p], int(t == p), f"{conf[j]:.6f}"]
-                       + [f"{v:.6f}" for v in probs[j].tolist()])
+            yield ([i, paths[i] if paths else "", classes[t], classes[p], int(t == p), f"{conf[j]:.6f}"]
+                   + [f"{v:.6f}" for v in probs[j].tolist()])
+
+    _write_csv(path, ["index", "file", "true", "predicted", "correct", "confidence"] + [f"p_{c}" for c in classes],
+               rows())
 
 
 def read_predictions(path: Path) -> list[dict]:
@@ -128,29 +146,27 @@ def read_predictions(path: Path) -> list[dict]:
 
 
 def save_model(path: Path, model: nn.Module, meta: dict) -> None:
-    """Weights as safetensors; how to rebuild and feed the model as JSON in the header."""
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    atomic_write_bytes(path, st_save(tensors, metadata={"cnnlab": json.dumps(meta)}))
+    """Weights as safetensors; how to rebuild and feed the model as JSON in the header; a checksum of both."""
+    save_tensors(path, model.state_dict(), MODEL_META_KEY, meta)
 
 
 def read_model_meta(path: Path) -> dict:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    if "cnnlab" not in meta:
-        raise RunError(f"{path}: no cnnlab metadata; not a model saved by cnnlab")
-    return json.loads(meta["cnnlab"])
+    """The model file's JSON header alone (cheap: the weights are neither read nor verified)."""
+    return read_meta(path, MODEL_META_KEY, "model file")
 
 
 def build_saved_model(path: Path) -> tuple[nn.Module, dict]:
-    """Rebuild the architecture from the metadata and load the weights (no pickle, no code)."""
+    """Rebuild the architecture from the metadata and load the verified weights (no pickle, no code)."""
     from .models import create_model
 
-    meta = read_model_meta(path)
-    model = create_model(meta["model"], meta["num_classes"], meta["in_channels"], meta["image_size"],
-                         **meta.get("options", {}))
-    model.load_state_dict(load_file(str(path)))
+    tensors, meta = load_tensors(path, MODEL_META_KEY, "model file")
+    try:
+        model = create_model(meta["model"], meta["num_classes"], meta["in_channels"], meta["image_size"],
+                             **meta.get("options", {}))
+        model.load_state_dict(tensors)
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        first = (str(e).splitlines() or [type(e).__name__])[0][:300]
+        raise TensorFileError(f"{path}: its weights do not fit the model its header describes ({first})") from None
     model.eval()
     return model, meta
 
@@ -186,7 +202,7 @@ class Run:
 
     @property
     def split(self) -> dict:
-        return json.loads((self.path / "split.json").read_text(encoding="utf-8"))
+        return read_json(self.path / "split.json")
 
     def predict(self, paths, top_k: int = 3, device: str = "cpu") -> list[dict]:
         """Classify image files / folders; see `cnnlab.predict`."""
@@ -210,9 +226,59 @@ def load_run(path: str | Path) -> Run:
         run.history = read_history(path / "history.csv")
     for name, attr in (("metrics.json", "metrics"), ("env.json", "env")):
         if (path / name).is_file():
-            setattr(run, attr, json.loads((path / name).read_text(encoding="utf-8")))
+            setattr(run, attr, read_json(path / name))
     return run
 
 
 def write_config(path: Path, cfg: Config) -> None:
-    (path / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
+    atomic_write_text(path / "config.yaml", dump_config(cfg))
+
+
+# --------------------------------------------------------------------------- in use
+
+LOCK_FILE = ".lock"
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path):
+    """Hold the run folder for one training process: a second (two `--resume` of one run) gets a RunError
+    naming the holder's pid. An advisory lock (fcntl) on RUN/.lock, released by the OS if the holder dies,
+    so a killed run never stays locked; a no-op where fcntl does not exist (Windows)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    f = open(Path(run_dir) / LOCK_FILE, "a+", encoding="utf-8")  # noqa: SIM115 — held until the run ends
+    try:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise RunError(f"{run_dir} is in use by pid {f.read().strip() or '?'} (a training or resume of it is "
+                           "still running); wait for it to end, or stop it first") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        yield
+    finally:
+        f.close()  # closing releases the lock
+
+
+def training_pid(run_dir: Path) -> int | None:
+    """The pid of the process training `run_dir` now, or None when nothing holds it."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    try:
+        with open(Path(run_dir) / LOCK_FILE, encoding="utf-8") as f:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                text = f.read().strip()
+                return int(text) if text.isdigit() else -1
+            return None
+    except OSError:
+        return None

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..display import printable
 from .images import BadImage, probe_image, scan_folder
 from .split import stratified_split
 from .stream import default_memory_budget, fits_in_memory
@@ -164,23 +165,24 @@ def _mb(n: int) -> str:
 
 def format_inspection(r: dict, max_list: int = 20) -> str:
     """The report of inspect_folder as plain text (what `cnnlab datasets inspect` prints)."""
-    out = [(f"{r['root']}: {r['images']:,} readable images of {r['files']:,} files, {len(r['classes'])} classes "
+    P = printable  # names and paths come from the folder: shown escaped (no terminal codes)
+    out = [(f"{P(r['root'])}: {r['images']:,} readable images of {r['files']:,} files, {len(r['classes'])} classes "
             f"({r['layout']})")]
-    width = max([len(c) for c in r["classes"]] + [5])
+    width = max([len(P(c)) for c in r["classes"]] + [5])
     top = max(r["counts"].values(), default=0) or 1
     out.append("")
     out.append(f"  {'class':<{width}}  {'images':>7}  {'bad':>5}")
     for c in r["classes"]:
         n, bad = r["counts"][c], r["files_per_class"].get(c, 0) - r["counts"][c]
-        out.append(f"  {c:<{width}}  {n:>7,}  {bad or '':>5}  {'█' * max(0, round(24 * n / top))}")
+        out.append(f"  {P(c):<{width}}  {n:>7,}  {bad or '':>5}  {'█' * max(0, round(24 * n / top))}")
     if r["imbalance"] and r["imbalance"]["ratio"] == 1:
         out.append("class imbalance: none (every class with images has the same count)")
     elif r["imbalance"]:
         im = r["imbalance"]
-        out.append(f"class imbalance: {im['ratio']:g}× (largest {im['largest']}, smallest {im['smallest']})"
+        out.append(f"class imbalance: {im['ratio']:g}× (largest {P(im['largest'])}, smallest {P(im['smallest'])})"
                    + ("  — consider data.max_per_class or a balanced loss" if im["ratio"] >= 3 else ""))
     if r["empty_classes"]:
-        out.append(f"classes with no readable image (dropped by training): {', '.join(r['empty_classes'])}")
+        out.append(f"classes with no readable image (dropped by training): {', '.join(map(P, r['empty_classes']))}")
     if r["width"]:
         w, h = r["width"], r["height"]
         out.append(f"width  min {w['min']:g} / median {w['median']:g} / max {w['max']:g} px;  "
@@ -204,7 +206,7 @@ def format_inspection(r: dict, max_list: int = 20) -> str:
         out.append(f"duplicates: {ds['groups']} group(s) of identical files ({ds['redundant_files']} redundant), "
                    f"{ds['leaks']} leak(s) across splits, {ds['label_conflicts']} label conflict(s)")
         for g in r["duplicates"][:max_list]:
-            files = ", ".join(f"{f['path']}" + (f" [{f['part']}]" if f["part"] else "") for f in g["files"])
+            files = ", ".join(f"{P(f['path'])}" + (f" [{f['part']}]" if f["part"] else "") for f in g["files"])
             out.append(f"  {'; '.join(g['kinds'])}: {files}")
         if len(r["duplicates"]) > max_list:
             out.append(f"  … {len(r['duplicates']) - max_list} more")
@@ -214,7 +216,7 @@ def format_inspection(r: dict, max_list: int = 20) -> str:
     else:
         out.append(f"bad files: {len(r['bad_files'])} (training skips and lists them; data.on_bad_file=fail stops)")
         for p, reason in r["bad_files"][:max_list]:
-            out.append(f"  {p}: {reason}")
+            out.append(f"  {P(p)}: {P(reason)}")
         if len(r["bad_files"]) > max_list:
             out.append(f"  … {len(r['bad_files']) - max_list} more")
     return "\n".join(out)

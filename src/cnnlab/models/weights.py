@@ -31,12 +31,12 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if path.stat().st_size == 0:
         raise WeightsError(f"weights file is empty: {path}")
     if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
+        from ..tensorfile import TensorFileError, load_tensors
+
         try:
-            return load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as e:
-            raise WeightsError(f"{path}: not a valid safetensors file ({e})") from None
+            return load_tensors(path, None, "safetensors file")[0]  # verified when cnnlab wrote it
+        except TensorFileError as e:
+            raise WeightsError(str(e)) from None
     if path.suffix in PICKLE_SUFFIXES:
         try:
             obj = torch.load(str(path), map_location="cpu", weights_only=True)

@@ -11,6 +11,7 @@ bad_files.csv) and study folders (summary.json); never imports `train`.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from . import tables as T
 from .folders import (ReportError, RunFolder, eval_images, is_run, is_study, load_run_folder, load_summary,
                       read_history, read_json)
 from .html import run_page, study_page
+from ..runs import training_pid
 
 __all__ = ["write_report", "main_report", "plot_run", "plot_study", "ReportError"]
 
@@ -255,6 +257,9 @@ def write_report(folder: str | Path, *, replot: bool = False) -> Path:
     """Write folder/report.html for a run folder (config.yaml + metrics.json) or a study folder
     (summary.json), drawing the figures first unless they are up to date (replot=True: always)."""
     folder = Path(folder)
+    pid = training_pid(folder)
+    if pid is not None and pid != os.getpid():  # (the training process itself reports once it has finished)
+        raise ReportError(f"{folder} is still training (pid {pid}); write its report once the run has finished")
     if is_study(folder):
         return _write_study_report(folder, replot)
     if is_run(folder):

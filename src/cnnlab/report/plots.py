@@ -7,6 +7,7 @@ blue (its Figure 6); right green, wrong red (its Figure 8).
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 
@@ -15,6 +16,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import to_rgba
 from matplotlib.figure import Figure
+
+from ..display import escape_char, printable
 
 TRAIN, VAL = "#d62728", "#1f77b4"  # red / blue as in the second paper's Figure 6
 RIGHT, WRONG = "#1a9641", "#d7191c"  # green / red as in its Figure 8
@@ -32,6 +35,40 @@ STYLE = {
 }
 
 
+# Fonts for names in any script: DejaVu Sans, then any installed font of these families (matplotlib falls
+# back glyph by glyph along font.family). A character none of them has is drawn as its escape (\u732b)
+# instead of an empty box with a "Glyph missing" warning on stderr.
+FALLBACK_FONTS = ("CJK", "Han Sans", "Han Serif", "WenQuanYi", "Droid Sans Fallback", "Unifont")
+
+
+@functools.lru_cache(maxsize=1)
+def _fonts() -> tuple[tuple[str, ...], frozenset[int]]:
+    """(font families in fallback order, the code points they cover together)."""
+    from matplotlib import font_manager, ft2font
+
+    families = ["DejaVu Sans"] + sorted({f.name for f in font_manager.fontManager.ttflist
+                                         if any(h in f.name for h in FALLBACK_FONTS)})
+    chars: set[int] = set()
+    for family in families:
+        try:
+            path = font_manager.findfont(font_manager.FontProperties(family=family), fallback_to_default=False)
+            chars |= set(ft2font.FT2Font(path).get_charmap())
+        except (ValueError, RuntimeError, OSError):
+            continue
+    return tuple(families), frozenset(chars)
+
+
+def _style() -> dict:
+    return {**STYLE, "font.family": list(_fonts()[0])}
+
+
+def drawable(text: str) -> str:
+    """`text` as a figure can show it: control characters and glyphs no font has escaped, '$' not mathtext."""
+    covered = _fonts()[1]
+    text = "".join(c if ord(c) in covered or c == " " else escape_char(c) for c in printable(text))
+    return text.replace("$", r"\$")
+
+
 def _figure(width: float, height: float) -> Figure:
     fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
     FigureCanvasAgg(fig)
@@ -47,7 +84,8 @@ def _save(fig: Figure, path: Path) -> Path:
 
 
 def short(name: str, limit: int = 14) -> str:
-    """A class or variant name cut to `limit` characters (with an ellipsis) for crowded labels."""
+    """A class or variant name, drawable, cut to `limit` characters (with an ellipsis) for crowded labels."""
+    name = drawable(name)
     return name if len(name) <= limit else name[:limit - 1] + "…"
 
 
@@ -61,7 +99,7 @@ def class_counts(counts: dict[str, list[int]], classes: list[str], path: Path, *
     k = len(classes)
     order = sorted(range(k), key=lambda i: counts.get("train", [0] * k)[i])
     fig = _figure(7.0, 0.8 + 0.28 * k)
-    with matplotlib.rc_context(STYLE):
+    with matplotlib.rc_context(_style()):
         ax = fig.add_subplot()
         left = np.zeros(k)
         for part in ("train", "val", "test"):
@@ -86,7 +124,7 @@ def training_curves(history: list[dict], path: Path, *, best_epoch: int | None =
     """Loss and accuracy per epoch, training red and validation blue, the best epoch marked (Figure 6)."""
     epochs = [r["epoch"] for r in history]
     marker = "o" if len(epochs) <= 30 else None
-    with matplotlib.rc_context(STYLE):
+    with matplotlib.rc_context(_style()):
         fig = _figure(10, 3.8)
         axes = fig.subplots(1, 2)
         for ax, key, label in ((axes[0], "loss", "Loss (cross-entropy)"), (axes[1], "accuracy", "Accuracy")):
@@ -128,7 +166,7 @@ def study_curves(variants: dict[str, list[list[dict]]], path: Path, *, chance: f
     variants: name → one history (list of epoch rows) per seed. Runs that stopped early
     are ragged: at each epoch the mean and band use the seeds that reached it.
     """
-    with matplotlib.rc_context(STYLE):
+    with matplotlib.rc_context(_style()):
         fig = _figure(11, 4.2)
         axes = fig.subplots(1, 2)
         for i, (name, histories) in enumerate(variants.items()):
@@ -217,7 +255,7 @@ def confusion(cm, classes: list[str], path: Path, *, title: str = "") -> Path:
     cm = np.asarray(cm, dtype=int)
     side = _panel_size(len(classes))
     stacked = len(classes) > 20  # side by side, past ~20 classes, would shrink each panel below legibility
-    with matplotlib.rc_context(STYLE):
+    with matplotlib.rc_context(_style()):
         fig = _figure(side + 1.2, 2 * side + 0.4) if stacked else _figure(2 * side + 1.2, side)
         a, b = fig.subplots(2, 1) if stacked else fig.subplots(1, 2)
         _confusion_panel(fig, a, cm, classes, normalised=False, title="Counts")
@@ -231,7 +269,7 @@ def confusion_pair(panels: list[tuple[str, np.ndarray]], classes: list[str], pat
                    title: str = "") -> Path:
     """Row-normalised confusion matrices of several runs side by side (cells: % and count)."""
     side = _panel_size(len(classes))
-    with matplotlib.rc_context(STYLE):
+    with matplotlib.rc_context(_style()):
         fig = _figure(len(panels) * (side + 0.6) + 0.4, side + 0.3)
         axes = np.atleast_1d(fig.subplots(1, len(panels)))
         for ax, (label, cm) in zip(axes, panels):
@@ -262,7 +300,7 @@ def image_grid(images: list[np.ndarray], titles: list[str], correct: list[bool],
     rows = max(1, math.ceil(n / columns))
     cell_w, cell_h, img_in, head = 1.55, 1.78, 1.30, (0.45 if title else 0.1)  # inches
     width, height = cell_w * columns + 0.2, cell_h * rows + head
-    with matplotlib.rc_context(STYLE):
+    with matplotlib.rc_context(_style()):
         fig = Figure(figsize=(width, height), dpi=DPI)
         FigureCanvasAgg(fig)
         for k, (img, text, ok) in enumerate(zip(images, titles, correct)):
@@ -307,7 +345,7 @@ def comparison_bars(rows: list[dict], path: Path, *, chance: float | None = None
     """
     rows = sorted(rows, key=lambda r: r["mean"])  # barh draws bottom-up: the best ends on top
     n = len(rows)
-    with matplotlib.rc_context(STYLE):
+    with matplotlib.rc_context(_style()):
         fig = _figure(9, 1.0 + 0.55 * n + (0.4 if title else 0))
         ax = fig.subplots()
         ax.grid(axis="y", visible=False)

@@ -4,7 +4,8 @@ One file, `checkpoint.safetensors`, in the run folder: every tensor (model, best
 model so far, optimiser state, RNG states, the epoch's sample order, the running
 loss sums) as safetensors, and everything else (epoch, step, history, schedule,
 early stopping, optimiser hyper-parameters, Python / NumPy RNG) as JSON in its
-header. No pickle, so a checkpoint can be read without trusting it.
+header. No pickle, so a checkpoint can be read without trusting it; a checksum of the tensors
+(cnnlab.tensorfile) turns a damaged file into an error naming it, not a resume that "diverges".
 
 Writing is atomic: bytes go to a temporary file in the same folder, which is
 flushed and fsync'ed, then renamed over the previous checkpoint, then the folder
@@ -21,12 +22,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
-
-from ..fileio import atomic_write_bytes
+from ..tensorfile import TensorFileError, load_tensors, save_tensors
 
 CHECKPOINT = "checkpoint.safetensors"
+META_KEY = "cnnlab_checkpoint"
 FORMAT = 1
 
 
@@ -52,7 +51,7 @@ def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
         plain["state"][str(pid)] = {}
         for key, value in entries.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"optim.{pid}.{key}"] = value.detach().cpu().contiguous()
+                tensors[f"optim.{pid}.{key}"] = value
             else:
                 plain["state"][str(pid)][key] = value
     return tensors, plain
@@ -90,9 +89,9 @@ def _numpy_rng_state() -> dict:
 def save_checkpoint(run_dir: Path, state: TrainState, model, optimizer, schedule, stopper, loader,
                     config: dict, scaler=None) -> Path:
     """Everything needed to continue exactly where training stands."""
-    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}  # save_tensors makes them CPU, contiguous
     if state.best_state is not None:
-        tensors.update({f"best.{k}": v.detach().cpu().contiguous() for k, v in state.best_state.items()})
+        tensors.update({f"best.{k}": v for k, v in state.best_state.items()})
     opt_tensors, opt_plain = _flatten_optimizer(optimizer.state_dict())
     tensors.update(opt_tensors)
     tensors["rng.torch"] = torch.get_rng_state()
@@ -116,8 +115,7 @@ def save_checkpoint(run_dir: Path, state: TrainState, model, optimizer, schedule
         "scaler": scaler.state_dict() if scaler is not None else None, "config": config,
     }
     path = Path(run_dir) / CHECKPOINT
-    atomic_write_bytes(path, st_save(tensors, metadata={"cnnlab_checkpoint": json.dumps(meta)}),
-                       fault_point="checkpoint-write")
+    save_tensors(path, tensors, META_KEY, meta, fault_point="checkpoint-write")
     return path
 
 
@@ -135,7 +133,7 @@ def _from_json(obj):
     return obj
 
 
-class CheckpointError(ValueError):
+class CheckpointError(TensorFileError):
     """A checkpoint that cannot be used."""
 
 
@@ -144,14 +142,9 @@ def read_checkpoint(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict]:
     if not path.is_file():
         raise CheckpointError(f"{run_dir}: no {CHECKPOINT} to resume from")
     try:
-        data = path.read_bytes()
-        tensors = st_load(data)
-        from safetensors import safe_open  # header metadata without a second parse of the tensors
-
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads((f.metadata() or {})["cnnlab_checkpoint"])
-    except Exception as e:
-        raise CheckpointError(f"{path}: unreadable checkpoint ({type(e).__name__}: {e})") from None
+        tensors, meta = load_tensors(path, META_KEY, "checkpoint")
+    except TensorFileError as e:
+        raise CheckpointError(str(e)) from None
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path}: checkpoint format {meta.get('format')} is not {FORMAT}")
     return tensors, meta

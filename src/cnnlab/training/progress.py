@@ -7,6 +7,7 @@ import time
 
 from tqdm.auto import tqdm
 
+from ..display import printable_lines
 from ..runs import format_epoch as format_row
 
 
@@ -22,8 +23,9 @@ class ProgressLogger:
         self._last = 0.0
 
     def message(self, text: str) -> None:
+        """One message; class and file names in it are shown escaped (no raw terminal control codes)."""
         if self.mode != "none":
-            print(text, file=self.stream, flush=True)
+            print(printable_lines(text), file=self.stream, flush=True)
 
     def epoch_start(self, epoch: int, epochs: int, steps: int, done: int = 0) -> None:
         """done: steps already made in this epoch (a resumed run)."""

@@ -12,6 +12,9 @@ import numpy as np
 import torch
 
 
+MAX_THREADS_PER_CORE = 4  # more only adds switching; far more crashes the OpenMP runtime
+
+
 class Runtime:
     """Where and how tensors compute.
 
@@ -38,8 +41,11 @@ class Runtime:
                                                         for v in (channels_last, fused, reuse_memory))
         self.reuse_memory = reuse_memory and keep_freed_memory()
         if cpu:
-            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-            torch.set_num_threads(threads or cores or 1)
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+            if threads is not None and threads > MAX_THREADS_PER_CORE * cores:  # OpenMP segfaults at ~100,000
+                raise ValueError(f"train.threads={threads}: at most {MAX_THREADS_PER_CORE} per core, "
+                                 f"{MAX_THREADS_PER_CORE * cores} on the {cores} core(s) here (null: one per core)")
+            torch.set_num_threads(threads or cores)
         self.threads = torch.get_num_threads()
 
     def autocast(self):
