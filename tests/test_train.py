@@ -58,7 +58,7 @@ def test_optimizer_settings_reach_torch():
     assert adam.param_groups[0]["eps"] == 1e-6
     assert isinstance(build_optimizer(p, "adamw", 0.1), torch.optim.AdamW)
     assert isinstance(build_optimizer(p, "rmsprop", 0.1), torch.optim.RMSprop)
-    assert OPTIMIZERS == ["sgd", "adam", "adamw", "rmsprop"]
+    assert OPTIMIZERS.list() == ["sgd", "adam", "adamw", "rmsprop"]
 
 
 def test_unknown_optimizer_message():

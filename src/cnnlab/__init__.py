@@ -8,7 +8,7 @@
     cnnlab.create_model("harahap-cnn", num_classes=10)   # registry: cnnlab.list_models()
 """
 
-__version__ = "0.1.0"
+from ._version import __version__  # noqa: E402
 
 from .config import Config, ConfigError, load_config  # noqa: E402
 from .data import list_datasets, load_source  # noqa: E402

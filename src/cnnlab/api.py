@@ -23,7 +23,8 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from . import __version__, stats
+from . import stats
+from ._version import __version__
 from .config import RESUME_IGNORED, Config, ConfigError, config_differences, load_config
 from .data import DataError, Dataset, load_source, prepare, stratified_split
 from .data.loader import balance_sampling, balanced_class_weights, class_counts

@@ -165,7 +165,7 @@ def _error(text: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from ._version import __version__
 
     p = argparse.ArgumentParser(prog="cnnlab", description="Run, compare and report CNN image-classification "
                                 "experiments from one YAML config.", epilog=EXAMPLES,

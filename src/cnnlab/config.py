@@ -32,12 +32,30 @@ MAX_NODES = 100_000  # values in one YAML document once its aliases are expanded
 def _opt(default, help: str, **checks):
     """A config field: its default, a one-line meaning (with unit) and checks.
 
-    checks: choices=[...], min=, max= (inclusive), gt= (exclusive), lt=.
+    checks: choices=[...], min=, max= (inclusive), gt= (exclusive), lt=; registry="optimizer" (…): the
+    choices are that registry's entries (see `registry`), read when a config is checked.
     """
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: typing.cast(Any, type(d))(d),
                      metadata={"help": help, **checks})
     return field(default=default, metadata={"help": help, **checks})
+
+
+def registry(kind: str):
+    """The Registry behind a config choice. Imported late: those modules never import the config."""
+    if kind == "model":
+        from .models import MODELS as reg
+    elif kind == "init":
+        from .models.init import INITS as reg
+    elif kind == "source":
+        from .data.sources import SOURCES as reg
+    elif kind == "optimizer":
+        from .training.optim import OPTIMIZERS as reg
+    elif kind == "schedule":
+        from .training.optim import SCHEDULES as reg
+    else:
+        raise KeyError(kind)
+    return reg
 
 
 MONITORS = ["val_loss", "val_accuracy", "loss", "accuracy"]
@@ -52,7 +70,7 @@ class EarlyStopping:
 
 @dataclass
 class DataConfig:
-    source: str = _opt("animal-shapes", "animal-shapes | animal-shapes-5 | random | folder:PATH")
+    source: str = _opt("animal-shapes", "where the images come from (`cnnlab datasets`)", registry="source")
     image_size: Optional[int] = _opt(None, "side of the square input in pixels (null: the source's own)", min=1, max=4096)
     channels: Optional[int] = _opt(None, "1 (grayscale) or 3 (RGB); null: the source's own", choices=[1, 3])
     batch_size: int = _opt(128, "training batch size (images)", min=1)
@@ -91,19 +109,18 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = _opt("harahap-cnn", "a registered model; see `cnnlab models`")
+    name: str = _opt("harahap-cnn", "a registered model; see `cnnlab models`", registry="model")
     weights: Optional[str] = _opt(None, "null | PATH (.safetensors, or .pt/.pth state dict) | imagenet")
     freeze: str = _opt("none", "'backbone' trains only the classifier head", choices=["none", "backbone"])
     batch_norm: Optional[bool] = _opt(None, "batch normalisation on/off (null: the model's default)")
     dropout: Optional[float] = _opt(None, "dropout probability before the classifier (null: default)", min=0.0, lt=1.0)
     hidden: Optional[list[int]] = _opt(None, "hidden layer widths of the dense head / MLP (null: default)")
-    init: str = _opt("default", "weight initialisation",
-                     choices=["default", "xavier-uniform", "he-normal", "he-uniform", "uniform-fan-in"])
+    init: str = _opt("default", "weight initialisation", registry="init")
 
 
 @dataclass
 class OptimConfig:
-    name: str = _opt("adam", "optimiser", choices=["sgd", "adam", "adamw", "rmsprop"], kind="optimizer")
+    name: str = _opt("adam", "optimiser", registry="optimizer")
     lr: float = _opt(0.001, "base (peak) learning rate", gt=0.0, max=10.0)
     momentum: float = _opt(0.9, "sgd / rmsprop momentum", min=0.0, lt=1.0)
     nesterov: bool = _opt(False, "sgd: Nesterov momentum")
@@ -117,9 +134,7 @@ class OptimConfig:
 
 @dataclass
 class ScheduleConfig:
-    name: str = _opt("constant", "learning-rate schedule",
-                     choices=["constant", "step", "exponential", "cosine", "cyclic", "one-cycle", "plateau"],
-                     kind="schedule")
+    name: str = _opt("constant", "learning-rate schedule", registry="schedule")
     warmup_epochs: float = _opt(0.0, "linear warm-up from 0 over this many epochs", min=0.0)
     step_size: float = _opt(10.0, "step: epochs between decays", gt=0.0)
     gamma: float = _opt(0.1, "step / exponential / plateau decay factor (exponential: per epoch)", gt=0.0, max=1.0)
@@ -181,17 +196,13 @@ class Config:
         if self.name is not None:
             check_run_name(self.name)
         d = self.data
-        if d.source.startswith("folder:"):
-            import os
+        from .data.sources import normalize_source  # late: data does not import the config
 
-            d.source = "folder:" + os.path.abspath(os.path.expanduser(d.source[len("folder:"):]))
+        d.source = normalize_source(d.source)  # folder:PATH made absolute, so the saved config works anywhere
         if d.validation_split is None and d.val_fraction + d.test_fraction >= 1.0:
             raise ConfigError(
                 f"data.val_fraction + data.test_fraction = {d.val_fraction + d.test_fraction:g}: "
                 "they must sum to less than 1 so that something is left to train on")
-        if not (d.source in ("animal-shapes", "animal-shapes-5", "random") or d.source.startswith("folder:")):
-            raise ConfigError(f"unknown data.source {d.source!r}; choose one of: animal-shapes, "
-                              "animal-shapes-5, random, folder:PATH")
         if d.memory_budget is not None:
             from .data.stream import parse_bytes
 
@@ -207,10 +218,6 @@ class Config:
         dev = self.train.device
         if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
             raise ConfigError(f"unknown train.device {dev!r}; choose one of: auto, cpu, cuda, cuda:N")
-        from .models import list_models  # late import: models does not import config
-
-        if self.model.name not in list_models():
-            raise ConfigError(_choices_msg("model.name", self.model.name, list_models(), "model"))
 
 
 def check_run_name(name: str) -> None:
@@ -289,6 +296,10 @@ def _coerce(key: str, value: Any, tp, meta: dict) -> Any:
     choices = meta.get("choices")
     if choices is not None and value not in choices:
         raise ConfigError(_choices_msg(key, value, choices, meta.get("kind")))
+    if "registry" in meta:
+        reg = registry(meta["registry"])
+        if not reg.accepts(value):
+            raise ConfigError(_choices_msg(key, value, reg.spellings(), reg.kind))
     for check, ok, word in (("min", lambda v, b: v >= b, "at least"), ("max", lambda v, b: v <= b, "at most"),
                             ("gt", lambda v, b: v > b, "greater than"), ("lt", lambda v, b: v < b, "less than")):
         if check in meta and not ok(value, meta[check]):
@@ -483,7 +494,8 @@ def describe_keys(cls=Config, prefix: str = "") -> list[tuple[str, str, str]]:
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         help_ = f.metadata.get("help", "")
-        if "choices" in f.metadata and len(f.metadata["choices"]) > 2:
-            help_ += f" [{', '.join(map(str, f.metadata['choices']))}]"
+        choices = registry(f.metadata["registry"]).spellings() if "registry" in f.metadata else f.metadata.get("choices")
+        if choices is not None and len(choices) > 2:
+            help_ += f" [{', '.join(map(str, choices))}]"
         rows.append((prefix + f.name, "null" if default is None else str(default), help_))
     return rows

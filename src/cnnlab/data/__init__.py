@@ -3,7 +3,8 @@
 `data` imports nothing from `train`.
 """
 
-from .sources import Dataset, DataError, load_source, list_datasets, SOURCES  # noqa: F401
+from .dataset import Dataset  # noqa: F401
+from .sources import DataError, load_data, load_source, list_datasets, SOURCES  # noqa: F401
 from .split import stratified_split, Split  # noqa: F401
 from .augment import augment_batch  # noqa: F401
 from .loader import DeviceLoader, prepare  # noqa: F401

@@ -27,12 +27,14 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import mmap
 import os
 import struct
 import time
 import uuid
 import weakref
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,9 +43,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..hardware import cpu_cores
 from . import images as _images
 from .images import IMAGE_EXTENSIONS, BadImage, DataError, missing_file_reason, scan_folder
-from .sources import Dataset, cache_dir
+from .dataset import Dataset, cache_dir
 
 CACHE_VERSION = 2  # 2: per-file incremental cache; JPEG decoded at reduced DCT scale (draft)
 INDEX = "index.json"
@@ -55,11 +58,7 @@ INDEX = "index.json"
 # ~2.7 s to import cnnlab, which a 5,000-image folder (2.5 s of decoding) never earns back.
 # Pillow releases the GIL while decoding and resizing, so threads get most of the second core.
 def _default_workers() -> int:
-    try:
-        n = len(os.sched_getaffinity(0))
-    except AttributeError:
-        n = os.cpu_count() or 1
-    return max(1, min(16, n))
+    return min(16, cpu_cores())
 
 
 @dataclass
@@ -164,6 +163,25 @@ def memmap_of(images: torch.Tensor) -> np.memmap | None:
     """The cache file mapping a tensor returned by load_folder views (None for any other tensor)."""
     m = _MAPS.get(images.data_ptr()) if images.numel() else None
     return m if m is not None and m.nbytes == images.numel() * images.element_size() else None
+
+
+def page_releaser(images: torch.Tensor) -> Callable[[], None] | None:
+    """A function dropping the cache file's pages from this process' resident set, or None when
+    `images` is not a view of a cache file (then nothing may be dropped: it would be data)."""
+    m = memmap_of(images)
+    mm = getattr(m, "_mmap", None)
+    if mm is None or not hasattr(mm, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
+        return None
+    return lambda: mm.madvise(mmap.MADV_DONTNEED)  # read-only private map: pages re-read from the file
+
+
+def release_pages(images: torch.Tensor) -> bool:
+    """Drop the pages of a cache-file view from this process' resident set (e.g. after the in-memory
+    loader has copied its splits out of it); they stay in the OS page cache. False if not a cache view."""
+    release = page_releaser(images)
+    if release is not None:
+        release()
+    return release is not None
 
 
 # --------------------------------------------------------------------------- cache index

@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..display import printable
+from ..hardware import cpu_cores
 from .images import BadImage, probe_image, scan_folder
 from .split import stratified_split
 from .stream import default_memory_budget, fits_in_memory
@@ -58,7 +59,7 @@ def inspect_folder(path: str | Path, image_size: int | None = None, *, channels:
     """
     root = Path(os.path.expanduser(str(path)))
     classes, files, skipped = scan_folder(root)
-    workers = workers or min(16, os.cpu_count() or 1)
+    workers = workers or min(16, cpu_cores())
     with ThreadPoolExecutor(workers) as ex:
         results = list(tqdm(ex.map(lambda f: _examine(root / f[0]), files), total=len(files), unit="img",
                             desc=f"inspecting {root.name}", disable=not progress, leave=False))

@@ -13,31 +13,10 @@ from typing import Callable, Iterator
 import torch
 
 from .augment import augment_batch
-from .sources import Dataset
+from .dataset import Dataset
+from .folder import release_pages
+from .normalize import Normalizer, fit_normalizer
 from .split import Split
-
-
-@dataclass
-class Normalizer:
-    """Per-channel mean / std in [0, 1] pixel units (identity when normalisation is off);
-    computed from the training split by stream.fit_normalizer."""
-
-    mean: list[float]
-    std: list[float]
-
-    def _affine(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        cache = self.__dict__.setdefault("_cache", {})
-        if device not in cache:  # built once per device, not per batch
-            std = torch.tensor(self.std, dtype=torch.float64)
-            mean = torch.tensor(self.mean, dtype=torch.float64)
-            cache[device] = ((1.0 / (255.0 * std)).float().view(1, -1, 1, 1).to(device),
-                             (mean / std).float().view(1, -1, 1, 1).to(device))
-        return cache[device]
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) uint8 → float32 normalised: x/255·(1/std) − mean/std."""
-        scale, shift = self._affine(x.device)
-        return torch.addcmul(-shift, x.float(), scale)
 
 
 class DeviceLoader:
@@ -150,6 +129,15 @@ def expand_offline(images: torch.Tensor, labels: torch.Tensor, train_idx: list[i
     return torch.cat([images, *out]), torch.cat([labels, labels[src]]), src.tolist()
 
 
+def seeded_generators(seed: int, device, augment: dict | None):
+    """A run's data-order and augmentation generators (from train.seed) and the batch augmentation drawing
+    from the latter: defined once, so the in-memory and the streamed loaders draw the same batches."""
+    g_order = torch.Generator(device=device).manual_seed(seed)
+    g_aug = torch.Generator(device=device).manual_seed(seed + 1_000_003)
+    aug_fn = (lambda x: augment_batch(x, g_aug, **augment)) if augment else None
+    return g_order, g_aug, aug_fn
+
+
 def prepare(ds: Dataset, split: Split, *, batch_size: int, eval_batch_size: int, device: torch.device,
             seed: int, normalize: bool = True, augment: dict | None = None, expand: int = 0,
             expand_seed: int = 0, expand_augment: dict | None = None, channels_last: bool = False) -> Prepared:
@@ -163,17 +151,13 @@ def prepare(ds: Dataset, split: Split, *, batch_size: int, eval_batch_size: int,
     images, labels, copy_of = expand_offline(images, labels, split.train, expand, expand_seed, aug_kwargs)
     train_idx = split.train + list(range(len(ds.labels), len(labels)))
     split.expanded_from = copy_of
-    from .stream import fit_normalizer, release_pages  # stream imports this module
-
     norm = fit_normalizer(ds.images, split.train, normalize)  # statistics of the original training images
 
     def part(idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         t = torch.tensor(idx, dtype=torch.int64)
         return images[t].to(device), labels[t].to(device)
 
-    g_order = torch.Generator(device=device).manual_seed(seed)
-    g_aug = torch.Generator(device=device).manual_seed(seed + 1_000_003)
-    aug_fn = (lambda x: augment_batch(x, g_aug, **augment)) if augment else None
+    g_order, g_aug, aug_fn = seeded_generators(seed, device, augment)
     train = DeviceLoader(*part(train_idx), norm, batch_size, shuffle=True, generator=g_order, augment=aug_fn,
                          channels_last=channels_last)
     train.aug_generator = g_aug  # its state goes into checkpoints

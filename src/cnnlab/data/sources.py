@@ -6,6 +6,9 @@
 - animal-shapes-5 : its cat, cow, elephant, horse and sheep (the second paper's classes).
 - random          : the first paper's synthetic set: random pixels, random labels (seeded).
 - folder:PATH     : one sub-folder per class, or train/ val/ test/ each with class folders.
+
+A new source is one function registered in SOURCES below (its test beside the others in
+tests/test_data.py); the config's choices, `cnnlab datasets` and the error messages read the registry.
 """
 
 from __future__ import annotations
@@ -16,57 +19,19 @@ import hashlib
 import importlib.util
 import os
 import pickle
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..fileio import atomic_write_bytes
+from ..registry import Registry
+from .dataset import Dataset, cache_dir, convert_channels, resize_uint8, select_classes, subsample_per_class
 from .images import IMAGE_EXTENSIONS, DataError, decode_image, scan_folder
 
 
 ANIMAL_CLASSES = ["bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse", "sheep", "zebra"]
 ANIMAL5_CLASSES = ["cat", "cow", "elephant", "horse", "sheep"]
-
-SOURCES = {
-    "animal-shapes": "Animal-Shape: 10,000 28×28 grayscale animal silhouettes, 10 classes × 1,000 (animal-mnist)",
-    "animal-shapes-5": "Animal-Shape's cat, cow, elephant, horse, sheep: the second paper's 5 classes (5,000 images)",
-    "random": "the first paper's synthetic set: random_samples random images, random labels (seeded)",
-    "folder:PATH": "your images: PATH/<class>/*.jpg|png|bmp|gif|webp, or PATH/{train,val,test}/<class>/…",
-}
-
-
-@dataclass
-class Dataset:
-    """Decoded images and labels; `predefined` holds a folder's own train/val/test membership."""
-
-    images: torch.Tensor  # (N, C, H, W) uint8
-    labels: torch.Tensor  # (N,) int64 in [0, len(classes))
-    classes: list[str]
-    name: str
-    paths: list[str] | None = None  # folder sources: file paths relative to the folder
-    predefined: dict[str, list[int]] | None = None
-    bad_files: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def counts(self) -> dict[str, int]:
-        c = torch.bincount(self.labels, minlength=len(self.classes)).tolist()
-        return dict(zip(self.classes, c))
-
-
-def list_datasets() -> dict[str, str]:
-    return dict(SOURCES)
-
-
-def cache_dir() -> Path:
-    """Where decoded data is cached: $CNNLAB_CACHE, else ~/.cache/cnnlab."""
-    d = Path(os.environ.get("CNNLAB_CACHE") or Path.home() / ".cache" / "cnnlab")
-    d.mkdir(parents=True, exist_ok=True)
-    return d
 
 
 def _atomic_save_npz(path: Path, **arrays) -> None:
@@ -130,68 +95,44 @@ def load_animal_shapes() -> tuple[np.ndarray, np.ndarray]:
 
 # --------------------------------------------------------------------------- helpers
 
-def resize_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
-    """(N, C, h, w) uint8 → (N, C, size, size) uint8, antialiased bilinear."""
-    if images.shape[-1] == size and images.shape[-2] == size:
-        return images
-    out = []
-    for chunk in images.split(2048):
-        x = F.interpolate(chunk.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        out.append(x.round_().clamp_(0, 255).to(torch.uint8))
-    return torch.cat(out)
-
-
-def convert_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
-    """1 ↔ 3 channels (gray → RGB by repeating; RGB → gray with ITU-R 601 luma weights)."""
-    c = images.shape[1]
-    if c == channels:
-        return images
-    if c == 1 and channels == 3:
-        return images.expand(-1, 3, -1, -1).contiguous()
-    if c == 3 and channels == 1:
-        w = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
-        return (images.float() * w).sum(1, keepdim=True).round_().clamp_(0, 255).to(torch.uint8)
-    raise DataError(f"cannot convert {c} channels to {channels}")
-
-
-def subsample_per_class(ds: Dataset, per_class: int, seed: int) -> Dataset:
-    """At most `per_class` images of each class, chosen with `seed` (order kept)."""
-    g = torch.Generator().manual_seed(seed)
-    keep = []
-    for c in range(len(ds.classes)):
-        idx = (ds.labels == c).nonzero().flatten()
-        keep.append(idx[torch.randperm(len(idx), generator=g)[:per_class]])
-    keep = torch.cat(keep).sort().values
-    return _take(ds, keep)
-
-
-def select_classes(ds: Dataset, names: list[str]) -> Dataset:
-    """Only the named classes, re-numbered in the given order."""
-    unknown = [n for n in names if n not in ds.classes]
-    if unknown:
-        raise DataError(f"data.classes: {', '.join(map(repr, unknown))} not in {ds.name}; "
-                        f"its classes: {', '.join(ds.classes)}")
-    old = torch.tensor([ds.classes.index(n) for n in names])
-    keep = torch.isin(ds.labels, old).nonzero().flatten()
-    sub = _take(ds, keep)
-    remap = torch.full((len(ds.classes),), -1, dtype=torch.int64)
-    remap[old] = torch.arange(len(names))
-    sub.labels = remap[sub.labels]
-    sub.classes = list(names)
-    return sub
-
-
-def _take(ds: Dataset, idx: torch.Tensor) -> Dataset:
-    idx_list = idx.tolist()
-    pos = {old: new for new, old in enumerate(idx_list)}
-    predefined = None
-    if ds.predefined:
-        predefined = {k: [pos[i] for i in v if i in pos] for k, v in ds.predefined.items()}
-    return Dataset(ds.images[idx], ds.labels[idx], ds.classes, ds.name,
-                   [ds.paths[i] for i in idx_list] if ds.paths else None, predefined, ds.bad_files)
-
-
 # --------------------------------------------------------------------------- sources
+
+SOURCES: Registry[Dataset] = Registry("data source", sort=False)
+# A source is one decorated function: (argument or None, *, image_size, channels, seed, random_samples,
+# random_classes, resize, on_bad_file, progress) → Dataset at that size (None: the source's own).
+# Registered with arg="PATH" it is written `name:PATH`, and `normalize` makes the argument
+# independent of the current directory when the config is checked.
+
+
+@SOURCES.register("animal-shapes", doc="Animal-Shape: 10,000 28×28 grayscale animal silhouettes, 10 classes × "
+                                       "1,000 (animal-mnist)")
+def _animal_shapes(arg, *, image_size, channels, **_) -> Dataset:
+    return _animal(ANIMAL_CLASSES, "animal-shapes", image_size, channels)
+
+
+@SOURCES.register("animal-shapes-5", doc="Animal-Shape's cat, cow, elephant, horse, sheep: the second paper's 5 "
+                                         "classes (5,000 images)")
+def _animal_shapes_5(arg, *, image_size, channels, **_) -> Dataset:
+    return _animal(ANIMAL5_CLASSES, "animal-shapes-5", image_size, channels)
+
+
+@SOURCES.register("random", doc="the first paper's synthetic set: random_samples random images, random labels "
+                                "(seeded)")
+def _random(arg, *, image_size, channels, random_samples, random_classes, seed, **_) -> Dataset:
+    g = torch.Generator().manual_seed(seed)
+    size, c = image_size or 28, channels or 1
+    x = torch.randint(0, 256, (random_samples, c, size, size), generator=g, dtype=torch.uint8)
+    y = torch.randint(0, random_classes, (random_samples,), generator=g)
+    return Dataset(x, y, [f"class{i}" for i in range(random_classes)], "random")
+
+
+@SOURCES.register("folder", doc="your images: PATH/<class>/*.jpg|png|bmp|gif|webp, or PATH/{train,val,test}/<class>/…",
+                  arg="PATH", normalize=lambda path: os.path.abspath(os.path.expanduser(path)))
+def _folder(arg, *, image_size, channels, resize, on_bad_file, progress, **_) -> Dataset:
+    from .folder import load_folder  # decoding lives beside its cache
+
+    return load_folder(Path(os.path.expanduser(arg)), image_size or 64, channels or 3, resize, on_bad_file, progress)
+
 
 def _animal(classes: list[str], name: str, image_size: int | None, channels: int | None) -> Dataset:
     images, labels = load_animal_shapes()
@@ -203,19 +144,19 @@ def _animal(classes: list[str], name: str, image_size: int | None, channels: int
     return Dataset(x, y, list(classes), name)
 
 
-def _random(n: int, num_classes: int, image_size: int | None, channels: int | None, seed: int) -> Dataset:
-    g = torch.Generator().manual_seed(seed)
-    size, c = image_size or 28, channels or 1
-    x = torch.randint(0, 256, (n, c, size, size), generator=g, dtype=torch.uint8)
-    y = torch.randint(0, num_classes, (n,), generator=g)
-    return Dataset(x, y, [f"class{i}" for i in range(num_classes)], "random")
+def list_datasets() -> dict[str, str]:
+    """{source as written in a config: one line about it}."""
+    return {spelled: SOURCES.describe(name) for name, spelled in zip(SOURCES.list(), SOURCES.spellings())}
 
 
-def _folder(root: Path, image_size: int | None, channels: int | None, resize: str, on_bad_file: str,
-            progress: bool) -> Dataset:
-    from .folder import load_folder  # decoding lives beside the cache
-
-    return load_folder(root, image_size or 64, channels or 3, resize, on_bad_file, progress)
+def normalize_source(spec: str) -> str:
+    """`spec` checked against the registry (DataError naming the choices) and made independent of the
+    current directory (`folder:photos` → `folder:/home/me/photos`)."""
+    if not SOURCES.accepts(spec):
+        raise DataError(f"unknown data source {spec!r}; choose one of: {', '.join(SOURCES.spellings())}")
+    name, arg = SOURCES.split(spec)
+    fix = SOURCES.info[name].get("normalize")
+    return f"{name}:{fix(arg) if fix else arg}" if arg is not None else name
 
 
 def load_source(source: str, *, image_size: int | None = None, channels: int | None = None,
@@ -223,17 +164,12 @@ def load_source(source: str, *, image_size: int | None = None, channels: int | N
                 resize: str = "stretch", on_bad_file: str = "skip", max_per_class: int | None = None,
                 classes: list[str] | None = None, progress: bool = True) -> Dataset:
     """Decode a source into a Dataset at the requested size and channels (None: the source's own)."""
-    if source == "animal-shapes":
-        ds = _animal(ANIMAL_CLASSES, source, image_size, channels)
-    elif source == "animal-shapes-5":
-        ds = _animal(ANIMAL5_CLASSES, source, image_size, channels)
-    elif source == "random":
-        ds = _random(random_samples, random_classes, image_size, channels, seed)
-    elif source.startswith("folder:"):
-        ds = _folder(Path(os.path.expanduser(source[len("folder:"):])), image_size, channels, resize,
-                     on_bad_file, progress)
-    else:
-        raise DataError(f"unknown data source {source!r}; choose one of: {', '.join(SOURCES)}")
+    if not SOURCES.accepts(source):
+        raise DataError(f"unknown data source {source!r}; choose one of: {', '.join(SOURCES.spellings())}")
+    name, arg = SOURCES.split(source)
+    ds = SOURCES.create(name, arg, image_size=image_size, channels=channels, random_samples=random_samples,
+                        random_classes=random_classes, seed=seed, resize=resize, on_bad_file=on_bad_file,
+                        progress=progress)
     if classes is not None:
         ds = select_classes(ds, classes)
     if max_per_class is not None:
@@ -241,5 +177,14 @@ def load_source(source: str, *, image_size: int | None = None, channels: int | N
     return ds
 
 
-__all__ = ["Dataset", "DataError", "load_source", "list_datasets", "IMAGE_EXTENSIONS", "decode_image",
-           "scan_folder", "cache_dir"]
+def load_data(d, progress: bool = True) -> Dataset:
+    """The data a config's `data` section describes (a DataConfig, or anything with its attributes): the one
+    way training, evaluation and the report rebuild a run's images."""
+    return load_source(d.source, image_size=d.image_size, channels=d.channels, random_samples=d.random_samples,
+                       random_classes=d.random_classes, seed=d.split_seed, resize=d.resize,
+                       on_bad_file=d.on_bad_file, classes=d.classes, max_per_class=d.max_per_class,
+                       progress=progress)
+
+
+__all__ = ["Dataset", "DataError", "SOURCES", "load_source", "load_data", "list_datasets", "normalize_source",
+           "IMAGE_EXTENSIONS", "decode_image", "scan_folder", "cache_dir"]

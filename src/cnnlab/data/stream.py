@@ -11,18 +11,17 @@ so peak RSS stays bounded however large the cache.
 
 from __future__ import annotations
 
-import math
-import mmap
 import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from .augment import augment_batch
 from .images import DataError
-from .loader import DeviceLoader, Normalizer, Prepared
-from .sources import Dataset
+from .dataset import Dataset
+from .folder import page_releaser, release_pages  # noqa: F401  (release_pages: part of this module's API)
+from .loader import DeviceLoader, Prepared, seeded_generators
+from .normalize import Normalizer, fit_normalizer
 from .split import Split
 
 DEFAULT_BUDGET_FRACTION = 0.5  # of the memory available now: room left for the model, activations, the OS
@@ -109,66 +108,7 @@ def fits_in_memory(n_images: int, c: int, h: int, w: int, budget_bytes: int | No
     return n_images * c * h * w <= budget
 
 
-# --------------------------------------------------------------------------- normalisation
-
-def fit_normalizer(images: torch.Tensor, indices=None, enabled: bool = True,
-                   chunk_bytes: int = 8 << 20) -> Normalizer:
-    """Per-channel mean / std (unbiased) of images[indices] in [0, 1] units, read in chunks.
-
-    Exact: a 256-bin histogram per channel gives integer Σx and Σx², and the mean and variance
-    are formed from those integers, so the result does not depend on chunking (or on which
-    loader is used) and memory stays at one chunk — unlike a float64 copy of the whole split
-    (8 bytes a pixel: 10 GB for 100,000 64×64 RGB images).
-    """
-    c = images.shape[1]
-    idx = torch.arange(len(images)) if indices is None else torch.as_tensor(indices, dtype=torch.int64)
-    if not enabled or len(idx) == 0:
-        return Normalizer([0.0] * c, [1.0] * c)
-    idx = idx.sort().values  # read the file forwards
-    per_image = max(1, images[0].numel())
-    step = max(1, chunk_bytes // per_image)
-    hist = torch.zeros(c, 256, dtype=torch.int64)
-    release = _release(images)
-    for s in range(0, len(idx), step):
-        x = images.index_select(0, idx[s:s + step])
-        for ch in range(c):
-            hist[ch] += torch.bincount(x[:, ch].flatten(), minlength=256)
-        if release is not None:
-            release()  # a cache file's pages: read once, not kept resident
-    v = torch.arange(256, dtype=torch.int64)
-    mean, std = [], []
-    for ch in range(c):
-        n = int(hist[ch].sum())
-        s1 = int((hist[ch] * v).sum())
-        s2 = int((hist[ch] * v * v).sum())
-        mean.append(s1 / (n * 255))  # int / int: correctly rounded
-        var = (n * s2 - s1 * s1) / (n * (n - 1) * 255 * 255) if n > 1 else 0.0
-        std.append(max(math.sqrt(max(var, 0.0)), 1e-6))
-    return Normalizer(mean, std)
-
-
 # --------------------------------------------------------------------------- loader
-
-def _release(images: torch.Tensor) -> Callable[[], None] | None:
-    """A function dropping the cache file's pages from this process' resident set, or None when
-    `images` is not a view of a cache file (then nothing may be dropped: it would be data)."""
-    from .folder import memmap_of
-
-    m = memmap_of(images)
-    mm = getattr(m, "_mmap", None)
-    if mm is None or not hasattr(mm, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
-        return None
-    return lambda: mm.madvise(mmap.MADV_DONTNEED)  # read-only private map: pages re-read from the file
-
-
-def release_pages(images: torch.Tensor) -> bool:
-    """Drop the pages of a cache-file view from this process' resident set (e.g. after the in-memory
-    loader has copied its splits out of it); they stay in the OS page cache. False if not a cache view."""
-    release = _release(images)
-    if release is not None:
-        release()
-    return release is not None
-
 
 class StreamingLoader(DeviceLoader):
     """Yields (x float (B,C,H,W), y int64 (B,)) batches read from `images` rows by index.
@@ -199,7 +139,7 @@ class StreamingLoader(DeviceLoader):
         self.normalizer, self.batch_size = normalizer, batch_size
         self.shuffle, self.generator, self.augment = shuffle, generator, augment
         self.channels_last, self.prefetch = channels_last, prefetch
-        self._release = _release(images) if release_bytes else None
+        self._release = page_releaser(images) if release_bytes else None
         self._release_bytes, self._read = release_bytes, 0
 
     # __len__, num_samples, new_order, __iter__ and _to_input come from DeviceLoader (self.labels is this split's)
@@ -263,9 +203,7 @@ def prepare_streaming(ds: Dataset, split: Split, *, batch_size: int, eval_batch_
     device = torch.device(device)
     split.expanded_from = []
     norm = normalizer or fit_normalizer(ds.images, split.train, normalize)
-    g_order = torch.Generator(device=device).manual_seed(seed)
-    g_aug = torch.Generator(device=device).manual_seed(seed + 1_000_003)
-    aug_fn = (lambda x: augment_batch(x, g_aug, **augment)) if augment else None
+    g_order, g_aug, aug_fn = seeded_generators(seed, device, augment)
 
     def loader(idx, bs, **kw):
         return StreamingLoader(ds.images, ds.labels, norm, bs, indices=idx, device=device,

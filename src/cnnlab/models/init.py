@@ -1,4 +1,8 @@
-"""Weight initialisation schemes of the first paper (conv and dense weights; biases → 0)."""
+"""Weight initialisation schemes of the first paper (conv and dense weights; biases → 0).
+
+A scheme is one registered function that fills a weight tensor in place (INITS); `default` keeps
+PyTorch's own initialisation.
+"""
 
 from __future__ import annotations
 
@@ -7,32 +11,48 @@ import math
 import torch
 from torch import nn
 
-INITS = ["default", "xavier-uniform", "he-normal", "he-uniform", "uniform-fan-in"]
+from ..registry import Registry
+
+INITS: Registry[None] = Registry("init", sort=False)
+
+
+@INITS.register("default", doc="PyTorch's own initialisation, left as it is")
+def _default(w: torch.Tensor) -> None:
+    raise AssertionError("never called: 'default' leaves the model as built")
+
+
+@INITS.register("xavier-uniform", doc="Glorot / Xavier uniform")
+def _xavier_uniform(w: torch.Tensor) -> None:
+    nn.init.xavier_uniform_(w)
+
+
+@INITS.register("he-normal", doc="He / Kaiming normal, for ReLU")
+def _he_normal(w: torch.Tensor) -> None:
+    nn.init.kaiming_normal_(w, nonlinearity="relu")
+
+
+@INITS.register("he-uniform", doc="He / Kaiming uniform, for ReLU")
+def _he_uniform(w: torch.Tensor) -> None:
+    nn.init.kaiming_uniform_(w, nonlinearity="relu")
+
+
+@INITS.register("uniform-fan-in", doc="U(±1/√n), n = fan-in: the first paper's eq. (4)/(17)")
+def _uniform_fan_in(w: torch.Tensor) -> None:
+    bound = 1.0 / math.sqrt(w[0].numel())
+    nn.init.uniform_(w, -bound, bound)
 
 
 @torch.no_grad()
 def init_weights(model: nn.Module, scheme: str = "default") -> None:
-    """Re-initialise every Conv/Linear weight with `scheme`; 'default' keeps PyTorch's.
-
-    uniform-fan-in is the paper's eq. (4)/(17): W ~ Uniform(-1/√n, 1/√n), n = fan-in.
-    """
+    """Re-initialise every Conv/Linear weight with `scheme` (zeroing its bias); 'default' keeps PyTorch's."""
     if scheme not in INITS:
-        raise ValueError(f"unknown init {scheme!r}; choose one of: {', '.join(INITS)}")
+        raise ValueError(f"unknown init {scheme!r}; choose one of: {', '.join(INITS.list())}")
     if scheme == "default":
         return
+    fill = INITS.get(scheme)
     for m in model.modules():
         if not isinstance(m, (nn.Conv2d, nn.Linear)):
             continue
-        w = m.weight
-        if scheme == "xavier-uniform":
-            nn.init.xavier_uniform_(w)
-        elif scheme == "he-normal":
-            nn.init.kaiming_normal_(w, nonlinearity="relu")
-        elif scheme == "he-uniform":
-            nn.init.kaiming_uniform_(w, nonlinearity="relu")
-        elif scheme == "uniform-fan-in":
-            fan_in = w[0].numel()
-            bound = 1.0 / math.sqrt(fan_in)
-            nn.init.uniform_(w, -bound, bound)
+        fill(m.weight)
         if m.bias is not None:
             nn.init.zeros_(m.bias)

@@ -34,7 +34,7 @@ RUN_INPUTS = ("metrics.json", "history.csv", "predictions.csv", "config.yaml")
 
 def _inputs(folder: Path, names) -> dict:
     """What the figures were drawn from: each file's (mtime, size), and the drawing code's version."""
-    from .. import __version__
+    from .._version import __version__
 
     return {"cnnlab": __version__,
             **{n: [p.stat().st_mtime_ns, p.stat().st_size] for n in names if (p := folder / n).is_file()}}

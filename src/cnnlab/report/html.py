@@ -108,7 +108,7 @@ def card(label: str, value: str, note: str = "") -> str:
 
 
 def page(title: str, body: str) -> str:
-    from .. import __version__
+    from .._version import __version__
 
     stamp = dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"

@@ -7,31 +7,53 @@ import math
 import torch
 from torch import nn
 
-OPTIMIZERS = ["sgd", "adam", "adamw", "rmsprop"]
+from ..registry import Registry
+
+OPTIMIZERS: Registry[torch.optim.Optimizer] = Registry("optimizer", sort=False)
+# An optimiser is one registered function (params, lr, options, fused_kw) → torch optimiser; `options` holds
+# the optim section's momentum, nesterov, beta1, beta2, eps and weight_decay.
+
+
+@OPTIMIZERS.register("sgd", doc="SGD with momentum (optim.momentum) and optional Nesterov", fused=True)
+def _sgd(params, lr: float, o: dict, fused_kw: dict) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=lr, momentum=o["momentum"], nesterov=o["nesterov"] and o["momentum"] > 0,
+                           weight_decay=o["weight_decay"], **fused_kw)
+
+
+@OPTIMIZERS.register("adam", doc="Adam (optim.beta1, beta2, eps)", fused=True)
+def _adam(params, lr: float, o: dict, fused_kw: dict) -> torch.optim.Optimizer:
+    return torch.optim.Adam(params, lr=lr, betas=(o["beta1"], o["beta2"]), eps=o["eps"],
+                            weight_decay=o["weight_decay"], **fused_kw)
+
+
+@OPTIMIZERS.register("adamw", doc="AdamW: Adam with decoupled weight decay", fused=True)
+def _adamw(params, lr: float, o: dict, fused_kw: dict) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=lr, betas=(o["beta1"], o["beta2"]), eps=o["eps"],
+                             weight_decay=o["weight_decay"], **fused_kw)
+
+
+@OPTIMIZERS.register("rmsprop", doc="RMSprop with Keras' defaults (rho 0.9, no momentum)", fused=False)
+def _rmsprop(params, lr: float, o: dict, fused_kw: dict) -> torch.optim.Optimizer:
+    # Keras' RMSprop defaults: rho 0.9, no momentum; torch has no fused RMSprop step
+    return torch.optim.RMSprop(params, lr=lr, alpha=0.9, eps=o["eps"], momentum=0.0, weight_decay=o["weight_decay"])
 
 
 def build_optimizer(params, name: str, lr: float, *, momentum: float = 0.9, nesterov: bool = False,
                     beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-7,
                     weight_decay: float = 0.0, fused: bool = False) -> torch.optim.Optimizer:
-    """sgd (momentum, nesterov) | adam | adamw | rmsprop, over the trainable `params`.
+    """A registered optimiser (sgd, adam, adamw, rmsprop…) over the trainable `params`.
 
     weight_decay is the optimiser's own decay (decoupled for adamw). It is not the
     papers' L2 term λ/2·Σ‖W‖², which `l2_penalty` adds to the loss instead.
-    fused: torch's fused step for sgd, adam and adamw (the same update in one kernel; rmsprop has none).
+    fused: torch's fused step where the optimiser has one (the same update in one kernel).
     """
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}; choose one of: {', '.join(OPTIMIZERS.list())}")
     params = [p for p in params if p.requires_grad]
-    kw = {"fused": True} if fused and params and all(p.is_floating_point() for p in params) else {}
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0,
-                               weight_decay=weight_decay, **kw)
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay, **kw)
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay, **kw)
-    if name == "rmsprop":
-        # Keras' RMSprop defaults: rho 0.9, no momentum unless asked; momentum here is opt-in via sgd-style key
-        return torch.optim.RMSprop(params, lr=lr, alpha=0.9, eps=eps, momentum=0.0, weight_decay=weight_decay)
-    raise ValueError(f"unknown optimizer {name!r}; choose one of: {', '.join(OPTIMIZERS)}")
+    fused_kw = {"fused": True} if (fused and OPTIMIZERS.info[name].get("fused") and params
+                                   and all(p.is_floating_point() for p in params)) else {}
+    options = dict(momentum=momentum, nesterov=nesterov, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
+    return OPTIMIZERS.create(name, params, lr, options, fused_kw)
 
 
 def l2_weights(model: nn.Module) -> list[torch.Tensor]:
@@ -53,12 +75,14 @@ class LRSchedule:
     and warm-up composes with any of them. `plateau` is the exception: it reacts
     to the monitored metric at each epoch end.
 
-    names: constant | step | exponential | cosine | cyclic | one-cycle | plateau.
+    names: the SCHEDULES registry (constant | step | exponential | cosine | cyclic | one-cycle | plateau).
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, name: str, base_lr: float, steps_per_epoch: int,
                  epochs: int, *, warmup_epochs: float = 0.0, step_size: float = 10.0, gamma: float = 0.1,
                  min_lr: float = 0.0, cycle_epochs: float = 4.0, pct_start: float = 0.3, patience: int = 3):
+        if name not in SCHEDULES:
+            raise ValueError(f"unknown schedule {name!r}; choose one of: {', '.join(SCHEDULES.list())}")
         self.opt, self.name, self.base_lr = optimizer, name, base_lr
         self.steps_per_epoch, self.epochs = max(1, steps_per_epoch), epochs
         self.warmup, self.step_size, self.gamma = warmup_epochs, step_size, gamma
@@ -69,29 +93,7 @@ class LRSchedule:
 
     def lr_at(self, step: int) -> float:
         e = step / self.steps_per_epoch  # fractional epoch
-        total = float(self.epochs)
-        lr0, name = self.base_lr, self.name
-        if name in ("constant", "plateau"):
-            lr = lr0 * self.plateau_factor
-        elif name == "step":
-            lr = lr0 * self.gamma ** math.floor(e / self.step_size)
-        elif name == "exponential":
-            lr = lr0 * self.gamma ** e
-        elif name == "cosine":
-            lr = self.min_lr + (lr0 - self.min_lr) * 0.5 * (1 + math.cos(math.pi * min(1.0, e / total)))
-        elif name == "cyclic":  # triangular between min_lr and lr0
-            pos = (e / self.cycle) % 1.0
-            lr = self.min_lr + (lr0 - self.min_lr) * (1 - abs(2 * pos - 1))
-        elif name == "one-cycle":  # lr0/25 → lr0 (pct_start), cosine → lr0/25e4 (torch's defaults)
-            t = min(1.0, e / total)
-            lo, end = lr0 / 25, lr0 / 25e4
-            if t < self.pct_start:
-                lr = lo + (lr0 - lo) * 0.5 * (1 - math.cos(math.pi * t / self.pct_start))
-            else:
-                u = (t - self.pct_start) / (1 - self.pct_start)
-                lr = end + (lr0 - end) * 0.5 * (1 + math.cos(math.pi * u))
-        else:
-            raise ValueError(f"unknown schedule {name!r}")
+        lr = SCHEDULES.create(self.name, self, e, float(self.epochs), self.base_lr)
         if self.warmup > 0 and e < self.warmup:
             lr *= (step + 1) / (self.warmup * self.steps_per_epoch)
         return lr
@@ -111,7 +113,7 @@ class LRSchedule:
 
     def epoch_end(self, monitored: float | None, mode: str = "min") -> None:
         """plateau: multiply the rate by gamma after `patience` epochs without improvement."""
-        if self.name != "plateau" or monitored is None:
+        if not SCHEDULES.info[self.name].get("reacts_to_metric") or monitored is None:
             return
         better = self.plateau_best is None or (monitored < self.plateau_best if mode == "min"
                                                else monitored > self.plateau_best)
@@ -131,3 +133,50 @@ class LRSchedule:
     def load_state_dict(self, state: dict) -> None:
         self.__dict__.update(state)
         self._apply()
+
+
+SCHEDULES: Registry[float] = Registry("schedule", sort=False)
+# A schedule is one registered formula (schedule, fractional epoch e, total epochs, base rate) → rate;
+# warm-up is applied on top of any of them by LRSchedule.lr_at.
+
+
+@SCHEDULES.register("constant", doc="the base rate throughout")
+def _constant(s: LRSchedule, e: float, total: float, lr0: float) -> float:
+    return lr0 * s.plateau_factor
+
+
+@SCHEDULES.register("step", doc="× gamma every step_size epochs")
+def _step(s: LRSchedule, e: float, total: float, lr0: float) -> float:
+    return lr0 * s.gamma ** math.floor(e / s.step_size)
+
+
+@SCHEDULES.register("exponential", doc="× gamma every epoch, continuously")
+def _exponential(s: LRSchedule, e: float, total: float, lr0: float) -> float:
+    return lr0 * s.gamma ** e
+
+
+@SCHEDULES.register("cosine", doc="cosine from the base rate to min_lr over the run")
+def _cosine(s: LRSchedule, e: float, total: float, lr0: float) -> float:
+    return s.min_lr + (lr0 - s.min_lr) * 0.5 * (1 + math.cos(math.pi * min(1.0, e / total)))
+
+
+@SCHEDULES.register("cyclic", doc="triangular between min_lr and the base rate, cycle_epochs long")
+def _cyclic(s: LRSchedule, e: float, total: float, lr0: float) -> float:
+    pos = (e / s.cycle) % 1.0
+    return s.min_lr + (lr0 - s.min_lr) * (1 - abs(2 * pos - 1))
+
+
+@SCHEDULES.register("one-cycle", doc="base/25 → base (pct_start), cosine → base/25e4 (torch's OneCycleLR defaults)")
+def _one_cycle(s: LRSchedule, e: float, total: float, lr0: float) -> float:
+    t = min(1.0, e / total)
+    lo, end = lr0 / 25, lr0 / 25e4
+    if t < s.pct_start:
+        return lo + (lr0 - lo) * 0.5 * (1 - math.cos(math.pi * t / s.pct_start))
+    u = (t - s.pct_start) / (1 - s.pct_start)
+    return end + (lr0 - end) * 0.5 * (1 + math.cos(math.pi * u))
+
+
+@SCHEDULES.register("plateau", doc="× gamma after `patience` epochs without improvement of the monitored metric",
+                    reacts_to_metric=True)
+def _plateau(s: LRSchedule, e: float, total: float, lr0: float) -> float:
+    return lr0 * s.plateau_factor

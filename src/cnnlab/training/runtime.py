@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import os
 import random
 import sys
 
 import numpy as np
 import torch
+
+from ..hardware import cpu_cores
 
 
 MAX_THREADS_PER_CORE = 4  # more only adds switching; far more crashes the OpenMP runtime
@@ -41,7 +42,7 @@ class Runtime:
                                                         for v in (channels_last, fused, reuse_memory))
         self.reuse_memory = reuse_memory and keep_freed_memory()
         if cpu:
-            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+            cores = cpu_cores()
             if threads is not None and threads > MAX_THREADS_PER_CORE * cores:  # OpenMP segfaults at ~100,000
                 raise ValueError(f"train.threads={threads}: at most {MAX_THREADS_PER_CORE} per core, "
                                  f"{MAX_THREADS_PER_CORE * cores} on the {cores} core(s) here (null: one per core)")
