@@ -3,7 +3,7 @@
     python benchmarks/switches_bench.py --profile --write BENCHMARKS.md   # what `make bench` runs
     python benchmarks/switches_bench.py --nets "harahap-cnn 28×28×1"      # one net, table only
 
-Each row trains a few epochs with cnnlab's own loop (`cnnlab.api._build_all` + `train_one_epoch`) in
+Each row trains a few epochs with cnnlab's own loop (`cnnlab.experiment.build_experiment` + `train_one_epoch`) in
 a fresh process and reports the median epoch after the first (which pays for warm-up / compiling).
 """
 
@@ -41,13 +41,13 @@ SWITCHES = {  # "default": cnnlab's CPU defaults (fp32, channels-last, fused ker
 
 
 def measure(args: list[str], epochs: int, profile: bool) -> dict:
-    from cnnlab.api import _build_all
+    from cnnlab.experiment import build_experiment
     from cnnlab.config import load_config
     from cnnlab.training.loop import train_one_epoch
     from cnnlab.training.progress import ProgressLogger
 
     cfg = load_config(args[0], args[1:])
-    b = _build_all(cfg, ProgressLogger("none"))
+    b = build_experiment(cfg, ProgressLogger("none"))
     times, faults = [], []
     for _ in range(epochs):
         t, f = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt

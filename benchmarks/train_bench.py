@@ -108,13 +108,13 @@ def _cnnlab_config(task: str, epochs: int) -> dict:
 # --------------------------------------------------------------------------- one tool, one run
 
 def run_cnnlab(task: str, epochs: int, data: Path) -> dict:
-    from cnnlab.api import _build_all
+    from cnnlab.experiment import build_experiment
     from cnnlab.config import load_config
     from cnnlab.training.loop import evaluate, train_one_epoch
     from cnnlab.training.progress import ProgressLogger
 
     cfg = load_config(_cnnlab_config(task, epochs))
-    b = _build_all(cfg, ProgressLogger("none"))
+    b = build_experiment(cfg, ProgressLogger("none"))
     epoch_s, acc = [], []
     for _ in range(epochs):
         t = time.perf_counter()

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 import cnnlab
-from cnnlab.api import split_fractions
+from cnnlab.experiment import split_fractions
 from cnnlab.config import load_config
 from cnnlab.data import DataError, augment_batch, load_source, prepare, stratified_split
 from cnnlab.data.loader import expand_offline

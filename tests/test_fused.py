@@ -115,12 +115,12 @@ def test_fused_and_kept_memory_are_the_cpu_defaults_and_can_be_turned_off(tmp_pa
     assert a.env["fused"] is True and a.env["reuse_memory"] is True
     assert b.env["fused"] is False and b.env["reuse_memory"] is False
     # and what the flags say is what training builds: the model's fused blocks and the optimiser's step
-    from cnnlab.api import _build_all
+    from cnnlab.experiment import build_experiment
     from cnnlab.config import load_config
     from cnnlab.training.progress import ProgressLogger
 
     for overrides, on in ((tiny, True), (dict(tiny, **{"train.fused": False}), False)):
-        built = _build_all(load_config(None, [f"{k}={v}" for k, v in overrides.items()]), ProgressLogger("none"))
+        built = build_experiment(load_config(None, [f"{k}={v}" for k, v in overrides.items()]), ProgressLogger("none"))
         assert built.model.backbone.fuse is on and bool(built.optimizer.defaults.get("fused")) is on
     # the same function of the same weights: losses agree to float rounding, not bit for bit
     assert a.history[0]["loss"] == pytest.approx(b.history[0]["loss"], rel=1e-3)

@@ -21,6 +21,7 @@ from PIL import Image
 import cnnlab
 from cnnlab import report
 from cnnlab.report import plots, tables
+from cnnlab.stats import format_p
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "test-artifacts"
@@ -104,13 +105,13 @@ def make_study(root: Path) -> Path:
                             "mcnemar_p": p_mc, "ttest_p": p_t, "n_pairs": v["n_eval"] * len(seeds),
                             "seeds": len(seeds),
                             "sentence": f"{v['name']} is worse than {best['name']}: {diff:.1f} points, "
-                                        f"{tables.fmt_p(p_mc)} (McNemar), {len(seeds)} seeds"})
+                                        f"{format_p(p_mc)} (McNemar), {len(seeds)} seeds"})
     for v in variants:
         m0 = json.loads((study / v["runs"][0] / "metrics.json").read_text())
         level, p = tables.chance_level(m0), m0["chance"]["p_value_above_chance"]
         chance.append({"variant": v["name"], "accuracy": v["metrics"]["accuracy"]["mean"], "chance": level,
                        "p_value": p, "sentence": f"{v['name']}: accuracy {v['metrics']['accuracy']['mean']:.3f} vs "
-                                                 f"chance {level:.3f}, {tables.fmt_p(p)} (exact binomial)"})
+                                                 f"chance {level:.3f}, {format_p(p)} (exact binomial)"})
     summary = {"name": "tiny-study", "study_file": "tiny-study.yaml", "seeds": seeds, "averaging": "macro",
                "variants": variants, "best": best["name"], "comparisons": comparisons, "chance": chance}
     (study / "summary.json").write_text(json.dumps(summary, indent=2))

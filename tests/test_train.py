@@ -429,3 +429,40 @@ def test_a_run_that_really_learns(tmp_path):
     losses = [r["loss"] for r in run.history]
     assert losses[-1] < losses[0]
     assert run.history[-1]["val_accuracy"] > 0.6
+
+
+# --------------------------------------------------------------------------- precision owns its scaler
+
+def test_the_loss_scale_carries_over_epochs_and_checkpoints(tmp_path):
+    """A scaler forced on the CPU (as 16-mixed has on CUDA): its scale doubles every 3 clean steps across the
+    epoch boundary, is saved in each checkpoint, and a fresh Precision restored from it goes on from there
+    (a new GradScaler per epoch, the old behaviour, would have restarted at 4 each epoch)."""
+    from types import SimpleNamespace
+
+    from cnnlab.data.loader import DeviceLoader, Normalizer
+    from cnnlab.training import TrainState, fit, read_checkpoint, restore_checkpoint, save_checkpoint
+    from cnnlab.training.runtime import Precision, Runtime
+
+    torch.manual_seed(0)
+    x = torch.randint(0, 256, (40, 1, 8, 8), dtype=torch.uint8)
+    y = torch.randint(0, 2, (40,))
+    loader = DeviceLoader(x, y, Normalizer([0.5], [0.25]), 8, shuffle=True, generator=torch.Generator().manual_seed(0))
+    model = create_model("mlp", 2, 1, 8)
+    opt = build_optimizer(model.parameters(), "sgd", 0.01)
+    schedule = LRSchedule(opt, "constant", 0.01, len(loader), 2)
+    runtime = Runtime("cpu")
+    runtime.precision = Precision("32", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=4.0, growth_interval=3))
+    scales = []
+
+    def on_epoch(st: TrainState) -> None:
+        save_checkpoint(tmp_path, st, model, opt, schedule, stopper, loader, {}, runtime.precision)
+        scales.append(read_checkpoint(tmp_path)[1]["scaler"]["scale"])
+
+    stopper = EarlyStopper("loss")
+    fit(model, SimpleNamespace(train=loader, val=None), opt, schedule, runtime, epochs=2, stopper=stopper,
+        on_epoch=on_epoch)
+    assert scales == [4.0 * 2 ** (5 // 3), 4.0 * 2 ** (10 // 3)]  # 5 steps an epoch, doubling every 3
+    fresh = Precision("32", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=4.0, growth_interval=3))
+    tensors, meta = read_checkpoint(tmp_path)
+    restore_checkpoint(tensors, meta, model, opt, schedule, stopper, loader, fresh)
+    assert fresh.scaler.get_scale() == 32.0 and fresh.scaler.state_dict()["_growth_tracker"] == 1

@@ -111,13 +111,36 @@ def keras_log(history: list[dict], epochs: int | None = None) -> str:
     return "\n".join(f"Epoch {int(r['epoch'])}/{total} - {format_epoch(r)}" for r in history)
 
 
-def read_history(path: Path) -> list[dict]:
+def read_csv(path: Path) -> list[dict]:
+    """Rows of a run folder's CSV file as dicts of strings ([] when the file is absent)."""
+    if not Path(path).is_file():
+        return []
     with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
+        return list(csv.DictReader(f))
+
+
+def read_history(path: Path) -> list[dict]:
+    """history.csv → [{"epoch": int, "loss": float, …}] (empty cells dropped; a column that is not a number
+    kept as text)."""
     out = []
-    for row in rows:
-        out.append({k: (int(v) if k == "epoch" else float(v)) for k, v in row.items() if v != ""})
+    for row in read_csv(path):
+        clean = {}
+        for k, v in row.items():
+            if k is None or v in ("", None):
+                continue
+            try:
+                clean[k] = int(v) if k == "epoch" else float(v)
+            except ValueError:
+                clean[k] = v
+        out.append(clean)
     return out
+
+
+def is_finished(run_dir: Path) -> bool:
+    """A finished run: its config, its test metrics and its best model are all written (metrics.json is
+    written after model.safetensors, so a run killed while finishing is not taken for a finished one)."""
+    run_dir = Path(run_dir)
+    return all((run_dir / f).is_file() for f in ("config.yaml", "metrics.json", MODEL_FILE))
 
 
 def write_bad_files(path: Path, bad: list[tuple[str, str]]) -> None:
@@ -141,8 +164,7 @@ def write_predictions(path: Path, indices: list[int], labels: torch.Tensor, logi
 
 
 def read_predictions(path: Path) -> list[dict]:
-    with open(path, newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
+    return read_csv(path)
 
 
 def save_model(path: Path, model: nn.Module, meta: dict) -> None:

@@ -19,7 +19,7 @@ import numpy as np
 
 from . import plots as P
 from . import tables as T
-from .folders import (ReportError, RunFolder, eval_images, is_run, is_study, load_run_folder, load_summary,
+from .folders import (ReportError, RunFolder, eval_images, is_finished, is_study, load_run_folder, load_summary,
                       read_history, read_json)
 from .html import run_page, study_page
 from ..runs import training_pid
@@ -155,7 +155,7 @@ def _write_text(path: Path, text: str) -> None:
 # --------------------------------------------------------------------------- studies
 
 def _variant_runs(study: Path, variant: dict) -> list[Path]:
-    return [study / r for r in variant.get("runs") or [] if is_run(study / r)]
+    return [study / r for r in variant.get("runs") or [] if is_finished(study / r)]
 
 
 def _study_chance(summary: dict, study: Path) -> float | None:
@@ -205,7 +205,7 @@ def _draw_study(study: Path, summary: dict) -> tuple[dict[str, Path], list[str]]
     if panels and classes:
         files["confusion"] = P.confusion_pair(panels, classes, out / "confusion.png",
                                               title=f"{name}: confusion matrices, best and worst variant")
-    missing = [r for v in variants for r in v.get("runs") or [] if not is_run(study / r)]
+    missing = [r for v in variants for r in v.get("runs") or [] if not is_finished(study / r)]
     if missing:
         notes.append(f"{len(missing)} run folder(s) listed in summary.json are missing: {', '.join(missing[:5])}"
                      + (" …" if len(missing) > 5 else ""))
@@ -243,7 +243,7 @@ def _write_study_report(study: Path, replot: bool = False) -> Path:
             links.setdefault(v["name"], []).append((label, (r / "report.html").relative_to(study).as_posix()))
     for p in summary.get("pretrain") or []:  # the runs whose weights fine-tuned variants start from
         r = study / str(p.get("run") or "")
-        if p.get("run") and is_run(r):
+        if p.get("run") and is_finished(r):
             _write_run_report(r, replot)
             links["pretrain/" + p["name"]] = [(r.name, (r / "report.html").relative_to(study).as_posix())]
     path = study / "report.html"
@@ -262,7 +262,7 @@ def write_report(folder: str | Path, *, replot: bool = False) -> Path:
         raise ReportError(f"{folder} is still training (pid {pid}); write its report once the run has finished")
     if is_study(folder):
         return _write_study_report(folder, replot)
-    if is_run(folder):
+    if is_finished(folder):
         return _write_run_report(folder, replot)
     raise ReportError(f"{folder} is neither a run folder (config.yaml + metrics.json) "
                       "nor a study folder (summary.json)")

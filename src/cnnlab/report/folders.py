@@ -6,21 +6,18 @@ bad_files.csv); a study folder holds summary.json (written by `cnnlab compare`).
 
 from __future__ import annotations
 
-import csv
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import yaml
 
+from .. import runs
+from ..runs import is_finished, read_csv, read_history  # noqa: F401  (is_finished: this package's too)
+
 
 class ReportError(ValueError):
     """A folder the report cannot read."""
-
-
-def is_run(folder: Path) -> bool:
-    return (folder / "config.yaml").is_file() and (folder / "metrics.json").is_file()
 
 
 def is_study(folder: Path) -> bool:
@@ -28,30 +25,10 @@ def is_study(folder: Path) -> bool:
 
 
 def read_json(path: Path):
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
-def read_csv(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    with open(path, newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
-
-
-def read_history(path: Path) -> list[dict]:
-    """history.csv → [{"epoch": int, "loss": float, …}] (empty cells dropped)."""
-    out = []
-    for row in read_csv(path):
-        clean = {}
-        for k, v in row.items():
-            if k is None or v in ("", None):
-                continue
-            try:
-                clean[k] = int(v) if k == "epoch" else float(v)
-            except ValueError:
-                clean[k] = v
-        out.append(clean)
-    return out
+    try:
+        return runs.read_json(path)
+    except runs.RunError as e:
+        raise ReportError(str(e)) from None
 
 
 @dataclass
@@ -78,8 +55,9 @@ class RunFolder:
 
 def load_run_folder(path: Path) -> RunFolder:
     path = Path(path)
-    if not is_run(path):
-        raise ReportError(f"{path} is not a finished run folder (needs config.yaml and metrics.json)")
+    if not is_finished(path):
+        raise ReportError(f"{path} is not a finished run folder (needs config.yaml, metrics.json and "
+                          "model.safetensors)")
     text = (path / "config.yaml").read_text(encoding="utf-8")
     config = yaml.safe_load(text) or {}
     env = read_json(path / "env.json") if (path / "env.json").is_file() else {}
@@ -96,18 +74,15 @@ def load_summary(study: Path) -> dict:
 def eval_images(run: RunFolder, indices: list[int]) -> tuple[dict[int, np.ndarray] | None, str | None]:
     """The evaluated images at dataset `indices` as (C, H, W) uint8 arrays, or (None, why not).
 
-    Rebuilds the dataset from config.yaml exactly as training did (cnnlab.api.load_data's call),
-    then checks the labels against predictions.csv so a changed data source is caught, not drawn.
+    Rebuilds the dataset from config.yaml exactly as training did (data.load_data), then checks the labels
+    against predictions.csv so a changed data source is caught, not drawn.
     """
-    from ..data import load_source
+    from ..config import load_config
+    from ..data import load_data
 
     d = run.config.get("data") or {}
     try:
-        ds = load_source(d.get("source", "animal-shapes"), image_size=d.get("image_size"),
-                         channels=d.get("channels"), random_samples=d.get("random_samples", 100),
-                         random_classes=d.get("random_classes", 2), seed=d.get("split_seed", 0),
-                         resize=d.get("resize", "stretch"), on_bad_file=d.get("on_bad_file", "skip"),
-                         classes=d.get("classes"), max_per_class=d.get("max_per_class"), progress=False)
+        ds = load_data(load_config(run.path / "config.yaml").data, progress=False)
     except Exception as e:  # a moved folder, a missing package: the figure is skipped, the report goes on
         return None, f"the data source {d.get('source')!r} could not be read again ({type(e).__name__}: {e})"
     by_index = {int(r["index"]): r for r in run.predictions}

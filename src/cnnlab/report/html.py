@@ -10,6 +10,7 @@ from pathlib import Path
 
 from . import tables as T
 from .plots import GRID_COLUMNS, GRID_ROWS
+from ..stats import format_p
 from .folders import RunFolder
 
 CSS = """
@@ -140,7 +141,7 @@ def run_page(run: RunFolder, plots: dict[str, Path], notes: list[str], mistakes:
     level = T.chance_level(m)
     if level is not None:
         cards.append(card("chance level", f"{level:.3f}", "accuracy vs chance: "
-                          + T.fmt_p((m.get("chance") or {}).get("p_value_above_chance"))))
+                          + format_p((m.get("chance") or {}).get("p_value_above_chance"))))
     if "f1_macro" in m:
         cards.append(card("F1 (macro)", f"{m['f1_macro']:.3f}", f"weighted {m.get('f1_weighted', float('nan')):.3f}"))
     if m.get("loss") is not None:

@@ -16,13 +16,6 @@ def part_name(evaluated_on: str | None) -> str:
     return {"val": "validation", "test": "test"}.get(str(evaluated_on), str(evaluated_on or "test"))
 
 
-def fmt_p(p: float | None) -> str:
-    """The one p-value format of cnnlab (stats.format_p): 'p = 0.42', 'p = 0.0040', 'p < 0.001'."""
-    from ..stats import format_p
-
-    return format_p(p)
-
-
 def fmt(v, digits: int = 3) -> str:
     if v is None:
         return "–"

@@ -87,7 +87,7 @@ def _numpy_rng_state() -> dict:
 
 
 def save_checkpoint(run_dir: Path, state: TrainState, model, optimizer, schedule, stopper, loader,
-                    config: dict, scaler=None) -> Path:
+                    config: dict, precision=None) -> Path:
     """Everything needed to continue exactly where training stands."""
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}  # save_tensors makes them CPU, contiguous
     if state.best_state is not None:
@@ -112,7 +112,7 @@ def save_checkpoint(run_dir: Path, state: TrainState, model, optimizer, schedule
         "seconds": state.seconds, "acc": {k: v for k, v in state.acc.items() if not isinstance(v, torch.Tensor)},
         "schedule": schedule.state_dict(), "stopper": stopper.state_dict(), "optimizer": opt_plain,
         "python_rng": _to_json(random.getstate()), "numpy_rng": _numpy_rng_state(),
-        "scaler": scaler.state_dict() if scaler is not None else None, "config": config,
+        "scaler": precision.state_dict() if precision is not None else None, "config": config,
     }
     path = Path(run_dir) / CHECKPOINT
     save_tensors(path, tensors, META_KEY, meta, fault_point="checkpoint-write")
@@ -151,7 +151,7 @@ def read_checkpoint(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def restore_checkpoint(tensors: dict, meta: dict, model, optimizer, schedule, stopper, loader,
-                       scaler=None) -> TrainState:
+                       precision=None) -> TrainState:
     """Load a checkpoint into freshly built objects; returns the TrainState to continue from."""
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     best = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")} or None
@@ -169,8 +169,8 @@ def restore_checkpoint(tensors: dict, meta: dict, model, optimizer, schedule, st
     random.setstate(_from_json(meta["python_rng"]))
     n = meta["numpy_rng"]
     np.random.set_state((n["name"], np.array(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
-    if scaler is not None and meta.get("scaler"):
-        scaler.load_state_dict(meta["scaler"])
+    if precision is not None:
+        precision.load_state_dict(meta.get("scaler"))
     device = loader.labels.device
     acc = dict(meta.get("acc") or {})
     acc.update({k[4:]: v.reshape(()).to(device) for k, v in tensors.items() if k.startswith("acc.")})

@@ -70,7 +70,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
         model.backbone.eval()  # keep frozen batch-norm statistics frozen
     weights = l2_weights(model) if l2 > 0 else []
     params = [p for p in model.parameters() if p.requires_grad]
-    scaler = runtime.grad_scaler()
+    precision = runtime.precision
     if state.step_in_epoch == 0:  # a fresh epoch: new order, zeroed sums
         state.order = loader.new_order()
         state.acc = {"loss_sum": torch.zeros((), device=runtime.device),
@@ -87,24 +87,19 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
         if sync and not math.isfinite(loss.item()):
             raise _diverged("the training loss", loss.item(), step)
         optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(objective).backward()
-            scaler.unscale_(optimizer)
-        else:
-            objective.backward()
-        # the total gradient norm (clipped when asked); a non-finite one stops training before the update.
-        # Without clipping it is computed only on the steps that check it: no extra pass on the others.
+        precision.backward(objective)
+        precision.unscale_(optimizer)
+        # the total gradient norm (clipped when asked); a non-finite one stops training before the update,
+        # unless the precision's loss scaler owns overflows (it skips that step). Without clipping the norm is
+        # computed only on the steps that check it: no extra pass on the others.
+        check = sync and not precision.skips_overflow
         if clip_grad_norm is not None:
             norm = nn.utils.clip_grad_norm_(params, clip_grad_norm)
-        elif sync and scaler is None:
+        elif check:
             norm = nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-        if sync and scaler is None and not math.isfinite(norm.item()):
+        if check and not math.isfinite(norm.item()):
             raise _diverged("the gradient norm", norm.item(), step)
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
+        precision.step(optimizer)
         schedule.step()
         acc["loss_sum"] += loss.detach() * len(y)
         acc["correct"] += (logits.argmax(1) == y).sum()

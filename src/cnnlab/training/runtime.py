@@ -1,4 +1,4 @@
-"""Device, precision and threads as one small object (Lightning Fabric-style), not `if`s in the loop."""
+"""Device, precision and threads as small objects (Lightning Fabric-style), not `if`s in the loop."""
 
 from __future__ import annotations
 
@@ -14,6 +14,59 @@ from ..hardware import cpu_cores
 
 
 MAX_THREADS_PER_CORE = 4  # more only adds switching; far more crashes the OpenMP runtime
+
+
+class Precision:
+    """How a training step computes: "32" | "bf16-mixed" | "16-mixed" — autocast for forward and loss, and
+    for fp16 the loss scaler, owned here for the whole run (Lightning Fabric's precision plugin, reduced).
+
+    The loop only calls backward / unscale_ / step: no branches on the scaler. One object lives for the
+    run, so the loss scale carries over epochs, and `state_dict` puts it into every checkpoint.
+    scaler: a GradScaler to use instead of the default (None for 32 and bf16; tests force one on the CPU).
+    """
+
+    def __init__(self, name: str = "32", device: torch.device | str = "cpu", scaler=None):
+        self.name, self.device_type = name, torch.device(device).type
+        if scaler is None and name == "16-mixed":
+            scaler = torch.amp.GradScaler(self.device_type)
+        self.scaler = scaler
+
+    def __str__(self) -> str:
+        return self.name
+
+    def autocast(self):
+        """Mixed-precision context for forward + loss; a no-op at "32"."""
+        if self.name == "32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=torch.bfloat16 if self.name == "bf16-mixed" else torch.float16)
+
+    @property
+    def skips_overflow(self) -> bool:
+        """Whether a non-finite gradient is the scaler's business (it skips that step and lowers the scale)
+        rather than a sign of divergence."""
+        return self.scaler is not None
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def unscale_(self, optimizer: torch.optim.Optimizer) -> None:
+        """Gradients in true units, before clipping or measuring them."""
+        if self.scaler is not None:
+            self.scaler.unscale_(optimizer)
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.scaler is not None:
+            self.scaler.step(optimizer)
+            self.scaler.update()
+        else:
+            optimizer.step()
+
+    def state_dict(self) -> dict | None:
+        return self.scaler.state_dict() if self.scaler is not None else None
+
+    def load_state_dict(self, state: dict | None) -> None:
+        if self.scaler is not None and state:
+            self.scaler.load_state_dict(state)
 
 
 class Runtime:
@@ -34,7 +87,7 @@ class Runtime:
         self.device = torch.device(device)
         if precision == "16-mixed" and self.device.type != "cuda":
             raise RuntimeError("train.precision=16-mixed needs CUDA; on the CPU use bf16-mixed or 32")
-        self.precision = precision
+        self.precision = Precision(precision, self.device)
         # None: on where measured faster, the CPU (channels-last 12–54 %, the fused kernels and kept memory:
         # benchmarks/switches_bench.py, BENCHMARKS.md); unmeasured on CUDA, so off there unless asked for
         cpu = self.device.type == "cpu"
@@ -50,18 +103,11 @@ class Runtime:
         self.threads = torch.get_num_threads()
 
     def autocast(self):
-        """Mixed-precision context for forward + loss; a no-op at "32"."""
-        if self.precision == "32":
-            return contextlib.nullcontext()
-        dtype = torch.bfloat16 if self.precision == "bf16-mixed" else torch.float16
-        return torch.autocast(self.device.type, dtype=dtype)
-
-    def grad_scaler(self):
-        """fp16 needs loss scaling; bf16 and fp32 do not."""
-        return torch.amp.GradScaler("cuda") if self.precision == "16-mixed" else None
+        """Mixed-precision context for forward + loss (the precision's)."""
+        return self.precision.autocast()
 
     def describe(self) -> dict:
-        d = {"device": str(self.device), "precision": self.precision, "threads": self.threads,
+        d = {"device": str(self.device), "precision": str(self.precision), "threads": self.threads,
              "channels_last": self.channels_last, "fused": self.fused, "reuse_memory": self.reuse_memory}
         if self.device.type == "cuda":
             d["gpu"] = torch.cuda.get_device_name(self.device)

@@ -1,0 +1,191 @@
+"""One run's parts, built from a Config: data, split, loaders, model, optimiser, schedule, stopper.
+
+`build_experiment(cfg)` returns an `Experiment` (a typed dataclass) that `api.train` trains and
+finishes, and that benchmarks use to time cnnlab's own loop. The order of the steps is part of the
+result: seeding happens after the split and before the model is built, so the same config and seed
+give the same weights bit for bit.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import stats
+from ._version import __version__
+from .config import Config
+from .data import DataError, Dataset, Split, load_data, prepare, stratified_split
+from .data.loader import Prepared, balance_sampling, balanced_class_weights, class_counts
+from .data.stream import default_memory_budget, fits_in_memory, parse_bytes, prepare_streaming
+from .models import create_model, freeze_backbone, load_weights, set_fusion
+from .training import EarlyStopper, LRSchedule, Runtime, build_optimizer
+from .training.progress import ProgressLogger
+from .training.runtime import seed_everything
+
+
+@dataclass
+class Experiment:
+    """Everything one training run is made of (what `fit`, checkpoints and the run folder need)."""
+
+    cfg: Config
+    runtime: Runtime
+    ds: Dataset
+    split: Split
+    streamed: bool                           # batches read from the memory-mapped cache (over the budget)
+    data: Prepared                           # the train / val / test loaders and the normaliser
+    model: nn.Module
+    options: dict                            # the model options the config set (batch_norm, dropout, hidden)
+    optimizer: torch.optim.Optimizer
+    schedule: LRSchedule
+    stopper: EarlyStopper
+    class_weights: torch.Tensor | None       # (K,) training-loss weights (data.class_weights=balanced)
+    val_class_weights: torch.Tensor | None   # (K,) val_loss weights when training balances the classes
+
+    def split_json(self) -> dict:
+        """split.json's content (offline copies included, with their originals)."""
+        ds, split = self.ds, self.split
+        labels = torch.cat([ds.labels, ds.labels[split.expanded_from]]) if split.expanded_from else ds.labels
+        return split.to_json(ds.paths, labels, ds.classes)
+
+
+def split_fractions(cfg: Config) -> tuple[float, float]:
+    """(val, test) fractions; Keras-style validation_split means no test part."""
+    if cfg.data.validation_split is not None:
+        return cfg.data.validation_split, 0.0
+    return cfg.data.val_fraction, cfg.data.test_fraction
+
+
+def _augment_kwargs(cfg: Config) -> dict:
+    d = cfg.data
+    return {"rotation": d.aug_rotation, "hflip": d.aug_hflip, "scale": d.aug_scale, "translate": d.aug_translate}
+
+
+def build_model(cfg: Config, ds: Dataset, log=print) -> tuple[nn.Module, dict]:
+    """The configured model for this data (+ weights, + frozen backbone); returns (model, options)."""
+    m = cfg.model
+    options = {k: v for k, v in dict(batch_norm=m.batch_norm, dropout=m.dropout, hidden=m.hidden).items()
+               if v is not None}
+    c, size = ds.images.shape[1], ds.images.shape[-1]
+    model = create_model(m.name, len(ds.classes), c, size, init=m.init, **options)
+    if m.weights:
+        report = load_weights(model, m.weights)
+        log(f"weights: loaded {len(report['loaded'])} tensors from {m.weights}; "
+            f"skipped {len(report['skipped'])}" + (f" ({', '.join(report['skipped'][:4])}…)"
+                                                   if report["skipped"] else ""))
+    if m.freeze == "backbone":
+        n = freeze_backbone(model)
+        log(f"backbone frozen: {n:,} trainable parameters left (the head)")
+    return model, options
+
+
+def _split(cfg: Config, ds: Dataset) -> Split:
+    val_f, test_f = split_fractions(cfg)
+    split = stratified_split(ds.labels, val_f, test_f, cfg.data.split_seed, ds.predefined)
+    if not split.train:
+        raise DataError("the training split is empty; lower data.val_fraction / data.test_fraction")
+    if not split.val and not split.test:
+        raise DataError(f"no validation or test images: {len(ds)} images in {len(ds.classes)} classes with "
+                        f"val_fraction={val_f:g}, test_fraction={test_f:g} leave none held out; raise a fraction "
+                        "(or data.max_per_class)")
+    return split
+
+
+def _loaders(cfg: Config, ds: Dataset, split: Split, runtime: Runtime, log: ProgressLogger) -> tuple[Prepared, bool]:
+    """The loaders, in memory or streamed from the cache when the resident splits exceed data.memory_budget."""
+    d = cfg.data
+    budget = parse_bytes(d.memory_budget) if d.memory_budget is not None else default_memory_budget(runtime.device)
+    c, h, w = ds.images.shape[1:]
+    resident = len(split.train) * (1 + d.expand) + len(split.val) + len(split.test)
+    streamed = not fits_in_memory(resident, c, h, w, budget)
+    if streamed:
+        log.message(f"{resident:,} images of {c}×{h}×{w} exceed data.memory_budget ({budget / 2**20:,.0f} MiB): "
+                    "streaming batches from the memory-mapped cache")
+    prepared = (prepare_streaming if streamed else prepare)(
+        ds, split, batch_size=d.batch_size, eval_batch_size=d.eval_batch_size, device=runtime.device,
+        seed=cfg.train.seed, normalize=d.normalize, augment=_augment_kwargs(cfg) if d.augment else None,
+        expand=d.expand, expand_seed=d.split_seed + 1, expand_augment=_augment_kwargs(cfg),
+        channels_last=runtime.channels_last)
+    return prepared, streamed
+
+
+def _balance(cfg: Config, ds: Dataset, data: Prepared, runtime: Runtime,
+             log: ProgressLogger) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """data.class_weights / data.sampler = balanced, and a hint when the classes are imbalanced without them.
+    Returns (training-loss class weights, val_loss class weights)."""
+    d, k, train = cfg.data, len(ds.classes), data.train
+    weights = balanced_class_weights(train.labels, k).to(runtime.device) if d.class_weights == "balanced" else None
+    if d.sampler == "balanced":
+        balance_sampling(train, k)
+    val_weights = None  # val_loss weights each class equally when training balances them
+    if data.val is not None and (d.class_weights == "balanced" or d.sampler == "balanced"):
+        val_weights = balanced_class_weights(data.val.labels, k)
+    if d.class_weights == "balanced" and d.sampler == "balanced":
+        log.message("note: data.class_weights=balanced and data.sampler=balanced together correct the imbalance "
+                    "twice (rare classes end up over-weighted); one of them is usually enough")
+        return weights, val_weights
+    ratio, big, small = stats.imbalance(class_counts(train.labels, k).tolist()) or (1.0, 0, 0)
+    if ratio >= stats.IMBALANCED and d.class_weights == "none" and d.sampler == "shuffle":
+        log.message(f"classes are imbalanced: {ds.classes[big]} has {ratio:.1f}× the training images of "
+                    f"{ds.classes[small]}; consider data.class_weights=balanced or data.sampler=balanced")
+    return weights, val_weights
+
+
+def build_experiment(cfg: Config, log: ProgressLogger | None = None) -> Experiment:
+    """Data, split, loaders, model, optimiser, schedule and stopper for `cfg`, seeded."""
+    log = log or ProgressLogger("none")
+    t = cfg.train
+    runtime = Runtime(t.device, t.precision, t.threads, t.channels_last, t.fused, t.reuse_memory)
+    ds = load_data(cfg.data, progress=log.mode == "bar")
+    split = _split(cfg, ds)
+    seed_everything(t.seed)  # after the split (its own seed), before anything draws: augmentation, init, dropout
+    data, streamed = _loaders(cfg, ds, split, runtime, log)
+    class_weights, val_class_weights = _balance(cfg, ds, data, runtime, log)
+    model, options = build_model(cfg, ds, log=log.message)
+    model = model.to(runtime.device)
+    if runtime.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    set_fusion(model, runtime.fused and not t.compile)  # compile fuses by itself
+    if t.compile:
+        model.compile()  # in place: state_dict keys (checkpoints, saved models) stay the eager module's
+    o, s = cfg.optim, cfg.schedule
+    optimizer = build_optimizer(model.parameters(), o.name, o.lr, momentum=o.momentum, nesterov=o.nesterov,
+                                beta1=o.beta1, beta2=o.beta2, eps=o.eps, weight_decay=o.weight_decay,
+                                fused=runtime.fused)
+    schedule = LRSchedule(optimizer, s.name, o.lr, len(data.train), t.epochs, warmup_epochs=s.warmup_epochs,
+                          step_size=s.step_size, gamma=s.gamma, min_lr=s.min_lr, cycle_epochs=s.cycle_epochs,
+                          pct_start=s.pct_start, patience=s.patience)
+    es = t.early_stopping
+    stopper = EarlyStopper(es.monitor, es.patience, es.min_delta) if es else EarlyStopper(t.monitor)
+    return Experiment(cfg, runtime, ds, split, streamed, data, model, options, optimizer, schedule, stopper,
+                      class_weights, val_class_weights)
+
+
+# --------------------------------------------------------------------------- env.json
+
+def _git_revision() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).parent)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment(runtime: Runtime, seed: int) -> dict:
+    """What env.json records of the software and machine a run used."""
+    import numpy
+    import torchvision
+
+    return {"cnnlab": __version__, "python": sys.version.split()[0], "torch": torch.__version__,
+            "torchvision": torchvision.__version__, "numpy": numpy.__version__,
+            "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "seed": seed, **runtime.describe(), "git_revision": _git_revision(),
+            "command": " ".join(sys.argv)}
