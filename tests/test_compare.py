@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from cnnlab.compare import (METRIC_BOUNDS, StudyError, aggregate, expand_study, expand_variants, is_finished, load_study,
+from cnnlab.study import (METRIC_BOUNDS, StudyError, aggregate, expand_study, expand_variants, is_finished, load_study,
                             run_study)
 from cnnlab.config import ConfigError
 

@@ -435,14 +435,15 @@ def _interrupt_at_line(k: int, functions: set[str]):
 
     def tracer(frame, event, arg):
         code = frame.f_code
-        if code.co_filename.endswith(os.path.join("data", "folder.py")) and code.co_name in functions:
+        if code.co_filename.endswith((os.path.join("data", "folder.py"), os.path.join("data", "npyfile.py"))) \
+                and code.co_name in functions:
             return local
         return None
 
     return tracer, seen
 
 
-CACHE_WRITERS = {"_update", "append", "write_raw", "finish", "_commit", "_copy_rows", "_write_index", "_cleanup"}
+CACHE_WRITERS = {"_update", "append", "write_raw", "finish", "_commit", "copy_rows", "_write_index", "_cleanup"}
 
 
 @pytest.mark.parametrize("cached", [0, 4], ids=["fresh", "partly-cached"])

@@ -18,7 +18,7 @@ from .runs import Run, load_run  # noqa: E402
 
 def __getattr__(name):
     """train / evaluate / predict load the training stack on first use, so `cnnlab.report`
-    and `cnnlab.compare` can be imported without it."""
+    and `cnnlab.study` can be imported without it."""
     if name in ("train", "evaluate", "predict"):
         from . import api
 

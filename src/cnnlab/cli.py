@@ -133,9 +133,16 @@ def _cmd_models(a) -> int:
 
 
 def _cmd_compare(a) -> int:
-    from .compare import main_compare
+    """0 when every run finished, 1 when some failed (they are retried by running the same command again)."""
+    from .study.runner import failed_runs, resolve_study, run_study
 
-    return main_compare(a)
+    study_dir = run_study(resolve_study(a.study), jobs=a.jobs, out=a.out)
+    failed = failed_runs(study_dir)
+    if failed:
+        print(f"cnnlab: {failed} run(s) failed; see summary.json and the runs' .log files "
+              "(run the same command again to retry them)", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _cmd_report(a) -> int:

@@ -27,14 +27,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import mmap
 import os
-import struct
 import time
 import uuid
-import weakref
 from collections import deque
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +43,8 @@ from ..hardware import cpu_cores
 from . import images as _images
 from .images import IMAGE_EXTENSIONS, BadImage, DataError, missing_file_reason, scan_folder
 from .dataset import Dataset, cache_dir
+from .npyfile import (MAPS, NpyWriter, copy_rows, memmap_of, npy_shape, open_rows,  # noqa: F401
+                      page_releaser, release_pages, row_runs)
 
 CACHE_VERSION = 2  # 2: per-file incremental cache; JPEG decoded at reduced DCT scale (draft)
 INDEX = "index.json"
@@ -81,109 +79,6 @@ def folder_cache_dir(root: Path, size: int, channels: int, resize: str) -> Path:
     return cache_dir() / "folders" / hashlib.sha256(key.encode()).hexdigest()[:20]
 
 
-# --------------------------------------------------------------------------- .npy files
-
-_NPY_MAGIC = b"\x93NUMPY\x01\x00"
-
-
-def _npy_header(shape: tuple[int, ...], total: int | None = None) -> bytes:
-    """A version-1.0 .npy header for uint8 `shape`, padded to `total` bytes (default: next multiple of 64).
-
-    Padding to a fixed length lets a file be written with room for `max_rows` rows and its
-    header rewritten in place once the real row count is known (only ever smaller).
-    """
-    d = f"{{'descr': '|u1', 'fortran_order': False, 'shape': {tuple(int(s) for s in shape)!r}, }}"
-    need = len(_NPY_MAGIC) + 2 + len(d) + 1
-    total = total or -(-need // 64) * 64
-    if total < need:
-        raise ValueError("npy header does not fit")
-    return _NPY_MAGIC + struct.pack("<H", total - len(_NPY_MAGIC) - 2) + (d + " " * (total - need) + "\n").encode()
-
-
-class _NpyWriter:
-    """Appends uint8 rows to a new .npy file sequentially (plain writes: no mapping grows the RSS)."""
-
-    def __init__(self, path: Path, row_shape: tuple[int, ...], max_rows: int):
-        self.path, self.row_shape, self.rows = path, tuple(row_shape), 0
-        self.header_len = len(_npy_header((max_rows, *row_shape)))
-        self.f = open(path, "wb")  # noqa: SIM115 — held until finish() or discard()
-        self.f.write(_npy_header((max_rows, *row_shape)))
-
-    def append(self, data) -> None:
-        a = np.ascontiguousarray(data, dtype=np.uint8)
-        self.f.write(memoryview(a).cast("B"))
-        self.rows += len(a) if a.shape != self.row_shape else 1
-
-    def write_raw(self, data: bytes, rows: int) -> None:
-        self.f.write(data)
-        self.rows += rows
-
-    def finish(self) -> None:
-        self.f.seek(0)
-        self.f.write(_npy_header((self.rows, *self.row_shape), self.header_len))
-        self.f.truncate(self.header_len + self.rows * int(np.prod(self.row_shape)))
-        self.f.flush()
-        os.fsync(self.f.fileno())
-        self.f.close()
-
-    def discard(self) -> None:
-        with contextlib.suppress(OSError):
-            self.f.close()
-        with contextlib.suppress(OSError):
-            self.path.unlink()
-
-
-def _npy_shape(path: Path) -> tuple[tuple[int, ...], int]:
-    """(shape, data offset) from an .npy header; raises ValueError / OSError if it is not a uint8 .npy."""
-    with open(path, "rb") as f:
-        np.lib.format.read_magic(f)
-        shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
-        if fortran or dtype != np.uint8:
-            raise ValueError(f"{path}: not a C-order uint8 array")
-        return tuple(shape), f.tell()
-
-
-def _open_rows(path: Path, rows: int, row_shape: tuple[int, ...]) -> np.ndarray | None:
-    """The cached array, memory-mapped copy-on-write, or None if missing / not the expected shape."""
-    try:
-        if rows == 0:  # a zero-row array cannot be mapped; check the header only
-            return np.zeros((0, *row_shape), np.uint8) if _npy_shape(path)[0] == (0, *row_shape) else None
-        a = np.load(path, mmap_mode="c", allow_pickle=False)
-    except (OSError, ValueError):
-        return None
-    return a if a.dtype == np.uint8 and a.shape == (rows, *row_shape) else None
-
-
-# The memory maps behind Dataset.images, by data pointer, so the streaming loader can drop pages
-# it has read from its resident set (madvise) — never done to memory that is not such a map.
-_MAPS: weakref.WeakValueDictionary[int, np.memmap] = weakref.WeakValueDictionary()
-
-
-def memmap_of(images: torch.Tensor) -> np.memmap | None:
-    """The cache file mapping a tensor returned by load_folder views (None for any other tensor)."""
-    m = _MAPS.get(images.data_ptr()) if images.numel() else None
-    return m if m is not None and m.nbytes == images.numel() * images.element_size() else None
-
-
-def page_releaser(images: torch.Tensor) -> Callable[[], None] | None:
-    """A function dropping the cache file's pages from this process' resident set, or None when
-    `images` is not a view of a cache file (then nothing may be dropped: it would be data)."""
-    m = memmap_of(images)
-    mm = getattr(m, "_mmap", None)
-    if mm is None or not hasattr(mm, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
-        return None
-    return lambda: mm.madvise(mmap.MADV_DONTNEED)  # read-only private map: pages re-read from the file
-
-
-def release_pages(images: torch.Tensor) -> bool:
-    """Drop the pages of a cache-file view from this process' resident set (e.g. after the in-memory
-    loader has copied its splits out of it); they stay in the OS page cache. False if not a cache view."""
-    release = page_releaser(images)
-    if release is not None:
-        release()
-    return release is not None
-
-
 # --------------------------------------------------------------------------- cache index
 
 def _read_index(cdir: Path, row_shape: tuple[int, ...]) -> tuple[dict, Path | None, int]:
@@ -193,7 +88,7 @@ def _read_index(cdir: Path, row_shape: tuple[int, ...]) -> tuple[dict, Path | No
         if idx.get("version") != CACHE_VERSION or tuple(idx["row_shape"]) != row_shape:
             return {}, None, 0
         path, rows = cdir / idx["images"], int(idx["rows"])
-        shape, offset = _npy_shape(path)
+        shape, offset = npy_shape(path)
         if shape != (rows, *row_shape) or path.stat().st_size != offset + rows * int(np.prod(row_shape)) \
                 or not isinstance(idx["files"], dict):
             return {}, None, 0  # truncated or foreign data file: distrust it all
@@ -282,32 +177,6 @@ def _bad_error(root: Path, rel: str, reason: str) -> DataError:
     return DataError(f"bad image {root / rel}: {reason} (data.on_bad_file=skip skips such files and lists them)")
 
 
-def _copy_rows(dst: _NpyWriter, src_path: Path, runs: list[tuple[int, int]], row_bytes: int) -> None:
-    """Append rows [a, b) of each run from an .npy file with positioned reads (page cache, not our RSS)."""
-    offset = _npy_shape(src_path)[1]
-    with open(src_path, "rb") as f:
-        fd = f.fileno()
-        chunk = max(1, (64 << 20) // row_bytes)
-        for a, b in runs:
-            for s in range(a, b, chunk):
-                e = min(b, s + chunk)
-                data = os.pread(fd, (e - s) * row_bytes, offset + s * row_bytes)
-                if len(data) != (e - s) * row_bytes:  # never let missing rows become zeros in the new file
-                    raise OSError(f"{src_path}: rows {s}–{e} are beyond the end of the file")
-                dst.write_raw(data, e - s)
-
-
-def _runs(seq: list[int]) -> list[tuple[int, int]]:
-    """[3,4,5,9,10] → [(3, 6), (9, 11)]"""
-    out: list[tuple[int, int]] = []
-    for r in seq:
-        if out and out[-1][1] == r:
-            out[-1] = (out[-1][0], r + 1)
-        else:
-            out.append((r, r + 1))
-    return out
-
-
 # --------------------------------------------------------------------------- load
 
 def load_folder_cached(root: Path, size: int, channels: int, resize: str = "stretch", on_bad_file: str = "skip",
@@ -349,7 +218,7 @@ def _update(root: Path, cdir: Path, row_shape: tuple[int, int, int], resize: str
     to_decode = [rel for rel, p in plan.items() if p[0] == "new"]
     new = None
     if to_decode:
-        new = _NpyWriter(cdir / f"images-{uuid.uuid4().hex[:12]}.npy", row_shape, len(to_decode))
+        new = NpyWriter(cdir / f"images-{uuid.uuid4().hex[:12]}.npy", row_shape, len(to_decode))
         failure: BaseException | None = None
         bar = tqdm(total=len(to_decode), unit="img", leave=False, disable=not progress,
                    desc=f"decoding {root.name}" + (f" ({stats.reused} cached)" if stats.reused else ""))
@@ -378,7 +247,7 @@ def _update(root: Path, cdir: Path, row_shape: tuple[int, int, int], resize: str
         if failure is not None:
             raise failure
     images_path, kept, bad = _commit(root, cdir, row_shape, files, plan, outcome, old, new, stats)
-    arr = _open_rows(images_path, len(kept), row_shape)  # mapped under the lock: no one replaces it meanwhile
+    arr = open_rows(images_path, len(kept), row_shape)  # mapped under the lock: no one replaces it meanwhile
     if arr is None:
         raise DataError(f"decode cache {images_path} is unreadable; delete {cdir} and retry")
     return arr, kept, bad
@@ -424,7 +293,7 @@ def _plan(root: Path, files, entries: dict) -> dict[str, tuple]:
     return plan
 
 
-def _commit(root: Path, cdir: Path, row_shape, files, plan, outcome, old: _Cache, new: _NpyWriter | None,
+def _commit(root: Path, cdir: Path, row_shape, files, plan, outcome, old: _Cache, new: NpyWriter | None,
             stats: LoadStats):
     """Assemble the images file in dataset order and swap in the index; returns (images file, kept, bad).
 
@@ -464,7 +333,7 @@ def _commit(root: Path, cdir: Path, row_shape, files, plan, outcome, old: _Cache
         images_path = new.path  # everything decoded now, already in dataset order
     else:  # merge reused and new rows in dataset order
         images_path = cdir / f"images-{uuid.uuid4().hex[:12]}.npy"
-        w = _NpyWriter(images_path, row_shape, len(seq))
+        w = NpyWriter(images_path, row_shape, len(seq))
         try:
             i = 0
             while i < len(seq):
@@ -472,7 +341,7 @@ def _commit(root: Path, cdir: Path, row_shape, files, plan, outcome, old: _Cache
                 while j < len(seq) and seq[j][0] == seq[i][0]:
                     j += 1
                 src = old.path if seq[i][0] == "old" else new.path
-                _copy_rows(w, src, _runs([r for _, r in seq[i:j]]), int(np.prod(row_shape)))
+                copy_rows(w, src, row_runs([r for _, r in seq[i:j]]), int(np.prod(row_shape)))
                 i = j
             w.finish()
         except BaseException:
@@ -506,7 +375,7 @@ def _dataset(root: Path, classes: list[str], kept: list, arr: np.ndarray, skippe
         predefined = {s: [i for i, f in enumerate(kept) if f[2] == s] for s in ("train", "val", "test")}
     if isinstance(arr, np.memmap):
         images = torch.from_numpy(arr)  # copy-on-write map: writes (never made) would not reach the file
-        _MAPS[images.data_ptr()] = arr
+        MAPS[images.data_ptr()] = arr
     else:
         images = torch.from_numpy(np.ascontiguousarray(arr))
     return Dataset(images, labels, classes, f"folder:{root}", paths=[f[0] for f in kept], predefined=predefined,
