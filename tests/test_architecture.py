@@ -99,3 +99,44 @@ def test_dependencies_point_one_way():
         if mod.startswith(("cnnlab.report", "cnnlab.study")):
             assert not {d for d in deps if d.startswith(("cnnlab.training", "cnnlab.api"))}, \
                 f"{mod} imports the training stack: {deps}"
+
+
+def test_a_new_schedule_or_source_is_one_registered_function(monkeypatch, tmp_path):
+    """Registering is all it takes: the config accepts the name, lists it in its help, and names it in errors."""
+    import pytest
+
+    from cnnlab.config import ConfigError, describe_keys, load_config
+    from cnnlab.data.dataset import Dataset
+    from cnnlab.data.sources import SOURCES, load_data
+    from cnnlab.training.optim import SCHEDULES
+
+    def unregister(reg, name):
+        for table in (reg._builders, reg._docs, reg.info):
+            table.pop(name, None)
+
+    monkeypatch.setattr(SCHEDULES, "_builders", dict(SCHEDULES._builders))  # restored after the test
+    SCHEDULES.register("halving", doc="halve every epoch")(lambda s, e, total, lr0: lr0 * 0.5 ** int(e))
+    cfg = load_config(None, ["schedule.name=halving"])
+    assert cfg.schedule.name == "halving"
+    assert any(k == "schedule.name" and "halving" in help_ for k, _, help_ in describe_keys())
+    with pytest.raises(ConfigError, match="choose one of: .*halving"):
+        load_config(None, ["schedule.name=halvng"])
+    unregister(SCHEDULES, "halving")
+
+    import torch
+
+    monkeypatch.setattr(SOURCES, "_builders", dict(SOURCES._builders))
+
+    @SOURCES.register("stripes", doc="vertical stripes", arg="N")
+    def _stripes(arg, *, image_size, channels, **_):
+        n = int(arg)
+        x = torch.zeros(2 * n, channels or 1, image_size or 8, image_size or 8, dtype=torch.uint8)
+        x[n:, :, :, ::2] = 255
+        return Dataset(x, torch.tensor([0] * n + [1] * n), ["plain", "striped"], f"stripes:{n}")
+
+    cfg = load_config(None, ["data.source=stripes:6"])
+    ds = load_data(cfg.data, progress=False)
+    assert len(ds) == 12 and ds.classes == ["plain", "striped"]
+    with pytest.raises(ConfigError, match="stripes:N"):
+        load_config(None, ["data.source=stripes"])  # its argument is missing
+    unregister(SOURCES, "stripes")
