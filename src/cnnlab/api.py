@@ -34,8 +34,8 @@ from .training.checkpoint import CHECKPOINT
 from .training.progress import ProgressLogger
 
 
-def _eval_metrics(model, loader, runtime, classes, train_labels) -> tuple[dict, torch.Tensor]:
-    logits, y = predict_logits(model, loader, runtime)
+def _eval_metrics(model, loader, runtime, classes, train_labels, tta: bool = False) -> tuple[dict, torch.Tensor]:
+    logits, y = predict_logits(model, loader, runtime, tta)
     m = classification_metrics(y.numpy(), logits.argmax(1).numpy(), classes,
                                loss=F.cross_entropy(logits, y).item(), train_labels=train_labels)
     return m, logits
@@ -89,7 +89,7 @@ def _resume_state(run_dir: Path, cfg: Config, x: Experiment, log: ProgressLogger
         log.message(f"{run_dir} has no checkpoint yet; training it from the beginning")
         return TrainState()
     tensors, meta = read_checkpoint(run_dir)
-    state = restore_checkpoint(tensors, meta, x.model, x.optimizer, x.schedule, x.stopper, x.data.train,
+    state = restore_checkpoint(tensors, meta, x.trained, x.optimizer, x.schedule, x.stopper, x.data.train,
                                x.runtime.precision)
     if state.finished and state.epoch < cfg.train.epochs:  # --force train.epochs: go on
         state.finished, state.stopped_early, x.stopper.bad_epochs = False, False, 0
@@ -179,7 +179,7 @@ def train(config: str | Path | dict | Config | None = None, overrides: list[str]
 def _fit(cfg: Config, x: Experiment, run_dir: Path, state: TrainState, log: ProgressLogger):
     """The training loop with checkpoints (every epoch, every N steps, on a stop signal) and a clean stop."""
     def checkpoint(st: TrainState) -> None:
-        save_checkpoint(run_dir, st, x.model, x.optimizer, x.schedule, x.stopper, x.data.train, cfg.to_dict(),
+        save_checkpoint(run_dir, st, x.trained, x.optimizer, x.schedule, x.stopper, x.data.train, cfg.to_dict(),
                         x.runtime.precision)
 
     with _StopRequest() as stop:
@@ -202,10 +202,8 @@ def _fit(cfg: Config, x: Experiment, run_dir: Path, state: TrainState, log: Prog
                 raise TrainingInterrupted(_interrupted_message(stop.requested, st, run_dir))
 
         try:
-            return fit(x.model, x.data, x.optimizer, x.schedule, x.runtime, epochs=cfg.train.epochs,
-                       stopper=x.stopper, l2=cfg.regularization.l2, clip_grad_norm=cfg.optim.clip_grad_norm,
-                       progress=log, state=state, on_step=on_step, on_epoch=on_epoch,
-                       class_weights=x.class_weights, val_class_weights=x.val_class_weights)
+            return fit(x.trained, x.data, x.optimizer, x.schedule, x.runtime, epochs=cfg.train.epochs,
+                       progress=log, state=state, on_step=on_step, on_epoch=on_epoch, **x.fit_options())
         except TrainingDiverged as e:
             _record_divergence(run_dir, state, e)
             raise
@@ -230,7 +228,8 @@ def _finish(cfg: Config, x: Experiment, result, run_dir: Path) -> tuple[dict, di
     """Test metrics, predictions, the best model, history and metrics.json."""
     data, split, ds = x.data, x.split, x.ds
     eval_loader = data.test if data.test is not None else data.val
-    metrics, logits = _eval_metrics(x.model, eval_loader, x.runtime, ds.classes, ds.labels[split.train].numpy())
+    metrics, logits = _eval_metrics(x.trained, eval_loader, x.runtime, ds.classes, ds.labels[split.train].numpy(),
+                                    tta=cfg.train.tta == "flip")
     eval_idx = split.test if data.eval_part == "test" else split.val
     write_predictions(run_dir / "predictions.csv", eval_idx, ds.labels[eval_idx], logits, ds.classes, ds.paths)
     biased = data.eval_part == "val" and x.stopper.monitor.startswith("val_")
@@ -301,7 +300,7 @@ def evaluate(run: Run | str | Path, data: str | None = None, device: str = "cpu"
     t = torch.tensor(idx, dtype=torch.int64)
     loader = DeviceLoader(ds.images[t].to(runtime.device), ds.labels[t].to(runtime.device), norm,
                           cfg.data.eval_batch_size)
-    metrics, _ = _eval_metrics(model, loader, runtime, meta["classes"], train_labels)
+    metrics, _ = _eval_metrics(model, loader, runtime, meta["classes"], train_labels, tta=cfg.train.tta == "flip")
     metrics["evaluated_on"] = part
     return metrics
 

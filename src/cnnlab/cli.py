@@ -118,17 +118,20 @@ def _cmd_datasets(a) -> int:
 
 
 def _cmd_models(a) -> int:
-    from .models import create_model, describe_model, list_models
+    from .models import MODELS, create_model, describe_model, list_models
+    from .models.weights import imagenet_offline, imagenet_source
 
-    print(f"{'name':<14}{'params (10 classes, 1×28² / 3×64²)':>36}  description")
+    print(f"{'name':<20}{'parameters':>12}  {'input':>5}  {'ImageNet weights':<18}description")
     for name in list_models():
-        counts = []
-        for c, s in ((1, 28), (3, 64)):
-            try:
-                counts.append(f"{sum(p.numel() for p in create_model(name, 10, c, s).parameters()):,}")
-            except ValueError:
-                counts.append("-")
-        print(f"{name:<14}{' / '.join(counts):>36}  {describe_model(name)}")
+        info = MODELS.info[name]
+        size = info.get("input_size")
+        params = sum(p.numel() for p in create_model(name, 10, 3, size or 64).parameters())
+        src = imagenet_source(name)
+        weights = "—" if src is None else "offline here" if imagenet_offline(name) else (
+            "pip package" if src[0] == "package" else "download (once)")
+        print(f"{name:<20}{params:>12,}  {size or 'any':>5}  {weights:<18}{describe_model(name)}")
+    print("parameters: 10 classes, RGB, at the input size (64 px where any); input: the size its ImageNet "
+          "weights expect (model.weights=imagenet uses it unless data.image_size is set)")
     return 0
 
 

@@ -82,7 +82,10 @@ class DataConfig:
                            max=SEED_MAX)
     classes: Optional[list[str]] = _opt(None, "keep only these classes (by name), in this order (null: all)")
     max_per_class: Optional[int] = _opt(None, "keep at most this many images per class (seeded)", min=1)
-    normalize: bool = _opt(True, "zero mean / unit variance per channel, statistics from the training split")
+    normalize: bool = _opt(True, "zero mean / unit variance per channel (statistics: data.norm_stats)")
+    norm_stats: str = _opt("auto", "normalisation statistics: auto (the pretrained weights' own with "
+                           "model.weights=imagenet, else the training split's) | train | imagenet",
+                           choices=["auto", "train", "imagenet"])
     resize: str = _opt("stretch", "how folder images reach image_size", choices=["stretch", "center-crop"])
     # the first paper's synthetic set
     random_samples: int = _opt(100, "source 'random': number of images", min=2)
@@ -94,6 +97,13 @@ class DataConfig:
     aug_scale: float = _opt(0.1, "max relative zoom (uniform in 1±)", min=0.0, lt=1.0)
     aug_translate: float = _opt(0.1, "max shift as a fraction of the image side", min=0.0, max=0.5)
     expand: int = _opt(0, "offline expansion: K augmented copies of each training image (second paper: 2)", min=0, max=100)
+    randaugment: int = _opt(0, "RandAugment-style: this many random colour / geometry ops per training image, "
+                            "on whole batches (0: off)", min=0, max=6)
+    randaugment_magnitude: float = _opt(9.0, "their strength, 0–10 (RandAugment's M)", min=0.0, max=10.0)
+    mixup: float = _opt(0.0, "MixUp: Beta(α, α) of each training batch mixed with a shuffled copy (0: off; "
+                             "typical 0.2–0.4)", min=0.0)
+    cutmix: float = _opt(0.0, "CutMix: a Beta(α, α)-sized box pasted from a shuffled copy (0: off; typical 1.0); "
+                              "with mixup too, each batch uses one of them at random", min=0.0)
     memory_budget: Optional[str] = _opt(
         None, "bytes the decoded splits may hold in memory (4GB, 800MB, 40%); null: half the available RAM; "
               "larger data is streamed from the memory-mapped cache")
@@ -108,8 +118,17 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     name: str = _opt("harahap-cnn", "a registered model; see `cnnlab models`", registry="model")
-    weights: Optional[str] = _opt(None, "null | PATH (.safetensors, or .pt/.pth state dict) | imagenet")
-    freeze: str = _opt("none", "'backbone' trains only the classifier head", choices=["none", "backbone"])
+    weights: Optional[str] = _opt(None, "null | PATH (.safetensors, or .pt/.pth state dict) | imagenet "
+                                  "(see `cnnlab models`: EfficientNet-Lite offline, torchvision's families "
+                                  "through its weights API)")
+    freeze: str = _opt("none", "'backbone' trains only the classifier head (its batch norm frozen too)",
+                       choices=["none", "backbone"])
+    unfreeze_after: Optional[int] = _opt(None, "with freeze=backbone: train the head alone for this many epochs, "
+                                         "then everything (gradual unfreezing, fastai's fine_tune); null: never",
+                                         min=1)
+    cache_features: Optional[bool] = _opt(None, "head-only training on the frozen backbone's features computed "
+                                          "once per split (a linear probe in seconds); null: when nothing random "
+                                          "happens before the head (no augmentation, no unfreezing)")
     batch_norm: Optional[bool] = _opt(None, "batch normalisation on/off (null: the model's default)")
     dropout: Optional[float] = _opt(None, "dropout probability before the classifier (null: default)", min=0.0, lt=1.0)
     hidden: Optional[list[int]] = _opt(None, "hidden layer widths of the dense head / MLP (null: default)")
@@ -128,6 +147,9 @@ class OptimConfig:
     weight_decay: float = _opt(0.0, "decoupled weight decay (adamw) or the optimiser's own decay term; "
                                      "NOT the papers' L2 loss term, see regularization.l2", min=0.0)
     clip_grad_norm: Optional[float] = _opt(None, "clip the global gradient norm to this value", gt=0.0)
+    backbone_lr_scale: float = _opt(1.0, "discriminative learning rates: the backbone's rate is the base rate × this "
+                                         "(e.g. 0.1 when fine-tuning pretrained weights); the head's is the base",
+                                 gt=0.0, max=1.0)
 
 
 @dataclass
@@ -152,6 +174,9 @@ class TrainConfig:
     epochs: int = _opt(10, "maximum number of epochs", min=1)
     seed: int = _opt(0, "seed of weights, data order, augmentation and dropout", min=0, max=SEED_MAX)
     early_stopping: Optional[EarlyStopping] = _opt(None, "null, or {patience, monitor, min_delta}")
+    label_smoothing: float = _opt(0.0, "label smoothing of the training loss (0: off; typical 0.1)", min=0.0, lt=1.0)
+    tta: str = _opt("none", "test-time augmentation at evaluation: flip (average of the image and its mirror)",
+                    choices=["none", "flip"])
     monitor: str = _opt("val_loss", "metric that picks the best epoch when early stopping is off",
                         choices=MONITORS)
     device: str = _opt("auto", "auto | cpu | cuda | cuda:N")
@@ -211,11 +236,33 @@ class Config:
         if self.data.classes is not None and (len(self.data.classes) < 2 or
                                               len(set(self.data.classes)) != len(self.data.classes)):
             raise ConfigError("data.classes: at least two distinct class names, e.g. [cat, dog]")
+        if self.model.weights == "imagenet":
+            self._resolve_pretrained()
+        if self.model.unfreeze_after is not None and self.model.freeze != "backbone":
+            raise ConfigError("model.unfreeze_after needs model.freeze=backbone (the head trains alone first)")
         if self.model.hidden is not None and (not self.model.hidden or min(self.model.hidden) < 1):
             raise ConfigError("model.hidden: a non-empty list of positive layer widths, e.g. [128]")
         dev = self.train.device
         if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
             raise ConfigError(f"unknown train.device {dev!r}; choose one of: auto, cpu, cuda, cuda:N")
+
+
+    def _resolve_pretrained(self) -> None:
+        """model.weights=imagenet: the backbone's input size and RGB unless the config sets them."""
+        info = registry("model").info[self.model.name]
+        if "imagenet" not in info:
+            have = [n for n, i in registry("model").info.items() if "imagenet" in i]
+            raise ConfigError(f"model.weights=imagenet: {self.model.name} has no ImageNet weights; models that have "
+                              f"them: {', '.join(sorted(have))} (`cnnlab models` says which load offline here)")
+        d = self.data
+        if d.image_size is None:
+            d.image_size = info["input_size"]
+        if d.channels is None:
+            d.channels = 3  # grayscale images are repeated into RGB, as the weights expect
+        least = info.get("min_imagenet_size", 32)
+        if d.image_size < least:
+            raise ConfigError(f"data.image_size={d.image_size} is too small for {self.model.name} with ImageNet "
+                              f"weights (at least {least}; they were trained at {info['input_size']})")
 
 
 def check_run_name(name: str) -> None:

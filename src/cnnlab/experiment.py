@@ -12,6 +12,7 @@ import os
 import platform
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,11 +21,13 @@ from torch import nn
 
 from . import stats
 from ._version import __version__
-from .config import Config
+from .config import Config, ConfigError
 from .data import DataError, Dataset, Split, load_data, prepare, stratified_split
-from .data.loader import Prepared, balance_sampling, balanced_class_weights, class_counts
+from .data.loader import Normalizer, Prepared, add_policy, balance_sampling, balanced_class_weights, class_counts
+from .data.policies import mix_batch
 from .data.stream import default_memory_budget, fits_in_memory, parse_bytes, prepare_streaming
-from .models import create_model, freeze_backbone, load_weights, set_fusion
+from .models import MODELS, create_model, freeze_backbone, load_weights, set_fusion
+from .models.weights import check_imagenet_weights
 from .training import EarlyStopper, LRSchedule, Runtime, build_optimizer
 from .training.progress import ProgressLogger
 from .training.runtime import seed_everything
@@ -47,6 +50,25 @@ class Experiment:
     stopper: EarlyStopper
     class_weights: torch.Tensor | None       # (K,) training-loss weights (data.class_weights=balanced)
     val_class_weights: torch.Tensor | None   # (K,) val_loss weights when training balances the classes
+    trained: nn.Module | None = None         # what `fit` trains: the model, or its head alone on cached features
+    mix: Callable | None = None              # MixUp / CutMix of training batches (data.mixup, data.cutmix)
+
+    def __post_init__(self):
+        self.trained = self.trained or self.model
+
+    def before_epoch(self, epoch: int) -> None:
+        """Gradual unfreezing: the backbone stays frozen for model.unfreeze_after epochs, then trains too."""
+        n = self.cfg.model.unfreeze_after
+        if n is not None:
+            freeze_backbone(self.model, frozen=epoch <= n)
+
+    def fit_options(self) -> dict:
+        """The loop's options this run sets (beyond model, data, optimiser, schedule, runtime)."""
+        t = self.cfg.train
+        return dict(stopper=self.stopper, l2=self.cfg.regularization.l2, clip_grad_norm=self.cfg.optim.clip_grad_norm,
+                    class_weights=self.class_weights, val_class_weights=self.val_class_weights,
+                    label_smoothing=t.label_smoothing, mix=self.mix, tta=t.tta == "flip",
+                    before_epoch=self.before_epoch if self.cfg.model.unfreeze_after is not None else None)
 
     def split_json(self) -> dict:
         """split.json's content (offline copies included, with their originals)."""
@@ -97,6 +119,21 @@ def _split(cfg: Config, ds: Dataset) -> Split:
     return split
 
 
+def pretrained_normalizer(cfg: Config, channels: int) -> Normalizer | None:
+    """The statistics the pretrained weights expect (data.norm_stats: auto with model.weights=imagenet, or
+    imagenet), averaged over RGB for grayscale input; None: fit them to the training split."""
+    d, info = cfg.data, MODELS.info[cfg.model.name]
+    wanted = d.norm_stats == "imagenet" or (d.norm_stats == "auto" and cfg.model.weights == "imagenet")
+    if not d.normalize or not wanted:
+        return None
+    from .models.registry import IMAGENET_MEAN, IMAGENET_STD
+
+    mean, std = info.get("mean", IMAGENET_MEAN), info.get("std", IMAGENET_STD)
+    if channels == 1:
+        mean, std = [sum(mean) / 3], [sum(std) / 3]
+    return Normalizer(list(mean), list(std))
+
+
 def _loaders(cfg: Config, ds: Dataset, split: Split, runtime: Runtime, log: ProgressLogger) -> tuple[Prepared, bool]:
     """The loaders, in memory or streamed from the cache when the resident splits exceed data.memory_budget."""
     d = cfg.data
@@ -111,7 +148,8 @@ def _loaders(cfg: Config, ds: Dataset, split: Split, runtime: Runtime, log: Prog
         ds, split, batch_size=d.batch_size, eval_batch_size=d.eval_batch_size, device=runtime.device,
         seed=cfg.train.seed, normalize=d.normalize, augment=_augment_kwargs(cfg) if d.augment else None,
         expand=d.expand, expand_seed=d.split_seed + 1, expand_augment=_augment_kwargs(cfg),
-        channels_last=runtime.channels_last)
+        channels_last=runtime.channels_last, normalizer=pretrained_normalizer(cfg, ds.images.shape[1]))
+    add_policy(prepared.train, d.randaugment, d.randaugment_magnitude)
     return prepared, streamed
 
 
@@ -141,6 +179,8 @@ def build_experiment(cfg: Config, log: ProgressLogger | None = None) -> Experime
     """Data, split, loaders, model, optimiser, schedule and stopper for `cfg`, seeded."""
     log = log or ProgressLogger("none")
     t = cfg.train
+    if cfg.model.weights == "imagenet":
+        check_imagenet_weights(cfg.model.name)  # a missing weights package: said before any work
     runtime = Runtime(t.device, t.precision, t.threads, t.channels_last, t.fused, t.reuse_memory)
     ds = load_data(cfg.data, progress=log.mode == "bar")
     split = _split(cfg, ds)
@@ -154,17 +194,47 @@ def build_experiment(cfg: Config, log: ProgressLogger | None = None) -> Experime
     set_fusion(model, runtime.fused and not t.compile)  # compile fuses by itself
     if t.compile:
         model.compile()  # in place: state_dict keys (checkpoints, saved models) stay the eager module's
+    trained = model
+    if _use_feature_cache(cfg, log):
+        from .features import feature_data
+
+        data, trained = feature_data(model, data, runtime, log=log.message), model.head
     o, s = cfg.optim, cfg.schedule
-    optimizer = build_optimizer(model.parameters(), o.name, o.lr, momentum=o.momentum, nesterov=o.nesterov,
-                                beta1=o.beta1, beta2=o.beta2, eps=o.eps, weight_decay=o.weight_decay,
-                                fused=runtime.fused)
+    optimizer = build_optimizer(_param_groups(cfg, trained), o.name, o.lr, momentum=o.momentum,
+                                nesterov=o.nesterov, beta1=o.beta1, beta2=o.beta2, eps=o.eps,
+                                weight_decay=o.weight_decay, fused=runtime.fused)
     schedule = LRSchedule(optimizer, s.name, o.lr, len(data.train), t.epochs, warmup_epochs=s.warmup_epochs,
                           step_size=s.step_size, gamma=s.gamma, min_lr=s.min_lr, cycle_epochs=s.cycle_epochs,
                           pct_start=s.pct_start, patience=s.patience)
     es = t.early_stopping
     stopper = EarlyStopper(es.monitor, es.patience, es.min_delta) if es else EarlyStopper(t.monitor)
+    d = cfg.data
+    g = data.train.aug_generator
+    mix = (lambda x, y: mix_batch(x, y, g, d.mixup, d.cutmix)) if d.mixup > 0 or d.cutmix > 0 else None
     return Experiment(cfg, runtime, ds, split, streamed, data, model, options, optimizer, schedule, stopper,
-                      class_weights, val_class_weights)
+                      class_weights, val_class_weights, trained, mix)
+
+
+def _use_feature_cache(cfg: Config, log: ProgressLogger) -> bool:
+    from .features import eligible
+
+    ok, why_not = eligible(cfg)
+    wanted = cfg.model.cache_features
+    if wanted and not ok:
+        raise ConfigError(f"model.cache_features=true needs a frozen backbone and nothing random before the head; "
+                          f"here: {why_not}")
+    return ok if wanted is None else bool(wanted)
+
+
+def _param_groups(cfg: Config, model: nn.Module):
+    """The parameters, or two groups (backbone at optim.backbone_lr_scale × the rate, head) for discriminative
+    rates and gradual unfreezing (which keeps the frozen backbone in the optimiser, to train it later)."""
+    scale, unfreeze = cfg.optim.backbone_lr_scale, cfg.model.unfreeze_after is not None
+    if (scale == 1.0 and not unfreeze) or not hasattr(model, "backbone"):  # (the head alone, on features)
+        return model.parameters()
+    backbone = {id(p) for p in model.backbone.parameters()}
+    return [{"params": list(model.backbone.parameters()), "lr_scale": scale},
+            {"params": [p for p in model.parameters() if id(p) not in backbone], "lr_scale": 1.0}]
 
 
 # --------------------------------------------------------------------------- env.json

@@ -16,6 +16,7 @@ from .augment import augment_batch
 from .dataset import Dataset
 from .folder import release_pages
 from .normalize import Normalizer, fit_normalizer
+from .policies import randaugment_batch
 from .split import Split
 
 
@@ -25,6 +26,8 @@ class DeviceLoader:
     shuffle: a fresh permutation each epoch from `generator` (seeded → repeatable).
     augment: a function (x, generator) → x applied to every training batch.
     """
+
+    pre_augment: Callable[[torch.Tensor], torch.Tensor] | None = None  # on [0, 1] pixels, before normalising
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, normalizer: Normalizer, batch_size: int,
                  shuffle: bool = False, generator: torch.Generator | None = None,
@@ -72,7 +75,10 @@ class DeviceLoader:
 
     def _to_input(self, xb: torch.Tensor) -> torch.Tensor:
         """A uint8 batch on the device → the model's input: normalised, augmented, in its memory format."""
-        xb = self.normalizer(xb)
+        if self.pre_augment is not None:  # colour ops want pixels in [0, 1]
+            xb = self.normalizer.from_unit(self.pre_augment(xb.float() / 255))
+        else:
+            xb = self.normalizer(xb)
         if self.augment is not None:
             xb = self.augment(xb)
         if self.channels_last:
@@ -138,12 +144,21 @@ def seeded_generators(seed: int, device, augment: dict | None):
     return g_order, g_aug, aug_fn
 
 
+def add_policy(loader: DeviceLoader, randaugment: int, magnitude: float) -> None:
+    """RandAugment-style ops on the training loader's [0, 1] pixels, drawn from its augmentation generator."""
+    if randaugment > 0:
+        g = loader.aug_generator
+        loader.pre_augment = lambda x: randaugment_batch(x, g, randaugment, magnitude)
+
+
 def prepare(ds: Dataset, split: Split, *, batch_size: int, eval_batch_size: int, device: torch.device,
             seed: int, normalize: bool = True, augment: dict | None = None, expand: int = 0,
-            expand_seed: int = 0, expand_augment: dict | None = None, channels_last: bool = False) -> Prepared:
+            expand_seed: int = 0, expand_augment: dict | None = None, channels_last: bool = False,
+            normalizer: Normalizer | None = None) -> Prepared:
     """Move the split to `device` and build its loaders.
 
     augment: None, or the kwargs of `augment_batch` (rotation, hflip, scale, translate) for batches.
+    normalizer: use these statistics instead of fitting them to the training split.
     expand / expand_augment: offline copies per training image, and their augmentation kwargs.
     """
     images, labels = ds.images, ds.labels
@@ -151,7 +166,8 @@ def prepare(ds: Dataset, split: Split, *, batch_size: int, eval_batch_size: int,
     images, labels, copy_of = expand_offline(images, labels, split.train, expand, expand_seed, aug_kwargs)
     train_idx = split.train + list(range(len(ds.labels), len(labels)))
     split.expanded_from = copy_of
-    norm = fit_normalizer(ds.images, split.train, normalize)  # statistics of the original training images
+    # statistics of the original training images, unless given (a pretrained model's own)
+    norm = normalizer or fit_normalizer(ds.images, split.train, normalize)
 
     def part(idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         t = torch.tensor(idx, dtype=torch.int64)

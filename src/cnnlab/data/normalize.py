@@ -36,6 +36,11 @@ class Normalizer:
         scale, shift = self._affine(x.device)
         return torch.addcmul(-shift, x.float(), scale)
 
+    def from_unit(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) float in [0, 1] (pixels already augmented) → normalised: x·(1/std) − mean/std."""
+        scale, shift = self._affine(x.device)
+        return torch.addcmul(-shift, x, scale * 255)
+
 
 def fit_normalizer(images: torch.Tensor, indices=None, enabled: bool = True,
                    chunk_bytes: int = 8 << 20) -> Normalizer:

@@ -8,6 +8,6 @@ for all of them. `models` imports nothing from `train` or `data`.
 from __future__ import annotations
 
 from .registry import MODELS, create_model, list_models, describe_model  # noqa: F401
-from . import papers, vgg, resnet  # noqa: F401  (registers the builders)
+from . import papers, vgg, resnet, mobilenet, efficientnet  # noqa: F401  (registers the builders)
 from .weights import load_weights, freeze_backbone  # noqa: F401
 from .fused import set_fusion  # noqa: F401

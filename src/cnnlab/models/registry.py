@@ -10,6 +10,12 @@ from ..registry import Registry
 from .init import init_weights
 
 MODELS: Registry[nn.Module] = Registry("model")
+# A model is one builder (num_classes, in_channels, image_size, *, its options) registered here; its info may
+# say input_size (the side its ImageNet weights were trained at), mean / std (their input normalisation, in
+# [0, 1] pixel units), imagenet=("package" | "torchvision", name) (where those weights come from) and
+# min_imagenet_size (the smallest input the weights make sense for).
+
+IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]  # torchvision's ImageNet statistics
 
 
 def create_model(name: str, num_classes: int, in_channels: int = 1, image_size: int = 28,
@@ -33,6 +39,7 @@ def create_model(name: str, num_classes: int, in_channels: int = 1, image_size: 
     model = MODELS.create(name, num_classes=num_classes, in_channels=in_channels,
                           image_size=image_size, **opts)
     init_weights(model, init)
+    model.registry_name = name
     return model
 
 

@@ -13,7 +13,7 @@ import math
 from torch import nn
 
 from .papers import Classifier
-from .registry import MODELS
+from .registry import IMAGENET_MEAN, IMAGENET_STD, MODELS
 
 
 def _vgg(arch: str, num_classes: int, in_channels: int, image_size: int, batch_norm: bool,
@@ -34,20 +34,37 @@ def _vgg(arch: str, num_classes: int, in_channels: int, image_size: int, batch_n
     backbone = nn.Sequential(*features)  # keys backbone.N ↔ torchvision features.N
     head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(512, num_classes))
     model = Classifier(backbone, head)
-    model.torchvision_arch = tv_name
-    model.torchvision_prefix = ("features.", "backbone.")
+    model.pretrained_prefix = ("features.", "backbone.")  # ImageNet weights: the conv stack only
+    model.imagenet_arch = tv_name  # with or without batch norm: which torchvision weights fit
     return model
 
 
-@MODELS.register("vgg16")
+def _info(arch: str) -> dict:
+    return dict(input_size=224, min_imagenet_size=32, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                imagenet=("torchvision", arch))
+
+
+@MODELS.register("vgg16", **_info("vgg16"))
 def vgg16(num_classes: int, in_channels: int = 3, image_size: int = 64, *, batch_norm: bool = False,
           dropout: float = 0.1) -> nn.Module:
     """torchvision VGG-16 features (pools kept only while the map is ≥ 2 px) → GAP → dropout 0.1 → classes."""
     return _vgg("vgg16", num_classes, in_channels, image_size, batch_norm, dropout)
 
 
-@MODELS.register("vgg19")
+@MODELS.register("vgg19", **_info("vgg19"))
 def vgg19(num_classes: int, in_channels: int = 3, image_size: int = 64, *, batch_norm: bool = False,
           dropout: float = 0.1) -> nn.Module:
     """torchvision VGG-19 features (the second paper's pre-trained baseline) → GAP → dropout 0.1 → classes."""
     return _vgg("vgg19", num_classes, in_channels, image_size, batch_norm, dropout)
+
+
+@MODELS.register("vgg16-bn", **_info("vgg16_bn"))
+def vgg16_bn(num_classes: int, in_channels: int = 3, image_size: int = 64, *, dropout: float = 0.1) -> nn.Module:
+    """torchvision VGG-16 with batch norm (vgg16_bn): as vgg16, a BN after every conv."""
+    return _vgg("vgg16", num_classes, in_channels, image_size, True, dropout)
+
+
+@MODELS.register("vgg19-bn", **_info("vgg19_bn"))
+def vgg19_bn(num_classes: int, in_channels: int = 3, image_size: int = 64, *, dropout: float = 0.1) -> nn.Module:
+    """torchvision VGG-19 with batch norm (vgg19_bn): as vgg19, a BN after every conv."""
+    return _vgg("vgg19", num_classes, in_channels, image_size, True, dropout)

@@ -55,13 +55,16 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
                     runtime: Runtime, *, l2: float = 0.0, clip_grad_norm: float | None = None,
                     progress: ProgressLogger | None = None, state: TrainState | None = None,
                     on_step: Callable[[TrainState], None] | None = None,
-                    class_weights: torch.Tensor | None = None) -> dict:
+                    class_weights: torch.Tensor | None = None, label_smoothing: float = 0.0,
+                    mix: Callable | None = None) -> dict:
     """One pass over `loader` (or the rest of it, when `state` says the epoch is under way).
 
     Returns the epoch's mean training loss and accuracy. The loss reported is the
     cross-entropy (as Keras prints it, on augmented batches in training mode); the
     L2 term, when on, is added to what is minimised and reported as `l2_penalty`.
     class_weights (K,) weights each class's loss (the reported loss is then that weighted mean).
+    mix: (x, y) → (x mixed with a shuffled partner, the partner's labels, λ) — MixUp / CutMix; the loss is
+    then λ·CE(y) + (1 − λ)·CE(partner), and a prediction counts as right on the larger share's label.
     Divergence (a non-finite loss or gradient norm) raises at the step it happens.
     """
     state = state or TrainState()
@@ -79,9 +82,15 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
     acc, steps = state.acc, len(loader)
     for x, y in loader.iterate(state.order, state.step_in_epoch):
         step = state.epoch * steps + state.step_in_epoch + 1  # global, 1-based
+        y2, lam = y, 1.0
+        if mix is not None:
+            x, y2, lam = mix(x, y)
         with runtime.autocast():
             logits = model(x)
-            loss = F.cross_entropy(logits.float(), y, weight=class_weights)
+            loss = F.cross_entropy(logits.float(), y, weight=class_weights, label_smoothing=label_smoothing)
+            if lam < 1.0:
+                loss = lam * loss + (1 - lam) * F.cross_entropy(logits.float(), y2, weight=class_weights,
+                                                                label_smoothing=label_smoothing)
         objective = loss + l2_penalty(weights, l2) if weights else loss
         sync = runtime.device.type == "cpu" or step % 50 == 0  # a sync per step is free on the CPU only
         if sync and not math.isfinite(loss.item()):
@@ -102,7 +111,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
         precision.step(optimizer)
         schedule.step()
         acc["loss_sum"] += loss.detach() * len(y)
-        acc["correct"] += (logits.argmax(1) == y).sum()
+        acc["correct"] += (logits.argmax(1) == (y if lam >= 0.5 else y2)).sum()
         acc["seen"] += len(y)
         if weights:
             acc["penalty"] = float(objective - loss)
@@ -118,22 +127,28 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, loader, runtime: Runtime) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits float32 (N, classes), labels (N,)) on the CPU, in the loader's order."""
+def predict_logits(model: nn.Module, loader, runtime: Runtime, tta: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits float32 (N, classes), labels (N,)) on the CPU, in the loader's order.
+
+    tta: test-time augmentation by flipping: the log of the mean of the image's and its mirror's softmax
+    (valid logits: their softmax is that mean)."""
     model.eval()
     outs, ys = [], []
     for x, y in loader:
         with runtime.autocast():
-            outs.append(model(x).float().cpu())
+            out = model(x).float()
+            if tta:
+                out = torch.log((out.softmax(1) + model(x.flip(3)).float().softmax(1)) / 2)
+        outs.append(out.cpu())
         ys.append(y.cpu())
     return torch.cat(outs), torch.cat(ys)
 
 
 def evaluate(model: nn.Module, loader, runtime: Runtime, prefix: str = "val_",
-             class_weights: torch.Tensor | None = None) -> dict:
+             class_weights: torch.Tensor | None = None, tta: bool = False) -> dict:
     """Mean cross-entropy (weighted per class if `class_weights`) and accuracy of `model` on `loader`
     (eval mode, no gradients)."""
-    logits, y = predict_logits(model, loader, runtime)
+    logits, y = predict_logits(model, loader, runtime, tta)
     w = class_weights.cpu() if class_weights is not None else None
     return {prefix + "loss": F.cross_entropy(logits, y, weight=w).item(),
             prefix + "accuracy": (logits.argmax(1) == y).float().mean().item()}
@@ -144,13 +159,16 @@ def fit(model: nn.Module, data, optimizer: torch.optim.Optimizer, schedule: LRSc
         progress: ProgressLogger | None = None, state: TrainState | None = None,
         on_step: Callable[[TrainState], None] | None = None,
         on_epoch: Callable[[TrainState], None] | None = None,
-        class_weights: torch.Tensor | None = None, val_class_weights: torch.Tensor | None = None) -> FitResult:
+        class_weights: torch.Tensor | None = None, val_class_weights: torch.Tensor | None = None,
+        label_smoothing: float = 0.0, mix: Callable | None = None, tta: bool = False,
+        before_epoch: Callable[[int], None] | None = None) -> FitResult:
     """Train for up to `epochs` (continuing from `state` if given); leave `model` holding the best
     epoch's weights.
 
     The best epoch is the one where `stopper.monitor` was best (val_* needs a validation
     split; without one it falls back to the training metric). on_epoch is called after
-    every epoch (the caller checkpoints there), on_step after every other step.
+    every epoch (the caller checkpoints there), on_step after every other step; before_epoch(epoch)
+    before each (1-based; gradual unfreezing uses it, so a resumed run unfreezes at the same epoch).
     """
     monitor = stopper.monitor if data.val is not None else stopper.monitor.replace("val_", "")
     state = state or TrainState()
@@ -160,11 +178,13 @@ def fit(model: nn.Module, data, optimizer: torch.optim.Optimizer, schedule: LRSc
         if progress:
             progress.epoch_start(epoch, epochs, len(data.train), done=state.step_in_epoch)
         row = {"epoch": epoch}
+        if before_epoch is not None:
+            before_epoch(epoch)
         row.update(train_one_epoch(model, data.train, optimizer, schedule, runtime, l2=l2,
                                    clip_grad_norm=clip_grad_norm, progress=progress, state=state, on_step=on_step,
-                                   class_weights=class_weights))
+                                   class_weights=class_weights, label_smoothing=label_smoothing, mix=mix))
         if data.val is not None:
-            row.update(evaluate(model, data.val, runtime, class_weights=val_class_weights))
+            row.update(evaluate(model, data.val, runtime, class_weights=val_class_weights, tta=tta))
         row.update(lr=lr, seconds=round(time.perf_counter() - t0, 3))
         state.history.append(row)
         state.epoch, state.step_in_epoch, state.order = epoch, 0, None

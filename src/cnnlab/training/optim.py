@@ -41,7 +41,8 @@ def _rmsprop(params, lr: float, o: dict, fused_kw: dict) -> torch.optim.Optimize
 def build_optimizer(params, name: str, lr: float, *, momentum: float = 0.9, nesterov: bool = False,
                     beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-7,
                     weight_decay: float = 0.0, fused: bool = False) -> torch.optim.Optimizer:
-    """A registered optimiser (sgd, adam, adamw, rmsprop…) over the trainable `params`.
+    """A registered optimiser (sgd, adam, adamw, rmsprop…) over the trainable `params` (or over param groups,
+    dicts with "params" and an optional "lr_scale", every parameter kept).
 
     weight_decay is the optimiser's own decay (decoupled for adamw). It is not the
     papers' L2 term λ/2·Σ‖W‖², which `l2_penalty` adds to the loss instead.
@@ -49,9 +50,13 @@ def build_optimizer(params, name: str, lr: float, *, momentum: float = 0.9, nest
     """
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; choose one of: {', '.join(OPTIMIZERS.list())}")
-    params = [p for p in params if p.requires_grad]
-    fused_kw = {"fused": True} if (fused and OPTIMIZERS.info[name].get("fused") and params
-                                   and all(p.is_floating_point() for p in params)) else {}
+    params = list(params)
+    if params and isinstance(params[0], dict):  # param groups (own lr_scale each): kept whole, frozen ones too,
+        tensors = [p for g in params for p in g["params"]]  # so they can be unfrozen later
+    else:
+        params = tensors = [p for p in params if p.requires_grad]
+    fused_kw = {"fused": True} if (fused and OPTIMIZERS.info[name].get("fused") and tensors
+                                   and all(p.is_floating_point() for p in tensors)) else {}
     options = dict(momentum=momentum, nesterov=nesterov, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
     return OPTIMIZERS.create(name, params, lr, options, fused_kw)
 
@@ -99,8 +104,9 @@ class LRSchedule:
         return lr
 
     def _apply(self) -> None:
-        for group in self.opt.param_groups:
-            group["lr"] = self.lr_at(self.step_count)
+        lr = self.lr_at(self.step_count)
+        for group in self.opt.param_groups:  # lr_scale: discriminative rates (a backbone's lower one)
+            group["lr"] = lr * group.get("lr_scale", 1.0)
 
     @property
     def lr(self) -> float:
