@@ -15,6 +15,7 @@ EXAMPLES = """examples:
   cnnlab train - data.source=folder:~/photos model.name=resnet18   (defaults + overrides)
   cnnlab eval runs/demo                                re-evaluate on the saved test split
   cnnlab predict runs/demo photos/ cat.png --top-k 3   classify files and folders
+  cnnlab explain runs/demo photos/cat.png              where the model looked (Grad-CAM figure)
   cnnlab config recipes/demo.yaml                      show the fully resolved config
   cnnlab config --keys                                 every key, its default and meaning
   cnnlab datasets | cnnlab models
@@ -98,6 +99,26 @@ def _cmd_predict(a) -> int:
     return 1 if any("error" in r for r in results) else 0
 
 
+def _cmd_explain(a) -> int:
+    from .display import printable as P
+    from .explain import explain_files
+    from .runs import load_run
+
+    results = explain_files(load_run(a.run), a.paths, out_dir=a.out, top_k=a.top_k, target=getattr(a, "cls", None))
+    if not results:
+        print("no image files found in: " + " ".join(a.paths), file=sys.stderr)
+        return 2
+    if a.json:
+        print(json.dumps(results, indent=2))
+    for r in results if not a.json else []:
+        if "error" in r:
+            print(f"{P(r['file'])}  ERROR: {P(r['error'])}")
+        else:
+            tops = "   ".join(f"{P(t['class'])} {t['probability']:.3f}" for t in r["top"])
+            print(f"{P(r['file'])}  {tops}  → {P(r['figure'])}")
+    return 1 if any("error" in r for r in results) else 0
+
+
 def _cmd_datasets(a) -> int:
     from .data import list_datasets
 
@@ -139,7 +160,7 @@ def _cmd_compare(a) -> int:
     """0 when every run finished, 1 when some failed (they are retried by running the same command again)."""
     from .study.runner import failed_runs, resolve_study, run_study
 
-    study_dir = run_study(resolve_study(a.study), jobs=a.jobs, out=a.out)
+    study_dir = run_study(resolve_study(a.study), jobs=a.jobs, out=a.out, overrides=a.overrides)
     failed = failed_runs(study_dir)
     if failed:
         print(f"cnnlab: {failed} run(s) failed; see summary.json and the runs' .log files "
@@ -221,6 +242,17 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--json", action="store_true", help="print JSON instead of a table")
     pr.set_defaults(fn=_cmd_predict)
 
+    x = sub.add_parser("explain", help="Grad-CAM heatmaps: where the model looked, for image files",
+                       description="For each image: the top classes and a figure (the image, and the image under "
+                       "the Grad-CAM heatmap of the predicted class, from the model's last convolution layer).")
+    x.add_argument("run", help="run folder")
+    x.add_argument("paths", nargs="+", help="image files or folders")
+    x.add_argument("--out", help="folder for the figures (default RUN/explain)")
+    x.add_argument("--class", dest="cls", metavar="NAME", help="explain this class instead of the predicted one")
+    x.add_argument("-k", "--top-k", type=int, default=3)
+    x.add_argument("--json", action="store_true", help="print JSON")
+    x.set_defaults(fn=_cmd_explain)
+
     d = sub.add_parser("datasets", help="list the data sources, or inspect a folder before training",
                        description="Without arguments: the built-in sources. `inspect folder:PATH`: classes, "
                        "counts, image sizes, imbalance, duplicates (label conflicts, train/test leaks) and "
@@ -238,7 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run STUDY.yaml (a base config, a grid and/or named variants, seeds): every "
                        "run is a normal run folder in its own process; finished runs are skipped on a rerun. "
                        "Writes the comparison table (Markdown, CSV, LaTeX), paired tests, figures and report.html.")
-    s.add_argument("study", help="study YAML")
+    s.add_argument("study", help="study YAML, or a recipe name in ./recipes")
+    s.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="settings for every run, over the study's own (e.g. data.source=folder:~/photos)")
     s.add_argument("--jobs", "-j", type=int, default=1, help="runs at once (default 1)")
     s.add_argument("--out", help="study folder (default studies/<study file name without .yaml>)")
     s.set_defaults(fn=_cmd_compare)

@@ -21,6 +21,7 @@ from . import plots as P
 from . import tables as T
 from .folders import (ReportError, RunFolder, eval_images, is_finished, is_study, load_run_folder, load_summary,
                       read_history, read_json)
+from ..explain import grad_cam, last_conv, overlay
 from .html import run_page, study_page
 from ..runs import training_pid
 
@@ -97,10 +98,16 @@ def _draw_run(run: RunFolder) -> tuple[dict[str, Path], list[str]]:
         notes.append(f"Image grids skipped: {why}.")
         return files, notes
 
+    cams, why_not = _heatmaps(run, images)
+    if cams is None:
+        notes.append(f"No Grad-CAM heatmaps: {why_not}.")
+
     def grid(rows, path, title):
-        return P.image_grid([images[int(r["index"])] for r in rows],
-                            [P.grid_title(r["true"], r["predicted"], float(r["confidence"])) for r in rows],
-                            [r["true"] == r["predicted"] for r in rows], path, columns=GRID_COLUMNS, title=title)
+        shown = [images[int(r["index"])] for r in rows]
+        over = [overlay(images[int(r["index"])], cams[int(r["index"])]) for r in rows] if cams else None
+        return P.image_grid(shown, [P.grid_title(r["true"], r["predicted"], float(r["confidence"])) for r in rows],
+                            [r["true"] == r["predicted"] for r in rows], path, columns=GRID_COLUMNS,
+                            title=title + (" · Grad-CAM of the predicted class" if cams else ""), overlays=over)
 
     right = sum(r["true"] == r["predicted"] for r in sample)
     files["predictions"] = grid(sample, out / "predictions.png",
@@ -115,6 +122,25 @@ def _draw_run(run: RunFolder) -> tuple[dict[str, Path], list[str]]:
         notes.append(f"All {len(run.predictions)} evaluated images were classified correctly: nothing to show "
                      "as most confidently wrong.")
     return files, notes
+
+
+def _heatmaps(run: RunFolder, images: dict[int, np.ndarray]) -> tuple[dict[int, np.ndarray] | None, str]:
+    """Grad-CAM of the predicted class for each image (by dataset index), or (None, why not)."""
+    import torch
+
+    from ..data.loader import Normalizer
+    from ..runs import MODEL_FILE, build_saved_model
+
+    try:
+        model, meta = build_saved_model(run.path / MODEL_FILE)
+        if last_conv(model) is None:
+            return None, f"{meta['model']} has no convolution layer"
+        keys = sorted(images)
+        x = Normalizer(meta["mean"], meta["std"])(torch.from_numpy(np.stack([images[k] for k in keys])))
+        cams, _ = grad_cam(model, x)
+    except Exception as e:  # a figure problem never loses the report
+        return None, f"{type(e).__name__}: {e}"
+    return dict(zip(keys, cams.numpy())), ""
 
 
 def plot_run(run_dir: str | Path) -> list[Path]:

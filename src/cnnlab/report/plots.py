@@ -290,8 +290,9 @@ def _to_display(img: np.ndarray) -> tuple[np.ndarray, str | None]:
 
 
 def image_grid(images: list[np.ndarray], titles: list[str], correct: list[bool], path: Path, *,
-               columns: int = 8, title: str = "") -> Path:
+               columns: int = 8, title: str = "", overlays: list[np.ndarray] | None = None) -> Path:
     """Images with "true / predicted (confidence)" titles, green frame and title when right, red when wrong.
+    overlays: (H, W, 3) uint8 pictures drawn instead (each image under its Grad-CAM heatmap).
 
     Laid out by hand (no layout engine): forty small axes under constrained layout cost seconds.
     """
@@ -308,7 +309,7 @@ def image_grid(images: list[np.ndarray], titles: list[str], correct: list[bool],
             left = 0.1 + c * cell_w + (cell_w - img_in) / 2
             bottom = height - head - (r + 1) * cell_h + 0.06
             ax = fig.add_axes((left / width, bottom / height, img_in / width, img_in / height))
-            data, cmap = _to_display(img)
+            data, cmap = (overlays[k], None) if overlays is not None else _to_display(img)
             ax.imshow(data, cmap=cmap, vmin=0, vmax=255, interpolation="nearest", aspect="auto")
             ax.set_xticks([])
             ax.set_yticks([])
@@ -326,6 +327,22 @@ def image_grid(images: list[np.ndarray], titles: list[str], correct: list[bool],
         fig.savefig(tmp, dpi=DPI)
         tmp.replace(path)
         return path
+
+
+def explanation_figure(image: np.ndarray, overlaid: np.ndarray, left: str, right: str, path: Path) -> Path:
+    """One image as the network saw it, beside it under its Grad-CAM heatmap (`cnnlab explain`)."""
+    with matplotlib.rc_context(_style()):
+        fig = _figure(6.4, 3.5)
+        a, b = fig.subplots(1, 2)
+        data, cmap = _to_display(image)
+        a.imshow(data, cmap=cmap, vmin=0, vmax=255, interpolation="nearest")
+        b.imshow(overlaid, interpolation="nearest")
+        for ax, text in ((a, short(left, 40)), (b, "Grad-CAM: " + short(right, 40))):
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.grid(False)
+            ax.set_title(text, fontsize=9)
+        return _save(fig, path)
 
 
 def grid_title(true: str, predicted: str, confidence: float) -> str:

@@ -80,18 +80,19 @@ def execute(todo: list[RunRequest], total: int, executor: Executor, log=print) -
 
 
 def run_study(study_path: str | Path, jobs: int = 1, out: str | Path | None = None, quiet: bool = False,
-              executor: Executor | None = None) -> Path:
+              executor: Executor | None = None, overrides: list[str] | dict | None = None) -> Path:
     """Run every (variant, seed) of a study not yet finished, then aggregate; returns the study folder.
 
     jobs: runs at once, each in its own process (the local executor's). out: the study folder (default
-    studies/<file stem>). executor: where the runs go (default: LocalExecutor(jobs)).
+    studies/<file stem>). executor: where the runs go (default: LocalExecutor(jobs)). overrides: key=value
+    settings applied to every run (the command line's), e.g. ["data.source=folder:~/photos"].
     Writes summary.json, table.md/.csv/.tex and report.html.
     """
     if not isinstance(jobs, int) or jobs < 1:
         raise StudyError(f"--jobs must be a positive integer; got {jobs!r}")
     executor = executor or LocalExecutor(jobs)
     log = (lambda *a, **k: None) if quiet else (lambda msg: print(msg, flush=True))
-    study = load_study(study_path)  # validates everything before any work
+    study = load_study(study_path, overrides)  # validates everything before any work
     study_dir = Path(out) if out is not None else Path("studies") / Path(study_path).stem
     study_dir.mkdir(parents=True, exist_ok=True)
     study_dir = study_dir.resolve()

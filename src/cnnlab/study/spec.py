@@ -216,8 +216,11 @@ def _base_path(value: Any, study_path: Path, where: str) -> Path | None:
     return p.resolve()
 
 
-def load_study(path: str | Path) -> dict:
+def load_study(path: str | Path, extra: list[str] | dict | None = None) -> dict:
     """Parse, validate and expand a study file; nothing runs.
+
+    extra: overrides from the command line ("data.source=folder:~/photos"), applied to every run last
+    (over the study's overrides and each variant's settings).
 
     Returns {'name', 'path', 'description', 'base', 'overrides', 'seeds', 'variants': [{'name',
     'settings', 'base', 'config', 'needs'}], 'pretrain': [same], 'runs': expand_study(...)}, where
@@ -231,6 +234,7 @@ def load_study(path: str | Path) -> dict:
         raise StudyError(f"{path}: name {name!r} must be folder-safe (letters, digits, . _ + = -)")
     base = _base_path(raw.get("base"), path, str(path))
     overrides = _overrides(raw.get("overrides"))
+    extra = _overrides(list(extra) if isinstance(extra, (list, tuple)) else extra)
     seeds = _seeds(raw.get("seeds"))
 
     def entry(kind: str, vname: str, settings: dict, cfg_name: str) -> dict:
@@ -238,7 +242,8 @@ def load_study(path: str | Path) -> dict:
         own_base = _base_path(settings.pop("base"), path, f"{kind} {vname!r}") if "base" in settings else base
         return {"name": vname, "settings": shown,
                 "base": own_base, "needs": _refs({**overrides, **settings}),
-                "config": _resolved_config(f"{path}: {kind} {vname!r}", cfg_name, own_base, overrides, settings)}
+                "config": _resolved_config(f"{path}: {kind} {vname!r}", cfg_name, own_base, overrides,
+                                           {**settings, **extra})}
 
     pre = raw.get("pretrain") or {}
     if not isinstance(pre, dict):
@@ -264,5 +269,5 @@ def load_study(path: str | Path) -> dict:
                 continue
             raise StudyError(f"{path}: {kind} {e['name']!r}: @pretrain reference: {problem}")
     return {"name": name, "path": path.resolve(), "description": raw.get("description"), "base": base,
-            "overrides": overrides, "seeds": seeds, "variants": variants, "pretrain": pretrain,
+            "overrides": {**overrides, **extra}, "seeds": seeds, "variants": variants, "pretrain": pretrain,
             "runs": [(v["name"], v["settings"], s) for v in variants for s in seeds]}

