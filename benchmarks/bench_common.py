@@ -25,8 +25,19 @@ def machine() -> dict:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     return {"cpu": cpu, "cores": cores, "ram_gib": round(ram), "os": f"{platform.system()} {platform.release()}",
-            "python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "pillow": PIL.__version__, "numpy": numpy.__version__}
+            "capability": cpu_capability(), "python": platform.python_version(), "torch": torch.__version__,
+            "torchvision": torchvision.__version__, "pillow": PIL.__version__, "numpy": numpy.__version__}
+
+
+def cpu_capability() -> str:
+    """The CPU's vector capability as BENCHMARKS.md names it: AVX2, AVX-512, AVX-512 BF16, + AMX."""
+    try:
+        flags = set(next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split(":")[1].split())
+    except (OSError, StopIteration):
+        return "unknown"
+    name = ("AVX-512 BF16" if "avx512_bf16" in flags else "AVX-512" if "avx512f" in flags
+            else "AVX2" if "avx2" in flags else "below AVX2")
+    return name + (" + AMX" if "amx_bf16" in flags else "")
 
 
 def steady_median(per_epoch: list[float]) -> float:
@@ -35,7 +46,8 @@ def steady_median(per_epoch: list[float]) -> float:
 
 
 def machine_line(m: dict) -> str:
-    return (f"{m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB RAM; {m['os']}; Python {m['python']}, "
+    return (f"{m['cpu']} ({m.get('capability', 'capability not recorded')}), {m['cores']} cores, {m['ram_gib']} GiB "
+            f"RAM; {m['os']}; Python {m['python']}, "
             f"torch {m['torch']}, torchvision {m['torchvision']}, Pillow {m['pillow']}, numpy {m['numpy']}")
 
 

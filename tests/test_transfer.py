@@ -240,3 +240,62 @@ def test_label_smoothing_and_flip_tta_are_what_they_say(tmp_path):
     run = fit_run({"data.max_per_class": 12, "train.epochs": 1, "train.label_smoothing": 0.2, "train.tta": "flip",
                    "data.mixup": 0.2, "data.cutmix": 1.0, "data.randaugment": 2}, out=tmp_path / "modern")
     assert run.history[0]["loss"] > 0 and 0 <= run.metrics["accuracy"] <= 1
+
+
+# --------------------------------------------------------------------------- Grad-CAM
+
+def test_last_conv_is_found_in_every_family():
+    from cnnlab.explain import last_conv
+
+    assert last_conv(create_model("mlp", 3, 1, 8)) is None
+    lite = create_model("efficientnet-lite0", 3, 3, 64)
+    assert last_conv(lite) is lite.backbone._conv_head
+    res = create_model("resnet18", 3, 3, 64)
+    assert last_conv(res) is res.backbone.layer4[1].conv2
+    cnn = create_model("harahap-cnn", 3, 1, 28)
+    assert last_conv(cnn) is [m for m in cnn.modules() if isinstance(m, torch.nn.Conv2d)][0]
+
+
+def test_grad_cam_points_at_the_evidence():
+    """A hand-made net that says "square" from the mean of a box filter: the heatmap of "square" must peak
+    on the square, wherever it is."""
+    from torch import nn
+
+    from cnnlab.explain import grad_cam
+
+    conv = nn.Conv2d(1, 1, 3, padding=1, bias=False)
+    nn.init.constant_(conv.weight, 1 / 9)
+    head = nn.Linear(1, 2)
+    with torch.no_grad():
+        head.weight.copy_(torch.tensor([[-1.0], [1.0]]))
+        head.bias.zero_()
+    model = nn.Sequential(conv, nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), head)
+    x = torch.zeros(4, 1, 32, 32)
+    corners = [(2, 2), (2, 22), (22, 2), (20, 20)]
+    for i, (r, c) in enumerate(corners):
+        x[i, 0, r:r + 8, c:c + 8] = 1
+    cams, probs = grad_cam(model, x, torch.ones(4, dtype=torch.int64))
+    for i, (r, c) in enumerate(corners):
+        peak = divmod(int(cams[i].argmax()), 32)
+        assert r <= peak[0] < r + 8 and c <= peak[1] < c + 8
+        assert cams[i].max() == pytest.approx(1.0) and cams[i].min() >= 0
+    assert probs.shape == (4, 2)
+
+
+def test_cli_explain_writes_a_figure_per_image(tmp_path, capsys):
+    from cnnlab import cli
+
+    run = fit_run({**SMALL, "data.source": f"folder:{flowers()}", "train.epochs": 1}, out=tmp_path / "run")
+    daisy = sorted((flowers() / "test" / "daisy").iterdir())[:2]
+    code = cli.main(["explain", str(run.path), *map(str, daisy), "--out", str(tmp_path / "why")])
+    out = capsys.readouterr().out
+    assert code == 0 and out.count(".gradcam.png") == 2
+    figs = sorted((tmp_path / "why").glob("*.gradcam.png"))
+    assert len(figs) == 2 and all(f.stat().st_size > 10_000 for f in figs)
+    code = cli.main(["explain", str(run.path), str(daisy[0]), "--class", "iris", "--json", "--out",
+                     str(tmp_path / "why2")])
+    import json
+
+    assert code == 0 and json.loads(capsys.readouterr().out)[0]["explained"] == "iris"
+    assert cli.main(["explain", str(run.path), str(daisy[0]), "--class", "tulip"]) == 2
+    assert "not one of the model's classes" in capsys.readouterr().err

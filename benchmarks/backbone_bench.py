@@ -1,0 +1,126 @@
+"""Pretrained backbones on the CPU: feature extraction throughput, and a whole head-only run on real photos.
+
+1. Features per second of each backbone whose ImageNet weights are offline here, at its default input
+   size, batch 32: the plain way (NCHW fp32 `model(x)` under no_grad, in a loop) against cnnlab's
+   feature path (features.compute_features: channels-last, the run's precision), in fp32 and, where the
+   CPU has native bf16 (AVX-512 BF16 / AMX), in bf16-mixed. Medians of --repeats timed batches after a
+   warm-up batch.
+2. `cnnlab train` head-only EfficientNet-Lite0 on ../shared/data/flowers12 (960 photos), from an empty
+   cache (decode, features, head, report), medians of --runs runs: wall seconds and test accuracy.
+
+    python benchmarks/backbone_bench.py [--repeats 5] [--runs 3] [--write BENCHMARKS.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import machine, machine_line, publish  # noqa: E402
+
+START, END = "<!-- backbone-bench:start -->", "<!-- backbone-bench:end -->"
+ROOT = Path(__file__).resolve().parents[1]
+FLOWERS = ROOT.parent / "shared" / "data" / "flowers12"
+
+
+def throughput(name: str, repeats: int, batch: int = 32) -> dict:
+    import torch
+
+    from cnnlab.data.loader import DeviceLoader, Normalizer
+    from cnnlab.features import compute_features
+    from cnnlab.models import MODELS, create_model, load_weights
+    from cnnlab.training import Runtime
+
+    size = MODELS.info[name]["input_size"]
+    model = create_model(name, 10, 3, size)
+    load_weights(model, "imagenet")
+    backbone = model.backbone.eval()
+    x = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8)
+    norm = Normalizer([0.5] * 3, [0.25] * 3)
+
+    def timed(fn) -> float:
+        fn()  # warm-up
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        return batch / statistics.median(times)
+
+    def plain():
+        with torch.no_grad():
+            backbone(norm(x))
+
+    out = {"model": name, "size": size, "plain": timed(plain)}
+    backbone.to(memory_format=torch.channels_last)
+    for precision in ("32", "bf16-mixed"):
+        runtime = Runtime("cpu", precision=precision, channels_last=True)
+        loader = DeviceLoader(x, torch.zeros(batch, dtype=torch.int64), norm, batch, channels_last=True)
+        out[precision] = timed(lambda: compute_features(backbone, loader, runtime))
+    backbone.to(memory_format=torch.contiguous_format)
+    return out
+
+
+def head_only_run(runs: int) -> dict:
+    """`cnnlab train transfer`, head only, each run with an empty cache: decode + features + head + report."""
+    seconds, acc = [], []
+    for _ in range(runs):
+        with tempfile.TemporaryDirectory() as tmp:
+            env = {**os.environ, "CNNLAB_CACHE": str(Path(tmp) / "cache")}
+            t = time.perf_counter()
+            subprocess.run([sys.executable, "-m", "cnnlab", "train", str(ROOT / "recipes" / "transfer.yaml"),
+                            f"data.source=folder:{FLOWERS}", "model.unfreeze_after=null", "data.augment=false",
+                            "train.tta=none", "optim.lr=0.003", "train.epochs=15", "--out", str(Path(tmp) / "run"),
+                            "--progress", "none"], check=True, env=env, cwd=tmp)
+            seconds.append(time.perf_counter() - t)
+            acc.append(json.loads((Path(tmp) / "run" / "metrics.json").read_text())["accuracy"])
+    return {"seconds": seconds, "accuracy": acc}
+
+
+def render(m: dict, rows: list[dict], head: dict | None, repeats: int) -> str:
+    lines = [START, "## Pretrained backbones on the CPU (issue 13)", "",
+             f"Machine: {machine_line(m)}.", "",
+             f"Feature extraction at each backbone's ImageNet input size, batch 32, images/s (median of {repeats} "
+             "batches after a warm-up; `python benchmarks/backbone_bench.py`). *plain*: NCHW fp32 `model(x)` under "
+             "`no_grad`; *cnnlab*: `features.compute_features` (channels-last) at train.precision 32 and "
+             "bf16-mixed.", "",
+             "| backbone | input | plain NCHW fp32 | cnnlab fp32 | cnnlab bf16-mixed | best vs plain |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        best = max(r["32"], r["bf16-mixed"])
+        lines.append(f"| {r['model']} | {r['size']} | {r['plain']:.1f} | {r['32']:.1f} | {r['bf16-mixed']:.1f} | "
+                     f"{best / r['plain']:.2f}× |")
+    if head:
+        s, a = head["seconds"], head["accuracy"]
+        lines += ["", f"Head-only EfficientNet-Lite0 on flowers12 (960 photos, 12 species; `cnnlab train transfer` "
+                  "with the head alone, 15 epochs), each run from an empty cache — decoding, features, head and "
+                  f"report — median of {len(s)} runs: **{statistics.median(s):.1f} s** wall "
+                  f"(runs: {', '.join(f'{v:.1f}' for v in s)}), test accuracy "
+                  f"{', '.join(f'{v:.3f}' for v in a)}. Target: ≥ 90 % in under 60 s on 2 cores."]
+    lines += [END, ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--runs", type=int, default=3, help="whole head-only runs (0: skip)")
+    p.add_argument("--write", help="put the section into this Markdown file")
+    a = p.parse_args()
+    from cnnlab.models.weights import offline_choices
+
+    rows = [throughput(name, a.repeats) for name in offline_choices()]
+    head = head_only_run(a.runs) if a.runs and FLOWERS.is_dir() else None
+    publish(render(machine(), rows, head, a.repeats), a.write, START, END)
+
+
+if __name__ == "__main__":
+    main()
