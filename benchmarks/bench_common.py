@@ -16,6 +16,8 @@ def machine() -> dict:
     import torch
     import torchvision
 
+    from cnnlab.hardware import capability
+
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -25,19 +27,8 @@ def machine() -> dict:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     return {"cpu": cpu, "cores": cores, "ram_gib": round(ram), "os": f"{platform.system()} {platform.release()}",
-            "capability": cpu_capability(), "python": platform.python_version(), "torch": torch.__version__,
+            "capability": capability(), "python": platform.python_version(), "torch": torch.__version__,
             "torchvision": torchvision.__version__, "pillow": PIL.__version__, "numpy": numpy.__version__}
-
-
-def cpu_capability() -> str:
-    """The CPU's vector capability as BENCHMARKS.md names it: AVX2, AVX-512, AVX-512 BF16, + AMX."""
-    try:
-        flags = set(next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split(":")[1].split())
-    except (OSError, StopIteration):
-        return "unknown"
-    name = ("AVX-512 BF16" if "avx512_bf16" in flags else "AVX-512" if "avx512f" in flags
-            else "AVX2" if "avx2" in flags else "below AVX2")
-    return name + (" + AMX" if "amx_bf16" in flags else "")
 
 
 def steady_median(per_epoch: list[float]) -> float:

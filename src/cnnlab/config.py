@@ -180,8 +180,9 @@ class TrainConfig:
     monitor: str = _opt("val_loss", "metric that picks the best epoch when early stopping is off",
                         choices=MONITORS)
     device: str = _opt("auto", "auto | cpu | cuda | cuda:N")
-    precision: str = _opt("32", "32 | bf16-mixed | 16-mixed (16-mixed on CUDA only)",
-                          choices=["32", "bf16-mixed", "16-mixed"])
+    precision: str = _opt("32", "auto (bf16-mixed where the CPU or GPU computes bf16 natively: AVX-512 BF16, AMX; "
+                                "fp32 elsewhere) | 32 | bf16-mixed | 16-mixed (16-mixed on CUDA only)",
+                          choices=["auto", "32", "bf16-mixed", "16-mixed"])
     channels_last: Optional[bool] = _opt(
         None, "channels-last memory format (null: on for the CPU, where it measured 12–54 % faster; off on CUDA)")
     compile: bool = _opt(False, "torch.compile the model (measured 0.63–0.98× the speed of eager channels-last "

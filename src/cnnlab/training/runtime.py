@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import torch
 
-from ..hardware import cpu_cores
+from ..hardware import capability, cpu_cores, native_bf16
 
 
 MAX_THREADS_PER_CORE = 4  # more only adds switching; far more crashes the OpenMP runtime
@@ -69,6 +69,20 @@ class Precision:
             self.scaler.load_state_dict(state)
 
 
+def auto_precision(device: torch.device, flags=None) -> tuple[str, str]:
+    """train.precision=auto: (the precision, why). bf16-mixed where bf16 is computed in hardware — a CPU with
+    AVX-512 BF16 or AMX, a CUDA device that supports it — fp32 elsewhere (on an AVX2 CPU bf16 is emulated:
+    measured 9–20× slower)."""
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return "bf16-mixed", f"{torch.cuda.get_device_name(device)} computes bf16 natively"
+        return "32", "this GPU has no native bf16"
+    kind = capability(flags)
+    if native_bf16(flags):
+        return "bf16-mixed", f"the CPU has {kind}: bf16 in hardware (faster than fp32 there)"
+    return "32", f"the CPU has {kind}, no AVX-512 BF16 / AMX: bf16 would be emulated (measured 9–20× slower)"
+
+
 class Runtime:
     """Where and how tensors compute.
 
@@ -87,10 +101,17 @@ class Runtime:
         self.device = torch.device(device)
         if precision == "16-mixed" and self.device.type != "cuda":
             raise RuntimeError("train.precision=16-mixed needs CUDA; on the CPU use bf16-mixed or 32")
+        cpu = self.device.type == "cpu"
+        self.reasons: dict[str, str] = {}  # why each default was taken (env.json records it)
+        if precision == "auto":
+            precision, self.reasons["precision"] = auto_precision(self.device)
         self.precision = Precision(precision, self.device)
         # None: on where measured faster, the CPU (channels-last 12–54 %, the fused kernels and kept memory:
         # benchmarks/switches_bench.py, BENCHMARKS.md); unmeasured on CUDA, so off there unless asked for
-        cpu = self.device.type == "cpu"
+        for key, value in (("channels_last", channels_last), ("fused", fused), ("reuse_memory", reuse_memory)):
+            if value is None:
+                self.reasons[key] = ("on for the CPU, where it measured faster (BENCHMARKS.md)" if cpu else
+                                     "off on CUDA, where it is not measured")
         self.channels_last, self.fused, reuse_memory = (cpu if v is None else v
                                                         for v in (channels_last, fused, reuse_memory))
         self.reuse_memory = reuse_memory and keep_freed_memory()
@@ -100,6 +121,8 @@ class Runtime:
                 raise ValueError(f"train.threads={threads}: at most {MAX_THREADS_PER_CORE} per core, "
                                  f"{MAX_THREADS_PER_CORE * cores} on the {cores} core(s) here (null: one per core)")
             torch.set_num_threads(threads or cores)
+            if threads is None:
+                self.reasons["threads"] = f"one per core this process may use ({cores})"
         self.threads = torch.get_num_threads()
 
     def autocast(self):
@@ -108,7 +131,8 @@ class Runtime:
 
     def describe(self) -> dict:
         d = {"device": str(self.device), "precision": str(self.precision), "threads": self.threads,
-             "channels_last": self.channels_last, "fused": self.fused, "reuse_memory": self.reuse_memory}
+             "channels_last": self.channels_last, "fused": self.fused, "reuse_memory": self.reuse_memory,
+             "cpu_kind": capability(), "defaults_because": dict(self.reasons)}
         if self.device.type == "cuda":
             d["gpu"] = torch.cuda.get_device_name(self.device)
         return d

@@ -1,0 +1,41 @@
+"""CPU defaults are decided by what the CPU can do (its flags), with the reason recorded."""
+
+from __future__ import annotations
+
+import torch
+
+from cnnlab.hardware import capability, cpu_cores, cpu_flags, native_bf16
+from cnnlab.training.runtime import Runtime, auto_precision
+
+AVX2 = {"fpu", "sse4_2", "avx", "avx2", "fma"}
+AVX512 = AVX2 | {"avx512f", "avx512bw", "avx512vl"}
+AVX512_BF16 = AVX512 | {"avx512_bf16"}
+SAPPHIRE = AVX512_BF16 | {"amx_bf16", "amx_tile", "amx_int8"}
+
+
+def test_capability_names_each_cpu_kind():
+    assert capability(AVX2) == "AVX2"
+    assert capability(AVX512) == "AVX-512"
+    assert capability(AVX512_BF16) == "AVX-512 BF16"
+    assert capability(SAPPHIRE) == "AVX-512 BF16 + AMX"
+    assert capability(set()) == "unknown"
+    assert not native_bf16(AVX2) and not native_bf16(AVX512) and native_bf16(AVX512_BF16) and native_bf16(SAPPHIRE)
+
+
+def test_auto_precision_is_bf16_only_where_the_cpu_computes_it():
+    cpu = torch.device("cpu")
+    for flags, expected in ((AVX2, "32"), (AVX512, "32"), (AVX512_BF16, "bf16-mixed"), (SAPPHIRE, "bf16-mixed")):
+        precision, reason = auto_precision(cpu, flags)
+        assert precision == expected, (flags, precision)
+        assert capability(flags) in reason
+
+
+def test_the_runtime_records_its_decisions_for_this_cpu():
+    r = Runtime("cpu", "auto")
+    d = r.describe()
+    assert d["precision"] == ("bf16-mixed" if native_bf16(cpu_flags()) else "32")
+    assert d["cpu_kind"] == capability() and set(d["defaults_because"]) >= {"precision", "channels_last", "threads"}
+    assert d["threads"] == cpu_cores()
+    fixed = Runtime("cpu", "32", threads=1, channels_last=False).describe()
+    assert fixed["precision"] == "32" and "precision" not in fixed["defaults_because"]
+    assert "channels_last" not in fixed["defaults_because"] and "threads" not in fixed["defaults_because"]
