@@ -132,7 +132,9 @@ def test_zoom_scales_the_blob_area_within_its_bound():
     assert float(ratio.min()) < 0.75 and float(ratio.max()) > 1.45  # the whole range is used
 
 
-TINY = {"data.max_per_class": 100, "data.batch_size": 64, "train.epochs": 3, "train.seed": 0,
+# fp32: these tests compare the fast path with the tutorial one to float32 rounding (bf16, where the CPU makes
+# it the default, rounds far more coarsely; test_precision covers it)
+TINY = {"train.precision": "32", "data.max_per_class": 100, "data.batch_size": 64, "train.epochs": 3, "train.seed": 0,
         "optim.lr": 0.003}
 
 

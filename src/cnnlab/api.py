@@ -280,7 +280,8 @@ def evaluate(run: Run | str | Path, data: str | None = None, device: str = "cpu"
     (a source spec such as folder:PATH), whose class names must be among the model's."""
     run = run if isinstance(run, Run) else load_run(run)
     cfg, meta = run.config, run.meta
-    runtime = Runtime(device)
+    # the precision the run was evaluated with (env.json's, as resolved on the training machine): same numbers
+    runtime = Runtime(device, run.env.get("precision") or cfg.train.precision)
     model = run.model.to(runtime.device)
     norm = Normalizer(meta["mean"], meta["std"])
     if data is None:

@@ -180,7 +180,7 @@ class TrainConfig:
     monitor: str = _opt("val_loss", "metric that picks the best epoch when early stopping is off",
                         choices=MONITORS)
     device: str = _opt("auto", "auto | cpu | cuda | cuda:N")
-    precision: str = _opt("32", "auto (bf16-mixed where the CPU or GPU computes bf16 natively: AVX-512 BF16, AMX; "
+    precision: str = _opt("auto", "auto (bf16-mixed where the CPU or GPU computes bf16 natively: AVX-512 BF16, AMX; "
                                 "fp32 elsewhere) | 32 | bf16-mixed | 16-mixed (16-mixed on CUDA only)",
                           choices=["auto", "32", "bf16-mixed", "16-mixed"])
     channels_last: Optional[bool] = _opt(
