@@ -24,9 +24,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import machine, machine_line, publish  # noqa: E402
+from bench_common import machine, machine_line, markers, publish  # noqa: E402
 
-START, END = "<!-- backbone-bench:start -->", "<!-- backbone-bench:end -->"
+START, END = markers("backbone-bench")  # a section per CPU kind
 ROOT = Path(__file__).resolve().parents[1]
 FLOWERS = ROOT.parent / "shared" / "data" / "flowers12"
 
@@ -86,7 +86,7 @@ def head_only_run(runs: int) -> dict:
 
 
 def render(m: dict, rows: list[dict], head: dict | None, repeats: int) -> str:
-    lines = [START, "## Pretrained backbones on the CPU (issue 13)", "",
+    lines = [START, f"## Pretrained backbones on the CPU (issue 13) — {m['capability']}", "",
              f"Machine: {machine_line(m)}.", "",
              f"Feature extraction at each backbone's ImageNet input size, batch 32, images/s (median of {repeats} "
              "batches after a warm-up; `python benchmarks/backbone_bench.py`). *plain*: NCHW fp32 `model(x)` under "

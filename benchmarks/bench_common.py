@@ -42,6 +42,15 @@ def machine_line(m: dict) -> str:
             f"torch {m['torch']}, torchvision {m['torchvision']}, Pillow {m['pillow']}, numpy {m['numpy']}")
 
 
+def markers(name: str, kind: str | None = None) -> tuple[str, str]:
+    """The start and end markers of one benchmark's section for one CPU kind (default: this machine's). Each
+    kind keeps its own section: a run on an AVX2 CPU replaces the AVX2 section and never an AVX-512 one."""
+    from cnnlab.hardware import capability
+
+    kind = kind or capability()
+    return f"<!-- {name} [{kind}]:start -->", f"<!-- {name} [{kind}]:end -->"
+
+
 def publish(section: str, path: str | None, start: str, end: str) -> None:
     """Print `section`; with a `path`, also put it there (write_section)."""
     print(section)
@@ -52,7 +61,7 @@ def publish(section: str, path: str | None, start: str, end: str) -> None:
 
 def write_section(path: Path, section: str, start: str, end: str) -> None:
     """Replace the text between the `start` and `end` markers of `path` with `section` (which carries
-    both markers), or append it; the rest of the file is kept."""
+    both markers), or append it (a CPU kind measured for the first time); the rest of the file is kept."""
     text = path.read_text(encoding="utf-8") if path.is_file() else "# Benchmarks\n\n"
     if start in text and end in text:
         i, j = text.index(start), text.index(end) + len(end)

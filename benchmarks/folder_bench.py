@@ -29,7 +29,8 @@ import sys
 import time
 from pathlib import Path
 
-from bench_common import machine, machine_line, publish  # benchmarks/ is on sys.path
+from cnnlab.hardware import capability  # noqa: E402
+from bench_common import machine, machine_line, markers, publish  # benchmarks/ is on sys.path
 
 CLASSES = [f"class{i}" for i in range(10)]
 
@@ -147,7 +148,7 @@ def _run_phase(name: str, a, env: dict) -> dict:
     return res
 
 
-START, END = "<!-- folder-bench:start -->", "<!-- folder-bench:end -->"
+START, END = markers("folder-bench")  # a section per CPU kind
 
 
 def _median(runs: list[dict], key: str) -> float:
@@ -156,7 +157,7 @@ def _median(runs: list[dict], key: str) -> float:
 
 def markdown(r: dict[str, list[dict]], a, n: int) -> str:
     reps = len(r["decode"])
-    out = [START, "## Image folders: decode once, then epochs from the cache (issue 5)", "",
+    out = [START, f"## Image folders: decode once, then epochs from the cache (issue 5) — {capability()}", "",
            f"`python benchmarks/folder_bench.py DIR --n {a.n} --repeats {a.repeats}` — generates {n:,} JPEGs "
            "(sides 64–512 px, 10 classes), then compares cnnlab's decode-once cache with torchvision "
            f"`ImageFolder` + `DataLoader` ({a.workers} workers) decoding and resizing every epoch, at "

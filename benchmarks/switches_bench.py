@@ -17,9 +17,9 @@ import sys
 import time
 from pathlib import Path
 
-from bench_common import machine, machine_line, publish, steady_median  # benchmarks/ is on sys.path
+from bench_common import machine, machine_line, markers, publish, steady_median  # benchmarks/ is on sys.path
 
-START, END = "<!-- switches-bench:start -->", "<!-- switches-bench:end -->"
+START, END = markers("switches-bench")  # a section per CPU kind
 ROOT = Path(__file__).resolve().parent.parent
 NETS = {
     "harahap-cnn 28×28×1": ["recipes/demo.yaml"],
@@ -28,13 +28,15 @@ NETS = {
     "resnet18 32×32×3": ["recipes/demo.yaml", "data.max_per_class=50", "data.image_size=32", "data.channels=3",
                          "model.name=resnet18"],
 }
-SWITCHES = {  # "default": cnnlab's CPU defaults (fp32, channels-last, fused kernels, freed memory kept)
+SWITCHES = {  # "default": cnnlab's CPU defaults (precision by the CPU's capability, channels-last, fused kernels,
+    # freed memory kept)
     "the CPU default": [],
     "without fused kernels (train.fused=false)": ["train.fused=false"],
     "without kept memory (train.reuse_memory=false)": ["train.reuse_memory=false"],
     "without either": ["train.fused=false", "train.reuse_memory=false"],
     "without either, NCHW (+ train.channels_last=false)": ["train.fused=false", "train.reuse_memory=false",
                                                            "train.channels_last=false"],
+    "fp32 (train.precision=32)": ["train.precision=32"],
     "bf16-mixed (train.precision=bf16-mixed)": ["train.precision=bf16-mixed"],
     "torch.compile (train.compile=true)": ["train.compile=true"],
 }
@@ -66,6 +68,15 @@ def measure(args: list[str], epochs: int, profile: bool) -> dict:
     return out
 
 
+def default_precision() -> str:
+    from cnnlab.training.runtime import auto_precision
+
+    import torch
+
+    precision, why = auto_precision(torch.device("cpu"))
+    return f"train.precision={precision} ({why})"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--epochs", type=int, default=3, help="epochs per row (default 3; the first is not counted)")
@@ -85,11 +96,11 @@ def main() -> None:
             raise SystemExit(proc.stderr[-3000:])
         return json.loads(proc.stdout.strip().splitlines()[-1])
 
-    lines = [START, "## The fast-path switches (issue 4)", "",
+    lines = [START, f"## The fast-path switches (issue 4) — {machine()['capability']}", "",
              f"`python benchmarks/switches_bench.py{' --profile' if a.profile else ''}` — cnnlab's own loop, each row "
              f"a fresh process, median of epochs 2–{a.epochs}, measured {time.strftime('%Y-%m-%d')} on "
              f"{machine_line(machine())} (single runs: ±10 % between runs is usual on a shared machine). "
-             "The CPU default is fp32, channels-last, fused kernels (the optimiser's fused step; the papers' "
+             f"The CPU default is {default_precision()}, channels-last, fused kernels (the optimiser's fused step; the papers' "
              "ReLU → batch norm → max-pool as one function, `cnnlab/models/fused.py`) and freed memory kept in "
              "the process (`keep_freed_memory` in `cnnlab/training/runtime.py`); each other row switches "
              "something off or on. Page faults are the process's minor faults per training step.", "",

@@ -45,7 +45,8 @@ import sys
 import time
 from pathlib import Path
 
-from bench_common import machine, machine_line, publish, steady_median  # benchmarks/ is on sys.path
+from cnnlab.hardware import capability  # noqa: E402
+from bench_common import machine, machine_line, markers, publish, steady_median  # benchmarks/ is on sys.path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -58,7 +59,7 @@ TASKS = {
                      optim="adam", lr=0.001, weight_decay=0.0, schedule="constant", augment=False),
 }
 AUG = dict(hflip=0.5, rotation=5.0, scale=0.05, translate=0.05)
-START, END = "<!-- train-bench:start -->", "<!-- train-bench:end -->"
+START, END = markers("train-bench")  # a section per CPU kind
 
 
 def _peak_rss_mb() -> float:
@@ -403,7 +404,7 @@ def _fmt_s(x: float | None) -> str:
 
 def markdown(res: dict) -> str:
     m, reps = res["machine"], res["repeats"]
-    lines = [START, "## Training throughput against Keras, a plain PyTorch loop and Lightning (issue 4)", "",
+    lines = [START, f"## Training throughput against Keras, a plain PyTorch loop and Lightning (issues 4, 14) — {res['machine'].get('capability', capability())}", "",
              f"`{res['command']}` — measured {res['date']}.", "",
              f"Machine: {machine_line(m)}; no GPU. "
              f"Medians of {reps} runs per tool (each a fresh process, tools interleaved), the runs' range in "
