@@ -458,11 +458,14 @@ def markdown(res: dict) -> str:
             continue
         flops = rf[f"{task}_train_flops_per_image"]
         ips = statistics.median(throughput(r) for r in res["runs"][task]["cnnlab"])
+        used = "bf16" if "bf16" in res["runs"][task]["cnnlab"][0]["settings"] else "fp32"
+        rate = bf16 if used == "bf16" else fp32  # the precision cnnlab trained in
         lines.append(f"- {TASKS[task]['model']}: {flops / 1e6:.1f} MFLOP per training image (forward + backward, "
                      f"counted by torch's FlopCounterMode) × {ips:,.0f} images/s = {flops * ips / 1e9:.1f} GFLOP/s, "
-                     f"{flops * ips / 1e9 / fp32:.0%} of the fp32 matrix-multiply rate. The ceiling for these "
-                     "small layers is memory traffic and per-op overhead (batch norm, pooling, ReLU and their "
-                     "backward passes touch every activation), not arithmetic.")
+                     f"{flops * ips / 1e9 / rate:.0%} of the {used} matrix-multiply rate (the precision it trained "
+                     f"in; {flops * ips / 1e9 / fp32:.0%} of fp32's). The ceiling for these small layers is memory "
+                     "traffic and per-op overhead (batch norm, pooling, ReLU and their backward passes touch every "
+                     "activation), not arithmetic.")
     lines += ["", END]
     return "\n".join(lines) + "\n"
 
