@@ -6,6 +6,10 @@ wrong types and out-of-range values *before* any work starts, naming the key
 and the valid choices.
 
     cfg = load_config("recipes/demo.yaml", ["optim.lr=0.01", "train.epochs=3"])
+
+Longer than the project's ~400-line guide on purpose: the schema is one file, so every key, its default,
+its meaning and its checks read top to bottom in one place (what `cnnlab config --keys` prints). Reading
+text (YAML files, overrides) lives in configio.py; the choices of extensible keys in the registries.
 """
 
 from __future__ import annotations
