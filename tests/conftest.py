@@ -113,3 +113,31 @@ def tiny_run(tmp_path_factory, cnnlab_cache):
 
     out = tmp_path_factory.mktemp("runs") / "tiny"
     return train(None, dict(TINY_RUN_OVERRIDES, name="tiny"), out=out, quiet=True)
+
+
+# --------------------------------------------------------------------------- a PostgreSQL server
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """The SQLAlchemy URL (postgresql+psycopg2://postgres@127.0.0.1:PORT/cnnlab, trust auth on
+    127.0.0.1 only) of a throwaway PostgreSQL server started for this session (tests/pgserver.py;
+    as the `postgres` user when running as root), stopped and deleted at the end.
+    Skips without the PostgreSQL binaries or psycopg2, but fails when CI=true (.ci/run installs them)."""
+    import os
+
+    from pgserver import missing_reason, postgres_server
+
+    def missing(why):
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"PostgreSQL test server cannot run on CI: {why}")
+        pytest.skip(why)
+
+    try:
+        import psycopg2  # noqa: F401  (the driver SQLAlchemy / Optuna use for the URL)
+    except ImportError:
+        missing("psycopg2 is not installed (pip install psycopg2-binary)")
+    why = missing_reason()
+    if why:
+        missing(why)
+    with postgres_server() as url:
+        yield url

@@ -182,6 +182,9 @@ def _fit(cfg: Config, x: Experiment, run_dir: Path, state: TrainState, log: Prog
         save_checkpoint(run_dir, st, x.trained, x.optimizer, x.schedule, x.stopper, x.data.train, cfg.to_dict(),
                         x.runtime.precision)
 
+    from .tune.trial import reporter_from_env  # a tune's trial reports each epoch to the tune's storage
+
+    reporter = reporter_from_env()
     with _StopRequest() as stop:
         n_params = sum(p.numel() for p in x.model.parameters())
         log.message(f"{cfg.name}: {cfg.model.name} ({n_params:,} parameters) on {x.ds.name} — "
@@ -197,6 +200,11 @@ def _fit(cfg: Config, x: Experiment, run_dir: Path, state: TrainState, log: Prog
                 raise TrainingInterrupted(_interrupted_message(stop.requested, st, run_dir))
 
         def on_epoch(st: TrainState) -> None:
+            if reporter is not None and reporter(st.history) and not st.finished:  # a tune's pruner: stop here
+                st.finished = st.stopped_early = True
+                x.pruned = True
+                log.message(f"Pruned by the tune after epoch {st.epoch}: this trial cannot catch up with the others; "
+                            f"keeping epoch {st.best_epoch}.")
             checkpoint(st)
             if stop.requested and not st.finished:
                 raise TrainingInterrupted(_interrupted_message(stop.requested, st, run_dir))
@@ -234,7 +242,8 @@ def _finish(cfg: Config, x: Experiment, result, run_dir: Path) -> tuple[dict, di
     write_predictions(run_dir / "predictions.csv", eval_idx, ds.labels[eval_idx], logits, ds.classes, ds.paths)
     biased = data.eval_part == "val" and x.stopper.monitor.startswith("val_")
     metrics.update(evaluated_on=data.eval_part, best_epoch=result.best_epoch, epochs_run=len(result.history),
-                   stopped_early=result.stopped_early, monitor=x.stopper.monitor, training_seconds=result.seconds,
+                   stopped_early=result.stopped_early, pruned=x.pruned, monitor=x.stopper.monitor,
+                   training_seconds=result.seconds,
                    parameters=sum(p.numel() for p in x.model.parameters()),
                    trainable_parameters=sum(p.numel() for p in x.model.parameters() if p.requires_grad),
                    caution=("the best epoch was chosen on the same validation images these metrics come "

@@ -16,6 +16,8 @@ EXAMPLES = """examples:
   cnnlab eval runs/demo                                re-evaluate on the saved test split
   cnnlab predict runs/demo photos/ cat.png --top-k 3   classify files and folders
   cnnlab explain runs/demo photos/cat.png              where the model looked (Grad-CAM figure)
+  cnnlab tune recipes/harahap2024-tune.yaml --jobs 2   search settings, re-validate the winner
+  cnnlab lr-find recipes/demo.yaml                     the learning-rate range test
   cnnlab config recipes/demo.yaml                      show the fully resolved config
   cnnlab config --keys                                 every key, its default and meaning
   cnnlab datasets | cnnlab models
@@ -169,7 +171,46 @@ def _cmd_compare(a) -> int:
     return 0
 
 
+def _cmd_lr_find(a) -> int:
+    from .lrfind import check_settings, lr_find
+
+    check_settings(a.start, a.end, a.steps, names={"start_lr": "--start", "end_lr": "--end", "steps": "--steps"})
+    r = lr_find(_resolve_config(a.config), a.overrides, start_lr=a.start, end_lr=a.end, steps=a.steps, out=a.out,
+                progress=sys.stderr.isatty())
+    print(f"{r['steps_taken']} of {a.steps} steps, rate {a.start:.1e} → {r['last_lr']:.1e}"
+          + (f"; stopped early: {r['stopped_early']}" if r["stopped_early"] else ""))
+    if r["suggested_lr"] is not None:
+        print(f"suggested learning rate: {r['suggested_lr']:.2e}  (steepest descent of the smoothed loss)")
+    else:
+        print("suggested learning rate: none (the loss did not fall; try a lower --start, more --steps, or check "
+              "the data)")
+    if r["min_loss_lr"] is not None:
+        print(f"rate at the minimum smoothed loss: {r['min_loss_lr']:.2e}")
+    print(f"wrote: {r['csv']}, {r['json']}, {r['png']}")
+    if r["override"]:
+        print(f"to use it: {r['override']}")
+    return 0
+
+
+def _cmd_tune(a) -> int:
+    """0 when the search is settled (and re-validated), 1 when trials are still to run (rerun to go on)."""
+    from .tune.runner import run_tune
+
+    tune_dir = run_tune(a.tune, trials=a.trials, jobs=a.jobs, storage=a.storage, out=a.out, timeout=a.timeout,
+                        revalidate=not a.no_revalidate)
+    from .runs import read_json
+
+    summary = read_json(tune_dir / "summary.json")
+    c = summary["counts"]
+    return 0 if c["complete"] + c["pruned"] + c["fail"] >= summary["trials_asked"] else 1
+
+
 def _cmd_report(a) -> int:
+    if (Path(a.folder) / "tune.json").is_file():  # a tune folder: its own page
+        from .tune.report import write_tune_report
+
+        print(write_tune_report(a.folder))
+        return 0
     from .report import main_report
 
     return main_report(a)
@@ -276,6 +317,36 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--jobs", "-j", type=int, default=1, help="runs at once (default 1)")
     s.add_argument("--out", help="study folder (default studies/<study file name without .yaml>)")
     s.set_defaults(fn=_cmd_compare)
+
+    lf = sub.add_parser("lr-find", help="learning-rate range test: suggest optim.lr for a config",
+                        description="Train CONFIG's model on its training data for --steps steps while the "
+                        "learning rate grows exponentially from --start to --end (stopping once the smoothed loss "
+                        "diverges), then suggest a rate: the steepest descent of the smoothed loss. The weights "
+                        "are not kept. Writes lr_find.csv, lr_find.json and lr_find.png to --out.")
+    lf.add_argument("config", help="YAML config, recipe name, or '-' for the defaults")
+    lf.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    lf.add_argument("--start", type=float, default=1e-7, help="first learning rate (default 1e-7)")
+    lf.add_argument("--end", type=float, default=10.0, help="last learning rate (default 10)")
+    lf.add_argument("--steps", type=int, default=100, help="optimiser steps, at least 10 (default 100)")
+    lf.add_argument("--out", help="folder for the results (default lr-find/<config name>)")
+    lf.set_defaults(fn=_cmd_lr_find)
+
+    tu = sub.add_parser("tune", help="search a config's settings (Optuna), then re-validate the best on fresh seeds",
+                        description="Run TUNE.yaml: a base run config, a search space over config keys, a trial "
+                        "budget and an objective on the validation split (trials never see the test split). Every "
+                        "trial is an ordinary run folder; kill it at any time and run the same command again to go "
+                        "on. When every trial is settled, the best few are re-trained on fresh seeds and compared "
+                        "with the base config on the test split (McNemar, paired t-test, Holm-corrected); the "
+                        "verdict says whether tuning really helped. Writes summary.json, best.yaml, report.html.")
+    tu.add_argument("tune", help="tune YAML, or a recipe name in ./recipes")
+    tu.add_argument("--trials", type=int, help="number of trials (over the file's `trials`)")
+    tu.add_argument("--timeout", help="start no trial after this long: 600, 20m, 2h (over the file's)")
+    tu.add_argument("--jobs", "-j", type=int, default=1, help="trials at once in this process (default 1)")
+    tu.add_argument("--storage", help="Optuna storage shared by workers: postgresql://USER@HOST/DB, sqlite:///F, "
+                    "journal:FILE (default journal:TUNE_DIR/optuna.journal)")
+    tu.add_argument("--out", help="tune folder (default tunes/<name>)")
+    tu.add_argument("--no-revalidate", action="store_true", help="search only (another worker re-validates)")
+    tu.set_defaults(fn=_cmd_tune)
 
     r = sub.add_parser("report", help="write report.html (and figures) for a run or study folder",
                        description="One self-contained HTML page (images embedded, no network) with the config, "

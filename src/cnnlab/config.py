@@ -82,6 +82,9 @@ class DataConfig:
     validation_split: Optional[float] = _opt(
         None, "Keras-style: validation fraction with no test split (stratified and shuffled, "
               "unlike Keras' last-N-percent); overrides val/test_fraction", gt=0.0, lt=1.0)
+    withhold_test: bool = _opt(False, "cut the test split as usual (split.json lists it) but never load or "
+                               "evaluate it: metrics come from validation (`cnnlab tune`'s trials: selection "
+                               "never sees the test)")
     split_seed: int = _opt(0, "seed of the stratified split (kept fixed across training seeds)", min=0,
                            max=SEED_MAX)
     classes: Optional[list[str]] = _opt(None, "keep only these classes (by name), in this order (null: all)")

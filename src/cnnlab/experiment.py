@@ -8,6 +8,7 @@ give the same weights bit for bit.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import platform
 import subprocess
@@ -52,6 +53,7 @@ class Experiment:
     val_class_weights: torch.Tensor | None   # (K,) val_loss weights when training balances the classes
     trained: nn.Module | None = None         # what `fit` trains: the model, or its head alone on cached features
     mix: Callable | None = None              # MixUp / CutMix of training batches (data.mixup, data.cutmix)
+    pruned: bool = False                     # a tune's pruner stopped this trial early
 
     def __post_init__(self):
         self.trained = self.trained or self.model
@@ -144,11 +146,14 @@ def _loaders(cfg: Config, ds: Dataset, split: Split, runtime: Runtime, log: Prog
     if streamed:
         log.message(f"{resident:,} images of {c}×{h}×{w} exceed data.memory_budget ({budget / 2**20:,.0f} MiB): "
                     "streaming batches from the memory-mapped cache")
+    # data.withhold_test: the loaders never see the test indices (split.json still lists them)
+    seen = dataclasses.replace(split, test=[]) if d.withhold_test else split
     prepared = (prepare_streaming if streamed else prepare)(
-        ds, split, batch_size=d.batch_size, eval_batch_size=d.eval_batch_size, device=runtime.device,
+        ds, seen, batch_size=d.batch_size, eval_batch_size=d.eval_batch_size, device=runtime.device,
         seed=cfg.train.seed, normalize=d.normalize, augment=_augment_kwargs(cfg) if d.augment else None,
         expand=d.expand, expand_seed=d.split_seed + 1, expand_augment=_augment_kwargs(cfg),
         channels_last=runtime.channels_last, normalizer=pretrained_normalizer(cfg, ds.images.shape[1]))
+    split.expanded_from = seen.expanded_from
     add_policy(prepared.train, d.randaugment, d.randaugment_magnitude)
     return prepared, streamed
 

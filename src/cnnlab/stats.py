@@ -138,6 +138,21 @@ def binomial_above_chance(correct: int, n: int, chance: float) -> float:
     return float(binomtest(int(correct), int(n), float(chance), alternative="greater").pvalue)
 
 
+def holm(p_values: Sequence[float | None]) -> list[float | None]:
+    """Holm's step-down adjustment of m p-values for testing m hypotheses at once (None stays None and is not
+    counted). Controls the family-wise error rate without assuming independence:
+    p_(i) adjusted = max over j ≤ i of min(1, (m − j + 1) · p_(j)), p sorted ascending.
+
+        holm([0.01, 0.04, 0.03])   [0.03, 0.06, 0.06]
+    """
+    idx = sorted((i for i, p in enumerate(p_values) if p is not None), key=lambda i: p_values[i])
+    m, out, running = len(idx), list(p_values), 0.0
+    for rank, i in enumerate(idx):
+        running = max(running, min(1.0, (m - rank) * float(p_values[i])))
+        out[i] = running
+    return out
+
+
 # --------------------------------------------------------------------------- wording
 
 def format_p(p: float | None) -> str:
@@ -155,13 +170,20 @@ def _count(n: int) -> str:
 
 def comparison_sentence(variant: str, against: str, difference_points: float, p_value: float | None, *,
                         test: str = "McNemar", n_images: int | None = None, seeds: int | None = None,
-                        ttest_p: float | None = None, part: str = "test", alpha: float = ALPHA) -> str:
+                        ttest_p: float | None = None, part: str = "test", alpha: float = ALPHA,
+                        adjusted_p: float | None = None, comparisons: int = 1) -> str:
     """'mlp-sgd is worse than cnn-adam: 3.1 points, p < 0.001 (McNemar, 1,500 paired test images, 5 seeds)'.
 
     difference_points: accuracy of `variant` minus that of `against`, in percentage points.
     n_images: paired images per seed; seeds: how many seeds were paired. Not significant
     (p ≥ alpha, or no p): '… no significant difference from … (p = 0.41) …'.
+    adjusted_p / comparisons: with several comparisons made at once (comparisons > 1), `p_value` corrected for
+    them (Holm); the verdict then follows the corrected p, and both are printed.
     """
+    several = comparisons > 1 and adjusted_p is not None
+    shown = format_p(p_value) + (f", Holm-corrected for {comparisons} comparisons {format_p(adjusted_p)}"
+                                 if several else "")
+    decisive = adjusted_p if several else p_value
     details = [test] if test else []
     if n_images is not None:
         details.append(f"{_count(n_images)} paired {part} images")
@@ -171,14 +193,14 @@ def comparison_sentence(variant: str, against: str, difference_points: float, p_
     if ttest_p is not None:
         tail += ("; " if tail else "") + f"paired t-test over seeds {format_p(ttest_p)}"
     tail = f" ({tail})" if tail else ""
-    if p_value is not None and p_value < alpha and difference_points != 0:
+    if decisive is not None and decisive < alpha and difference_points != 0:
         word = "worse" if difference_points < 0 else "better"
-        return f"{variant} is {word} than {against}: {abs(difference_points):.1f} points, {format_p(p_value)}{tail}"
+        return f"{variant} is {word} than {against}: {abs(difference_points):.1f} points, {shown}{tail}"
     if round(difference_points, 1) == 0:
         diff = "the same accuracy to 0.1 points"
     else:
         diff = f"{abs(difference_points):.1f} points {'lower' if difference_points < 0 else 'higher'}"
-    return f"{variant} vs {against}: no significant difference ({format_p(p_value)}); {diff}{tail}"
+    return f"{variant} vs {against}: no significant difference ({shown}); {diff}{tail}"
 
 
 def chance_sentence(accuracy: float, n: int, chance: float, p_value: float, *, part: str = "test",

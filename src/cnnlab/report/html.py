@@ -269,8 +269,13 @@ def study_page(summary: dict, study_dir: Path, plots: dict[str, Path], run_links
     all_above = all((c.get("p_value") if c.get("p_value") is not None else 1.0) < T.ALPHA
                     for c in summary.get("chance", []))
     box = [f'<p class="big">Best (highest mean {esc(part)} accuracy): {esc(best)}</p>'] if best else []
+    ref = summary.get("reference")
+    if ref and ref != best and comps:
+        box.append(f"<p>Compared against <strong>{esc(ref)}</strong>, the reference named in advance.</p>")
     if comps:
         box.append('<ul class="sentences">' + "".join(f"<li>{esc(s)}</li>" for s in comps) + "</ul>")
+    if summary.get("selection_note"):
+        box.append(f'<p class="small"><strong>Chosen after the fact.</strong> {esc(summary["selection_note"])}.</p>')
     methods = summary.get("methods")
     if isinstance(methods, dict) and methods:
         box.append('<ul class="sentences small">' + "".join(f"<li><strong>{esc(k)}</strong>: {esc(v)}</li>"

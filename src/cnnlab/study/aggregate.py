@@ -1,14 +1,16 @@
 """A study's results: read plan.json and the run folders only → summary.json and table.md / .csv / .tex.
 
 Statistics (see cnnlab.stats): per metric, mean ± sample sd with a 95 % t-interval over the seeds
-(none for a single seed). Each variant is compared with the best (highest mean accuracy) on the
-seeds both completed: the exact McNemar test on the per-image correctness of the same test
+(none for a single seed). Each variant is compared with the reference — a variant named in advance in plan.json
+("reference", e.g. a tune's base config), else the best (highest mean accuracy, picked after the fact, which
+the summary says) — on the seeds both completed: the exact McNemar test on the per-image correctness of the same test
 images, POOLED over those seeds (b and c summed; more power than one seed, but the pairs of
 different seeds share images, so treat it as a test over images × seeds), and the paired t-test
 of the per-seed accuracies (seed-to-seed variation; needs ≥ 2 seeds). The difference is the mean
 accuracy difference over the same shared seeds, in points. The chance check uses each run's
 metrics.json: accuracy against max(majority-class rate, 1/classes), exact one-sided binomial
-test; a variant reports its largest (least significant) p over its seeds.
+test; a variant reports its largest (least significant) p over its seeds. Several comparisons at once are
+Holm-corrected (each test type on its own); the verdict in each sentence follows the corrected p.
 """
 
 from __future__ import annotations
@@ -67,17 +69,34 @@ def _compare(study_dir: Path, v: dict, best: dict, seeds: list[int]) -> dict:
         n_images = len(keys)
     p = stats.mcnemar_exact(b, c) if paired else None
     t = stats.paired_ttest(acc_v, acc_b)
-    part = v["evaluated_on"] or "test"
-    if paired:
-        text = stats.comparison_sentence(v["name"], best["name"], diff, p, n_images=n_images, seeds=len(shared),
-                                         ttest_p=t, part=part)
-    else:  # different test images (other data settings): only the seed-level test applies
-        text = stats.comparison_sentence(v["name"], best["name"], diff, t, test="paired t-test over seeds, "
-                                         "no McNemar: different test images", seeds=len(shared), part=part)
-    return {"variant": v["name"], "against": best["name"], "difference_points": diff, "mcnemar_p": p,
-            "ttest_p": t, "n_pairs": n_pairs if paired else 0, "n_images": n_images if paired else None,
+    diffs = [100 * (x - y) for x, y in zip(acc_v, acc_b)]
+    ci = stats.summarize(diffs, bounds=(-100.0, 100.0))["ci95"]
+    return {"variant": v["name"], "against": best["name"], "difference_points": diff,
+            "difference_ci95": ci, "mcnemar_p": p, "ttest_p": t,
+            "n_pairs": n_pairs if paired else 0, "n_images": n_images if paired else None,
             "seeds": len(shared), "variant_right_best_wrong": b if paired else None,
-            "variant_wrong_best_right": c if paired else None, "sentence": text}
+            "variant_wrong_best_right": c if paired else None, "_part": v["evaluated_on"] or "test"}
+
+
+def _corrected(comparisons: list[dict]) -> list[dict]:
+    """Holm's correction over the comparisons made at once (each test type on its own), and each one's sentence.
+    The verdict uses the McNemar p where the images are paired, else the t-test's, corrected over all of them."""
+    k = len(comparisons)
+    for key in ("mcnemar_p", "ttest_p"):
+        for c, adj in zip(comparisons, stats.holm([c[key] for c in comparisons])):
+            c[key + "_holm"] = adj
+    for c in comparisons:
+        part = c.pop("_part")
+        if c["mcnemar_p"] is not None:
+            c["sentence"] = stats.comparison_sentence(
+                c["variant"], c["against"], c["difference_points"], c["mcnemar_p"], n_images=c["n_images"],
+                seeds=c["seeds"], ttest_p=c["ttest_p"], part=part, adjusted_p=c["mcnemar_p_holm"], comparisons=k)
+        else:  # different test images (other data settings): only the seed-level test applies
+            c["sentence"] = stats.comparison_sentence(
+                c["variant"], c["against"], c["difference_points"], c["ttest_p"],
+                test="paired t-test over seeds, no McNemar: different test images", seeds=c["seeds"], part=part,
+                adjusted_p=c["ttest_p_holm"], comparisons=k)
+    return comparisons
 
 
 def _chance(v: dict) -> dict:
@@ -135,7 +154,16 @@ def aggregate(study_dir: str | Path) -> dict:
         variants.append(v)
     done = [v for v in variants if v["_by_seed"]]
     best = max(done, key=lambda v: v["metrics"]["accuracy"]["mean"]) if done else None
-    comparisons = [_compare(study_dir, v, best, seeds) for v in done if v is not best]
+    # against a reference named in advance (a tune's base config), else against the best, picked after the fact
+    named = plan.get("reference")
+    ref = next((v for v in done if v["name"] == named), None) if named else None
+    against = ref or best
+    comparisons = _corrected([_compare(study_dir, v, against, seeds) for v in done if v is not against])
+    selection = None
+    if against is best and best is not None and comparisons:
+        selection = (f"{best['name']} is named best after seeing these results, so its lead is optimistic: the "
+                     f"{len(comparisons)} comparison(s) against it are Holm-corrected for their number, not for the "
+                     "choice itself; confirm a winner on fresh seeds or data (as `cnnlab tune` does)")
     chance = [_chance(v) for v in done]
     pretrain = []
     for pp in plan.get("pretrain", []):
@@ -148,7 +176,9 @@ def aggregate(study_dir: str | Path) -> dict:
         del v["_by_seed"]
     summary = {"name": plan["name"], "study_file": plan["study_file"], "description": plan.get("description"),
                "seeds": seeds, "averaging": "macro", "variants": variants,
-               "best": best["name"] if best else None, "comparisons": comparisons, "chance": chance,
+               "best": best["name"] if best else None, "reference": against["name"] if against else None,
+               "reference_chosen": "in advance" if ref is not None else "after the fact (the best)",
+               "selection_note": selection, "comparisons": comparisons, "chance": chance,
                "pretrain": pretrain, "methods": METHODS}
     atomic_write_text(study_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     write_tables(summary, study_dir)
@@ -159,9 +189,13 @@ METHODS = {
     "spread": "mean ± sample sd (ddof = 1) over seeds; 95 % Student-t interval of the mean (none for one seed)",
     "averaging": "precision, recall and F1 are macro averages over classes (unweighted)",
     "mcnemar": "exact McNemar test (two-sided binomial on discordant pairs) of per-image correctness on the "
-               "same test images against the best variant, pooled over the seeds both completed",
-    "ttest": "paired t-test (scipy.stats.ttest_rel) of per-seed accuracies against the best variant; "
+               "same test images against the reference (a variant named in advance, else the best), pooled over "
+               "the seeds both completed",
+    "ttest": "paired t-test (scipy.stats.ttest_rel) of per-seed accuracies against the same reference; "
              "needs ≥ 2 shared seeds",
+    "multiplicity": "with several variants compared against one reference, each test's p-values are adjusted "
+                    "with Holm's step-down method (family-wise error rate); the verdict uses the adjusted p, "
+                    "and both are printed",
     "chance": "exact one-sided binomial test of accuracy against max(majority-class rate, 1/classes); "
               "the largest p over a variant's seeds",
 }

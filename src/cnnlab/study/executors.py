@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +34,7 @@ class RunRequest:
     seed: int
     resume: bool = False        # an interrupted run with a checkpoint: continue it
     threads: int | None = None  # train.threads for the run (None: cnnlab's default)
+    env: dict[str, str] = field(default_factory=dict)  # extra environment of the process (a tune's trial link)
     # for the planner, not the executor:
     expected: dict = field(default_factory=dict)       # resolved config incl. the seed, to check a finished run
     needs: list[Path] = field(default_factory=list)    # run folders (pretrain) that must finish first
@@ -66,7 +67,7 @@ def train_command(req: RunRequest) -> tuple[list[str], dict[str, str]]:
         cmd = [sys.executable, "-m", "cnnlab", "train", "--resume", str(req.run_dir)]
     else:
         cmd = [sys.executable, "-m", "cnnlab", "train", str(req.config_file), f"train.seed={req.seed}"]
-    env = {}
+    env = dict(req.env)
     if req.threads:
         cmd.append(f"train.threads={req.threads}")
         env.update(OMP_NUM_THREADS=str(req.threads), MKL_NUM_THREADS=str(req.threads))
@@ -98,9 +99,12 @@ class Executor(ABC):
     jobs = 1  # runs at once
 
     @abstractmethod
-    def run(self, requests: Sequence[RunRequest],
+    def run(self, requests: Iterable[RunRequest],
             started: Callable[[RunRequest], None] = lambda r: None) -> Iterator[RunOutcome]:
-        """Run every request (none depends on another), calling `started` as each begins."""
+        """Run every request (none depends on another), calling `started` as each begins.
+
+        `requests` is read lazily, one request when a slot is free: a tune passes a generator that asks its
+        sampler for the next trial only then, after the outcomes already yielded were told to it."""
 
 
 class LocalExecutor(Executor):
@@ -113,15 +117,20 @@ class LocalExecutor(Executor):
             raise ValueError(f"--jobs must be a positive integer; got {jobs!r}")
         self.jobs = jobs
 
-    def run(self, requests: Sequence[RunRequest],
+    def run(self, requests: Iterable[RunRequest],
             started: Callable[[RunRequest], None] = lambda r: None) -> Iterator[RunOutcome]:
-        pending, running = list(requests), {}
+        pending, running, more = iter(requests), {}, True
         with ThreadPoolExecutor(max_workers=self.jobs) as pool:
-            while pending or running:
-                while pending and len(running) < self.jobs:
-                    req = pending.pop(0)
+            while True:
+                while more and len(running) < self.jobs:
+                    req = next(pending, None)
+                    if req is None:
+                        more = False
+                        break
                     running[pool.submit(run_process, req)] = req
                     started(req)
+                if not running:
+                    return
                 finished, _ = wait(running, return_when=FIRST_COMPLETED)
                 for fut in finished:
                     del running[fut]

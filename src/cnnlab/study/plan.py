@@ -49,6 +49,8 @@ def make_plan(study: dict, study_dir: Path) -> Plan:
     requests: dict[str, list[RunRequest]] = {"pretrain": [], "variants": []}
     content = {"name": study["name"], "study_file": str(study["path"]), "seeds": study["seeds"],
                "description": study["description"], "variants": [], "pretrain": []}
+    if study.get("reference"):
+        content["reference"] = study["reference"]
     pre_dirs = {p["name"]: study_dir / "pretrain" / p["name"] for p in study["pretrain"]}
 
     def add(entry: dict, kind: str, config_file: Path, seeds: list[int]) -> None:

@@ -118,6 +118,8 @@ def run_study(study_path: str | Path, jobs: int = 1, out: str | Path | None = No
     log(render_markdown(summary))
     for s in [c["sentence"] for c in summary["comparisons"]] + [c["sentence"] for c in summary["chance"]]:
         log("- " + s)
+    if summary.get("selection_note"):
+        log("- note: " + summary["selection_note"])
     from ..report import write_report
 
     log(f"report: {write_report(study_dir)}")

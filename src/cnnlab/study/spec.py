@@ -11,6 +11,8 @@
     pretrain:                       # optional runs whose weights variants start from
       other: {data.classes: [bear, bird, dog, giraffe, zebra]}
     seeds: [0, 1, 2]                # default [0]
+    reference: cnn-adam             # optional: the variant every other is compared with, named in advance
+                                    # (default: the best, picked after the fact, which the summary says)
 
 Expansion:
 - grid only: one variant per combination, named from its values: a string value stands for itself,
@@ -38,7 +40,7 @@ from typing import Any
 
 from ..config import ConfigError, load_config, read_yaml, split_override
 
-STUDY_KEYS = ["name", "description", "base", "overrides", "grid", "variants", "pretrain", "seeds"]
+STUDY_KEYS = ["name", "description", "base", "overrides", "grid", "variants", "pretrain", "seeds", "reference"]
 SECTIONS = ["data", "model", "optim", "schedule", "regularization", "train"]
 PRETRAIN_REF = "@pretrain/"
 _NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=-]*$")
@@ -268,6 +270,11 @@ def load_study(path: str | Path, extra: list[str] | dict | None = None) -> dict:
             else:
                 continue
             raise StudyError(f"{path}: {kind} {e['name']!r}: @pretrain reference: {problem}")
+    reference = raw.get("reference")
+    if reference is not None and reference not in [v["name"] for v in variants]:
+        raise StudyError(f"{path}: reference {reference!r} is not a variant; variants: "
+                         + ", ".join(v["name"] for v in variants))
     return {"name": name, "path": path.resolve(), "description": raw.get("description"), "base": base,
+            "reference": reference,
             "overrides": {**overrides, **extra}, "seeds": seeds, "variants": variants, "pretrain": pretrain,
             "runs": [(v["name"], v["settings"], s) for v in variants for s in seeds]}
