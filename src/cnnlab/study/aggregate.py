@@ -160,7 +160,7 @@ def aggregate(study_dir: str | Path) -> dict:
     against = ref or best
     comparisons = _corrected([_compare(study_dir, v, against, seeds) for v in done if v is not against])
     selection = None
-    if against is best and best is not None and comparisons:
+    if ref is None and best is not None and comparisons:
         selection = (f"{best['name']} is named best after seeing these results, so its lead is optimistic: the "
                      f"{len(comparisons)} comparison(s) against it are Holm-corrected for their number, not for the "
                      "choice itself; confirm a winner on fresh seeds or data (as `cnnlab tune` does)")

@@ -30,10 +30,10 @@ from pathlib import Path
 from ..config import ConfigError, load_config, config_differences, RESULT_NEUTRAL
 from ..fileio import atomic_write_text
 from ..hardware import cpu_cores
-from ..runs import is_finished, read_history, read_json
+from ..runs import is_finished, read_history, read_json, training_pid
 from ..study.executors import Executor, RunOutcome, RunRequest
 from .spec import OBJECTIVES, Param, TuneError, TuneSpec
-from .storage import open_storage, shown
+from .storage import StorageError, open_storage, shown
 from .trial import TRIAL_ENV, best_so_far, make_pruner
 
 WORKER, HEARTBEAT, SUPERSEDED = "cnnlab:worker", "cnnlab:heartbeat", "cnnlab:superseded"
@@ -70,16 +70,25 @@ def worker_gone(worker: dict | None, heartbeat: float | None, now: float, stale_
     return None
 
 
-def make_sampler(spec: TuneSpec, jobs: int):
+def trial_seed(seed: int, number: int) -> int:
+    """The sampler's seed for trial `number`: a function of the tune's seed and the trial's number (unique in the
+    storage), so one worker repeats its sequence, and a rerun or a second worker never redraws the first trials'
+    values (a sampler seeded once per process would start its sequence again)."""
+    return (seed * 1_000_003 + number * 7919 + 1) % 2**32
+
+
+def make_sampler(spec: TuneSpec, seed: int | None = None):
     import optuna
 
     s = spec.sampler
+    seed = s["seed"] if seed is None else seed
     if s["name"] == "random":
-        return optuna.samplers.RandomSampler(seed=s["seed"])
-    if s["name"] == "qmc":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if s["name"] == "qmc":  # its sequence position lives in the storage: one seed for the whole tune
         return optuna.samplers.QMCSampler(seed=s["seed"], scramble=True, warn_independent_sampling=False)
-    # several trials at once: constant liar keeps TPE from proposing the same point to each of them
-    return optuna.samplers.TPESampler(seed=s["seed"], constant_liar=jobs > 1)
+    # several trials at once (here or in other workers): constant liar keeps TPE from proposing the same
+    # point to each of them
+    return optuna.samplers.TPESampler(seed=seed, constant_liar=True)
 
 
 def _identity(spec: TuneSpec) -> dict:
@@ -94,9 +103,18 @@ def open_study(spec: TuneSpec, storage_url: str, jobs: int = 1):
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(study_name=spec.name, storage=open_storage(storage_url),
-                                sampler=make_sampler(spec, jobs), pruner=make_pruner(spec.pruner),
-                                direction=spec.direction, load_if_exists=True)
+    for attempt in range(5):  # workers started together race to create the database's tables: try again
+        try:
+            study = optuna.create_study(study_name=spec.name, storage=open_storage(storage_url),
+                                        sampler=make_sampler(spec), pruner=make_pruner(spec.pruner),
+                                        direction=spec.direction, load_if_exists=True)
+            break
+        except StorageError:
+            raise
+        except Exception as e:  # sqlalchemy's IntegrityError / ProgrammingError on a table made meanwhile
+            if attempt == 4 or storage_url.startswith("journal:"):
+                raise StorageError(f"--storage {shown(storage_url)}: cannot create the tune there: {e}") from None
+            time.sleep(0.5 + attempt)
     mine = json.loads(json.dumps(_identity(spec)))
     storage, sid = study._storage, study._study_id
     theirs = storage.get_study_system_attrs(sid).get(SPEC_ATTR)
@@ -222,6 +240,7 @@ class Search:
         req = RunRequest(f"trial {trial.number}", run_dir, config_file, config["train"]["seed"], threads=self.threads,
                          expected=config, env={TRIAL_ENV: json.dumps(link)})
         if run_dir.exists():  # a queued-again trial: resume its folder where the config still matches
+            _wait_released(run_dir, self.log)
             same = (run_dir / "config.yaml").is_file() and not config_differences(
                 load_config(run_dir / "config.yaml"), load_config(config), ignore=RESULT_NEUTRAL)
             req.resume = same and (run_dir / "checkpoint.safetensors").is_file()
@@ -251,6 +270,8 @@ class Search:
                     self._supersede(trial._trial_id, trial.number, {}, {}, "over budget (another worker took the "
                                     "last trial)", requeue=False)
                     return
+            if self.spec.sampler["name"] != "qmc":  # values drawn from the trial's own seed (see trial_seed)
+                self.study.sampler = make_sampler(self.spec, trial_seed(self.spec.sampler["seed"], trial.number))
             params = suggest(trial, self.spec.space)
             req = self._request(trial, params)
             if req is None:
@@ -344,6 +365,19 @@ class Search:
         finally:
             stop.set()
         return self.counts
+
+
+def _wait_released(run_dir: Path, log, patience: float = 60.0) -> None:
+    """A killed tune's trial process stops on its own (SIGTERM from the kernel, then a checkpoint): wait for it
+    to let go of its run folder before resuming it."""
+    t0 = time.time()
+    while (pid := training_pid(run_dir)) is not None:
+        if time.time() - t0 > patience:
+            raise TuneError(f"{run_dir} is still held by pid {pid} (a training of it from an earlier run of this "
+                            "tune?); stop it, then run the same command again")
+        if time.time() - t0 < 0.3:
+            log(f"waiting for pid {pid} to finish its checkpoint in {run_dir} …")
+        time.sleep(0.25)
 
 
 def _fmt(v) -> str:

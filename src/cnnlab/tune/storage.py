@@ -56,12 +56,18 @@ def open_storage(url: str):
         path = Path(url[len(JOURNAL):])
         path.parent.mkdir(parents=True, exist_ok=True)
         return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
-    try:
-        return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True},
-                                          skip_compatibility_check=False)
-    except ModuleNotFoundError as e:
-        raise StorageError(f"--storage {shown(url)}: the database driver is missing ({e.name}); "
-                           "install it with: pip install 'cnnlab[tune]'") from None
-    except Exception as e:  # sqlalchemy.exc.OperationalError and kin: say which server, not a traceback
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise StorageError(f"--storage {shown(url)}: cannot open it: {first}") from None
+    import time
+
+    for attempt in range(6):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
+        except ModuleNotFoundError as e:
+            raise StorageError(f"--storage {shown(url)}: the database driver is missing ({e.name}); "
+                               "install it with: pip install 'cnnlab[tune]'") from None
+        except Exception as e:  # sqlalchemy.exc.OperationalError and kin: say which server, not a traceback
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            # workers started together race to create Optuna's tables: the loser tries again
+            if attempt < 5 and any(w in first for w in ("duplicate key", "already exists", "UniqueViolation")):
+                time.sleep(0.3 * (attempt + 1))
+                continue
+            raise StorageError(f"--storage {shown(url)}: cannot open it: {first}") from None
