@@ -53,7 +53,7 @@ def counted(rows: list[dict]) -> list[dict]:
 @pytest.fixture(scope="module")
 def tiny_tune(tmp_path_factory, cnnlab_cache, cnnlab_bin):
     out = tmp_path_factory.mktemp("tune") / "tiny"
-    p = run(tune_cmd(cnnlab_bin, TINY, "--out", out))
+    p = run(tune_cmd(cnnlab_bin, TINY, "--out", out, "--jobs", "2"))  # two trials at once
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return out, p.stdout
 
@@ -326,3 +326,37 @@ def test_an_unusable_storage_is_a_clear_error(tmp_path, cnnlab_bin, storage, wor
     for w in words:
         assert w in p.stderr
     assert "Traceback" not in p.stderr and not list((tmp_path / "t").glob("trials/*"))
+
+
+def test_the_pruner_stops_a_hopeless_trial_inside_its_training(tmp_path, cnnlab_bin):
+    """A trial far below a finished one is stopped after its first epoch, keeps its best epoch, and says so."""
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import create_trial
+
+    from cnnlab.tune.search import open_study
+    from cnnlab.tune.storage import journal_url
+    from cnnlab.tune.trial import TRIAL_ENV
+
+    spec = load_tune(write_tune(tmp_path, """base: RECIPES/demo.yaml
+overrides: {data.max_per_class: 30, train.epochs: 5, schedule.name: constant}
+space: {optim.lr: {low: 1.0e-7, high: 1.0e-2, log: true}}
+pruner: {name: median, startup_trials: 1, warmup_epochs: 0}
+"""))
+    url = journal_url(tmp_path / "optuna.journal")
+    study = open_study(spec, url)
+    dist = FloatDistribution(1e-7, 1e-2, log=True)
+    study.add_trial(create_trial(params={"optim.lr": 3e-3}, distributions={"optim.lr": dist}, value=0.95,
+                                 intermediate_values={e: 0.95 for e in range(1, 6)}))
+    trial = study.ask({"optim.lr": dist})
+    cfg = tmp_path / "trial.yaml"
+    cfg.write_text(yaml.safe_dump(spec.trial_config({"optim.lr": 1e-7})), encoding="utf-8")
+    link = {"storage": url, "study": spec.name, "trial_id": trial._trial_id, "objective": "val_accuracy",
+            "direction": "maximize", "pruner": spec.pruner}
+    p = run([str(cnnlab_bin), "train", str(cfg), "--out", str(tmp_path / "run"), "--no-report", "--progress", "plain"],
+            env={**os.environ, TRIAL_ENV: json.dumps(link)})
+    assert p.returncode == 0, p.stderr
+    m = read_json(tmp_path / "run" / "metrics.json")
+    assert m["pruned"] is True and m["epochs_run"] == 1 and m["evaluated_on"] == "val"
+    assert "Pruned by the tune after epoch 1" in p.stdout + p.stderr
+    reported = study._storage.get_trial(trial._trial_id).intermediate_values
+    assert list(reported) == [1] and reported[1] < 0.95

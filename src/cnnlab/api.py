@@ -78,7 +78,7 @@ def _start_run_folder(cfg: Config, x: Experiment, out, runs_root, log: ProgressL
     return run_dir
 
 
-def _resume_state(run_dir: Path, cfg: Config, x: Experiment, log: ProgressLogger) -> TrainState:
+def _resume_state(run_dir: Path, cfg: Config, x: Experiment, log: ProgressLogger, dist=None) -> TrainState:
     saved_split = read_json(run_dir / "split.json")
     if any(saved_split.get(k) != getattr(x.split, k) for k in ("train", "val", "test")):
         raise DataError(f"the data changed since {run_dir} started: its split no longer matches split.json; "
@@ -91,6 +91,8 @@ def _resume_state(run_dir: Path, cfg: Config, x: Experiment, log: ProgressLogger
     tensors, meta = read_checkpoint(run_dir)
     state = restore_checkpoint(tensors, meta, x.trained, x.optimizer, x.schedule, x.stopper, x.data.train,
                                x.runtime.precision)
+    if dist is not None:
+        dist.restore_rank_state(tensors, x.trained, state.acc)
     if state.finished and state.epoch < cfg.train.epochs:  # --force train.epochs: go on
         state.finished, state.stopped_early, x.stopper.bad_epochs = False, False, 0
     if state.finished and (run_dir / "metrics.json").is_file():
@@ -144,47 +146,116 @@ def train(config: str | Path | dict | Config | None = None, overrides: list[str]
     cfg = _resume_config(Path(resume), config, overrides, list(force)) if resume else load_config(config, overrides)
     if cfg.name is None:
         cfg.name = "run"
-    log = ProgressLogger("none" if quiet else (progress or cfg.train.progress))
+    dist = _start_distributed(cfg)  # one process of several (torchrun, --nproc): None otherwise
+    main = dist is None or dist.is_main
+    if dist is not None and not resume and out is not None and _restarted_with_checkpoint(Path(out)):
+        resume = out  # torchrun --max-restarts started the processes again: go on from the checkpoint
+    log = ProgressLogger("none" if quiet or not main else (progress or cfg.train.progress))
     t_start, started = time.perf_counter(), dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    with contextlib.ExitStack() as held:  # the run folder stays locked (runs.run_lock) until the run ends
-        if resume:
-            run_dir = Path(resume)
-            held.enter_context(run_lock(run_dir))  # before any work: a second resume of it stops here
-        x = build_experiment(cfg, log)
-        if resume:
-            state = _resume_state(run_dir, cfg, x, log)
-            write_config(run_dir, cfg)
-        else:
-            run_dir, state = _start_run_folder(cfg, x, out, runs_root, log, held), TrainState()
-        try:
-            result = _fit(cfg, x, run_dir, state, log)
-            metrics, meta = _finish(cfg, x, result, run_dir)
-        except OSError as e:  # disk full mid-run: the last checkpoint is intact; say how to go on
-            if e.filename is None or isinstance(e, BrokenPipeError):
-                raise
-            raise OSError(e.errno, f"{e.strerror or e}; the run stopped. Free some space, then resume it with: "
-                          f"cnnlab train --resume {run_dir}", e.filename) from e
-        env = environment(x.runtime, cfg.train.seed)
-        env.update(started_at=started, wall_seconds=round(time.perf_counter() - t_start, 3), resumed=bool(resume),
-                   loader="streamed from the memory-mapped cache" if x.streamed else "in memory")
-        write_json(run_dir / "env.json", env)
-    _print_summary(log, metrics, run_dir)
-    if report:
-        _write_report(run_dir, log)
+    try:
+        with contextlib.ExitStack() as held:  # the run folder stays locked (runs.run_lock) until the run ends
+            if resume:
+                run_dir = Path(resume)
+                if main:
+                    held.enter_context(run_lock(run_dir))  # before any work: a second resume of it stops here
+            x = build_experiment(cfg, log, dist)
+            if resume:
+                state = _resume_state(run_dir, cfg, x, log, dist)
+                if main:
+                    write_config(run_dir, cfg)
+            else:
+                run_dir, state = _shared_run_folder(cfg, x, out, runs_root, log, held, dist), TrainState()
+            try:
+                result = _fit(cfg, x, run_dir, state, log, dist)
+                metrics, meta = _finish(cfg, x, result, run_dir) if main else (None, None)
+            except OSError as e:  # disk full mid-run: the last checkpoint is intact; say how to go on
+                if e.filename is None or isinstance(e, BrokenPipeError):
+                    raise
+                raise OSError(e.errno, f"{e.strerror or e}; the run stopped. Free some space, then resume it with: "
+                              f"cnnlab train --resume {run_dir}", e.filename) from e
+            env = environment(x.runtime, cfg.train.seed)
+            env.update(started_at=started, wall_seconds=round(time.perf_counter() - t_start, 3), resumed=bool(resume),
+                       loader="streamed from the memory-mapped cache" if x.streamed else "in memory",
+                       world_size=dist.world if dist else 1, distributed_backend=dist.backend if dist else None)
+            if main:
+                write_json(run_dir / "env.json", env)
+            if dist is not None:
+                dist.barrier()  # the run folder is complete before any process reports success
+    finally:
+        if dist is not None:
+            dist.close()
+    if main:
+        _print_summary(log, metrics, run_dir)
+        if report:
+            _write_report(run_dir, log)
     run = Run(run_dir, cfg, result.history, metrics, env)
     run._model, run._meta = x.model.eval().cpu(), meta
     return run
 
 
-def _fit(cfg: Config, x: Experiment, run_dir: Path, state: TrainState, log: ProgressLogger):
-    """The training loop with checkpoints (every epoch, every N steps, on a stop signal) and a clean stop."""
+def _start_distributed(cfg: Config):
+    """The process group when this process is one of several (WORLD_SIZE > 1), else None."""
+    from .training.distributed import Dist, launched
+
+    if not launched():
+        return None
+    dist = Dist.start(cfg.train.device, cfg.train.dist_timeout)
+    dist.seed = cfg.train.seed
+    cfg.train.device = dist.device(cfg.train.device)
+    if cfg.train.threads is None and dist.backend == "gloo":  # the cores shared by this machine's processes
+        from .hardware import cpu_cores
+
+        local = int(__import__("os").environ.get("LOCAL_WORLD_SIZE", dist.world))
+        cfg.train.threads = max(1, cpu_cores() // local)
+    return dist
+
+
+def _restarted_with_checkpoint(out: Path) -> bool:
+    import os
+
+    return os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0" and (out / CHECKPOINT).is_file()
+
+
+def _shared_run_folder(cfg: Config, x: Experiment, out, runs_root, log: ProgressLogger,
+                       held: contextlib.ExitStack, dist) -> Path:
+    """The new run folder, made by rank 0 and told to the others (with its error, if it could not be made)."""
+    if dist is None:
+        return _start_run_folder(cfg, x, out, runs_root, log, held)
+    made, error = None, None
+    if dist.is_main:
+        try:
+            made = str(_start_run_folder(cfg, x, out, runs_root, log, held))
+        except Exception as e:
+            error = f"{type(e).__name__}: {e}"
+            dist.broadcast({"dir": None, "error": error})
+            raise
+    told = dist.broadcast({"dir": made, "error": error})
+    if told["error"]:
+        raise RunError(f"rank 0 could not make the run folder: {told['error']}")
+    return Path(told["dir"])
+
+
+def _fit(cfg: Config, x: Experiment, run_dir: Path, state: TrainState, log: ProgressLogger, dist=None):
+    """The training loop with checkpoints (every epoch, every N steps, on a stop signal) and a clean stop.
+    With several processes (dist), rank 0 writes the checkpoints while the others wait, and every stop —
+    a signal, the tune's pruner — is agreed on by all of them at the same step."""
     def checkpoint(st: TrainState) -> None:
-        save_checkpoint(run_dir, st, x.trained, x.optimizer, x.schedule, x.stopper, x.data.train, cfg.to_dict(),
-                        x.runtime.precision)
+        extra = dist.rank_state(x.trained, st.acc) if dist is not None else None  # every rank's own part
+        if dist is None or dist.is_main:
+            save_checkpoint(run_dir, st, x.trained, x.optimizer, x.schedule, x.stopper, x.data.train, cfg.to_dict(),
+                            x.runtime.precision, extra=extra)
+        if dist is not None:
+            dist.barrier()
+
+    def stopping() -> str | None:
+        if dist is None:
+            return stop.requested
+        return (stop.requested or "SIGTERM") if dist.any(stop.requested is not None, x.runtime.device) else None
 
     from .tune.trial import reporter_from_env  # a tune's trial reports each epoch to the tune's storage
 
-    reporter = reporter_from_env()
+    reporter = reporter_from_env() if dist is None or dist.is_main else None
+    trainer = dist.wrap(x.trained) if dist is not None else None
     with _StopRequest() as stop:
         n_params = sum(p.numel() for p in x.model.parameters())
         log.message(f"{cfg.name}: {cfg.model.name} ({n_params:,} parameters) on {x.ds.name} — "
@@ -194,27 +265,39 @@ def _fit(cfg: Config, x: Experiment, run_dir: Path, state: TrainState, log: Prog
 
         def on_step(st: TrainState) -> None:
             every = cfg.train.checkpoint_every_steps
-            if stop.requested or (every and (st.epoch * len(x.data.train) + st.step_in_epoch) % every == 0):
+            requested = stopping()
+            if requested or (every and (st.epoch * len(x.data.train) + st.step_in_epoch) % every == 0):
                 checkpoint(st)
-            if stop.requested:
-                raise TrainingInterrupted(_interrupted_message(stop.requested, st, run_dir))
+            if requested:
+                raise TrainingInterrupted(_interrupted_message(requested, st, run_dir))
 
         def on_epoch(st: TrainState) -> None:
-            if reporter is not None and reporter(st.history) and not st.finished:  # a tune's pruner: stop here
+            prune = reporter is not None and reporter(st.history) and not st.finished  # a tune's pruner
+            if dist is not None:
+                prune = dist.broadcast(prune)
+            if prune:
                 st.finished = st.stopped_early = True
                 x.pruned = True
                 log.message(f"Pruned by the tune after epoch {st.epoch}: this trial cannot catch up with the others; "
                             f"keeping epoch {st.best_epoch}.")
+            requested = stopping()
             checkpoint(st)
-            if stop.requested and not st.finished:
-                raise TrainingInterrupted(_interrupted_message(stop.requested, st, run_dir))
+            if requested and not st.finished:
+                raise TrainingInterrupted(_interrupted_message(requested, st, run_dir))
 
         try:
             return fit(x.trained, x.data, x.optimizer, x.schedule, x.runtime, epochs=cfg.train.epochs,
-                       progress=log, state=state, on_step=on_step, on_epoch=on_epoch, **x.fit_options())
+                       progress=log, state=state, on_step=on_step, on_epoch=on_epoch, dist=dist, trainer=trainer,
+                       **x.fit_options())
         except TrainingDiverged as e:
-            _record_divergence(run_dir, state, e)
+            if dist is None or dist.is_main:
+                _record_divergence(run_dir, state, e)
             raise
+        except RuntimeError as e:  # a collective inside DDP's backward failed: a peer died or hung
+            lost = dist.lost_contact(e) if dist is not None else None
+            if lost is None:
+                raise
+            raise lost from None
 
 
 def _interrupted_message(signame: str, st: TrainState, run_dir: Path) -> str:

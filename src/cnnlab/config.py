@@ -202,6 +202,8 @@ class TrainConfig:
         None, "keep freed tensor memory in the process instead of re-faulting it from the OS every step "
               "(glibc; null: on for the CPU, where it measured faster; process-wide once on)")
     threads: Optional[int] = _opt(None, "CPU threads (null: one per core)", min=1)
+    dist_timeout: float = _opt(120.0, "with several processes (--nproc, torchrun): seconds a collective waits "
+                               "for a peer before the run stops with an error (a dead or hung process)", gt=0.0)
     checkpoint_every_steps: Optional[int] = _opt(
         None, "also checkpoint every N optimiser steps (null: after every epoch only)", min=1)
     progress: str = _opt("auto", "progress bar: auto (only on a terminal) | bar | plain | none",
@@ -426,7 +428,7 @@ def load_config(source: str | Path | dict | Config | None = None,
 
 # keys that change how a run computes or looks, never what it computes: a resumed run or a study's rerun
 # may differ in them
-RESULT_NEUTRAL = {"train.progress", "train.threads", "train.reuse_memory"}
+RESULT_NEUTRAL = {"train.progress", "train.threads", "train.reuse_memory", "train.dist_timeout"}
 RESUME_IGNORED = RESULT_NEUTRAL | {"name"}  # may differ between sessions of one run
 
 

@@ -180,8 +180,11 @@ def _balance(cfg: Config, ds: Dataset, data: Prepared, runtime: Runtime,
     return weights, val_weights
 
 
-def build_experiment(cfg: Config, log: ProgressLogger | None = None) -> Experiment:
-    """Data, split, loaders, model, optimiser, schedule and stopper for `cfg`, seeded."""
+def build_experiment(cfg: Config, log: ProgressLogger | None = None, dist=None) -> Experiment:
+    """Data, split, loaders, model, optimiser, schedule and stopper for `cfg`, seeded.
+
+    dist: one process of several (training.distributed.Dist): the training loader deals each global batch
+    out by rank, and the schedule counts those global batches."""
     log = log or ProgressLogger("none")
     t = cfg.train
     if cfg.model.weights == "imagenet":
@@ -204,6 +207,10 @@ def build_experiment(cfg: Config, log: ProgressLogger | None = None) -> Experime
         from .features import feature_data
 
         data, trained = feature_data(model, data, runtime, log=log.message), model.head
+    if dist is not None:
+        from .training.distributed import ShardedLoader
+
+        data.train = ShardedLoader(data.train, dist)
     o, s = cfg.optim, cfg.schedule
     optimizer = build_optimizer(_param_groups(cfg, trained), o.name, o.lr, momentum=o.momentum,
                                 nesterov=o.nesterov, beta1=o.beta1, beta2=o.beta2, eps=o.eps,

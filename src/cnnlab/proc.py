@@ -24,19 +24,29 @@ def child_env(env: dict | None = None) -> dict:
 
 
 def follow_parent() -> bool:
-    """In a child started with child_env: be sent SIGTERM when the parent dies. Returns whether it is set.
+    """In a child started with child_env — or one of several training processes started by torchrun, whose
+    workers would otherwise train on as orphans when the launcher is killed — be sent SIGTERM when the parent
+    dies. Returns whether it is set.
 
     The parent's pid is checked after the request: a parent that died just before it would send nothing.
     """
     parent = os.environ.pop(PARENT_ENV, None)  # not inherited further: grandchildren have another parent
+    if parent is None and os.environ.get("TORCHELASTIC_RUN_ID"):  # a torchrun worker: its parent is the agent
+        parent = str(os.getppid())
     if not parent or not parent.isdigit() or not sys.platform.startswith("linux"):
         return False
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
-            return False
-    except (OSError, AttributeError):
+    if not die_with_parent():
         return False
     if os.getppid() != int(parent):  # orphaned already
         os.kill(os.getpid(), signal.SIGTERM)
     return True
+
+
+def die_with_parent() -> bool:
+    """Ask the kernel for a SIGTERM to this process when its parent dies (Linux; also usable as a
+    subprocess preexec_fn). Returns whether it is set."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False

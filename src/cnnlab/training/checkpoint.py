@@ -87,9 +87,11 @@ def _numpy_rng_state() -> dict:
 
 
 def save_checkpoint(run_dir: Path, state: TrainState, model, optimizer, schedule, stopper, loader,
-                    config: dict, precision=None) -> Path:
-    """Everything needed to continue exactly where training stands."""
+                    config: dict, precision=None, extra: dict[str, torch.Tensor] | None = None) -> Path:
+    """Everything needed to continue exactly where training stands. extra: more tensors (each process's own
+    state when several train one run: training.distributed.Dist.rank_state)."""
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}  # save_tensors makes them CPU, contiguous
+    tensors.update(extra or {})
     if state.best_state is not None:
         tensors.update({f"best.{k}": v for k, v in state.best_state.items()})
     opt_tensors, opt_plain = _flatten_optimizer(optimizer.state_dict())

@@ -56,7 +56,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
                     progress: ProgressLogger | None = None, state: TrainState | None = None,
                     on_step: Callable[[TrainState], None] | None = None,
                     class_weights: torch.Tensor | None = None, label_smoothing: float = 0.0,
-                    mix: Callable | None = None) -> dict:
+                    mix: Callable | None = None, dist=None) -> dict:
     """One pass over `loader` (or the rest of it, when `state` says the epoch is under way).
 
     Returns the epoch's mean training loss and accuracy. The loss reported is the
@@ -66,14 +66,22 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
     mix: (x, y) → (x mixed with a shuffled partner, the partner's labels, λ) — MixUp / CutMix; the loss is
     then λ·CE(y) + (1 − λ)·CE(partner), and a prediction counts as right on the larger share's label.
     Divergence (a non-finite loss or gradient norm) raises at the step it happens.
+    dist: one process of several (training.distributed): `model` is the DDP module, `loader` this rank's
+    ShardedLoader; the loss is scaled so the averaged gradient is the global batch's, and divergence is judged
+    on the synchronised gradient (the same on every rank), so all processes stop together.
     """
     state = state or TrainState()
     model.train()
-    if getattr(model, "frozen_backbone", False):
-        model.backbone.eval()  # keep frozen batch-norm statistics frozen
+    inner = getattr(model, "module", model)  # under DDP: the wrapped model
+    if getattr(inner, "frozen_backbone", False):
+        inner.backbone.eval()  # keep frozen batch-norm statistics frozen
     weights = l2_weights(model) if l2 > 0 else []
     params = [p for p in model.parameters() if p.requires_grad]
     precision = runtime.precision
+    if dist is not None:
+        from .distributed import loss_scale
+
+        loader.epoch = state.epoch  # the per-step seeds of augmentation and dropout count from it
     if state.step_in_epoch == 0:  # a fresh epoch: new order, zeroed sums
         state.order = loader.new_order()
         state.acc = {"loss_sum": torch.zeros((), device=runtime.device),
@@ -91,9 +99,10 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
             if lam < 1.0:
                 loss = lam * loss + (1 - lam) * F.cross_entropy(logits.float(), y2, weight=class_weights,
                                                                 label_smoothing=label_smoothing)
-        objective = loss + l2_penalty(weights, l2) if weights else loss
+        scaled = loss if dist is None else loss * loss_scale(dist, y, loader, class_weights)
+        objective = scaled + l2_penalty(weights, l2) if weights else scaled
         sync = runtime.device.type == "cpu" or step % 50 == 0  # a sync per step is free on the CPU only
-        if sync and not math.isfinite(loss.item()):
+        if sync and dist is None and not math.isfinite(loss.item()):
             raise _diverged("the training loss", loss.item(), step)
         optimizer.zero_grad(set_to_none=True)
         precision.backward(objective)
@@ -101,7 +110,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
         # the total gradient norm (clipped when asked); a non-finite one stops training before the update,
         # unless the precision's loss scaler owns overflows (it skips that step). Without clipping the norm is
         # computed only on the steps that check it: no extra pass on the others.
-        check = sync and not precision.skips_overflow
+        check = (sync or dist is not None) and not precision.skips_overflow
         if clip_grad_norm is not None:
             norm = nn.utils.clip_grad_norm_(params, clip_grad_norm)
         elif check:
@@ -120,7 +129,12 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
             progress.batch_end(state.step_in_epoch, loss)
         if on_step is not None and state.step_in_epoch < steps:
             on_step(state)  # may checkpoint, or raise TrainingInterrupted after checkpointing
-    stats = {"loss": (acc["loss_sum"] / max(1, acc["seen"])).item(), "accuracy": acc["correct"].item() / max(1, acc["seen"])}
+    loss_sum, correct, seen = acc["loss_sum"], acc["correct"], acc["seen"]
+    if dist is not None:  # the epoch's figures over every process's share
+        total = dist.sum(torch.stack([loss_sum.float(), correct.float(),
+                                      torch.tensor(float(seen), device=loss_sum.device)]))
+        loss_sum, correct, seen = total[0], total[1], int(total[2].item())
+    stats = {"loss": (loss_sum / max(1, seen)).item(), "accuracy": correct.item() / max(1, seen)}
     if weights:
         stats["l2_penalty"] = acc["penalty"]
     return stats
@@ -161,7 +175,7 @@ def fit(model: nn.Module, data, optimizer: torch.optim.Optimizer, schedule: LRSc
         on_epoch: Callable[[TrainState], None] | None = None,
         class_weights: torch.Tensor | None = None, val_class_weights: torch.Tensor | None = None,
         label_smoothing: float = 0.0, mix: Callable | None = None, tta: bool = False,
-        before_epoch: Callable[[int], None] | None = None) -> FitResult:
+        before_epoch: Callable[[int], None] | None = None, dist=None, trainer: nn.Module | None = None) -> FitResult:
     """Train for up to `epochs` (continuing from `state` if given); leave `model` holding the best
     epoch's weights.
 
@@ -169,6 +183,8 @@ def fit(model: nn.Module, data, optimizer: torch.optim.Optimizer, schedule: LRSc
     split; without one it falls back to the training metric). on_epoch is called after
     every epoch (the caller checkpoints there), on_step after every other step; before_epoch(epoch)
     before each (1-based; gradual unfreezing uses it, so a resumed run unfreezes at the same epoch).
+    dist / trainer: one process of several — `trainer` is the DDP module that trains `model`, whose batch-norm
+    statistics are averaged over the processes after each epoch, before it is evaluated.
     """
     monitor = stopper.monitor if data.val is not None else stopper.monitor.replace("val_", "")
     state = state or TrainState()
@@ -180,9 +196,12 @@ def fit(model: nn.Module, data, optimizer: torch.optim.Optimizer, schedule: LRSc
         row = {"epoch": epoch}
         if before_epoch is not None:
             before_epoch(epoch)
-        row.update(train_one_epoch(model, data.train, optimizer, schedule, runtime, l2=l2,
+        row.update(train_one_epoch(trainer or model, data.train, optimizer, schedule, runtime, l2=l2,
                                    clip_grad_norm=clip_grad_norm, progress=progress, state=state, on_step=on_step,
-                                   class_weights=class_weights, label_smoothing=label_smoothing, mix=mix))
+                                   class_weights=class_weights, label_smoothing=label_smoothing, mix=mix,
+                                   dist=dist))
+        if dist is not None:
+            dist.average_buffers(model)
         if data.val is not None:
             row.update(evaluate(model, data.val, runtime, class_weights=val_class_weights, tta=tta))
         row.update(lr=lr, seconds=round(time.perf_counter() - t0, 3))
