@@ -36,8 +36,46 @@ def _resolve_config(arg: str | None):
     return path
 
 
+def _launch_processes(a) -> int:
+    """`cnnlab train … --nproc N`: the same command as N processes under torchrun (one machine, gloo on the
+    CPU, NCCL on GPUs); for several machines, start `torchrun … -m cnnlab train …` on each yourself."""
+    import subprocess
+
+    from .hardware import cpu_cores
+
+    argv, rest, skip = list(a._argv), [], False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if arg == "--nproc":
+            skip = True
+            continue
+        if arg.startswith("--nproc="):
+            continue
+        rest.append(arg)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={a.nproc}",
+           "-m", "cnnlab", *rest]
+    from .proc import die_with_parent
+
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, cpu_cores() // a.nproc))}
+    # torchrun ends with this process (and its workers with it: proc.follow_parent)
+    return subprocess.run(cmd, env=env, preexec_fn=die_with_parent if sys.platform.startswith("linux") else None
+                          ).returncode
+
+
 def _cmd_train(a) -> int:
     from .api import train
+
+    if a.nproc is not None:
+        from .training.distributed import launched
+
+        if a.nproc < 1:
+            from .config import ConfigError
+
+            raise ConfigError(f"--nproc must be a positive integer; got {a.nproc}")
+        if a.nproc > 1 and not launched():
+            return _launch_processes(a)
 
     overrides = list(a.overrides)
     config = a.config
@@ -158,11 +196,28 @@ def _cmd_models(a) -> int:
     return 0
 
 
+def _executor(a):
+    """The executor of `compare` / `tune`: None for the local one (run_study / run_tune make it from --jobs)."""
+    if a.executor != "ray":
+        if a.address:
+            raise ValueError("--address is the Ray cluster's: give it with --executor ray")
+        return None
+    from .study.ray_executor import RayExecutor
+
+    return RayExecutor(address=a.address, cpus_per_run=a.cpus_per_run, jobs=a.jobs)
+
+
 def _cmd_compare(a) -> int:
     """0 when every run finished, 1 when some failed (they are retried by running the same command again)."""
     from .study.runner import failed_runs, resolve_study, run_study
 
-    study_dir = run_study(resolve_study(a.study), jobs=a.jobs, out=a.out, overrides=a.overrides)
+    executor = _executor(a)
+    try:
+        study_dir = run_study(resolve_study(a.study), jobs=1 if a.jobs is None else a.jobs, out=a.out,
+                              overrides=a.overrides, executor=executor)
+    finally:
+        if executor is not None:
+            executor.close()
     failed = failed_runs(study_dir)
     if failed:
         print(f"cnnlab: {failed} run(s) failed; see summary.json and the runs' .log files "
@@ -196,8 +251,13 @@ def _cmd_tune(a) -> int:
     """0 when the search is settled (and re-validated), 1 when trials are still to run (rerun to go on)."""
     from .tune.runner import run_tune
 
-    tune_dir = run_tune(a.tune, trials=a.trials, jobs=a.jobs, storage=a.storage, out=a.out, timeout=a.timeout,
-                        revalidate=not a.no_revalidate)
+    executor = _executor(a)
+    try:
+        tune_dir = run_tune(a.tune, trials=a.trials, jobs=1 if a.jobs is None else a.jobs, storage=a.storage,
+                            out=a.out, timeout=a.timeout, executor=executor, revalidate=not a.no_revalidate)
+    finally:
+        if executor is not None:
+            executor.close()
     from .runs import read_json
 
     summary = read_json(tune_dir / "summary.json")
@@ -236,6 +296,17 @@ def _error(text: str) -> None:
     print(printable_lines(text), file=sys.stderr)
 
 
+def _executor_options(p: argparse.ArgumentParser) -> None:
+    """Where `compare` / `tune` runs go: child processes here, or Ray tasks on a cluster."""
+    p.add_argument("--executor", choices=["local", "ray"], default="local",
+                   help="local: child processes here (default); ray: Ray tasks on a cluster (pip install "
+                   "'cnnlab[ray]'; the output folder must be on storage every node shares)")
+    p.add_argument("--address", metavar="HOST:PORT", help="the Ray cluster's head (as `ray start --head` prints it, "
+                   "or auto); default with --executor ray: a local Ray started for this command")
+    p.add_argument("--cpus-per-run", type=float, default=1, metavar="N",
+                   help="with --executor ray: CPUs Ray reserves for each run, and its train.threads (default 1)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from ._version import __version__
 
@@ -262,6 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--force", action="append", default=[], metavar="KEYS",
                    help="with --resume: config keys allowed to differ, comma-separated (e.g. train.epochs), or all")
     t.add_argument("--no-report", action="store_true", help="skip plots/ and report.html (`cnnlab report` later)")
+    t.add_argument("--nproc", type=int, metavar="N", help="train this one run with N processes (data parallel, "
+                   "torchrun: gloo on the CPU, one GPU each on CUDA); data.batch_size is the global batch")
     t.set_defaults(fn=_cmd_train)
 
     e = sub.add_parser("eval", help="re-evaluate a saved model",
@@ -314,8 +387,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("study", help="study YAML, or a recipe name in ./recipes")
     s.add_argument("overrides", nargs="*", metavar="key=value",
                    help="settings for every run, over the study's own (e.g. data.source=folder:~/photos)")
-    s.add_argument("--jobs", "-j", type=int, default=1, help="runs at once (default 1)")
+    s.add_argument("--jobs", "-j", type=int, help="runs at once (default 1; with --executor ray: the cluster's "
+                   "CPUs / --cpus-per-run)")
     s.add_argument("--out", help="study folder (default studies/<study file name without .yaml>)")
+    _executor_options(s)
     s.set_defaults(fn=_cmd_compare)
 
     lf = sub.add_parser("lr-find", help="learning-rate range test: suggest optim.lr for a config",
@@ -341,11 +416,13 @@ def build_parser() -> argparse.ArgumentParser:
     tu.add_argument("tune", help="tune YAML, or a recipe name in ./recipes")
     tu.add_argument("--trials", type=int, help="number of trials (over the file's `trials`)")
     tu.add_argument("--timeout", help="start no trial after this long: 600, 20m, 2h (over the file's)")
-    tu.add_argument("--jobs", "-j", type=int, default=1, help="trials at once in this process (default 1)")
+    tu.add_argument("--jobs", "-j", type=int, help="trials at once in this process (default 1; with --executor "
+                    "ray: the cluster's CPUs / --cpus-per-run)")
     tu.add_argument("--storage", help="Optuna storage shared by workers: postgresql://USER@HOST/DB, sqlite:///F, "
                     "journal:FILE (default journal:TUNE_DIR/optuna.journal)")
     tu.add_argument("--out", help="tune folder (default tunes/<name>)")
     tu.add_argument("--no-revalidate", action="store_true", help="search only (another worker re-validates)")
+    _executor_options(tu)
     tu.set_defaults(fn=_cmd_tune)
 
     r = sub.add_parser("report", help="write report.html (and figures) for a run or study folder",
@@ -369,6 +446,7 @@ def main(argv: list[str] | None = None) -> int:
     follow_parent()  # a study's child run ends with the study (SIGTERM: a clean stop with a checkpoint)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    args._argv = list(sys.argv[1:] if argv is None else argv)
     if extra:  # key=value overrides after an option (`cnnlab train - --out X train.epochs=1`)
         if hasattr(args, "overrides") and all("=" in x and not x.startswith("-") for x in extra):
             args.overrides = [*args.overrides, *extra]

@@ -4,6 +4,7 @@
     plan       the run requests, their resolved config files and plan.json
     executors  the one interface to the machines: run requests, each a fresh `cnnlab train` process,
                and report each outcome (LocalExecutor here; a Ray or Optuna-driven one plugs in the same way)
+    ray_executor  RayExecutor: the same runs as Ray tasks on a cluster (`--executor ray`; needs cnnlab[ray])
     aggregate  plan.json + run folders → summary.json, tables, paired tests
     runner     run_study: load → plan → execute → aggregate → report
 
