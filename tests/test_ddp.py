@@ -122,3 +122,22 @@ def test_a_dead_peer_is_a_clear_error_not_a_hang(tmp_path, cnnlab_bin):
     assert procs[0].returncode == 2, err[-2000:]
     assert "lost contact" in err and "Traceback" not in err
     assert time.time() - t0 < 120
+
+
+def test_torchrun_max_restarts_resumes_the_run_from_its_checkpoint(tmp_path):
+    """A worker killed mid-run: torchrun starts both again, and they go on from the last checkpoint."""
+    run = tmp_path / "r"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--max-restarts=1",
+           "-m", "cnnlab", "train", DEMO, *SMALL, "train.epochs=6", "data.batch_size=32", "--out", str(run)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    t0 = time.time()
+    while not (run / "checkpoint.safetensors").exists() or training_pid(run) is None:
+        assert proc.poll() is None and time.time() - t0 < 120
+        time.sleep(0.02)
+    os.kill(training_pid(run), signal.SIGKILL)  # rank 0, the one that writes
+    out, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 0, out[-3000:]
+    assert "Resuming" in out
+    assert len(read_history(run / "history.csv")) == 6 and (run / "metrics.json").is_file()
+    assert read_json(run / "env.json")["world_size"] == 2

@@ -129,7 +129,8 @@ def test_revalidation_compares_the_best_with_the_base_on_fresh_seeds(tiny_tune):
     assert reval["winner"] in names[1:]
     # the winner is chosen on validation (the objective), not on test
     assert reval["winner"] == max(names[1:], key=lambda n: reval["validation"][n])
-    assert ("significantly better" in reval["sentence"]) == reval["better"]
+    assert ("It is significantly better" in reval["sentence"]) == reval["better"]
+    assert ("NOT significantly better" in reval["sentence"]) == (not reval["better"] and not reval["worse"])
     assert reval["sentence"] in stdout
     best = load_config(out / "best.yaml")
     winner = next(r for r in top if f"trial-{r['number']}" == reval["winner"])
@@ -232,10 +233,10 @@ def trials_of_journal(spec_path: Path, out: Path):
 
 
 def test_a_failing_trial_is_recorded_as_failed_with_its_reason(tmp_path, cnnlab_bin):
-    spec = write_tune(tmp_path, """base: RECIPES/demo.yaml
-overrides: {data.max_per_class: 30, train.epochs: 1, schedule.name: constant}
+    spec = write_tune(tmp_path, """overrides: {data.max_per_class: 40, data.batch_size: 16, train.epochs: 3,
+            optim.name: sgd, optim.momentum: 0}
 space:
-  optim.lr: [1.0e+8]
+  optim.lr: [10.0]
 trials: 1
 pruner: none
 """)
