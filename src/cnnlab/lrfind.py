@@ -24,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .config import Config, ConfigError, load_config
@@ -157,6 +156,7 @@ def range_test(exp, *, start_lr: float = 1e-7, end_lr: float = 10.0, steps: int 
     CutMix as configured, plus the papers' L2 term when on), the precision's backward / unscale_ / step, gradient
     clipping when configured. The recorded loss is the cross-entropy, as history.csv reports it.
     """
+    from .training.loop import batch_loss
     from .training.optim import l2_penalty, l2_weights
 
     check_settings(start_lr, end_lr, steps, diverge, smoothing)
@@ -191,15 +191,7 @@ def range_test(exp, *, start_lr: float = 1e-7, end_lr: float = 10.0, steps: int 
             for g, scale in zip(optimizer.param_groups, scales):
                 g["lr"] = lr * scale
             x, y = next(batches)
-            y2, lam = y, 1.0
-            if mix is not None:
-                x, y2, lam = mix(x, y)
-            with runtime.autocast():
-                logits = model(x)
-                loss = F.cross_entropy(logits.float(), y, weight=class_weights, label_smoothing=label_smoothing)
-                if lam < 1.0:
-                    loss = lam * loss + (1 - lam) * F.cross_entropy(logits.float(), y2, weight=class_weights,
-                                                                    label_smoothing=label_smoothing)
+            _, loss, _, _ = batch_loss(model, x, y, runtime, mix, class_weights, label_smoothing)
             value = loss.item()
             if math.isfinite(value):
                 avg = smoothing * avg + (1 - smoothing) * value

@@ -51,6 +51,22 @@ def _diverged(what: str, value: float, step: int) -> TrainingDiverged:
         "(optim.clip_grad_norm=1.0)", step)
 
 
+def batch_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, runtime: Runtime, mix: Callable | None = None,
+               class_weights: torch.Tensor | None = None, label_smoothing: float = 0.0):
+    """One training batch's forward: (logits, loss, the mixed-in labels, λ) — with MixUp / CutMix the loss is
+    λ·CE(y) + (1 − λ)·CE(partner); without, the partner labels are y and λ is 1."""
+    y2, lam = y, 1.0
+    if mix is not None:
+        x, y2, lam = mix(x, y)
+    with runtime.autocast():
+        logits = model(x)
+        loss = F.cross_entropy(logits.float(), y, weight=class_weights, label_smoothing=label_smoothing)
+        if lam < 1.0:
+            loss = lam * loss + (1 - lam) * F.cross_entropy(logits.float(), y2, weight=class_weights,
+                                                            label_smoothing=label_smoothing)
+    return logits, loss, y2, lam
+
+
 def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, schedule: LRSchedule,
                     runtime: Runtime, *, l2: float = 0.0, clip_grad_norm: float | None = None,
                     progress: ProgressLogger | None = None, state: TrainState | None = None,
@@ -90,15 +106,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, 
     acc, steps = state.acc, len(loader)
     for x, y in loader.iterate(state.order, state.step_in_epoch):
         step = state.epoch * steps + state.step_in_epoch + 1  # global, 1-based
-        y2, lam = y, 1.0
-        if mix is not None:
-            x, y2, lam = mix(x, y)
-        with runtime.autocast():
-            logits = model(x)
-            loss = F.cross_entropy(logits.float(), y, weight=class_weights, label_smoothing=label_smoothing)
-            if lam < 1.0:
-                loss = lam * loss + (1 - lam) * F.cross_entropy(logits.float(), y2, weight=class_weights,
-                                                                label_smoothing=label_smoothing)
+        logits, loss, y2, lam = batch_loss(model, x, y, runtime, mix, class_weights, label_smoothing)
         scaled = loss if dist is None else loss * loss_scale(dist, y, loader, class_weights)
         objective = scaled + l2_penalty(weights, l2) if weights else scaled
         sync = runtime.device.type == "cpu" or step % 50 == 0  # a sync per step is free on the CPU only

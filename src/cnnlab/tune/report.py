@@ -181,7 +181,7 @@ def write_tune_report(tune_dir: str | Path) -> Path:
                              _p(cmp_.get("mcnemar_p")), _p(cmp_.get("mcnemar_p_holm")), _p(cmp_.get("ttest_p"))])
             out.append(table(["Configuration", f"Validation {spec['objective']} (mean)", "Test accuracy % [95 % CI]",
                               "vs base (points)", "McNemar p", "Holm p", "paired t p"], rows))
-            out.append(f'<p>The full comparison: <a href="revalidate/report.html">revalidate/report.html</a>. '
+            out.append('<p>The full comparison: <a href="revalidate/report.html">revalidate/report.html</a>. '
                        "The winner is chosen on validation; the test split decides only the verdict.</p>")
     out.append("<h2>Search</h2>")
     out += [figure(png, alt, cap) for png, alt, cap in figs]
