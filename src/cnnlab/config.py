@@ -35,7 +35,8 @@ def _opt(default, help: str, **checks):
     """A config field: its default, a one-line meaning (with unit) and checks.
 
     checks: choices=[...], min=, max= (inclusive), gt= (exclusive), lt=; registry="optimizer" (…): the
-    choices are that registry's entries (see `registry`), read when a config is checked.
+    choices are that registry's entries (see `registry`), read when a config is checked; true_means="x": a
+    text key that also takes true (→ "x") and false (→ null).
     """
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: typing.cast(Any, type(d))(d),
@@ -211,6 +212,20 @@ class TrainConfig:
 
 
 @dataclass
+class TrackConfig:
+    """Optional outputs fed from the finished run folder (cnnlab.tracking); they never change a result."""
+
+    mlflow: Optional[str] = _opt(
+        None, "MLflow tracking: null (off) | default (or true: a SQLite store mlflow.db next to the run, study or "
+              "tune folder, e.g. runs/mlflow.db) | a tracking URI: sqlite:///PATH.db, http(s)://HOST:PORT, "
+              "postgresql://…, databricks (plain file paths and file: stores are refused)", true_means="default")
+    experiment: Optional[str] = _opt(None, "MLflow experiment name (null: the run's config name, or the study's / "
+                                     "tune's name)")
+    tensorboard: bool = _opt(False, "TensorBoard event files in RUN/tensorboard/ (scalars per epoch, hparams, "
+                                    "confusion matrix)")
+
+
+@dataclass
 class Config:
     name: Optional[str] = _opt(None, "run name (null: recipe name + time)")
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "data source, split, preprocessing"})
@@ -219,6 +234,7 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig, metadata={"help": "learning-rate schedule"})
     regularization: RegularizationConfig = field(default_factory=RegularizationConfig, metadata={"help": "loss terms"})
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "loop, seed, runtime"})
+    track: TrackConfig = field(default_factory=TrackConfig, metadata={"help": "MLflow / TensorBoard outputs"})
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -255,6 +271,12 @@ class Config:
         dev = self.train.device
         if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
             raise ConfigError(f"unknown train.device {dev!r}; choose one of: auto, cpu, cuda, cuda:N")
+        if self.track.mlflow is not None:
+            from .tracking import check_mlflow_uri  # late: tracking reads run folders
+
+            self.track.mlflow = check_mlflow_uri(self.track.mlflow)  # sqlite:///relative made absolute
+        if self.track.experiment is not None and not self.track.experiment.strip():
+            raise ConfigError("track.experiment: an MLflow experiment name, or null for the config's name")
 
 
     def _resolve_pretrained(self) -> None:
@@ -344,6 +366,8 @@ def _coerce(key: str, value: Any, tp, meta: dict) -> Any:
         if value != value or value in (float("inf"), float("-inf")):
             raise ConfigError(f"{key}: expected a finite number; got {value!r}")
     elif tp is str:
+        if isinstance(value, bool) and "true_means" in meta:  # track.mlflow: true → default, false → off
+            return meta["true_means"] if value else None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             value = str(value)  # name=2024, data.classes=[3, 5]: digit-only names
         if not isinstance(value, str):
@@ -428,7 +452,8 @@ def load_config(source: str | Path | dict | Config | None = None,
 
 # keys that change how a run computes or looks, never what it computes: a resumed run or a study's rerun
 # may differ in them
-RESULT_NEUTRAL = {"train.progress", "train.threads", "train.reuse_memory", "train.dist_timeout"}
+RESULT_NEUTRAL = {"train.progress", "train.threads", "train.reuse_memory", "train.dist_timeout",
+                  "track.mlflow", "track.experiment", "track.tensorboard"}
 RESUME_IGNORED = RESULT_NEUTRAL | {"name"}  # may differ between sessions of one run
 
 

@@ -164,6 +164,9 @@ def run_page(run: RunFolder, plots: dict[str, Path], notes: list[str], mistakes:
         out.append(f'<div class="callout"><p><strong>Caution:</strong> {esc(m["caution"])}</p></div>')
     for n in notes:
         out.append(f'<div class="callout info"><p>{esc(n)}</p></div>')
+    from ..export import export_summary  # RUN/export.json (`cnnlab export`): one line, when the model was exported
+    for ok, text in filter(None, [export_summary(run.path)]):
+        out.append(f'<div class="callout {"good" if ok else ""}"><p>{esc(text)}</p></div>')
 
     out.append("<h2>Figures</h2>")
     caps = {

@@ -10,6 +10,7 @@ from ..config import find_recipe
 from ..hardware import cpu_cores
 from ..report.tables import render_markdown
 from ..runs import read_json
+from ..tracking import track_study
 from .aggregate import aggregate
 from .executors import Executor, LocalExecutor, RunOutcome, RunRequest
 from .plan import make_plan, prepare_folder
@@ -123,6 +124,7 @@ def run_study(study_path: str | Path, jobs: int = 1, out: str | Path | None = No
     from ..report import write_report
 
     log(f"report: {write_report(study_dir)}")
+    track_study(study_dir, log)  # optional MLflow / TensorBoard outputs when the runs' config asks: never fails it
     log(f"study folder: {study_dir}")
     return study_dir
 

@@ -14,6 +14,7 @@ from .results import (RevalidationLock, importance, revalidation_study, top_tria
                       write_best)
 from .search import STALE_AFTER, Search, default_threads, live_trials
 from .spec import TuneError, load_tune
+from ..tracking import track_tune
 from .storage import check_url, journal_url, shown
 
 
@@ -91,6 +92,7 @@ def run_tune(tune_path: str | Path, *, trials: int | None = None, jobs: int = 1,
     from .report import write_tune_report
 
     log(f"report: {write_tune_report(tune_dir)}")
+    track_tune(tune_dir, log)  # optional MLflow / TensorBoard outputs when the trials' config asks: never fails it
     log(f"tune folder: {tune_dir}")
     return tune_dir
 
