@@ -249,7 +249,7 @@ def test_a_run_killed_from_outside_is_run_again_and_a_failing_one_is_not(ray_hea
 
 
 def test_ctrl_c_cancels_the_runs_in_flight(ray_head, cnnlab_bin, tmp_path):
-    spec = write_study(tmp_path, LONG_RUN.replace("train.epochs: 30", "train.epochs: 200"))
+    spec = write_study(tmp_path, LONG_RUN.replace("train.epochs: 30", "train.epochs: 3000"))  # minutes: never done first
     d = tmp_path / "out"
     proc = subprocess.Popen([str(cnnlab_bin), "compare", str(spec), "--executor", "ray", "--address", ray_head,
                              "--out", str(d)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

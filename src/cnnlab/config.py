@@ -272,7 +272,7 @@ class Config:
         if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
             raise ConfigError(f"unknown train.device {dev!r}; choose one of: auto, cpu, cuda, cuda:N")
         if self.track.mlflow is not None:
-            from .tracking import check_mlflow_uri  # late: tracking reads run folders
+            from .tracking.settings import check_mlflow_uri  # late; settings alone: the rest reads run folders
 
             self.track.mlflow = check_mlflow_uri(self.track.mlflow)  # sqlite:///relative made absolute
         if self.track.experiment is not None and not self.track.experiment.strip():
