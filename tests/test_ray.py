@@ -227,8 +227,11 @@ def test_a_run_killed_from_outside_is_run_again_and_a_failing_one_is_not(ray_hea
     spec = write_study(tmp_path, LONG_RUN.replace("  only: {}", "  only: {}\n  broken: {data.source: 'folder:MISSING'}")
                        .replace("MISSING", str(tmp_path / "missing")))
     d = tmp_path / "out"
+    # SIGINT as a terminal delivers it: a test suite started in the background (`make test &`) inherits SIGINT
+    # ignored, and Python then never turns it into KeyboardInterrupt — give the driver the default back
     proc = subprocess.Popen([str(cnnlab_bin), "compare", str(spec), "--executor", "ray", "--address", ray_head,
-                             "--out", str(d)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             "--out", str(d)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         run = d / "runs" / "only" / "seed-0"
         os.kill(_wait_for_training(run), signal.SIGKILL)

@@ -45,8 +45,8 @@ def _launch_processes(a) -> int:
 
     from .hardware import cpu_cores
 
-    argv, rest, skip = list(a._argv), [], False
-    for i, arg in enumerate(argv):
+    rest, skip = [], False
+    for arg in a._argv:
         if skip:
             skip = False
             continue

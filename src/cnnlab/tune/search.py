@@ -348,8 +348,7 @@ class Search:
 
     def run(self, timeout: float | None = None) -> dict:
         """Run trials until the budget (count, or this call's time) is spent; returns this worker's counts."""
-        if self.recover():
-            pass
+        self.recover()
         deadline = time.time() + timeout if timeout else None
         stop = threading.Event()
         beat = threading.Thread(target=self._beat, args=(stop,), daemon=True)
