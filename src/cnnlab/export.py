@@ -492,44 +492,11 @@ def predict_onnx(onnx_path: str | Path, paths, top_k: int = 3, batch_size: int =
     """As `cnnlab.predict` ([{file, top: [{class, probability}…]} | {file, error}], input order), but by
     ONNX Runtime from the .onnx file: classes, size, channels, resize and normalisation from its metadata,
     images decoded by cnnlab's decoder; no PyTorch model is built."""
-    import numpy as np
-    import torch
-
-    from .data.images import BadImage, decode_image
-    from .data.loader import Normalizer
-    from .inference import collect_images
+    from .inference import classify_files
 
     onnx_path = Path(onnx_path)
     if not onnx_path.is_file():
         raise ExportError(f"{onnx_path}: no such ONNX file")
     sess = session(onnx_path, str(onnx_path))
     meta = read_metadata(sess, str(onnx_path))
-    normalize = Normalizer(meta["mean"], meta["std"])  # the training run's statistics and arithmetic
-    classes = meta["classes"]
-    k = min(top_k, len(classes))
-    results, batch, where = [], [], []
-
-    def flush():
-        if not batch:
-            return
-        x = normalize(torch.from_numpy(np.stack(batch)))
-        probs = torch.softmax(onnx_logits(sess, x).float(), 1)
-        p, i = probs.topk(k, 1)
-        for row, (pv, iv) in zip(where, zip(p.tolist(), i.tolist())):
-            results[row]["top"] = [{"class": classes[c], "probability": round(q, 6)} for q, c in zip(pv, iv)]
-        batch.clear()
-        where.clear()
-
-    for f in collect_images(paths):
-        results.append({"file": str(f)})
-        try:
-            if not f.exists() and not f.is_symlink():
-                raise BadImage("no such file")
-            batch.append(decode_image(f, meta["image_size"], meta["in_channels"], meta["resize"]))
-            where.append(len(results) - 1)
-        except BadImage as e:
-            results[-1]["error"] = str(e)
-        if len(batch) >= batch_size:
-            flush()
-    flush()
-    return results
+    return classify_files(paths, meta, lambda x: onnx_logits(sess, x).float(), top_k, batch_size)

@@ -26,25 +26,30 @@ def collect_images(paths) -> list[Path]:
 @torch.no_grad()
 def predict_files(run, paths, top_k: int = 3, device: str = "cpu", batch_size: int = 256) -> list[dict]:
     """[{file, top: [{class, probability}…]} | {file, error}] in input order."""
-    meta = run.meta
     model = run.model.to(device).eval()
+    return classify_files(paths, run.meta, lambda x: model(x.to(device)).float().cpu(), top_k, batch_size)
+
+
+@torch.no_grad()
+def classify_files(paths, meta: dict, logits_of, top_k: int = 3, batch_size: int = 256) -> list[dict]:
+    """Decode the image files as training did (meta: classes, image_size, in_channels, resize, mean, std),
+    normalise them with the run's own statistics, and take the top-k classes of `logits_of(x)` — a PyTorch
+    model, or ONNX Runtime (export.predict_onnx). [{file, top: [{class, probability}…]} | {file, error}]."""
     normalize = Normalizer(meta["mean"], meta["std"])  # the training run's own statistics and arithmetic
     k = min(top_k, len(meta["classes"]))
     results, batch, where = [], [], []
-    files = collect_images(paths)
 
     def flush():
         if not batch:
             return
-        x = normalize(torch.from_numpy(np.stack(batch)))
-        probs = torch.softmax(model(x.to(device)).float(), 1).cpu()
+        probs = torch.softmax(logits_of(normalize(torch.from_numpy(np.stack(batch)))), 1)
         p, i = probs.topk(k, 1)
         for row, (pv, iv) in zip(where, zip(p.tolist(), i.tolist())):
             results[row]["top"] = [{"class": meta["classes"][c], "probability": round(q, 6)} for q, c in zip(pv, iv)]
         batch.clear()
         where.clear()
 
-    for f in files:
+    for f in collect_images(paths):
         results.append({"file": str(f)})
         try:
             if not f.exists() and not f.is_symlink():
