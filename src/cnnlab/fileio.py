@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import uuid
 from pathlib import Path
 
 
@@ -49,6 +50,21 @@ def atomic_write_bytes(path: Path, data: bytes, fault_point: str | None = None) 
         raise
     except BaseException:
         tmp.unlink(missing_ok=True)  # Ctrl-C…: the same
+        raise
+
+
+@contextlib.contextmanager
+def replacing(path: Path, suffix: str = ".tmp"):
+    """A temporary name beside `path` (unique to this process and call) to write to; on success it replaces
+    `path` in one rename, on any error it is removed. For writers that want a file name (matplotlib, csv):
+    two processes writing the same file never share a temporary."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}{suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
         raise
 
 

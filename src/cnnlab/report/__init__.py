@@ -22,6 +22,7 @@ from . import tables as T
 from .folders import (ReportError, RunFolder, eval_images, is_finished, is_study, load_run_folder, load_summary,
                       read_history, read_json)
 from ..explain import grad_cam, last_conv, overlay
+from ..fileio import replacing
 from .html import run_page, study_page
 from ..runs import training_pid
 
@@ -173,9 +174,8 @@ def _write_run_report(folder: Path, replot: bool = False) -> Path:
 
 
 def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    with replacing(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 # --------------------------------------------------------------------------- studies

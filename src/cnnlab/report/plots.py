@@ -18,6 +18,7 @@ from matplotlib.colors import to_rgba
 from matplotlib.figure import Figure
 
 from ..display import escape_char, printable
+from ..fileio import replacing
 
 TRAIN, VAL = "#d62728", "#1f77b4"  # red / blue as in the second paper's Figure 6
 RIGHT, WRONG = "#1a9641", "#d7191c"  # green / red as in its Figure 8
@@ -77,9 +78,8 @@ def _figure(width: float, height: float) -> Figure:
 
 def _save(fig: Figure, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=DPI, bbox_inches="tight", pad_inches=0.12)
-    tmp.replace(path)
+    with replacing(path, ".png") as tmp:
+        fig.savefig(tmp, dpi=DPI, bbox_inches="tight", pad_inches=0.12)
     return path
 
 
@@ -323,9 +323,8 @@ def image_grid(images: list[np.ndarray], titles: list[str], correct: list[bool],
         if title:
             fig.text(0.5, 1 - 0.12 / height, title, ha="center", va="top", fontsize=11, fontweight="bold")
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.stem + ".tmp.png")
-        fig.savefig(tmp, dpi=DPI)
-        tmp.replace(path)
+        with replacing(path, ".png") as tmp:
+            fig.savefig(tmp, dpi=DPI)
         return path
 
 

@@ -6,6 +6,7 @@ import csv
 import math
 from pathlib import Path
 
+from ..fileio import replacing
 from ..stats import IMBALANCED, imbalance
 
 ALPHA = 0.05  # the level at which "significantly" is said
@@ -98,12 +99,10 @@ def misclassified(predictions: list[dict]) -> list[dict]:
 
 
 def write_misclassified(path: Path, rows: list[dict]) -> Path:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
+    with replacing(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=MISCLASSIFIED_COLUMNS, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
-    tmp.replace(path)
     return path
 
 

@@ -15,7 +15,6 @@ new one is complete. A crash in between leaves one or the other, never a mix.
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -39,6 +39,23 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def _attempt_store(world: int, timeout: dt.timedelta):
+    """Under torchrun, the agent's TCP store for this restart attempt, its keys under a prefix of their own.
+
+    torchrun keeps one store server for the whole job and its workers connect to it without a prefix, so
+    after a restart (``--max-restarts``) the new ranks can read the dead ones' gloo addresses left in it
+    and fail with "connection refused". A per-attempt prefix keeps the rounds apart. None outside torchrun.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    import torch.distributed as d
+
+    store = d.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                       timeout=timeout)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return d.PrefixStore(f"cnnlab/attempt_{attempt}", store)
+
+
 class DistributedError(RuntimeError):
     """A collective failed: a peer process died or stopped answering; the message says what to do."""
 
@@ -67,7 +84,12 @@ class Dist:
         if cuda:
             torch.cuda.set_device(local)
         if not d.is_initialized():
-            d.init_process_group(backend, timeout=dt.timedelta(seconds=timeout_s))
+            timeout = dt.timedelta(seconds=timeout_s)
+            store = _attempt_store(world, timeout)
+            if store is None:
+                d.init_process_group(backend, timeout=timeout)
+            else:
+                d.init_process_group(backend, timeout=timeout, store=store, rank=rank, world_size=world)
         return cls(rank, world, local, backend)
 
     def device(self, device: str) -> str:

@@ -9,6 +9,7 @@ from pathlib import Path
 import matplotlib
 import numpy as np
 
+from ..fileio import replacing
 from ..report import plots as P
 from ..report.html import card, esc, figure, page, table
 from ..runs import read_json
@@ -196,9 +197,8 @@ def write_tune_report(tune_dir: str | Path) -> Path:
     out.append('<div class="wide">' + table(["#", "state"] + keys + [spec["objective"], "epochs", "note"], rows,
                                             text_cols=2) + "</div>")
     html_path = tune_dir / "report.html"
-    tmp = html_path.with_suffix(".tmp")
-    tmp.write_text(page(f"tune {summary['name']}", "".join(out)), encoding="utf-8")
-    tmp.replace(html_path)
+    with replacing(html_path) as tmp:
+        tmp.write_text(page(f"tune {summary['name']}", "".join(out)), encoding="utf-8")
     return html_path
 
 
