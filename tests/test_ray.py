@@ -227,11 +227,8 @@ def test_a_run_killed_from_outside_is_run_again_and_a_failing_one_is_not(ray_hea
     spec = write_study(tmp_path, LONG_RUN.replace("  only: {}", "  only: {}\n  broken: {data.source: 'folder:MISSING'}")
                        .replace("MISSING", str(tmp_path / "missing")))
     d = tmp_path / "out"
-    # SIGINT as a terminal delivers it: a test suite started in the background (`make test &`) inherits SIGINT
-    # ignored, and Python then never turns it into KeyboardInterrupt — give the driver the default back
     proc = subprocess.Popen([str(cnnlab_bin), "compare", str(spec), "--executor", "ray", "--address", ray_head,
-                             "--out", str(d)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                             "--out", str(d)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         run = d / "runs" / "only" / "seed-0"
         os.kill(_wait_for_training(run), signal.SIGKILL)
@@ -249,6 +246,30 @@ def test_a_run_killed_from_outside_is_run_again_and_a_failing_one_is_not(ray_hea
     assert broken["runs"] == [] and broken["failed"][0]["run"] == "runs/broken/seed-0"
     assert "exit code 2" in broken["failed"][0]["error"] and "missing" in broken["failed"][0]["error"]
     assert "FAILED broken seed 0" in out and (d / "runs" / "broken" / "seed-0.failed.json").is_file()
+
+
+def test_ctrl_c_cancels_the_runs_in_flight(ray_head, cnnlab_bin, tmp_path):
+    spec = write_study(tmp_path, LONG_RUN.replace("train.epochs: 30", "train.epochs: 3000"))  # minutes: never done first
+    d = tmp_path / "out"
+    # SIGINT as a terminal delivers it: a test suite started in the background (`make test &`, nohup) inherits
+    # SIGINT ignored, and Python then never turns it into KeyboardInterrupt — give the driver the default back
+    proc = subprocess.Popen([str(cnnlab_bin), "compare", str(spec), "--executor", "ray", "--address", ray_head,
+                             "--out", str(d)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        run = d / "runs" / "only" / "seed-0"
+        child = _wait_for_training(run)
+        proc.send_signal(signal.SIGINT)  # only the driver: Ray's workers are not in its process group
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, out[-3000:] + err[-3000:]
+    t0 = time.monotonic()
+    while training_pid(run) is not None and time.monotonic() - t0 < 60:  # cancelled: its training stops
+        time.sleep(0.2)
+    assert training_pid(run) is None and not is_finished(run) and not _alive(child)
+    assert (run / "checkpoint.safetensors").is_file()  # a clean stop (SIGTERM): a rerun resumes it
 
 
 def test_a_tune_through_ray(ray_head, cnnlab_bin, tmp_path):
