@@ -196,3 +196,30 @@ def test_compiled_model_computes_what_the_eager_one_does_and_trains(shapes, tmp_
 
     again = load_run(run.path)
     assert not any(k.startswith("_orig_mod") for k in again.model.state_dict())
+
+
+def test_big_images_are_inferred_in_passes_under_the_mmap_limit_with_the_same_logits():
+    """An ImageNet backbone at 224 px goes through in chunks whose largest activation stays under glibc's 32 MiB
+    mmap threshold (a bigger block is faulted in afresh every pass); the papers' small nets keep their batch.
+    The chunked logits are the whole batch's."""
+    from cnnlab.data.loader import Normalizer
+    from cnnlab.training.loop import predict_logits
+    from cnnlab.training.runtime import MMAP_THRESHOLD, inference_chunk
+
+    runtime = Runtime("cpu", precision="32", channels_last=True)
+    small = create_model("harahap-cnn", 10, 1, 28).eval()
+    assert inference_chunk(small, torch.zeros(128, 1, 28, 28), runtime) == 128
+    big = create_model("efficientnet-lite0", 5, 3, 224).eval().to(memory_format=torch.channels_last)
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (24, 3, 224, 224), dtype=torch.uint8)
+    x = Normalizer([0.5] * 3, [0.5] * 3)(images).contiguous(memory_format=torch.channels_last)
+    n = inference_chunk(big, x, runtime)
+    assert 1 <= n < 24
+    # the largest activation: the first block's 1×1 expansion, 96 channels at 112×112 in fp32
+    assert n * 96 * 112 * 112 * 4 <= MMAP_THRESHOLD < (n + 1) * 96 * 112 * 112 * 4 / 0.9
+    loader = DeviceLoader(images, torch.arange(24) % 5, Normalizer([0.5] * 3, [0.5] * 3), 24, channels_last=True)
+    logits, labels = predict_logits(big, loader, runtime)
+    with torch.no_grad():
+        whole = big(x)
+    assert torch.equal(labels, torch.arange(24) % 5)
+    assert torch.allclose(logits, whole, atol=1e-4, rtol=1e-4)

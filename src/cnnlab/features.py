@@ -22,6 +22,7 @@ from .data.dataset import cache_dir
 from .data.loader import DeviceLoader, Prepared
 from .fileio import atomic_write_bytes
 from .training import Runtime
+from .training.runtime import inference_chunk
 
 
 class FeatureLoader(DeviceLoader):
@@ -61,9 +62,10 @@ def compute_features(backbone: nn.Module, loader: DeviceLoader, runtime: Runtime
     """(N, F) float32 features of the loader's images in their stored order (eval mode, the run's precision)."""
     backbone.eval()
     out = []
-    for x, _ in loader.iterate(None):
-        with runtime.autocast():
-            out.append(backbone(x).float())
+    for xb, _ in loader.iterate(None):
+        for x in xb.split(inference_chunk(backbone, xb, runtime)):  # passes under glibc's mmap limit
+            with runtime.autocast():
+                out.append(backbone(x).float())
     return torch.cat(out)
 
 

@@ -21,7 +21,7 @@ from .callbacks import EarlyStopper
 from .checkpoint import TrainState
 from .optim import LRSchedule, l2_penalty, l2_weights
 from .progress import ProgressLogger
-from .runtime import Runtime
+from .runtime import Runtime, inference_chunk
 
 
 class TrainingDiverged(RuntimeError):
@@ -156,12 +156,13 @@ def predict_logits(model: nn.Module, loader, runtime: Runtime, tta: bool = False
     (valid logits: their softmax is that mean)."""
     model.eval()
     outs, ys = [], []
-    for x, y in loader:
-        with runtime.autocast():
-            out = model(x).float()
-            if tta:
-                out = torch.log((out.softmax(1) + model(x.flip(3)).float().softmax(1)) / 2)
-        outs.append(out.cpu())
+    for xb, y in loader:
+        for x in xb.split(inference_chunk(model, xb, runtime)):  # big images: passes under glibc's mmap limit
+            with runtime.autocast():
+                out = model(x).float()
+                if tta:
+                    out = torch.log((out.softmax(1) + model(x.flip(3)).float().softmax(1)) / 2)
+            outs.append(out.cpu())
         ys.append(y.cpu())
     return torch.cat(outs), torch.cat(ys)
 

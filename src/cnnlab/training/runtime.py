@@ -6,6 +6,7 @@ import contextlib
 import ctypes
 import random
 import sys
+import weakref
 
 import numpy as np
 import torch
@@ -163,6 +164,45 @@ def keep_freed_memory() -> bool:
     m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's <malloc.h>; 32 MiB is its largest mmap threshold
     _KEPT = bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 256 << 20))
     return _KEPT
+
+
+MMAP_THRESHOLD = 32 << 20  # glibc's largest mmap threshold: bigger blocks are always fresh mmap()s
+_CHUNKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model → {(input shape, dtype, precision): n}
+
+
+def inference_chunk(model: torch.nn.Module, x: torch.Tensor, runtime: "Runtime",
+                    limit: int = MMAP_THRESHOLD) -> int:
+    """Images per forward pass for inference on the CPU: the most whose largest activation stays under
+    glibc's 32 MiB mmap threshold (at most len(x)).
+
+    A block over it is a fresh mmap() on every allocation and its pages fault in again on every pass: an
+    ImageNet backbone at 224 px, batch 32, spends more time faulting pages than computing (EfficientNet-Lite0
+    features: 105–144 images/s at batch 32, 170 at batch 8 on an AVX-512 BF16 CPU; BENCHMARKS.md). Measured
+    once per model, input shape and precision by one image through the model with hooks on its layers;
+    small inputs (the papers' nets) keep their whole batch. On CUDA: len(x)."""
+    if runtime.device.type != "cpu" or len(x) <= 1:
+        return len(x)
+    key = (tuple(x.shape[1:]), x.dtype, str(runtime.precision))
+    known = _CHUNKS.setdefault(model, {})
+    if key not in known:
+        biggest = 0
+
+        def hook(_module, _inputs, out):
+            nonlocal biggest
+            if isinstance(out, torch.Tensor):
+                biggest = max(biggest, out.numel() * out.element_size())
+
+        leaves = [m for m in model.modules() if next(m.children(), None) is None]
+        handles = [m.register_forward_hook(hook) for m in leaves]
+        try:
+            with torch.no_grad(), runtime.autocast():
+                model(x[:1])
+        finally:
+            for h in handles:
+                h.remove()
+        # functional steps between layers (padding, activations) make blocks a little larger than a layer's output
+        known[key] = max(1, int(0.9 * limit) // max(biggest, 1))
+    return max(1, min(len(x), known[key]))
 
 
 def seed_everything(seed: int) -> None:
