@@ -163,6 +163,33 @@ def test_one_training_step_fused_equals_unfused():
     assert _close(grads[True][2], grads[False][2], 1e-6)
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+def test_relu_then_pool_pools_first_with_the_same_values_and_gradients_bit_for_bit(autocast):
+    """The second paper's net (batch norm off): ReLU → max-pool 2×2 runs as pool → ReLU on the fused path, with
+    identical outputs and gradients, ties and all-negative windows included (inputs on a coarse grid)."""
+    torch.manual_seed(0)
+    m = create_model("alkhairi-cnn", num_classes=5, in_channels=3, image_size=32).to(memory_format=torch.channels_last)
+    x = (torch.randint(-4, 5, (16, 3, 32, 32)).float() / 4).contiguous(memory_format=torch.channels_last)
+    y = torch.arange(16) % 5
+    out = {}
+    for fuse in (False, True):
+        model = copy.deepcopy(m)
+        set_fusion(model, fuse)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            head3 = model.backbone[:3]  # conv → ReLU → pool (a slice: a new FusedSequential, told the same)
+            head3.fuse = fuse
+            block = head3(x)
+            assert type(block.grad_fn).__name__ == ("ReluBackward0" if fuse else "MaxPool2DWithIndicesBackward0")
+            torch.manual_seed(1)  # the same dropout mask
+            loss = F.cross_entropy(model(x).float(), y)
+        loss.backward()
+        out[fuse] = (block, loss, {n: p.grad for n, p in model.named_parameters()})
+    assert (out[True][0] == 0).any() and torch.equal(out[True][0], out[False][0])
+    assert torch.equal(out[True][1], out[False][1])
+    for n, g in out[False][2].items():
+        assert torch.equal(out[True][2][n], g), n
+
+
 @pytest.mark.parametrize("name", ["sgd", "adam", "adamw"])
 def test_fused_optimizer_step_matches(name):
     torch.manual_seed(0)
@@ -231,3 +258,59 @@ def test_keep_freed_memory_stops_the_page_faults():
     assert runs["on"][0], "mallopt was not accepted"
     assert runs["off"][1] > 5 * activation_pages, runs  # glibc's defaults: activations re-faulted every step
     assert runs["on"][1] * 4 < runs["off"][1], runs
+
+
+def test_depthwise_convolutions_train_in_fp32_under_cpu_bf16_autocast():
+    """CpuConv2d: a strided / 5×5 depthwise layer computes in fp32 when it trains under bf16 autocast on the CPU
+    (torch's bf16 backward kernels for those are several times slower); its gradients are the fp32 layer's.
+    3×3 stride-1 layers, inference and `train.fused=false` keep the plain bf16 path; state-dict keys stay."""
+    from cnnlab.models.fused import CpuConv2d
+
+    m = create_model("mobilenet-v3-small", num_classes=5, in_channels=3, image_size=64)
+    plain = [n for n, mod in m.named_modules() if isinstance(mod, CpuConv2d) and mod.groups > 1]
+    assert plain and all(type(mod) is CpuConv2d for n, mod in m.named_modules() if n in plain)
+    torch.manual_seed(0)
+    conv = CpuConv2d(8, 8, 5, stride=2, padding=2, groups=8, bias=False)
+    ref = nn.Conv2d(8, 8, 5, stride=2, padding=2, groups=8, bias=False)
+    ref.load_state_dict(conv.state_dict())
+    x = torch.randn(4, 8, 17, 17).contiguous(memory_format=torch.channels_last)
+    xb = x.to(torch.bfloat16).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = conv(xb)
+    assert y.dtype == torch.float32  # computed in fp32
+    y.square().sum().backward()
+    x32 = xb.detach().float().requires_grad_()
+    ref(x32).square().sum().backward()
+    assert torch.allclose(conv.weight.grad, ref.weight.grad, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(xb.grad.float(), x32.grad, rtol=1e-2, atol=1e-2)  # the input's gradient, back in bf16
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.no_grad():
+            assert conv(xb).dtype == torch.bfloat16  # inference: the bf16 path
+        conv.requires_grad_(False)
+        assert conv(xb.detach()).dtype == torch.bfloat16  # frozen (a backbone under a head): the same
+        conv.requires_grad_(True)
+        set_fusion(nn.Sequential(conv), False)
+        assert conv(xb).dtype == torch.bfloat16  # switched off
+        set_fusion(nn.Sequential(conv), None)
+        three = CpuConv2d(8, 8, 3, padding=1, groups=8)
+        assert three(xb).dtype == torch.bfloat16  # 3×3 stride 1: bf16 is fast there
+        assert conv(xb).dtype == torch.float32
+
+
+def test_same_padding_is_tensorflows_on_any_size():
+    """EfficientNet-Lite's SameConv2d (symmetric padding given to the convolution, the asymmetric kind padded)
+    equals an explicit TF-style pad then a valid convolution, for odd and even sizes and both strides."""
+    import math
+
+    from cnnlab.models.efficientnet import SameConv2d
+
+    torch.manual_seed(0)
+    for k, s, groups in ((3, 1, 4), (5, 1, 4), (3, 2, 4), (5, 2, 4), (1, 1, 1), (3, 2, 1)):
+        conv = SameConv2d(4, 4, k, stride=s, groups=groups, bias=False)
+        for size in (13, 14, 28):
+            x = torch.randn(2, 4, size, size)
+            total = max((math.ceil(size / s) - 1) * s + k - size, 0)
+            want = F.conv2d(F.pad(x, [total // 2, total - total // 2] * 2), conv.weight, None, s, 0, 1, groups)
+            got = conv(x)
+            assert got.shape[-1] == math.ceil(size / s)
+            assert torch.allclose(got, want, atol=1e-5), (k, s, size)

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .fused import CpuConv2d
 from .papers import Classifier
 from .registry import MODELS
 
@@ -30,18 +31,19 @@ LITE_MEAN, LITE_STD = [127.0 / 255] * 3, [128.0 / 255] * 3  # in [0, 1] pixel un
 BN_EPS, BN_MOMENTUM = 1e-3, 0.01  # TF's 0.99 decay
 
 
-class SameConv2d(nn.Conv2d):
-    """A convolution with TensorFlow's "same" padding for any input size (output side = ceil(side / stride))."""
+class SameConv2d(CpuConv2d):
+    """A convolution with TensorFlow's "same" padding for any input size (output side = ceil(side / stride)).
+    Symmetric padding (stride 1) goes to the convolution itself; only the asymmetric kind is a padded copy."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _conv(self, x: torch.Tensor) -> torch.Tensor:
         pads = []
         for size, k, s in ((x.shape[-1], self.kernel_size[1], self.stride[1]),
                            (x.shape[-2], self.kernel_size[0], self.stride[0])):
             total = max((math.ceil(size / s) - 1) * s + k - size, 0)
             pads += [total // 2, total - total // 2]
-        if any(pads):
-            x = F.pad(x, pads)
-        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+        if pads[0] == pads[1] and pads[2] == pads[3]:
+            return F.conv2d(x, self.weight, self.bias, self.stride, (pads[2], pads[0]), self.dilation, self.groups)
+        return F.conv2d(F.pad(x, pads), self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
 
 
 def _bn(c: int) -> nn.BatchNorm2d:

@@ -7,6 +7,7 @@ import inspect
 from torch import nn
 
 from ..registry import Registry
+from .fused import use_cpu_depthwise
 from .init import init_weights
 
 MODELS: Registry[nn.Module] = Registry("model")
@@ -39,6 +40,7 @@ def create_model(name: str, num_classes: int, in_channels: int = 1, image_size: 
     model = MODELS.create(name, num_classes=num_classes, in_channels=in_channels,
                           image_size=image_size, **opts)
     init_weights(model, init)
+    use_cpu_depthwise(model)  # depthwise convolutions: fp32 training under CPU bf16 autocast (fused.CpuConv2d)
     model.registry_name = name
     return model
 
