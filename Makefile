@@ -9,7 +9,7 @@ BENCH_STAMP := $(BENCH_VENV)/.installed
 # the 100,000-JPEG folder benchmark's working folder (≈ 4 GB of JPEGs + a 1.2 GB cache)
 BENCH_DIR   ?= .bench-cache/folder
 
-.PHONY: demo test install clean bench bench-train bench-switches bench-folder bench-backbone bench-scale
+.PHONY: demo test install clean bench bench-train bench-switches bench-folder bench-backbone bench-finetune bench-scale
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -47,11 +47,15 @@ bench-switches: $(STAMP)
 bench-backbone: $(STAMP)
 	$(BIN)/python benchmarks/backbone_bench.py --repeats 5 --runs 3 --write BENCHMARKS.md
 
+# fine-tuning EfficientNet-Lite0 on ../shared/data/flowers12: cnnlab vs a plain / tuned-plain PyTorch loop
+bench-finetune: $(STAMP)
+	$(BIN)/python benchmarks/finetune_bench.py --repeats 3 --epochs 2 --write BENCHMARKS.md
+
 # study throughput: local pool vs Ray; one training on 1 vs 2 processes (DDP)
 bench-scale: $(STAMP)
 	$(BIN)/python benchmarks/scale_bench.py --repeats 3 --write BENCHMARKS.md
 
-bench: bench-train bench-switches bench-folder bench-backbone bench-scale
+bench: bench-train bench-switches bench-folder bench-backbone bench-finetune bench-scale
 
 clean:
 	rm -rf $(VENV) $(BENCH_VENV) .bench-cache runs .pytest_cache

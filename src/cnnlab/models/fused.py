@@ -1,4 +1,8 @@
-"""ReLU → BatchNorm2d → MaxPool2d(2) in training as one autograd function: the papers' conv block, fused.
+"""Hand-written CPU training paths, each computing what the modules compute (tests/test_fused.py):
+ReLU → BatchNorm2d → MaxPool2d(2) as one autograd function (the papers' conv block, fused); ReLU → MaxPool2d(2)
+pooled first; depthwise convolutions trained in fp32 under bf16 autocast (CpuConv2d, below).
+
+The fused block:
 
 Written by hand because torch's three CPU kernels and their backward passes each walk the whole
 conv activation (the first paper's is 128×32×28×28 floats per batch), and on a 2-core CPU those
