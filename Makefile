@@ -9,7 +9,7 @@ BENCH_STAMP := $(BENCH_VENV)/.installed
 # the 100,000-JPEG folder benchmark's working folder (≈ 4 GB of JPEGs + a 1.2 GB cache)
 BENCH_DIR   ?= .bench-cache/folder
 
-.PHONY: demo test install clean bench bench-train bench-switches bench-folder bench-backbone bench-finetune bench-scale
+.PHONY: demo test install clean bench bench-train bench-switches bench-folder bench-backbone bench-finetune bench-kernels bench-scale
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -51,11 +51,15 @@ bench-backbone: $(STAMP)
 bench-finetune: $(STAMP)
 	$(BIN)/python benchmarks/finetune_bench.py --repeats 3 --epochs 2 --write BENCHMARKS.md
 
+# depthwise gradients bf16 vs fp32, CpuConv2d on/off, inference pass sizes (a CPU with native bf16 only)
+bench-kernels: $(STAMP)
+	$(BIN)/python benchmarks/cpu_kernels_bench.py --repeats 5 --write BENCHMARKS.md
+
 # study throughput: local pool vs Ray; one training on 1 vs 2 processes (DDP)
 bench-scale: $(STAMP)
 	$(BIN)/python benchmarks/scale_bench.py --repeats 3 --write BENCHMARKS.md
 
-bench: bench-train bench-switches bench-folder bench-backbone bench-finetune bench-scale
+bench: bench-train bench-switches bench-folder bench-backbone bench-finetune bench-kernels bench-scale
 
 clean:
 	rm -rf $(VENV) $(BENCH_VENV) .bench-cache runs .pytest_cache

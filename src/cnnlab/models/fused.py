@@ -168,10 +168,11 @@ class CpuConv2d(nn.Conv2d):
 
     Written because torch's bf16 CPU kernels for a depthwise convolution's backward are pathological for
     strided and 5×5 kernels: measured on an AVX-512 BF16 + AMX CPU (torch 2.14, 2 threads, batch 32,
-    EfficientNet-Lite0's layers), a 3×3 stride-2 layer on 96×113² takes 147 ms for its input gradient in
-    bf16 against 38 ms in fp32 (its forward: 6 ms), a 5×5 layer on 240×28² 77 ms for its weight gradient
-    against 16 ms. Computing these layers in fp32 (the input cast up, autocast off around them) makes a
-    fine-tuning step of EfficientNet-Lite0 at 224 px ~1.4× faster (19 → 27 images/s). Inference and
+    EfficientNet-Lite0's layers; `benchmarks/cpu_kernels_bench.py`), a 3×3 stride-2 layer on 96×113² takes
+    139 ms for its input gradient in bf16 against 35 ms in fp32 (its forward: 6 ms), a 5×5 layer on 240×28²
+    75 ms for its weight gradient against 14 ms. Computing these layers in fp32 (the input cast up, autocast
+    off around them) makes a training step of EfficientNet-Lite0 at 224 px 1.43× faster (20.7 → 29.6
+    images/s), of MobileNet-v3-large 1.57× (30.5 → 47.8). Inference and
     fp32 training take the plain path; `train.fused=false` (set_fusion) turns it off.
     fuse: None (default) or True: on where it applies; False: never.
     """

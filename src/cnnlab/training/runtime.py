@@ -175,9 +175,9 @@ def inference_chunk(model: torch.nn.Module, x: torch.Tensor, runtime: "Runtime",
     """Images per forward pass for inference on the CPU: the most whose largest activation stays under
     glibc's 32 MiB mmap threshold (at most len(x)).
 
-    A block over it is a fresh mmap() on every allocation and its pages fault in again on every pass: an
-    ImageNet backbone at 224 px, batch 32, spends more time faulting pages than computing (EfficientNet-Lite0
-    features: 105–144 images/s at batch 32, 170 at batch 8 on an AVX-512 BF16 CPU; BENCHMARKS.md). Measured
+    A block over it is a fresh mmap() on every allocation and its pages fault in again on every pass
+    (EfficientNet-Lite0 features at 224 px on 2 AVX-512 BF16 cores, `benchmarks/cpu_kernels_bench.py`: fp32
+    55 images/s in passes of 32 against ~100 in passes of 6 or 8; bf16 168 at 32, 90 at 64, ~180 at 12). Measured
     once per model, input shape and precision by one image through the model with hooks on its layers;
     small inputs (the papers' nets) keep their whole batch. On CUDA: len(x)."""
     if runtime.device.type != "cpu" or len(x) <= 1:
