@@ -81,7 +81,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--epochs", type=int, default=3, help="epochs per row (default 3; the first is not counted)")
     p.add_argument("--nets", default=",".join(NETS), help="comma-separated, of: " + ", ".join(NETS))
-    p.add_argument("--profile", action="store_true", help="also profile one epoch of the first net (the CPU default)")
+    p.add_argument("--profile", action="store_true", help="also profile one epoch of each net (the CPU default)")
     p.add_argument("--write", help="put the Markdown section into this file (e.g. BENCHMARKS.md)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -115,8 +115,7 @@ def main() -> None:
             lines.append(f"| {net} | {name} | {epoch:.2f} | {r['images'] / epoch:,.0f} | "
                          f"{r['images'] / epoch / base:.2f}× | {faults:,.0f} |")
             print(lines[-1], file=sys.stderr, flush=True)
-    if a.profile:
-        net = a.nets.split(",")[0]
+    for net in a.nets.split(",") if a.profile else []:
         r = run(NETS[net], profile=True)
         lines += ["", f"Where one epoch of {net} (the CPU default, {r['steps']} steps) spends its time:", "",
                   "```", r["profile"].strip("\n"), "```"]
