@@ -254,7 +254,12 @@ def test_keep_freed_memory_stops_the_page_faults():
     off = [measure("off")]
     while off[-1][1] <= 5 * activation_pages and len(off) < 3:
         off.append(measure("off"))
-    runs = {"off": max(off, key=lambda r: r[1]), "on": measure("on")}
+    # and a process with the kept heap once in a while (seen: 1 in 6, and once in CI) grows its heap once more
+    # after the warm-up steps (~4,000 faults, then none): up to 3 processes for one that shows the steady state
+    on = [measure("on")]
+    while on[-1][1] > activation_pages and len(on) < 3:
+        on.append(measure("on"))
+    runs = {"off": max(off, key=lambda r: r[1]), "on": min(on, key=lambda r: r[1])}
     assert runs["on"][0], "mallopt was not accepted"
     assert runs["off"][1] > 5 * activation_pages, runs  # glibc's defaults: activations re-faulted every step
     assert runs["on"][1] * 4 < runs["off"][1], runs
