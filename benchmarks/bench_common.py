@@ -31,6 +31,29 @@ def machine() -> dict:
             "torchvision": torchvision.__version__, "pillow": PIL.__version__, "numpy": numpy.__version__}
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident set in MB (VmHWM: unlike ru_maxrss, not inherited from the parent
+    across fork + exec)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+    except (OSError, StopIteration):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def spawn(script: str, args: list[str], cwd: Path) -> dict:
+    """Run `script` with `args` in a fresh Python process (a benchmark's worker); its last stdout line, as JSON."""
+    import json
+    import subprocess
+
+    proc = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, check=False, cwd=cwd)
+    if proc.returncode:
+        raise SystemExit(f"{' '.join(args)} failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def steady_median(per_epoch: list[float]) -> float:
     """The median over the epochs after the first, which pays for warm-up (all of them if there is one)."""
     return statistics.median(per_epoch[1:] or per_epoch)

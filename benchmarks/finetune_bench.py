@@ -29,26 +29,19 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import machine, machine_line, markers, publish, steady_median  # noqa: E402
+from bench_common import machine, machine_line, markers, peak_rss_mb, publish, spawn, steady_median  # noqa: E402
 
 START, END = markers("finetune-bench")  # a section per CPU kind
 ROOT = Path(__file__).resolve().parents[1]
 FLOWERS = ROOT.parent / "shared" / "data" / "flowers12"
 TOOLS = ("cnnlab", "plain", "plain-tuned")
 BATCH, SIZE, LR, WD = 32, 224, 1e-3, 0.01
-
-
-def _peak_rss_mb() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def run_cnnlab(epochs: int, seed: int) -> dict:
@@ -128,7 +121,7 @@ def worker(tool: str, epochs: int, seed: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["CNNLAB_CACHE"] = tmp  # cnnlab decodes from scratch: its one-off cost is measured
         r = run_cnnlab(epochs, seed) if tool == "cnnlab" else run_plain(epochs, tool == "plain-tuned", seed)
-    r["rss_mb"] = _peak_rss_mb()
+    r["rss_mb"] = peak_rss_mb()
     return r
 
 
@@ -172,13 +165,6 @@ def render(res: dict) -> str:
     return "\n".join(lines)
 
 
-def _spawn(args: list[str]) -> dict:
-    proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, check=False, cwd=ROOT)
-    if proc.returncode:
-        raise SystemExit(f"{' '.join(args)} failed:\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tools", default=",".join(TOOLS), help="comma-separated: " + ", ".join(TOOLS))
@@ -206,7 +192,7 @@ def main() -> None:
     for rep in range(a.repeats):
         for tool in tools:
             t0 = time.perf_counter()
-            r = _spawn(["--worker", tool, str(a.epochs), str(rep)])  # repeat k: seed k, for every tool
+            r = spawn(__file__, ["--worker", tool, str(a.epochs), str(rep)], ROOT)  # repeat k: seed k, for every tool
             res["runs"].setdefault(tool, []).append(r)
             print(f"[{rep + 1}/{a.repeats}] {tool:11s} {throughput(r):6.1f} img/s, test {r['test_acc']:.3f}, "
                   f"peak RSS {r['rss_mb']:,.0f} MB ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)

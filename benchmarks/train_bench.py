@@ -38,15 +38,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 from cnnlab.hardware import capability  # noqa: E402
-from bench_common import machine, machine_line, markers, publish, steady_median  # benchmarks/ is on sys.path
+from bench_common import (machine, machine_line, markers, peak_rss_mb, publish, spawn,  # benchmarks/ is on sys.path
+                          steady_median)
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -60,16 +59,6 @@ TASKS = {
 }
 AUG = dict(hflip=0.5, rotation=5.0, scale=0.05, translate=0.05)
 START, END = markers("train-bench")  # a section per CPU kind
-
-
-def _peak_rss_mb() -> float:
-    """This process's peak resident set (VmHWM: unlike ru_maxrss, not inherited from the parent
-    across fork + exec)."""
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
-    except (OSError, StopIteration):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 # --------------------------------------------------------------------------- data (exported once)
@@ -331,7 +320,7 @@ def worker(tool: str, task: str, epochs: int, data: Path) -> dict:
     t0 = time.perf_counter()
     r = RUNNERS[tool](task, epochs, data)
     r["wall_s"] = time.perf_counter() - t0
-    r["rss_mb"] = _peak_rss_mb()
+    r["rss_mb"] = peak_rss_mb()
     return r
 
 
@@ -368,14 +357,6 @@ def roofline() -> dict:
 
 
 # --------------------------------------------------------------------------- the driver
-
-def _spawn(args: list[str]) -> dict:
-    cmd = [sys.executable, __file__, *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=ROOT)
-    if proc.returncode:
-        raise SystemExit(f"{' '.join(args)} failed:\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
 
 def time_to(target: float, r: dict) -> float | None:
     """Training seconds until the test accuracy first reaches `target` (None: never)."""
@@ -510,13 +491,13 @@ def main() -> None:
         for task in tasks:
             for tool in tools:
                 t0 = time.perf_counter()
-                r = _spawn(["--worker", tool, task, str(res["epochs"][task]), "--cache", str(cache)])
+                r = spawn(__file__, ["--worker", tool, task, str(res["epochs"][task]), "--cache", str(cache)], ROOT)
                 res["runs"][task].setdefault(tool, []).append(r)
                 extra = f", {TARGET:.0%} after {_fmt_s(time_to(TARGET, r))}" if task == "harahap" else ""
                 print(f"[{rep + 1}/{a.repeats}] {task:8s} {tool:9s} {throughput(r):8,.0f} img/s, best test "
                       f"{max(r['test_acc']):.3f}{extra}, peak RSS {r['rss_mb']:,.0f} MB "
                       f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
-    res["roofline"] = _spawn(["--roofline"])
+    res["roofline"] = spawn(__file__, ["--roofline"], ROOT)
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
     Path(a.json).write_text(json.dumps(res, indent=1), encoding="utf-8")
     section = markdown(res)
