@@ -151,11 +151,15 @@ class FusedSequential(nn.Sequential):
         return x
 
 
+def _depthwise(conv: nn.Conv2d) -> bool:
+    return conv.groups > 1 and conv.groups == conv.in_channels
+
+
 def _slow_bf16_depthwise(conv: nn.Conv2d, x: torch.Tensor) -> bool:
     """Whether a depthwise convolution is about to train under bf16 autocast on the CPU (gradients will flow
     through it: not inference, not a frozen backbone) with a kernel whose bf16 backward is slow in torch's CPU
     kernels: all but 3×3 stride 1."""
-    return (conv.groups > 1 and conv.groups == conv.in_channels and x.device.type == "cpu"
+    return (_depthwise(conv) and x.device.type == "cpu"
             and torch.is_grad_enabled() and (x.requires_grad or conv.weight.requires_grad)  # it trains (not frozen)
             and torch.is_autocast_enabled("cpu")
             and torch.get_autocast_dtype("cpu") == torch.bfloat16
@@ -192,10 +196,13 @@ class CpuConv2d(nn.Conv2d):
 def use_cpu_depthwise(model: nn.Module) -> int:
     """Make each plain depthwise nn.Conv2d of `model` (torchvision's MobileNets…) a CpuConv2d, in place (the
     same parameters and keys); returns how many depthwise convolutions `model` now trains through CpuConv2d."""
+    n = 0
     for m in model.modules():
-        if type(m) is nn.Conv2d and m.groups > 1 and m.groups == m.in_channels:
-            m.__class__ = CpuConv2d
-    return sum(isinstance(m, CpuConv2d) and m.groups > 1 and m.groups == m.in_channels for m in model.modules())
+        if isinstance(m, nn.Conv2d) and _depthwise(m):
+            if type(m) is nn.Conv2d:
+                m.__class__ = CpuConv2d
+            n += isinstance(m, CpuConv2d)
+    return n
 
 
 def set_fusion(model: nn.Module, on: bool | None) -> int:

@@ -22,7 +22,7 @@ from . import tables as T
 from .folders import (ReportError, RunFolder, eval_images, is_finished, is_study, load_run_folder, load_summary,
                       read_history, read_json)
 from ..explain import grad_cam, last_conv, overlay
-from ..fileio import replacing
+from ..fileio import atomic_write_text
 from .html import run_page, study_page
 from ..runs import training_pid
 
@@ -169,13 +169,8 @@ def _write_run_report(folder: Path, replot: bool = False) -> Path:
     files, notes = _run_plots(run, replot)
     mistakes = T.misclassified(run.predictions)
     path = folder / "report.html"
-    _write_text(path, run_page(run, {k: v for k, v in files.items() if v.suffix == ".png"}, notes, mistakes))
+    atomic_write_text(path, run_page(run, {k: v for k, v in files.items() if v.suffix == ".png"}, notes, mistakes))
     return path
-
-
-def _write_text(path: Path, text: str) -> None:
-    with replacing(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
 
 
 # --------------------------------------------------------------------------- studies
@@ -273,7 +268,7 @@ def _write_study_report(study: Path, replot: bool = False) -> Path:
             _write_run_report(r, replot)
             links["pretrain/" + p["name"]] = [(r.name, (r / "report.html").relative_to(study).as_posix())]
     path = study / "report.html"
-    _write_text(path, study_page(summary, study, files, links, notes))
+    atomic_write_text(path, study_page(summary, study, files, links, notes))
     return path
 
 

@@ -86,10 +86,8 @@ class Dist:
         if not d.is_initialized():
             timeout = dt.timedelta(seconds=timeout_s)
             store = _attempt_store(world, timeout)
-            if store is None:
-                d.init_process_group(backend, timeout=timeout)
-            else:
-                d.init_process_group(backend, timeout=timeout, store=store, rank=rank, world_size=world)
+            given = {} if store is None else {"store": store, "rank": rank, "world_size": world}  # else env://
+            d.init_process_group(backend, timeout=timeout, **given)
         return cls(rank, world, local, backend)
 
     def device(self, device: str) -> str:

@@ -9,7 +9,7 @@ from pathlib import Path
 import matplotlib
 import numpy as np
 
-from ..fileio import replacing
+from ..fileio import atomic_write_text
 from ..report import plots as P
 from ..report.html import card, esc, figure, page, table
 from ..runs import read_json
@@ -197,8 +197,7 @@ def write_tune_report(tune_dir: str | Path) -> Path:
     out.append('<div class="wide">' + table(["#", "state"] + keys + [spec["objective"], "epochs", "note"], rows,
                                             text_cols=2) + "</div>")
     html_path = tune_dir / "report.html"
-    with replacing(html_path) as tmp:
-        tmp.write_text(page(f"tune {summary['name']}", "".join(out)), encoding="utf-8")
+    atomic_write_text(html_path, page(f"tune {summary['name']}", "".join(out)))
     return html_path
 
 
