@@ -1,7 +1,8 @@
 """Pretrained backbones on the CPU: feature extraction throughput, and a whole head-only run on real photos.
 
-1. Features per second of each backbone whose ImageNet weights are offline here, at its default input
-   size, batch 32: the plain way (NCHW fp32 `model(x)` under no_grad, in a loop) against cnnlab's
+1. Features per second of each backbone whose ImageNet weights are offline here, and of resnet18/50 (torchvision
+   downloads theirs, so where they are not cached they are timed with random weights: the speed is the
+   same), at its default input size, batch 32: the plain way (NCHW fp32 `model(x)` under no_grad, in a loop) against cnnlab's
    feature path (features.compute_features: channels-last, the run's precision), in fp32 and, where the
    CPU has native bf16 (AVX-512 BF16 / AMX), in bf16-mixed. Medians of --repeats timed batches after a
    warm-up batch.
@@ -31,17 +32,23 @@ ROOT = Path(__file__).resolve().parents[1]
 FLOWERS = ROOT.parent / "shared" / "data" / "flowers12"
 
 
+TIMED_ANYWAY = ("resnet18", "resnet50")  # the issue's other backbones, timed whether or not their weights are here
+
+
 def throughput(name: str, repeats: int, batch: int = 32) -> dict:
     import torch
 
     from cnnlab.data.loader import DeviceLoader, Normalizer
     from cnnlab.features import compute_features
     from cnnlab.models import MODELS, create_model, load_weights
+    from cnnlab.models.weights import imagenet_offline
     from cnnlab.training import Runtime
 
     size = MODELS.info[name]["input_size"]
     model = create_model(name, 10, 3, size)
-    load_weights(model, "imagenet")
+    weights = imagenet_offline(name)
+    if weights:
+        load_weights(model, "imagenet")
     backbone = model.backbone.eval()
     x = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8)
     norm = Normalizer([0.5] * 3, [0.25] * 3)
@@ -59,7 +66,7 @@ def throughput(name: str, repeats: int, batch: int = 32) -> dict:
         with torch.no_grad():
             backbone(norm(x))
 
-    out = {"model": name, "size": size, "plain": timed(plain)}
+    out = {"model": name, "size": size, "weights": weights, "plain": timed(plain)}
     backbone.to(memory_format=torch.channels_last)
     for precision in ("32", "bf16-mixed"):
         runtime = Runtime("cpu", precision=precision, channels_last=True)
@@ -96,7 +103,8 @@ def render(m: dict, rows: list[dict], head: dict | None, repeats: int) -> str:
              "|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         best = max(r["32"], r["bf16-mixed"])
-        lines.append(f"| {r['model']} | {r['size']} | {r['plain']:.1f} | {r['32']:.1f} | {r['bf16-mixed']:.1f} | "
+        name = r["model"] + ("" if r.get("weights", True) else " (random weights)")
+        lines.append(f"| {name} | {r['size']} | {r['plain']:.1f} | {r['32']:.1f} | {r['bf16-mixed']:.1f} | "
                      f"{best / r['plain']:.2f}× |")
     if head:
         s, a = head["seconds"], head["accuracy"]
@@ -117,7 +125,8 @@ def main() -> None:
     a = p.parse_args()
     from cnnlab.models.weights import offline_choices
 
-    rows = [throughput(name, a.repeats) for name in offline_choices()]
+    names = offline_choices()
+    rows = [throughput(name, a.repeats) for name in names + [n for n in TIMED_ANYWAY if n not in names]]
     head = head_only_run(a.runs) if a.runs and FLOWERS.is_dir() else None
     publish(render(machine(), rows, head, a.repeats), a.write, START, END)
 
