@@ -1,11 +1,11 @@
 """Pretrained backbones on the CPU: feature extraction throughput, and a whole head-only run on real photos.
 
-1. Features per second of each backbone whose ImageNet weights are offline here, and of resnet18/50 (torchvision
-   downloads theirs, so where they are not cached they are timed with random weights: the speed is the
-   same), at its default input size, batch 32: the plain way (NCHW fp32 `model(x)` under no_grad, in a loop) against cnnlab's
-   feature path (features.compute_features: channels-last, the run's precision), in fp32 and, where the
-   CPU has native bf16 (AVX-512 BF16 / AMX), in bf16-mixed. Medians of --repeats timed batches after a
-   warm-up batch.
+1. Features per second of each backbone whose ImageNet weights are offline here, and of resnet18/50
+   (torchvision downloads theirs: where they are not cached, timed with random weights — the same speed),
+   at its default input size, batch 32: the plain way (NCHW fp32 `model(x)` under no_grad, in a loop)
+   against cnnlab's feature path (features.compute_features: channels-last, the run's precision), in fp32
+   and, where the CPU has native bf16 (AVX-512 BF16 / AMX), in bf16-mixed. Medians of --repeats timed
+   batches after a warm-up batch.
 2. `cnnlab train` head-only EfficientNet-Lite0 on ../shared/data/flowers12 (960 photos), from an empty
    cache (decode, features, head, report), medians of --runs runs: wall seconds and test accuracy.
 
@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FLOWERS = ROOT.parent / "shared" / "data" / "flowers12"
 
 
-TIMED_ANYWAY = ("resnet18", "resnet50")  # the issue's other backbones, timed whether or not their weights are here
+TIMED_ANYWAY = ("resnet18", "resnet50")  # issue 14's other backbones, timed with or without weights
 
 
 def throughput(name: str, repeats: int, batch: int = 32) -> dict:
@@ -103,7 +103,7 @@ def render(m: dict, rows: list[dict], head: dict | None, repeats: int) -> str:
              "|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         best = max(r["32"], r["bf16-mixed"])
-        name = r["model"] + ("" if r.get("weights", True) else " (random weights)")
+        name = r["model"] + ("" if r["weights"] else " (random weights)")
         lines.append(f"| {name} | {r['size']} | {r['plain']:.1f} | {r['32']:.1f} | {r['bf16-mixed']:.1f} | "
                      f"{best / r['plain']:.2f}× |")
     if head:
