@@ -25,7 +25,7 @@ demo: $(STAMP)
 	$(BIN)/cnnlab train recipes/demo.yaml
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 # Keras 3 + TensorFlow + Lightning live in a separate venv: never part of `make test`
 $(BENCH_STAMP): pyproject.toml
