@@ -262,11 +262,12 @@ def _git_revision() -> str | None:
 
 def environment(runtime: Runtime, seed: int) -> dict:
     """What env.json records of the software and machine a run used."""
+    from importlib.metadata import version
+
     import numpy
-    import torchvision
 
     return {"cnnlab": __version__, "python": sys.version.split()[0], "torch": torch.__version__,
-            "torchvision": torchvision.__version__, "numpy": numpy.__version__,
+            "torchvision": version("torchvision"),  # not `import torchvision`: ~1 s a run for one string "numpy": numpy.__version__,
             "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "seed": seed, **runtime.describe(), "git_revision": _git_revision(),

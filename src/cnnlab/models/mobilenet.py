@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torchvision
 from torch import nn
 
 from .papers import Classifier
@@ -10,6 +9,8 @@ from .registry import IMAGENET_MEAN, IMAGENET_STD, MODELS
 
 
 def _mobilenet(arch: str, num_classes: int, in_channels: int, dropout: float | None) -> nn.Module:
+    import torchvision  # here, not at import: it costs ~1.3 s of every CLI start (torch._dynamo via its ops)
+
     net = getattr(torchvision.models, arch)(weights=None)
     if in_channels != 3:
         old = net.features[0][0]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torchvision
 from torch import nn
 
 from .papers import Classifier
@@ -10,6 +9,8 @@ from .registry import IMAGENET_MEAN, IMAGENET_STD, MODELS
 
 
 def _resnet(arch: str, num_classes: int, in_channels: int, image_size: int, dropout: float) -> nn.Module:
+    import torchvision  # here, not at import: it costs ~1.3 s of every CLI start (torch._dynamo via its ops)
+
     net = getattr(torchvision.models, arch)(weights=None)
     if image_size < 64:  # CIFAR-style: a 7×7 stride-2 stem and a max-pool would leave too little of a small image
         net.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
