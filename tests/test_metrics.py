@@ -82,6 +82,39 @@ def test_averages_match_sklearn_and_are_labelled():
     assert m["classes"] == CLASSES
 
 
+@pytest.mark.parametrize("seed", range(12))
+def test_every_figure_matches_sklearn_and_scipy_on_random_labels(seed):
+    """cnnlab computes these on numpy + scipy.special (sklearn.metrics / scipy.stats cost ~1.2 s of every
+    run's start); they must agree with the libraries everywhere, also for classes never predicted or absent."""
+    from scipy.stats import binomtest, norm
+
+    rng = np.random.default_rng(seed)
+    k = int(rng.integers(2, 9))
+    n = int(rng.integers(1, 60))
+    present = rng.choice(k, size=max(1, k - int(rng.integers(0, 3))), replace=False)  # some classes absent
+    y_true = rng.choice(present, size=n)
+    y_pred = np.where(rng.random(n) < rng.random(), y_true, rng.choice(present, size=n))
+    classes = [f"c{i}" for i in range(k)]
+    m = classification_metrics(y_true, y_pred, classes)
+    labels = list(range(k))
+    assert m["confusion_matrix"] == confusion_matrix(y_true, y_pred, labels=labels).tolist()
+    p, r, f, sup = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
+    for i, c in enumerate(classes):
+        assert m["per_class"][c] == pytest.approx({"precision": p[i], "recall": r[i], "f1": f[i],
+                                                   "support": sup[i]}, abs=1e-12)
+    for avg in ("macro", "weighted"):
+        p, r, f, _ = precision_recall_fscore_support(y_true, y_pred, labels=labels, average=avg, zero_division=0)
+        assert (m[f"precision_{avg}"], m[f"recall_{avg}"], m[f"f1_{avg}"]) == pytest.approx((p, r, f), abs=1e-12)
+    correct = int((y_true == y_pred).sum())
+    rate = max(m["chance"]["accuracy"], 1 / k)
+    assert m["chance"]["p_value_above_chance"] == pytest.approx(
+        binomtest(correct, n, rate, alternative="greater").pvalue, rel=1e-9, abs=1e-15)
+    z = norm.ppf(0.975)
+    phat = correct / n
+    centre = (phat + z * z / (2 * n)) / (1 + z * z / n)
+    assert sum(m["accuracy_ci95"]) / 2 == pytest.approx(centre, abs=1e-12) or phat in (0.0, 1.0)
+
+
 def test_macro_by_hand():
     m = classification_metrics(Y_TRUE, Y_PRED, CLASSES)
     # recall per class: ant 3/6, bee 2/3, cat 8/11
