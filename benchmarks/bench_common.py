@@ -54,6 +54,14 @@ def spawn(script: str, args: list[str], cwd: Path) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def synchronize(device) -> None:
+    """Wait for the device's queued work (CUDA runs asynchronously) before reading a clock."""
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def steady_median(per_epoch: list[float]) -> float:
     """The median over the epochs after the first, which pays for warm-up (all of them if there is one)."""
     return statistics.median(per_epoch[1:] or per_epoch)

@@ -45,7 +45,7 @@ from pathlib import Path
 
 from cnnlab.hardware import capability  # noqa: E402
 from bench_common import (machine, machine_line, markers, peak_rss_mb, publish, spawn,  # benchmarks/ is on sys.path
-                          steady_median)
+                          steady_median, synchronize)
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -97,18 +97,20 @@ def _cnnlab_config(task: str, epochs: int) -> dict:
 
 # --------------------------------------------------------------------------- one tool, one run
 
-def run_cnnlab(task: str, epochs: int, data: Path) -> dict:
+def run_cnnlab(task: str, epochs: int, data: Path, overrides: tuple[str, ...] = ()) -> dict:
+    """`overrides`: config settings on top (gpu_bench.py: train.device=cuda, train.precision=…)."""
     from cnnlab.experiment import build_experiment
     from cnnlab.config import load_config
     from cnnlab.training.loop import evaluate, train_one_epoch
     from cnnlab.training.progress import ProgressLogger
 
-    cfg = load_config(_cnnlab_config(task, epochs))
+    cfg = load_config(_cnnlab_config(task, epochs), list(overrides))
     b = build_experiment(cfg, ProgressLogger("none"))
     epoch_s, acc = [], []
     for _ in range(epochs):
         t = time.perf_counter()
         train_one_epoch(b.model, b.data.train, b.optimizer, b.schedule, b.runtime)
+        synchronize(b.runtime.device)
         epoch_s.append(time.perf_counter() - t)
         acc.append(evaluate(b.model, b.data.test, b.runtime, prefix="")["accuracy"])
     r = b.runtime.describe()
@@ -167,33 +169,38 @@ def _torch_optim(task: str, model, steps: int):
     return opt, sched
 
 
-def run_plain(task: str, epochs: int, data: Path) -> dict:
+def run_plain(task: str, epochs: int, data: Path, device: str = "cpu") -> dict:
+    """The tutorial loop; on a GPU (gpu_bench.py) each batch is copied to the card as the tutorials do."""
     import torch
     import torch.nn.functional as F
 
     model, train, test, n = _torch_pipeline(task, data, TASKS[task]["augment"])
+    model = model.to(device)
     opt, sched = _torch_optim(task, model, epochs * len(train))
     epoch_s, acc = [], []
     for _ in range(epochs):
         t0 = time.perf_counter()
         model.train()
         for x, y in train:
+            x, y = x.to(device), y.to(device)
             opt.zero_grad()
             loss = F.cross_entropy(model(x), y)
             loss.backward()
             opt.step()
             if sched is not None:
                 sched.step()
+        synchronize(device)
         epoch_s.append(time.perf_counter() - t0)
         model.eval()
         correct = total = 0
         with torch.no_grad():
             for x, y in test:
-                correct += (model(x).argmax(1) == y).sum().item()
+                correct += (model(x.to(device)).argmax(1).cpu() == y).sum().item()
                 total += len(y)
         acc.append(correct / total)
     return {"epoch_s": epoch_s, "test_acc": acc, "n_train": n,
-            "settings": f"threads {torch.get_num_threads()}, DataLoader num_workers 2"}
+            "settings": f"threads {torch.get_num_threads()}, DataLoader num_workers 2"
+                        + ("" if device == "cpu" else f", {device}, fp32, NCHW, a copy to the card per batch")}
 
 
 def run_lightning(task: str, epochs: int, data: Path) -> dict:
