@@ -47,9 +47,12 @@ bench-switches: $(STAMP)
 bench-backbone: $(STAMP)
 	$(BIN)/python benchmarks/backbone_bench.py --repeats 5 --runs 3 --write BENCHMARKS.md
 
-# fine-tuning EfficientNet-Lite0 on ../shared/data/flowers12: cnnlab vs a plain / tuned-plain PyTorch loop
+# fine-tuning EfficientNet-Lite0 on ../shared/data/flowers12: cnnlab vs a plain / tuned-plain PyTorch loop;
+# resnet18/50 on a share of the photos (2 cores), each model a section of its own
 bench-finetune: $(STAMP)
 	$(BIN)/python benchmarks/finetune_bench.py --repeats 3 --epochs 2 --write BENCHMARKS.md
+	$(BIN)/python benchmarks/finetune_bench.py --model resnet18 --per-class 24 --repeats 2 --epochs 2 --write BENCHMARKS.md
+	$(BIN)/python benchmarks/finetune_bench.py --model resnet50 --per-class 16 --repeats 2 --epochs 2 --write BENCHMARKS.md
 
 # depthwise gradients bf16 vs fp32, CpuConv2d on/off, inference pass sizes (a CPU with native bf16 only)
 bench-kernels: $(STAMP)
