@@ -183,7 +183,7 @@ def render(res: dict) -> str:
     weights = all(r.get("weights", True) for rs in runs.values() for r in rs)
     args = ("" if model == DEFAULT_MODEL else f" --model {model}") + (f" --per-class {per_class}" if per_class else "")
     photos = (f"photos, {per_class} per class — for the plain loops the first {per_class} of each class in "
-              f"train/ ({12 * per_class}), for cnnlab data.max_per_class={per_class} over the folder, then its "
+              f"train/ ({runs.get('plain', runs.get('plain-tuned', [{}]))[0].get('n_train', '?')}), for cnnlab data.max_per_class={per_class} over the folder, then its "
               "train/val/test split —") if per_class else "720 training photos"
     lines = [start, f"## Fine-tuning a pretrained backbone: cnnlab vs a plain PyTorch / timm-style loop (issue 14) "
              f"— {model}, {m['capability']}", "",

@@ -58,3 +58,10 @@ def test_bf16_reaches_the_accuracy_of_fp32_on_the_demo(tmp_path):
     print(f"DEMO fp32 {a32:.4f} bf16 {a16:.4f}")
     assert a32 > 0.85 and a16 > 0.85  # both learn (chance: 0.10)
     assert abs(a16 - a32) <= 0.03, (a32, a16)
+
+
+def test_cores_each_shares_the_cores_out_and_never_gives_zero(monkeypatch):
+    import cnnlab.hardware as hw
+
+    monkeypatch.setattr(hw, "cpu_cores", lambda: 8)
+    assert [hw.cores_each(n) for n in (1, 2, 3, 8, 16)] == [8, 4, 2, 1, 1]

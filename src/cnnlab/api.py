@@ -205,10 +205,10 @@ def _start_distributed(cfg: Config):
     dist.seed = cfg.train.seed
     cfg.train.device = dist.device(cfg.train.device)
     if cfg.train.threads is None and dist.backend == "gloo":  # the cores shared by this machine's processes
-        from .hardware import cpu_cores
+        from .hardware import cores_each
 
         local = int(__import__("os").environ.get("LOCAL_WORLD_SIZE", dist.world))
-        cfg.train.threads = max(1, cpu_cores() // local)
+        cfg.train.threads = cores_each(local)
     return dist
 
 

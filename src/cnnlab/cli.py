@@ -43,7 +43,7 @@ def _launch_processes(a) -> int:
     CPU, NCCL on GPUs); for several machines, start `torchrun … -m cnnlab train …` on each yourself."""
     import subprocess
 
-    from .hardware import cpu_cores
+    from .hardware import cores_each
 
     rest, skip = [], False
     for arg in a._argv:
@@ -60,7 +60,7 @@ def _launch_processes(a) -> int:
            "-m", "cnnlab", *rest]
     from .proc import die_with_parent
 
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, cpu_cores() // a.nproc))}
+    env = {**os.environ, "OMP_NUM_THREADS": str(cores_each(a.nproc))}
     # torchrun ends with this process (and its workers with it: proc.follow_parent)
     return subprocess.run(cmd, env=env, preexec_fn=die_with_parent if sys.platform.startswith("linux") else None
                           ).returncode

@@ -19,6 +19,11 @@ def cpu_cores() -> int:
         return os.cpu_count() or 1
 
 
+def cores_each(processes: int) -> int:
+    """The threads each of `processes` processes running at once gets: the cores shared out, at least 1."""
+    return max(1, cpu_cores() // processes)
+
+
 @lru_cache(maxsize=1)
 def cpu_flags() -> frozenset[str]:
     """The CPU's feature flags (/proc/cpuinfo; empty where there is none to read)."""

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from ..config import find_recipe
-from ..hardware import cpu_cores
+from ..hardware import cores_each
 from ..report.tables import render_markdown
 from ..runs import read_json
 from ..tracking import track_study
@@ -101,7 +101,7 @@ def run_study(study_path: str | Path, jobs: int = 1, out: str | Path | None = No
     todo = prepare_folder(plan, Path(study_path))
     user_threads = "train.threads" in study["overrides"] or any(
         "train.threads" in v["settings"] for v in study["variants"] + study["pretrain"])
-    threads = None if user_threads else max(1, cpu_cores() // executor.jobs)
+    threads = None if user_threads else cores_each(executor.jobs)
     for req in todo:
         req.threads = threads
     n = len(plan.requests)

@@ -12,7 +12,8 @@ from ..study.executors import Executor, LocalExecutor
 from ..study.runner import run_study
 from .results import (RevalidationLock, importance, revalidation_study, top_trials, trial_rows, verdict,
                       write_best)
-from .search import STALE_AFTER, Search, default_threads, live_trials
+from ..hardware import cores_each
+from .search import STALE_AFTER, Search, live_trials
 from .spec import TuneError, load_tune
 from ..tracking import track_tune
 from .storage import check_url, journal_url, shown
@@ -64,7 +65,7 @@ def run_tune(tune_path: str | Path, *, trials: int | None = None, jobs: int = 1,
                                                          indent=1, default=str) + "\n")
     executor = executor or LocalExecutor(jobs)
     search = Search(spec, tune_dir, storage_url, executor, log, stale_after=stale_after,
-                    threads=None if "train.threads" in spec.overrides else default_threads(executor.jobs))
+                    threads=None if "train.threads" in spec.overrides else cores_each(executor.jobs))
     before = len([t for t in live_trials(search.study) if t.state.is_finished()])
     log(f"tune {spec.name}: {spec.trials} trials ({before} settled already), {executor.jobs} at a time; "
         f"{spec.sampler['name']} sampler (seed {spec.sampler['seed']}), {spec.pruner['name']} pruner; objective "

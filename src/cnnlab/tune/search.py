@@ -29,7 +29,6 @@ from pathlib import Path
 
 from ..config import ConfigError, load_config, config_differences, RESULT_NEUTRAL
 from ..fileio import atomic_write_text
-from ..hardware import cpu_cores
 from ..runs import is_finished, read_history, read_json, training_pid
 from ..study.executors import Executor, RunOutcome, RunRequest
 from .spec import OBJECTIVES, Param, TuneError, TuneSpec
@@ -383,5 +382,3 @@ def _fmt(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
-def default_threads(jobs: int) -> int:
-    return max(1, cpu_cores() // jobs)
