@@ -67,16 +67,13 @@ def log_run(run_dir, mlflow=None, experiment: str | None = None, tensorboard: bo
     result, errors = {}, []
     experiment = experiment or str(_config_tree(run_dir).get("name") or run_dir.name)
     if tensorboard:
-        try:
+        with _recorded(result, errors, "tensorboard", lambda: {"dir": TENSORBOARD_DIR}):
             with _quiet():
                 result["tensorboard"] = _tensorboard_run(run_dir)
             info(f"tensorboard: {result['tensorboard']['dir']}")
-        except Exception as e:
-            result["tensorboard"] = {"error": _one_line(e)}
-            errors.append(("tensorboard", _one_line(e), {"dir": TENSORBOARD_DIR}))
     if mlflow:
         uri = None
-        try:
+        with _recorded(result, errors, "mlflow", lambda: {"uri": shown(uri or str(mlflow)), "experiment": experiment}):
             uri = resolve_store(mlflow, run_dir)
             with _quiet(mlflow=True):
                 client = _client(uri)
@@ -86,12 +83,20 @@ def log_run(run_dir, mlflow=None, experiment: str | None = None, tensorboard: bo
                                 "run_id": run_id, "reused": reused}
             info(f"mlflow: run {run_id} in experiment {experiment!r} at {_where(uri, exp_id, run_id)}"
                  + (" (uploaded before; unchanged)" if reused else ""))
-        except Exception as e:
-            result["mlflow"] = {"error": _one_line(e)}
-            errors.append(("mlflow", _one_line(e), {"uri": shown(uri or str(mlflow)), "experiment": experiment}))
     if errors:
         _failed(run_dir, errors, warn, _track_hint(run_dir, mlflow, tensorboard))
     return result
+
+
+@contextlib.contextmanager
+def _recorded(result: dict, errors: list, backend: str, where):
+    """Run the block; if it fails, record the error under `backend` (with `where()`: what it was writing to)
+    and go on — one tracking backend failing never stops the other, nor the training."""
+    try:
+        yield
+    except Exception as e:
+        result[backend] = {"error": _one_line(e)}
+        errors.append((backend, _one_line(e), where()))
 
 
 def _track_hint(folder: Path, mlflow, tensorboard: bool) -> str:
@@ -111,18 +116,15 @@ def _log_group(folder: Path, kind: str, name: str, runs: list[tuple[Path, str, d
     experiment = experiment or name
     result, errors = {"runs": len(runs)}, []
     if tensorboard:
-        try:
+        with _recorded(result, errors, "tensorboard", lambda: {"dir": str(folder)}):
             with _quiet():
                 for run_dir, *_ in runs:
                     _tensorboard_run(run_dir)
             result["tensorboard"] = {"dir": str(folder), "runs": len(runs)}
             info(f"tensorboard: {len(runs)} run(s) under {folder} (tensorboard --logdir {folder})")
-        except Exception as e:
-            result["tensorboard"] = {"error": _one_line(e)}
-            errors.append(("tensorboard", _one_line(e), {"dir": str(folder)}))
     if mlflow:
         uri = None
-        try:
+        with _recorded(result, errors, "mlflow", lambda: {"uri": shown(uri or str(mlflow)), "experiment": experiment}):
             uri = resolve_store(mlflow, folder)
             with _quiet(mlflow=True):
                 client = _client(uri)
@@ -140,9 +142,6 @@ def _log_group(folder: Path, kind: str, name: str, runs: list[tuple[Path, str, d
                                 "run_id": parent_id, "children": children}
             info(f"mlflow: {kind} run {parent_id} with {len(children)} child run(s) in experiment {experiment!r} "
                  f"at {_where(uri, exp_id, parent_id)}")
-        except Exception as e:
-            result["mlflow"] = {"error": _one_line(e)}
-            errors.append(("mlflow", _one_line(e), {"uri": shown(uri or str(mlflow)), "experiment": experiment}))
     if errors:
         _failed(folder, errors, warn, _track_hint(folder, mlflow, tensorboard))
     return result
