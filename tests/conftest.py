@@ -40,6 +40,16 @@ def cnnlab_bin() -> Path:
 
 # --------------------------------------------------------------------------- image folders
 
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+
+def write_spec(tmp_path: Path, text: str, name: str = "study.yaml") -> Path:
+    """A study / tune spec written into tmp_path, with RECIPES standing for the project's recipes folder."""
+    p = tmp_path / name
+    p.write_text(text.replace("RECIPES", str(RECIPES)), encoding="utf-8")
+    return p
+
+
 def class_pattern(label: int, size: int, rng: np.random.Generator | None = None) -> np.ndarray:
     """A (size, size) uint8 image whose content depends on the class: a bright bar whose
     position encodes the label, plus a little noise so images differ."""

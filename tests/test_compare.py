@@ -12,15 +12,10 @@ import pytest
 from cnnlab.study import (METRIC_BOUNDS, StudyError, aggregate, expand_study, expand_variants, is_finished, load_study,
                             run_study)
 from cnnlab.config import ConfigError
+from conftest import write_spec as write_study  # noqa: E402
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 TINY = RECIPES / "tiny-study.yaml"
-
-
-def write_study(tmp_path: Path, text: str, name: str = "study.yaml") -> Path:
-    p = tmp_path / name
-    p.write_text(text.replace("RECIPES", str(RECIPES)), encoding="utf-8")
-    return p
 
 
 # --------------------------------------------------------------------------- expansion

@@ -28,6 +28,7 @@ except ImportError as e:  # skip without Ray, but fail on CI (the Makefile insta
 from cnnlab.runs import is_finished, read_json, training_pid  # noqa: E402
 from cnnlab.study.executors import RunRequest  # noqa: E402
 from cnnlab.study.ray_executor import RayExecutor, RayUnavailable, check_address, killed_from_outside  # noqa: E402
+from conftest import write_spec as write_study  # noqa: E402
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 TIMING = {"training_seconds"}  # metrics.json fields that are wall times, not results
@@ -101,12 +102,6 @@ def ray_head(cnnlab_cache):
 
 def cnnlab(cnnlab_bin, *args, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run([str(cnnlab_bin), *map(str, args)], capture_output=True, text=True, timeout=timeout)
-
-
-def write_study(tmp_path: Path, text: str) -> Path:
-    p = tmp_path / "study.yaml"
-    p.write_text(text.replace("RECIPES", str(RECIPES)), encoding="utf-8")
-    return p
 
 
 # --------------------------------------------------------------------------- without a cluster

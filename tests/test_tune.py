@@ -22,15 +22,14 @@ from cnnlab.runs import read_csv, read_json, training_pid  # noqa: E402
 from cnnlab.tune.search import SUPERSEDED  # noqa: E402
 from cnnlab.tune.runner import run_tune  # noqa: E402
 from cnnlab.tune.spec import TuneError, load_tune  # noqa: E402
+from conftest import write_spec  # noqa: E402
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 TINY = RECIPES / "tune-tiny.yaml"
 
 
 def write_tune(tmp_path: Path, text: str, name: str = "tune.yaml") -> Path:
-    p = tmp_path / name
-    p.write_text(text.replace("RECIPES", str(RECIPES)), encoding="utf-8")
-    return p
+    return write_spec(tmp_path, text, name)
 
 
 def tune_cmd(cnnlab_bin, *args) -> list[str]:
