@@ -134,21 +134,26 @@ def _cmd_predict(a) -> int:
         results = predict_onnx(path, a.paths, top_k=a.top_k)
     else:
         results = predict(a.run, a.paths, top_k=a.top_k, device=a.device)
+    return _print_file_results(results, a, aligned=True)
+
+
+def _print_file_results(results: list[dict], a, aligned: bool = False, after=lambda r: "") -> int:
+    """predict's and explain's output: a line per file (its top classes, or its error) or the JSON.
+    2: no image files; 1: some file failed; 0: all done."""
+    from .display import printable as P
+
     if not results:
         print("no image files found in: " + " ".join(a.paths), file=sys.stderr)
         return 2
     if a.json:
         print(json.dumps(results, indent=2))
-    else:
-        from .display import printable as P
-
-        width = min(60, max(len(P(r["file"])) for r in results))
-        for r in results:
-            if "error" in r:
-                print(f"{P(r['file']):<{width}}  ERROR: {P(r['error'])}")
-            else:
-                tops = "   ".join(f"{P(t['class'])} {t['probability']:.3f}" for t in r["top"])
-                print(f"{P(r['file']):<{width}}  {tops}")
+    width = min(60, max(len(P(r["file"])) for r in results)) if aligned else 0
+    for r in results if not a.json else []:
+        if "error" in r:
+            print(f"{P(r['file']):<{width}}  ERROR: {P(r['error'])}")
+        else:
+            tops = "   ".join(f"{P(t['class'])} {t['probability']:.3f}" for t in r["top"])
+            print(f"{P(r['file']):<{width}}  {tops}{after(r)}")
     return 1 if any("error" in r for r in results) else 0
 
 
@@ -174,18 +179,7 @@ def _cmd_explain(a) -> int:
     from .runs import load_run
 
     results = explain_files(load_run(a.run), a.paths, out_dir=a.out, top_k=a.top_k, target=getattr(a, "cls", None))
-    if not results:
-        print("no image files found in: " + " ".join(a.paths), file=sys.stderr)
-        return 2
-    if a.json:
-        print(json.dumps(results, indent=2))
-    for r in results if not a.json else []:
-        if "error" in r:
-            print(f"{P(r['file'])}  ERROR: {P(r['error'])}")
-        else:
-            tops = "   ".join(f"{P(t['class'])} {t['probability']:.3f}" for t in r["top"])
-            print(f"{P(r['file'])}  {tops}  → {P(r['figure'])}")
-    return 1 if any("error" in r for r in results) else 0
+    return _print_file_results(results, a, after=lambda r: f"  → {P(r['figure'])}")
 
 
 def _cmd_datasets(a) -> int:
