@@ -111,7 +111,7 @@ def render(res: dict) -> str:
              + f", torch {c['torch']}. Training images/s over an epoch (the median of the epochs after the first), "
              "median of the runs with their range; each row's ratio to the fp32 plain loop is taken within a "
              "repeat, then its median.", ""]
-    for task in ("harahap", "alkhairi", "lite0"):
+    for task in TITLES:
         rows = [(tool, prec) for t, tool, prec in ROWS if t == task and f"{task}/{tool}/{prec}" in res["runs"]]
         if not rows:
             continue
@@ -165,7 +165,9 @@ def main() -> None:
     if a.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("no CUDA device here: this script is for a machine with a GPU "
                          "(--device cpu --smoke only checks that it runs)")
-    tasks = a.only.split(",") if a.only else ["harahap", "alkhairi", "lite0"]
+    tasks = a.only.split(",") if a.only else list(TITLES)
+    if set(tasks) - set(TITLES):
+        raise SystemExit(f"--only: unknown task(s) {sorted(set(tasks) - set(TITLES))}; tasks: {', '.join(TITLES)}")
     if "lite0" in tasks and not (flowers / "train").is_dir():
         raise SystemExit(f"the photos are not here: {flowers} (--flowers PATH, or --only harahap,alkhairi)")
     res = {"date": time.strftime("%Y-%m-%d"), "card": card(a.device), "repeats": a.repeats, "runs": {}}
