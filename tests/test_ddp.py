@@ -141,3 +141,28 @@ def test_torchrun_max_restarts_resumes_the_run_from_its_checkpoint(tmp_path):
     assert "Resuming" in out
     assert len(read_history(run / "history.csv")) == 6 and (run / "metrics.json").is_file()
     assert read_json(run / "env.json")["world_size"] == 2
+
+
+def test_each_torchrun_attempt_keeps_its_keys_apart_in_the_agents_store(monkeypatch):
+    """After a restart, the new ranks must not read the dead ones' gloo addresses: under torchrun's agent
+    store every attempt writes under a prefix of its own; outside torchrun there is no such store."""
+    import datetime as dt
+
+    import torch.distributed as d
+
+    from cnnlab.training.distributed import _attempt_store
+
+    monkeypatch.delenv("TORCHELASTIC_USE_AGENT_STORE", raising=False)
+    assert _attempt_store(2, dt.timedelta(seconds=5)) is None
+    port = _free_port()
+    agent = d.TCPStore("127.0.0.1", port, 1, is_master=True, timeout=dt.timedelta(seconds=10))  # the agent's server
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    for attempt, value in (("0", b"dead rank's address"), ("1", b"new rank's address")):
+        monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", attempt)
+        _attempt_store(1, dt.timedelta(seconds=10)).set("rank0", value)
+    assert agent.get("cnnlab/attempt_0/rank0") == b"dead rank's address"
+    assert agent.get("cnnlab/attempt_1/rank0") == b"new rank's address"
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    assert _attempt_store(1, dt.timedelta(seconds=10)).get("rank0") == b"new rank's address"
