@@ -41,6 +41,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import (machine, machine_line, markers, peak_rss_mb, publish, spawn,  # noqa: E402
                           steady_median, synchronize)
+from cnnlab.models.weights import imagenet_offline  # noqa: E402
 
 DEFAULT_MODEL = "efficientnet-lite0"
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,12 +53,6 @@ BATCH, SIZE, LR, WD = 32, 224, 1e-3, 0.01
 def section_markers(model: str) -> tuple[str, str]:
     """A section per model and CPU kind (Lite0's keeps its original name)."""
     return markers("finetune-bench" if model == DEFAULT_MODEL else f"finetune-bench-{model}")
-
-
-def has_weights(model: str) -> bool:
-    from cnnlab.models.weights import imagenet_offline
-
-    return imagenet_offline(model)
 
 
 def take_per_class(samples: list[tuple[str, int]], per_class: int | None) -> list[int]:
@@ -82,7 +77,7 @@ def run_cnnlab(model: str, per_class: int | None, epochs: int, seed: int, overri
     cfg = load_config(ROOT / "recipes" / "transfer.yaml",
                       [f"data.source=folder:{flowers}", "model.freeze=none", "model.unfreeze_after=null",
                        "optim.backbone_lr_scale=1", "schedule.name=constant",  # the plain loops' optimisation
-                       f"model.name={model}", f"model.weights={'imagenet' if has_weights(model) else 'null'}",
+                       f"model.name={model}", f"model.weights={'imagenet' if imagenet_offline(model) else 'null'}",
                        f"data.image_size={SIZE}"] + ([f"data.max_per_class={per_class}"] if per_class else []) + [
                        "train.tta=none", "train.progress=none", f"train.seed={seed}", f"train.epochs={epochs}", *overrides])
     t = time.perf_counter()
@@ -124,7 +119,7 @@ def run_plain(model_name: str, per_class: int | None, epochs: int, tuned: bool, 
                        num_workers=2)
     test = DataLoader(datasets.ImageFolder(flowers / "test", test_tf), batch_size=BATCH, num_workers=2)
     model = create_model(model_name, len(folder.classes), 3, SIZE)
-    if has_weights(model_name):
+    if imagenet_offline(model_name):
         load_weights(model, "imagenet")
     set_fusion(model, False)  # the architecture as timm / torchvision build it: no cnnlab CPU kernels
     kind = torch.device(device).type
@@ -157,13 +152,16 @@ def run_plain(model_name: str, per_class: int | None, epochs: int, tuned: bool, 
                         + ("" if kind == "cpu" else f", {device}, a copy to the card per batch")}
 
 
-def worker(tool: str, model: str, per_class: int | None, epochs: int, seed: int) -> dict:
+def worker(tool: str, model: str, per_class: int | None, epochs: int, seed: int, overrides: tuple[str, ...] = (),
+           device: str = "cpu", flowers: Path = FLOWERS) -> dict:
+    """One tool's run in this process. overrides / device: gpu_bench.py's (cnnlab's settings, the plain loops'
+    device)."""
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["CNNLAB_CACHE"] = tmp  # cnnlab decodes from scratch: its one-off cost is measured
-        r = run_cnnlab(model, per_class, epochs, seed) if tool == "cnnlab" else \
-            run_plain(model, per_class, epochs, tool == "plain-tuned", seed)
+        r = run_cnnlab(model, per_class, epochs, seed, overrides, flowers) if tool == "cnnlab" else \
+            run_plain(model, per_class, epochs, tool == "plain-tuned", seed, device, flowers)
     r["rss_mb"] = peak_rss_mb()
-    r["weights"] = has_weights(model)
+    r["weights"] = imagenet_offline(model)
     return r
 
 
@@ -182,8 +180,9 @@ def render(res: dict) -> str:
     ips = {tool: [throughput(r) for r in rs] for tool, rs in runs.items()}
     weights = all(r.get("weights", True) for rs in runs.values() for r in rs)
     args = ("" if model == DEFAULT_MODEL else f" --model {model}") + (f" --per-class {per_class}" if per_class else "")
+    plain_n = next((rs[0]["n_train"] for tool, rs in runs.items() if tool != "cnnlab"), "?")
     photos = (f"photos, {per_class} per class — for the plain loops the first {per_class} of each class in "
-              f"train/ ({runs.get('plain', runs.get('plain-tuned', [{}]))[0].get('n_train', '?')}), for cnnlab data.max_per_class={per_class} over the folder, then its "
+              f"train/ ({plain_n}), for cnnlab data.max_per_class={per_class} over the folder, then its "
               "train/val/test split —") if per_class else "720 training photos"
     lines = [start, f"## Fine-tuning a pretrained backbone: cnnlab vs a plain PyTorch / timm-style loop (issue 14) "
              f"— {model}, {m['capability']}", "",

@@ -31,7 +31,6 @@ import argparse
 import json
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -60,15 +59,7 @@ def worker(task: str, tool: str, precision: str, device: str, epochs: int, flowe
     torch.manual_seed(0)
     cnnlab_over = (f"train.device={device}", f"train.precision={precision}")
     if task == "lite0":
-        with tempfile.TemporaryDirectory() as tmp:
-            import os
-
-            os.environ["CNNLAB_CACHE"] = tmp
-            if tool == "cnnlab":
-                r = finetune_bench.run_cnnlab("efficientnet-lite0", per_class, epochs, 0, cnnlab_over, flowers)
-            else:
-                r = finetune_bench.run_plain("efficientnet-lite0", per_class, epochs, tool == "plain-tuned", 0,
-                                             device, flowers)
+        r = finetune_bench.worker(tool, "efficientnet-lite0", per_class, epochs, 0, cnnlab_over, device, flowers)
         r["test_acc"] = [r["test_acc"]]
     else:
         data = train_bench.export_data(task, ROOT / ".bench-cache")
