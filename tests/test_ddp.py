@@ -35,7 +35,8 @@ def weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def test_two_processes_with_global_batch_b_take_the_steps_of_one_with_batch_b(tmp_path, cnnlab_bin):
-    opts = [*SMALL, *PLAIN_NET, "train.epochs=3", "data.batch_size=64"]  # 220 images: 4 steps an epoch
+    # 220 training images: 4 steps an epoch; 40 validation images in 3 batches, split 1 + 2 between the ranks
+    opts = [*SMALL, *PLAIN_NET, "train.epochs=3", "data.batch_size=64", "data.eval_batch_size=16"]
     one = train(cnnlab_bin, *opts, "--out", tmp_path / "one")
     two = train(cnnlab_bin, *opts, "--out", tmp_path / "two", "--nproc", 2)
     assert one.returncode == 0, one.stderr
@@ -48,7 +49,8 @@ def test_two_processes_with_global_batch_b_take_the_steps_of_one_with_batch_b(tm
     for r1, r2 in zip(h1, h2):  # the epoch's training figures count every process's share, once
         assert r2["loss"] == pytest.approx(r1["loss"], rel=1e-4)
         assert r2["accuracy"] == pytest.approx(r1["accuracy"], abs=1e-9)
-        assert r2["val_accuracy"] == pytest.approx(r1["val_accuracy"], abs=1e-9)
+        assert r2["val_accuracy"] == pytest.approx(r1["val_accuracy"], abs=1e-9)  # the whole split, gathered
+        assert r2["val_loss"] == pytest.approx(r1["val_loss"], rel=1e-4)
     env = read_json(tmp_path / "two" / "env.json")
     assert env["world_size"] == 2 and env["distributed_backend"] == "gloo"
     assert read_json(tmp_path / "one" / "env.json")["world_size"] == 1
@@ -56,6 +58,23 @@ def test_two_processes_with_global_batch_b_take_the_steps_of_one_with_batch_b(tm
     assert two.stdout.count("Run folder:") == 1
     assert sorted(p.name for p in (tmp_path / "two").iterdir() if not p.name.startswith(".")) == \
         sorted(p.name for p in (tmp_path / "one").iterdir() if not p.name.startswith("."))
+
+
+@pytest.mark.parametrize("world", [2, 3, 5])
+def test_each_rank_evaluates_its_own_block_of_the_validation_batches(world):
+    """EvalShard: the ranks' batches, in rank order, are exactly one process's — each batch once — also where a
+    rank has none (5 ranks, 3 batches)."""
+    from cnnlab.data.loader import DeviceLoader
+    from cnnlab.data.normalize import Normalizer
+    from cnnlab.training.distributed import Dist, EvalShard
+
+    images = torch.arange(40 * 4, dtype=torch.uint8).reshape(40, 1, 2, 2)
+    loader = DeviceLoader(images, torch.arange(40), Normalizer([0.0], [1.0]), 16)
+    whole = [y.tolist() for _, y in loader]
+    shards = [[y.tolist() for _, y in EvalShard(loader, Dist(r, world, r, "gloo"))] for r in range(world)]
+    assert [b for s in shards for b in s] == whole
+    assert [len(EvalShard(loader, Dist(r, world, r, "gloo"))) for r in range(world)] == [len(s) for s in shards]
+    assert max(map(len, shards)) - min(map(len, shards)) <= 1
 
 
 def test_an_uneven_last_batch_cannot_hang(tmp_path, cnnlab_bin):

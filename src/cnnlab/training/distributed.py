@@ -24,6 +24,7 @@ Started by `cnnlab train CONFIG --nproc N` (which runs itself under torchrun) or
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import os
 from dataclasses import dataclass
 
@@ -142,6 +143,14 @@ class Dist:
         self._call("an all-reduce", d.all_reduce, t)
         return t
 
+    def gather(self, obj) -> list:
+        """Every rank's Python object, in rank order, on every rank."""
+        import torch.distributed as d
+
+        out = [None] * self.world
+        self._call("a gather", d.all_gather_object, out, obj)
+        return out
+
     def any(self, flag: bool, device) -> bool:
         """True on every rank when it is True on any (a stop request, a non-finite loss)."""
         return bool(self.sum(torch.tensor([1.0 if flag else 0.0], device=device)).item() > 0)
@@ -242,6 +251,26 @@ class ShardedLoader:
             mine = idx[d.rank::d.world]
             d.reseed(self.epoch * len(spans) + i + 1, L)
             yield L._to_input(L.images[mine]), L.labels[mine]
+
+
+class EvalShard:
+    """An evaluation loader (in order, unshuffled) seen by one rank: a contiguous block of its batches — the
+    very batches one process forms — so the ranks' predictions, gathered in rank order, are one process's."""
+
+    def __init__(self, loader, dist: Dist):
+        self.loader, self.dist = loader, dist
+
+    def _block(self) -> tuple[int, int]:
+        n, d = len(self.loader), self.dist
+        return n * d.rank // d.world, n * (d.rank + 1) // d.world
+
+    def __len__(self) -> int:
+        first, end = self._block()
+        return end - first
+
+    def __iter__(self):
+        first, end = self._block()
+        return itertools.islice(self.loader.iterate(None, first), end - first)
 
 
 def loss_scale(dist: Dist | None, y: torch.Tensor, loader, class_weights: torch.Tensor | None) -> float:

@@ -168,10 +168,20 @@ def predict_logits(model: nn.Module, loader, runtime: Runtime, tta: bool = False
 
 
 def evaluate(model: nn.Module, loader, runtime: Runtime, prefix: str = "val_",
-             class_weights: torch.Tensor | None = None, tta: bool = False) -> dict:
+             class_weights: torch.Tensor | None = None, tta: bool = False, dist=None) -> dict:
     """Mean cross-entropy (weighted per class if `class_weights`) and accuracy of `model` on `loader`
-    (eval mode, no gradients)."""
-    logits, y = predict_logits(model, loader, runtime, tta)
+    (eval mode, no gradients).
+
+    dist: one process of several (training.distributed): each rank predicts its own block of the loader's
+    batches and the predictions are gathered, so every rank gets the figures of the whole split."""
+    if dist is None or dist.world == 1:
+        logits, y = predict_logits(model, loader, runtime, tta)
+    else:
+        from .distributed import EvalShard
+
+        shard = EvalShard(loader, dist)
+        parts = [p for p in dist.gather(predict_logits(model, shard, runtime, tta) if len(shard) else None) if p]
+        logits, y = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     w = class_weights.cpu() if class_weights is not None else None
     return {prefix + "loss": F.cross_entropy(logits, y, weight=w).item(),
             prefix + "accuracy": (logits.argmax(1) == y).float().mean().item()}
@@ -212,7 +222,7 @@ def fit(model: nn.Module, data, optimizer: torch.optim.Optimizer, schedule: LRSc
         if dist is not None:
             dist.average_buffers(model)
         if data.val is not None:
-            row.update(evaluate(model, data.val, runtime, class_weights=val_class_weights, tta=tta))
+            row.update(evaluate(model, data.val, runtime, class_weights=val_class_weights, tta=tta, dist=dist))
         row.update(lr=lr, seconds=round(time.perf_counter() - t0, 3))
         state.history.append(row)
         state.epoch, state.step_in_epoch, state.order = epoch, 0, None
