@@ -355,14 +355,15 @@ space: {optim.lr: {low: 1.0e-7, high: 1.0e-2, log: true}}
 pruner: {name: median, startup_trials: 1, warmup_epochs: 0}
 """))
     url = journal_url(tmp_path / "optuna.journal")
-    study = open_study(spec, url)
+    study, storage, sid = open_study(spec, url)
     dist = FloatDistribution(1e-7, 1e-2, log=True)
     study.add_trial(create_trial(params={"optim.lr": 3e-3}, distributions={"optim.lr": dist}, value=0.95,
                                  intermediate_values={e: 0.95 for e in range(1, 6)}))
     trial = study.ask({"optim.lr": dist})
+    trial_id = storage.get_trial_id_from_study_id_trial_number(sid, trial.number)
     cfg = tmp_path / "trial.yaml"
     cfg.write_text(yaml.safe_dump(spec.trial_config({"optim.lr": 1e-7})), encoding="utf-8")
-    link = {"storage": url, "study": spec.name, "trial_id": trial._trial_id, "objective": "val_accuracy",
+    link = {"storage": url, "study": spec.name, "trial_id": trial_id, "objective": "val_accuracy",
             "direction": "maximize", "pruner": spec.pruner}
     p = run([str(cnnlab_bin), "train", str(cfg), "--out", str(tmp_path / "run"), "--no-report", "--progress", "plain"],
             env={**os.environ, TRIAL_ENV: json.dumps(link)})
@@ -370,5 +371,5 @@ pruner: {name: median, startup_trials: 1, warmup_epochs: 0}
     m = read_json(tmp_path / "run" / "metrics.json")
     assert m["pruned"] is True and m["epochs_run"] == 1 and m["evaluated_on"] == "val"
     assert "Pruned by the tune after epoch 1" in p.stdout + p.stderr
-    reported = study._storage.get_trial(trial._trial_id).intermediate_values
+    reported = storage.get_trial(trial_id).intermediate_values
     assert list(reported) == [1] and reported[1] < 0.95

@@ -98,13 +98,15 @@ def _identity(spec: TuneSpec) -> dict:
 
 
 def open_study(spec: TuneSpec, storage_url: str, jobs: int = 1):
-    """Create the tune's Optuna study, or load it and check it is the same search; returns the study."""
+    """Create the tune's Optuna study, or load it and check it is the same search; returns (the study, its
+    storage, the study's id there) — Optuna's public storage API, not the study's private fields."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     for attempt in range(5):  # workers started together race to create the database's tables: try again
         try:
-            study = optuna.create_study(study_name=spec.name, storage=open_storage(storage_url),
+            storage = open_storage(storage_url)
+            study = optuna.create_study(study_name=spec.name, storage=storage,
                                         sampler=make_sampler(spec), pruner=make_pruner(spec.pruner),
                                         direction=spec.direction, load_if_exists=True)
             break
@@ -115,7 +117,7 @@ def open_study(spec: TuneSpec, storage_url: str, jobs: int = 1):
                 raise StorageError(f"--storage {shown(storage_url)}: cannot create the tune there: {e}") from None
             time.sleep(0.5 + attempt)
     mine = json.loads(json.dumps(_identity(spec)))
-    storage, sid = study._storage, study._study_id
+    sid = storage.get_study_id_from_name(spec.name)
     theirs = storage.get_study_system_attrs(sid).get(SPEC_ATTR)
     if theirs is None:
         storage.set_study_system_attr(sid, SPEC_ATTR, mine)
@@ -128,7 +130,7 @@ def open_study(spec: TuneSpec, storage_url: str, jobs: int = 1):
             detail = " (" + "; ".join(line for _, line in changed[:4]) + ")"
         raise TuneError(f"the tune {spec.name!r} in {shown(storage_url)} was started with another "
                         f"{', '.join(diffs)}{detail}; give this search another name or --out, or delete the old one")
-    return study
+    return study, storage, sid
 
 
 def live_trials(study) -> list:
@@ -163,20 +165,22 @@ class Search:
     stale_after: float = STALE_AFTER
     threads: int | None = None
     study: object = None
+    storage: object = None
+    study_id: int = -1
     me: dict = field(default_factory=this_worker)
     pending: dict = field(default_factory=dict)        # run_dir → optuna Trial, for the trials this worker runs
     counts: dict = field(default_factory=lambda: {"complete": 0, "pruned": 0, "failed": 0, "interrupted": 0})
 
     def __post_init__(self):
-        self.study = open_study(self.spec, self.storage_url, self.executor.jobs)
+        self.study, self.storage, self.study_id = open_study(self.spec, self.storage_url, self.executor.jobs)
         self.metric_col, self.metric_key, _ = OBJECTIVES[self.spec.objective]
         self.maximize = self.spec.direction == "maximize"
         self.lock = threading.Lock()
 
     # ------------------------------------------------------------------ storage helpers
-    @property
-    def storage(self):
-        return self.study._storage
+    def trial_id(self, trial) -> int:
+        """The storage's id of a trial (optuna Trial or FrozenTrial), from its number."""
+        return self.storage.get_trial_id_from_study_id_trial_number(self.study_id, trial.number)
 
     def _supersede(self, trial_id: int, number: int, params: dict, user_attrs: dict, reason: str, requeue: bool) -> bool:
         """Fail a trial that must not count, and (requeue) queue its parameters again with its run folder.
@@ -204,7 +208,7 @@ class Search:
                 continue
             beat = t.system_attrs.get(HEARTBEAT, t.datetime_start.timestamp() if t.datetime_start else None)
             why = worker_gone(t.system_attrs.get(WORKER), beat, now, self.stale_after)
-            if why and self._supersede(t._trial_id, t.number, t.params, t.user_attrs,
+            if why and self._supersede(self.trial_id(t), t.number, t.params, t.user_attrs,
                                        f"interrupted: {why}; re-run with the same parameters", requeue=True):
                 self.log(f"trial {t.number} was interrupted ({why}): queued again with the same parameters"
                          + (f", resuming {t.user_attrs[RUN]}" if t.user_attrs.get(RUN) else ""))
@@ -217,7 +221,7 @@ class Search:
                 trials = list(self.pending.values())
             for trial in trials:
                 try:
-                    self.storage.set_trial_system_attr(trial._trial_id, HEARTBEAT, time.time())
+                    self.storage.set_trial_system_attr(self.trial_id(trial), HEARTBEAT, time.time())
                 except Exception:  # a finished trial, a storage hiccup: the next beat tries again
                     pass
 
@@ -234,7 +238,7 @@ class Search:
         config_file = run_dir.with_name(run_dir.name + ".yaml")
         config_file.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(config_file, json.dumps(config, indent=1) + "\n")  # JSON is YAML
-        link = {"storage": self.storage_url, "study": self.spec.name, "trial_id": trial._trial_id,
+        link = {"storage": self.storage_url, "study": self.spec.name, "trial_id": self.trial_id(trial),
                 "objective": self.metric_col, "direction": self.spec.direction, "pruner": self.spec.pruner}
         req = RunRequest(f"trial {trial.number}", run_dir, config_file, config["train"]["seed"], threads=self.threads,
                          expected=config, env={TRIAL_ENV: json.dumps(link)})
@@ -261,12 +265,12 @@ class Search:
             if not waiting and len(live) >= self.spec.trials:
                 return
             trial = self.study.ask()
-            self.storage.set_trial_system_attr(trial._trial_id, WORKER, self.me)
-            self.storage.set_trial_system_attr(trial._trial_id, HEARTBEAT, time.time())
+            self.storage.set_trial_system_attr(self.trial_id(trial), WORKER, self.me)
+            self.storage.set_trial_system_attr(self.trial_id(trial), HEARTBEAT, time.time())
             if RETRY_OF not in trial.user_attrs:
                 rank = sum(1 for t in live_trials(self.study) if t.number <= trial.number)
                 if rank > self.spec.trials:  # another worker took the last slot meanwhile
-                    self._supersede(trial._trial_id, trial.number, {}, {}, "over budget (another worker took the "
+                    self._supersede(self.trial_id(trial), trial.number, {}, {}, "over budget (another worker took the "
                                     "last trial)", requeue=False)
                     return
             if self.spec.sampler["name"] != "qmc":  # values drawn from the trial's own seed (see trial_seed)
@@ -315,7 +319,7 @@ class Search:
             steps = best_so_far(values, self.maximize)
             if not m.get("pruned"):  # epochs early stopping never ran are worth what the run kept
                 steps += [value] * max(0, self.spec.base_config["train"]["epochs"] - len(steps))
-            done = set(self.storage.get_trial(trial._trial_id).intermediate_values)
+            done = set(self.storage.get_trial(self.trial_id(trial)).intermediate_values)
             for epoch, v in enumerate(steps, start=1):
                 if epoch not in done:
                     trial.report(float(v), epoch)
@@ -335,7 +339,7 @@ class Search:
                          f"{self.spec.objective} {value:.4f} (best so far {best.value:.4f}, trial {best.number})")
             return
         if out.exit_code in (130, -2, -15):  # stopped by Ctrl-C / SIGTERM: not the trial's fault
-            self._supersede(trial._trial_id, trial.number, trial.params, trial.user_attrs,
+            self._supersede(self.trial_id(trial), trial.number, trial.params, trial.user_attrs,
                             "interrupted: its training was stopped; re-run with the same parameters", requeue=True)
             self.counts["interrupted"] += 1
             self.log(f"trial {trial.number} interrupted: queued again (its checkpoint is kept)")
@@ -357,7 +361,7 @@ class Search:
                 self._settle(outcome)
         except BaseException:  # Ctrl-C, a crash: the trials under way are queued again for the next run
             for run_dir, trial in list(self.pending.items()):
-                self._supersede(trial._trial_id, trial.number, trial.params, trial.user_attrs,
+                self._supersede(self.trial_id(trial), trial.number, trial.params, trial.user_attrs,
                                 "interrupted: the tune stopped; re-run with the same parameters", requeue=True)
             raise
         finally:
