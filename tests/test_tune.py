@@ -326,6 +326,76 @@ def test_two_processes_share_one_tune_through_postgresql(postgres_url, tmp_path,
     assert len({t.number for t in live}) == 6
     assert sorted(d.name for d in (out / "trials").iterdir() if d.is_dir()) == \
         sorted(f"trial-{t.number:04d}" for t in live)
+    # both wrote summary.json (the one that computed its summary first may finish writing last): the file is the
+    # settled search, not an older snapshot
+    assert read_json(out / "summary.json")["counts"]["complete"] == 6
+
+
+def test_a_worker_waits_for_another_workers_trial_and_runs_it_when_that_worker_is_gone(tmp_path, cnnlab_bin):
+    """The budget is spent (trial 0 done, trial 1 running on another live worker): the worker waits instead of
+    ending unsettled; when the other worker's process dies, it queues trial 1 again, runs it, and ends settled."""
+    import socket
+
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import create_trial
+
+    from cnnlab.tune.search import HEARTBEAT, WORKER, _start_time, open_study
+    from cnnlab.tune.storage import journal_url
+
+    spec_file = write_tune(tmp_path, SEARCH.format(epochs=1, trials=2, seed=1))
+    spec, out = load_tune(spec_file), tmp_path / "t"
+    url = journal_url(out / "optuna.journal")
+    study, storage, sid = open_study(spec, url)
+    dist = FloatDistribution(1e-4, 3e-2, log=True)
+    study.add_trial(create_trial(params={"optim.lr": 1e-3}, distributions={"optim.lr": dist}, value=0.5))
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])  # the other worker
+    try:
+        trial = study.ask({"optim.lr": dist})
+        trial_id = storage.get_trial_id_from_study_id_trial_number(sid, trial.number)
+        storage.set_trial_system_attr(trial_id, WORKER, {"host": socket.gethostname(), "pid": other.pid,
+                                                         "start": _start_time(other.pid)})
+        storage.set_trial_system_attr(trial_id, HEARTBEAT, time.time())
+        p = subprocess.Popen(tune_cmd(cnnlab_bin, spec_file, "--out", out, "--no-revalidate"),
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        seen = []
+        for line in p.stdout:  # the worker says it waits; then the other worker dies
+            seen.append(line)
+            if line.startswith("waiting for trial 1 of another worker"):
+                other.kill()
+                other.wait()  # reaped: a zombie would still answer kill(pid, 0)
+                break
+        rest, _ = p.communicate(timeout=120)
+        log = "".join(seen) + rest
+    finally:
+        other.kill()
+        other.wait()
+    assert p.returncode == 0, log
+    assert "trial 1 was interrupted" in log and "queued again" in log
+    s = read_json(out / "summary.json")
+    assert s["counts"]["complete"] == 2 and s["counts"]["running"] == 0
+
+
+def test_the_summary_keeps_its_revalidation_until_the_counts_change(tmp_path):
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import create_trial
+
+    from cnnlab.tune.runner import write_summary
+    from cnnlab.tune.search import open_study
+    from cnnlab.tune.storage import journal_url
+
+    spec = load_tune(write_tune(tmp_path, SEARCH.format(epochs=1, trials=3, seed=1)))
+    url = journal_url(tmp_path / "optuna.journal")
+    study, _, _ = open_study(spec, url)
+    dist = {"optim.lr": FloatDistribution(1e-4, 3e-2, log=True)}
+    study.add_trial(create_trial(params={"optim.lr": 1e-3}, distributions=dist, value=0.5))
+    verdict = {"winner": "trial 0", "sentence": "trial 0 beats the base"}
+    assert write_summary(spec, study, tmp_path, url, verdict)["revalidation"] == verdict
+    # another worker's summary of the same state (it did not re-validate): the verdict stays in the file
+    assert write_summary(spec, study, tmp_path, url)["revalidation"] == verdict
+    assert read_json(tmp_path / "summary.json")["revalidation"] == verdict
+    study.add_trial(create_trial(params={"optim.lr": 2e-3}, distributions=dist, value=0.6))
+    s = write_summary(spec, study, tmp_path, url)  # the search moved on: the old verdict no longer describes it
+    assert s["revalidation"] is None and s["counts"]["complete"] == 2
 
 
 @pytest.mark.parametrize("storage, words", [

@@ -271,7 +271,8 @@ def _cmd_lr_find(a) -> int:
 
 
 def _cmd_tune(a) -> int:
-    """0 when the search is settled (and re-validated), 1 when trials are still to run (rerun to go on)."""
+    """0 when the search is settled (and re-validated), 1 when trials are still to run (the time budget ran out
+    first: rerun to go on)."""
     from .tune.runner import run_tune
 
     executor = _executor(a)

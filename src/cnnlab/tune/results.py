@@ -153,20 +153,25 @@ def write_best(spec: TuneSpec, tune_dir: Path, study_dir: Path, winner: str) -> 
     return path
 
 
-class RevalidationLock:
-    """One worker re-validates at a time (the others on this storage skip it); an advisory file lock."""
+class FolderLock:
+    """An advisory file lock in the tune folder, shared by the workers writing there. wait=False: `with` gives
+    False at once when another worker holds it (one worker re-validates; the others skip); wait=True: waits."""
 
-    def __init__(self, tune_dir: Path):
-        self.path = tune_dir / ".revalidate.lock"
+    def __init__(self, tune_dir: Path, name: str, wait: bool = False):
+        self.path, self.wait = tune_dir / name, wait
         self.f = None
 
     def __enter__(self) -> bool:
         self.f = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115
         try:
-            fcntl.flock(self.f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(self.f.fileno(), fcntl.LOCK_EX | (0 if self.wait else fcntl.LOCK_NB))
             return True
         except BlockingIOError:
             return False
+
+    def __exit__(self, *exc):
+        self.f.close()
+        return False
 
     def __exit__(self, *exc):
         self.f.close()

@@ -10,7 +10,7 @@ from pathlib import Path
 from ..fileio import atomic_write_text
 from ..study.executors import Executor, LocalExecutor
 from ..study.runner import run_study
-from .results import (RevalidationLock, importance, revalidation_study, top_trials, trial_rows, verdict,
+from .results import (FolderLock, importance, revalidation_study, top_trials, trial_rows, verdict,
                       write_best)
 from ..hardware import cores_each
 from .search import STALE_AFTER, Search, live_trials
@@ -27,17 +27,30 @@ def _search_complete(study, trials: int) -> bool:
 
 
 def write_summary(spec, study, tune_dir: Path, storage_url: str, reval: dict | None = None) -> dict:
-    rows = trial_rows(study)
-    counted = [r for r in rows if r["state"] != "superseded"]
-    done = [r for r in counted if r["state"] == "complete"]
-    best = top_trials(rows, spec, 1)
-    summary = {"name": spec.name, "spec": spec.to_json(), "storage": shown(storage_url),
-               "trials_asked": spec.trials,
-               "counts": {s: sum(1 for r in counted if r["state"] == s)
-                          for s in ("complete", "pruned", "fail", "running", "waiting")},
-               "best_trial": best[0] if best else None, "importance": importance(study) if len(done) >= 3 else None,
-               "trials": rows, "revalidation": reval}
-    atomic_write_text(tune_dir / "summary.json", json.dumps(summary, indent=1, default=str) + "\n")
+    """summary.json from the storage as it is now. Workers sharing the tune folder write it one at a time, each
+    reading the storage inside the lock, so the file never goes back to an older state than one written before
+    (trials only settle); a write without a re-validation keeps the one in the file while the counts are the same."""
+    with FolderLock(tune_dir, ".summary.lock", wait=True):
+        rows = trial_rows(study)
+        counted = [r for r in rows if r["state"] != "superseded"]
+        done = [r for r in counted if r["state"] == "complete"]
+        best = top_trials(rows, spec, 1)
+        counts = {s: sum(1 for r in counted if r["state"] == s) for s in ("complete", "pruned", "fail", "running",
+                                                                          "waiting")}
+        path = tune_dir / "summary.json"
+        if reval is None and path.is_file():
+            try:
+                before = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                before = {}
+            if before.get("counts") == counts and before.get("trials_asked") == spec.trials:
+                reval = before.get("revalidation")
+        summary = {"name": spec.name, "spec": spec.to_json(), "storage": shown(storage_url),
+                   "trials_asked": spec.trials, "counts": counts,
+                   "best_trial": best[0] if best else None,
+                   "importance": importance(study) if len(done) >= 3 else None,
+                   "trials": rows, "revalidation": reval}
+        atomic_write_text(path, json.dumps(summary, indent=1, default=str) + "\n")
     return summary
 
 
@@ -103,7 +116,7 @@ def _revalidate(spec, study, tune_dir: Path, executor: Executor, log) -> dict | 
     if not top:
         log("no trial completed: nothing to re-validate")
         return None
-    with RevalidationLock(tune_dir) as mine:
+    with FolderLock(tune_dir, ".revalidate.lock") as mine:
         if not mine:
             log("another worker is re-validating this tune; its report will have the verdict")
             return None

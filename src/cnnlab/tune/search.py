@@ -39,6 +39,7 @@ WORKER, HEARTBEAT, SUPERSEDED = "cnnlab:worker", "cnnlab:heartbeat", "cnnlab:sup
 RUN, RETRY_OF, FAIL_REASON = "run", "retry_of", "fail_reason"
 SPEC_ATTR = "cnnlab:spec"
 HEARTBEAT_EVERY, STALE_AFTER = 15.0, 120.0
+WAIT_POLL = 2.0  # seconds between looks at other workers' trials, once this worker has none left
 
 
 def _start_time(pid: int) -> str | None:
@@ -350,15 +351,20 @@ class Search:
         self._fail(trial, ("diverged: " if failure.is_file() else f"exit code {out.exit_code}: ") + reason.strip())
 
     def run(self, timeout: float | None = None) -> dict:
-        """Run trials until the budget (count, or this call's time) is spent; returns this worker's counts."""
+        """Run trials until the budget (count, or this call's time) is spent and the search is settled: other
+        workers' trials under way are waited for (and run here when their worker is gone), so every worker of a
+        shared tune ends with the same settled search. Returns this worker's counts."""
         self.recover()
         deadline = time.time() + timeout if timeout else None
         stop = threading.Event()
         beat = threading.Thread(target=self._beat, args=(stop,), daemon=True)
         beat.start()
         try:
-            for outcome in self.executor.run(self._requests(deadline), self._started):
-                self._settle(outcome)
+            while True:
+                for outcome in self.executor.run(self._requests(deadline), self._started):
+                    self._settle(outcome)
+                if not self._wait_for_others(deadline):
+                    break
         except BaseException:  # Ctrl-C, a crash: the trials under way are queued again for the next run
             for run_dir, trial in list(self.pending.items()):
                 self._supersede(self.trial_id(trial), trial.number, trial.params, trial.user_attrs,
@@ -367,6 +373,29 @@ class Search:
         finally:
             stop.set()
         return self.counts
+
+
+    def _wait_for_others(self, deadline: float | None) -> bool:
+        """After this worker's last trial, while other workers' trials are under way: wait, queueing again those
+        whose worker is gone. True when a trial is queued for this worker to run; False when the search is
+        settled or the time budget is spent."""
+        from optuna.trial import TrialState
+
+        told = None
+        while deadline is None or time.time() < deadline:
+            live = live_trials(self.study)
+            if any(t.state == TrialState.WAITING for t in live):
+                return True
+            running = [t.number for t in live if t.state == TrialState.RUNNING]
+            if not running:
+                return False
+            if running != told:
+                self.log(f"waiting for trial{'s' * (len(running) > 1)} {', '.join(map(str, running))} of another "
+                         "worker to finish …")
+                told = running
+            time.sleep(WAIT_POLL)
+            self.recover()
+        return False
 
 
 def _wait_released(run_dir: Path, log, patience: float = 60.0) -> None:
