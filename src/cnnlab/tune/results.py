@@ -172,7 +172,3 @@ class FolderLock:
     def __exit__(self, *exc):
         self.f.close()
         return False
-
-    def __exit__(self, *exc):
-        self.f.close()
-        return False

@@ -266,12 +266,13 @@ class Search:
             if not waiting and len(live) >= self.spec.trials:
                 return
             trial = self.study.ask()
-            self.storage.set_trial_system_attr(self.trial_id(trial), WORKER, self.me)
-            self.storage.set_trial_system_attr(self.trial_id(trial), HEARTBEAT, time.time())
+            tid = self.trial_id(trial)
+            self.storage.set_trial_system_attr(tid, WORKER, self.me)
+            self.storage.set_trial_system_attr(tid, HEARTBEAT, time.time())
             if RETRY_OF not in trial.user_attrs:
                 rank = sum(1 for t in live_trials(self.study) if t.number <= trial.number)
                 if rank > self.spec.trials:  # another worker took the last slot meanwhile
-                    self._supersede(self.trial_id(trial), trial.number, {}, {}, "over budget (another worker took the "
+                    self._supersede(tid, trial.number, {}, {}, "over budget (another worker took the "
                                     "last trial)", requeue=False)
                     return
             if self.spec.sampler["name"] != "qmc":  # values drawn from the trial's own seed (see trial_seed)
@@ -373,7 +374,6 @@ class Search:
         finally:
             stop.set()
         return self.counts
-
 
     def _wait_for_others(self, deadline: float | None) -> bool:
         """After this worker's last trial, while other workers' trials are under way: wait, queueing again those
