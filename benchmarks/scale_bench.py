@@ -2,6 +2,7 @@
 training on 1 vs 2 processes (DDP, gloo) — what each engine costs before it can pay off on a real cluster.
 
     python benchmarks/scale_bench.py [--study recipes/alkhairi2023.yaml] [--epochs 2] [--repeats 3] [--write BENCHMARKS.md]
+    python benchmarks/scale_bench.py --ddp-only --repeats 3     # only the DDP rows, printed
 
 Study: every run of the study (default: the second paper's, 25 runs + 1 pretrain), `--jobs 2`, one thread a
 run, the same runs both ways (train.epochs overridden to keep it short: the per-run overhead is what is
@@ -76,9 +77,20 @@ def main() -> None:
     p.add_argument("--ddp-epochs", type=int, default=3)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--write", help="put the section into this Markdown file (BENCHMARKS.md)")
+    p.add_argument("--ddp-only", action="store_true", help="only the 1 vs 2 processes training; print, no section")
     a = p.parse_args()
     m = machine()
     tmp = Path(tempfile.mkdtemp(prefix="scale-bench-"))
+    if a.ddp_only:
+        try:
+            runs = {n: [ddp(tmp, a, n) for _ in range(a.repeats)] for n in (1, 2)}
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        one, two = (statistics.median(runs[n]) for n in (1, 2))
+        print(f"{machine_line(m)}; demo, {a.ddp_epochs} epochs, medians of {a.repeats}: 1 process {one:,.0f} "
+              f"images/s ({', '.join(f'{v:,.0f}' for v in runs[1])}), --nproc 2 {two:,.0f} "
+              f"({', '.join(f'{v:,.0f}' for v in runs[2])}): {two / one:.2f}×")
+        return
     try:
         local, ray = [], []
         for _ in range(a.repeats):
