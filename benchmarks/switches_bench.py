@@ -32,6 +32,7 @@ SWITCHES = {  # "default": cnnlab's CPU defaults (precision by the CPU's capabil
     # freed memory kept)
     "the CPU default": [],
     "without fused kernels (train.fused=false)": ["train.fused=false"],
+    "without native kernels (train.native=false)": ["train.native=false"],
     "without kept memory (train.reuse_memory=false)": ["train.reuse_memory=false"],
     "without either": ["train.fused=false", "train.reuse_memory=false"],
     "without either, NCHW (+ train.channels_last=false)": ["train.fused=false", "train.reuse_memory=false",
@@ -101,7 +102,8 @@ def main() -> None:
              f"a fresh process, median of epochs 2–{a.epochs}, measured {time.strftime('%Y-%m-%d')} on "
              f"{machine_line(machine())} (single runs: ±10 % between runs is usual on a shared machine). "
              f"The CPU default is {default_precision()}, channels-last, fused kernels (the optimiser's fused step; the papers' "
-             "ReLU → batch norm → max-pool as one function, `cnnlab/models/fused.py`) and freed memory kept in "
+             "ReLU → batch norm → max-pool and ReLU → max-pool as one function each, `cnnlab/models/fused.py`, through "
+             "cnnlab's native C kernels where they build, `cnnlab/models/native.py`) and freed memory kept in "
              "the process (`keep_freed_memory` in `cnnlab/training/runtime.py`); each other row switches "
              "something off or on. Page faults are the process's minor faults per training step.", "",
              "| net | setting | epoch (s) | images/s | vs the default | page faults / step |",

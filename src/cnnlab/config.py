@@ -199,6 +199,10 @@ class TrainConfig:
         None, "fused kernels: the optimiser's fused step (sgd, adam, adamw) and the papers' nets' fused "
               "ReLU → batch norm → max-pool in training (null: on for the CPU, where they measured faster; "
               "off on CUDA)")
+    native: Optional[bool] = _opt(
+        None, "cnnlab's native CPU kernels for the papers' conv blocks (ReLU → batch norm → max-pool, ReLU → "
+              "max-pool; channels-last fp32 or bf16), compiled once per machine with its C compiler (null: on "
+              "for the CPU where a C compiler is found, else the torch-op path; true: an error without one)")
     reuse_memory: Optional[bool] = _opt(
         None, "keep freed tensor memory in the process instead of re-faulting it from the OS every step "
               "(glibc; null: on for the CPU, where it measured faster; process-wide once on)")

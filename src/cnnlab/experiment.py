@@ -189,7 +189,7 @@ def build_experiment(cfg: Config, log: ProgressLogger | None = None, dist=None) 
     t = cfg.train
     if cfg.model.weights == "imagenet":
         check_imagenet_weights(cfg.model.name)  # a missing weights package: said before any work
-    runtime = Runtime(t.device, t.precision, t.threads, t.channels_last, t.fused, t.reuse_memory)
+    runtime = Runtime(t.device, t.precision, t.threads, t.channels_last, t.fused, t.reuse_memory, t.native)
     ds = load_data(cfg.data, progress=log.mode == "bar")
     split = _split(cfg, ds)
     seed_everything(t.seed)  # after the split (its own seed), before anything draws: augmentation, init, dropout
@@ -199,7 +199,7 @@ def build_experiment(cfg: Config, log: ProgressLogger | None = None, dist=None) 
     model = model.to(runtime.device)
     if runtime.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    set_fusion(model, runtime.fused and not t.compile)  # compile fuses by itself
+    set_fusion(model, runtime.fused and not t.compile, runtime.native)  # compile fuses by itself
     if t.compile:
         model.compile()  # in place: state_dict keys (checkpoints, saved models) stay the eager module's
     trained = model

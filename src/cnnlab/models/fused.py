@@ -19,11 +19,17 @@ fewer of them (`python benchmarks/switches_bench.py`, BENCHMARKS.md):
   per-channel affine of the saved activation, a scatter of the pooled gradient to its argmax
   positions, and the ReLU mask, in place.
 
+Where cnnlab's native kernels are built (native.py: C, compiled once per machine) and the activation is
+channels-last, both blocks run through them instead (`_NativeReLUBatchNormMaxPool`, `_NativeMaxPoolReLU`), in
+float32 or bf16 — the torch-op version below is for fp32 alone, because in bf16 torch's scatter and mixed-dtype
+ops went through full-sized fp32 copies and made it slower than the modules.
+
 `FusedSequential` is an nn.Sequential (same children, same state-dict keys) that takes this path
 for each ReLU → BatchNorm2d → MaxPool2d(2) run when it applies (training-mode batch norm with affine
-weights all > 0, float32 4-D input, gradients on; on the CPU unless asked for) and the modules' own
-path otherwise: evaluation, inference and saved models never see it. `set_fusion(model, False)` (config
-`train.fused=false`) turns it off.
+weights all > 0, float32 4-D input — or bf16 channels-last for the native kernels —, gradients on; on the
+CPU unless asked for) and the modules' own path otherwise: evaluation, inference and saved models never see
+it. `set_fusion(model, False)` (config `train.fused=false`) turns it off; `set_fusion(model, True, False)`
+(`train.native=false`) keeps the fusion on torch's ops.
 """
 
 from __future__ import annotations
@@ -32,6 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
+
+from . import native
 
 
 def is_channels_last(t: torch.Tensor) -> bool:
@@ -85,6 +93,70 @@ class _ReLUBatchNormMaxPool(torch.autograd.Function):
         return d, dweight, dbias, None, None, None, None
 
 
+class _NativeReLUBatchNormMaxPool(torch.autograd.Function):
+    """The same block through the native kernels (native.py): y (channels-last, float32 or bf16) is left as it
+    is; the forward reads it once, the backward once more to write its gradient; the rest works on the 4×
+    smaller pooled tensors."""
+
+    @staticmethod
+    def forward(ctx, y, weight, bias, running_mean, running_var, momentum: float, eps: float):
+        ctx.set_materialize_grads(False)
+        n, c, h, w = y.shape
+        m = n * h * w
+        pooled, idx, sums = native.pool_stats(y, relu=True, stats=True)
+        mean64 = sums[:c] / m
+        var64 = (sums[c:] / m - mean64 * mean64).clamp_(min=0.0)  # biased, as batch norm normalises with
+        if running_mean is not None:  # BatchNorm2d's update: the unbiased variance, momentum-weighted
+            running_mean.mul_(1.0 - momentum).add_(mean64.to(running_mean.dtype), alpha=momentum)
+            running_var.mul_(1.0 - momentum).add_((var64 * (m / max(m - 1, 1))).to(running_var.dtype),
+                                                  alpha=momentum)
+        mean, invstd = mean64.float(), (var64.float() + eps).rsqrt()
+        scale = weight * invstd
+        ctx.save_for_backward(y, pooled, idx, mean, invstd, weight)
+        return native.pool_affine(pooled, scale, bias - mean * scale)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        y, pooled, idx, mean, invstd, weight = ctx.saved_tensors
+        if grad is None:
+            return None, None, None, None, None, None, None
+        n, c, h, w = y.shape
+        m = n * h * w
+        sum_g, sum_gp = native.pool_grad_sums(grad, pooled)
+        dbias = sum_g.float()
+        dweight = ((sum_gp - mean.double() * sum_g) * invstd.double()).float()  # Σ g·x̂
+        a = weight * invstd                      # as in _ReLUBatchNormMaxPool.backward
+        k = -a * invstd * dweight / m
+        b = -a * dbias / m - k * mean
+        return native.pool_backward(y, idx, grad, a, k, b), dweight, dbias, None, None, None, None
+
+
+class _NativeMaxPoolReLU(torch.autograd.Function):
+    """relu(max_pool2d(y, 2)) through the native kernels: one read of y forward, one write of its gradient
+    backward (torch's channels-last max-pool writes int64 indices and zero-fills the gradient first)."""
+
+    @staticmethod
+    def forward(ctx, y):
+        pooled, idx, _ = native.pool_stats(y, relu=True, stats=False)
+        ctx.save_for_backward(pooled, idx)
+        ctx.shape = y.shape
+        return pooled
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        pooled, idx = ctx.saved_tensors
+        return native.pool_scatter(ctx.shape, idx, grad, pooled)
+
+
+def max_pool_relu(x: torch.Tensor, use_native: bool = True) -> torch.Tensor:
+    """relu(max_pool2d(x, 2)): the native kernels where they apply, else torch's."""
+    if use_native and native.applies(x):
+        return _NativeMaxPoolReLU.apply(x)
+    return F.max_pool2d(x, 2, 2).relu_()
+
+
 def _pool2(pool: nn.Module) -> bool:
     """A max-pool 2×2, stride 2, no padding: what both fused paths compute."""
     def pair(v):
@@ -106,11 +178,13 @@ def _pool_first(relu: nn.Module, pool: nn.Module) -> bool:
     return type(relu) is nn.ReLU and _pool2(pool)
 
 
-def relu_bn_maxpool(y: torch.Tensor, bn: nn.BatchNorm2d) -> torch.Tensor | None:
+def relu_bn_maxpool(y: torch.Tensor, bn: nn.BatchNorm2d, use_native: bool = True) -> torch.Tensor | None:
     """The fused block on `y` with `bn`'s parameters and statistics, or None when it does not apply
-    now (then run the modules): batch norm in eval mode, a γ ≤ 0, no gradients, not float32 4-D."""
-    if not (bn.training and torch.is_grad_enabled() and y.dim() == 4 and y.dtype == torch.float32
-            and bn.weight.dtype == torch.float32 and y.shape[2] >= 2 and y.shape[3] >= 2):
+    now (then run the modules): batch norm in eval mode, a γ ≤ 0, no gradients, not 4-D float32 (or bf16
+    channels-last for the native kernels, which `use_native` allows where they apply)."""
+    go_native = use_native and native.applies(y)
+    if not (bn.training and torch.is_grad_enabled() and y.dim() == 4 and bn.weight.dtype == torch.float32
+            and (y.dtype == torch.float32 or go_native) and y.shape[2] >= 2 and y.shape[3] >= 2):
         return None
     if bool((bn.weight <= 0).any()):  # pooling before the affine needs an increasing affine (γ = 0: a tie
         return None                   # that the modules break by window position, which then gets γ's gradient)
@@ -119,6 +193,9 @@ def relu_bn_maxpool(y: torch.Tensor, bn: nn.BatchNorm2d) -> torch.Tensor | None:
         bn.num_batches_tracked.add_(1)
         if bn.momentum is None:  # cumulative average, as BatchNorm2d
             momentum = 1.0 / float(bn.num_batches_tracked)
+    if go_native:
+        return _NativeReLUBatchNormMaxPool.apply(y, bn.weight, bn.bias, bn.running_mean, bn.running_var,
+                                                 momentum, bn.eps)
     out, _ = _ReLUBatchNormMaxPool.apply(y, bn.weight, bn.bias, bn.running_mean, bn.running_var,
                                          momentum, bn.eps)
     return out
@@ -129,22 +206,26 @@ class FusedSequential(nn.Sequential):
     each ReLU → MaxPool2d(2) as max-pool then ReLU (`_pool_first`: the same values and gradients).
 
     fuse: None (the default) fuses on the CPU only, where it was measured; True or False always or never.
+    native: None or True (the default): the native kernels (native.py) where they apply — compiled on first
+    use, channels-last float32 or bf16 on the CPU; False: the torch-op path above.
     """
 
     fuse: bool | None = None
+    native: bool | None = None
 
     def forward(self, x):
         mods = list(self)
         fuse = self.fuse if self.fuse is not None else x.device.type == "cpu"
+        use_native = self.native is not False
         i = 0
         while i < len(mods):
             if fuse and i + 2 < len(mods) and _fusable(*mods[i:i + 3]):
-                out = relu_bn_maxpool(x, mods[i + 1])
+                out = relu_bn_maxpool(x, mods[i + 1], use_native)
                 if out is not None:
                     x, i = out, i + 3
                     continue
             if fuse and i + 1 < len(mods) and _pool_first(*mods[i:i + 2]):
-                x, i = F.max_pool2d(x, 2, 2).relu_(), i + 2
+                x, i = max_pool_relu(x, use_native), i + 2
                 continue
             x = mods[i](x)
             i += 1
@@ -205,11 +286,14 @@ def use_cpu_depthwise(model: nn.Module) -> int:
     return n
 
 
-def set_fusion(model: nn.Module, on: bool | None) -> int:
+def set_fusion(model: nn.Module, on: bool | None, use_native: bool | None = None) -> int:
     """Turn the fused blocks (and CpuConv2d's fp32 depthwise training) of `model` on, off, or back to the
-    default (None: CPU only); returns how many FusedSequential modules it holds."""
+    default (None: CPU only), and their native kernels on where they apply (None, True) or off (False);
+    returns how many FusedSequential modules it holds."""
     seqs = [m for m in model.modules() if isinstance(m, FusedSequential)]
     for m in model.modules():
         if isinstance(m, (FusedSequential, CpuConv2d)):
             m.fuse = on
+        if isinstance(m, FusedSequential):
+            m.native = use_native
     return len(seqs)

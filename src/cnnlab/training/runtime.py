@@ -35,6 +35,28 @@ class Precision:
     def __str__(self) -> str:
         return self.name
 
+    def _native(self, wanted: bool | None, cpu: bool) -> bool:
+        """Whether the fused blocks run through the compiled kernels (compiling them now if need be)."""
+        from ..models import native
+
+        if wanted is False:
+            return False
+        if not cpu:
+            if wanted:
+                raise RuntimeError("train.native=true: the native kernels are CPU kernels; use train.native=null "
+                                   "or false on CUDA")
+            self.reasons["native"] = "off on CUDA: CPU kernels"
+            return False
+        if native.library() is None:
+            if wanted:
+                raise RuntimeError(f"train.native=true but the native kernels cannot be built here: "
+                                   f"{native.why_not()} (train.native=null takes the torch-op path instead)")
+            self.reasons["native"] = f"off: {native.why_not()}; the fused blocks use torch's ops"
+            return False
+        if wanted is None:
+            self.reasons["native"] = f"on: compiled for this CPU with {native.compiler_name()}"
+        return True
+
     def autocast(self):
         """Mixed-precision context for forward + loss; a no-op at "32"."""
         if self.name == "32":
@@ -91,10 +113,13 @@ class Runtime:
     channels_last, fused, reuse_memory: None picks the measured default for the device (on for the CPU).
     fused: the optimiser's fused step and the models' fused ReLU → batch-norm → max-pool blocks.
     reuse_memory: `keep_freed_memory()` for this process.
+    native: the fused blocks through cnnlab's compiled kernels (models/native.py): None on the CPU where they
+    build (compiled here, once per machine), True required (an error where they cannot be built), False off.
     """
 
     def __init__(self, device: str = "auto", precision: str = "32", threads: int | None = None,
-                 channels_last: bool | None = None, fused: bool | None = None, reuse_memory: bool | None = None):
+                 channels_last: bool | None = None, fused: bool | None = None, reuse_memory: bool | None = None,
+                 native: bool | None = None):
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if device.startswith("cuda") and not torch.cuda.is_available():
@@ -116,6 +141,9 @@ class Runtime:
         self.channels_last, self.fused, reuse_memory = (cpu if v is None else v
                                                         for v in (channels_last, fused, reuse_memory))
         self.reuse_memory = reuse_memory and keep_freed_memory()
+        self.native = self._native(native, cpu) if self.fused else False
+        if not self.fused and native is None:
+            self.reasons["native"] = "off with the fused blocks (train.fused=false)"
         if cpu:
             cores = cpu_cores()
             if threads is not None and threads > MAX_THREADS_PER_CORE * cores:  # OpenMP segfaults at ~100,000
@@ -126,6 +154,28 @@ class Runtime:
                 self.reasons["threads"] = f"one per core this process may use ({cores})"
         self.threads = torch.get_num_threads()
 
+    def _native(self, wanted: bool | None, cpu: bool) -> bool:
+        """Whether the fused blocks run through the compiled kernels (compiling them now if need be)."""
+        from ..models import native
+
+        if wanted is False:
+            return False
+        if not cpu:
+            if wanted:
+                raise RuntimeError("train.native=true: the native kernels are CPU kernels; use train.native=null "
+                                   "or false on CUDA")
+            self.reasons["native"] = "off on CUDA: CPU kernels"
+            return False
+        if native.library() is None:
+            if wanted:
+                raise RuntimeError(f"train.native=true but the native kernels cannot be built here: "
+                                   f"{native.why_not()} (train.native=null takes the torch-op path instead)")
+            self.reasons["native"] = f"off: {native.why_not()}; the fused blocks use torch's ops"
+            return False
+        if wanted is None:
+            self.reasons["native"] = f"on: compiled for this CPU with {native.compiler_name()}"
+        return True
+
     def autocast(self):
         """Mixed-precision context for forward + loss (the precision's)."""
         return self.precision.autocast()
@@ -133,6 +183,7 @@ class Runtime:
     def describe(self) -> dict:
         d = {"device": str(self.device), "precision": str(self.precision), "threads": self.threads,
              "channels_last": self.channels_last, "fused": self.fused, "reuse_memory": self.reuse_memory,
+             "native": self.native,
              "cpu_kind": capability(), "defaults_because": dict(self.reasons)}
         if self.device.type == "cuda":
             d["gpu"] = torch.cuda.get_device_name(self.device)

@@ -1,0 +1,213 @@
+"""cnnlab's native CPU kernels for the papers' conv blocks (native_kernels.c), compiled on first use.
+
+Written by hand because torch's CPU kernels for ReLU, BatchNorm2d and MaxPool2d(2) and their backward
+passes each walk the whole convolution output, and on 2 cores those passes, not the arithmetic, are most
+of a training step of the papers' small nets. Measured on an AMD EPYC (AVX-512 BF16), torch 2.14, 2
+threads, in bf16 channels-last: ReLU → BatchNorm2d → MaxPool2d(2) forward and backward on the first
+paper's 128×32×28×28 activation takes 7.2 ms with torch's modules, against 0.1 ms for one read of that
+tensor; the second paper's ReLU → MaxPool2d(2) on 128×10×62×62 takes 8.4 ms (torch's channels-last
+max-pool writes int64 indices, and its backward zero-fills the whole gradient before scattering into it).
+Here the forward is one read of the convolution output (the window maxima, their positions as one byte
+each, and batch norm's statistics together), the backward one read and one write; batch norm's affine
+runs on the 4× smaller pooled tensor (see fused.py for why pooling first is exact when γ > 0).
+`benchmarks/switches_bench.py` measures the switch (`train.native`), BENCHMARKS.md has the figures.
+
+The C source is compiled with the machine's C compiler ($CC, else cc or gcc) at -O3 -march=native with
+OpenMP into $CNNLAB_CACHE/native (default ~/.cache/cnnlab/native), keyed by the source, the compiler and
+the CPU's flags, so a machine compiles it once (about a second) and a different CPU never loads code built
+for another. Without a compiler cnnlab takes the torch-op path (fused.py) and says so in env.json.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ..hardware import cpu_flags
+
+SOURCE = Path(__file__).with_name("native_kernels.c")
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-std=gnu11", "-shared", "-fPIC"]
+
+_LIB: ctypes.CDLL | None = None
+_WHY: str | None = None  # why the library is not loaded, once a load failed
+_BUILT_WITH = ""  # the compiler's --version line of the loaded library
+
+
+def cache_folder() -> Path:
+    """Where compiled kernels are kept: $CNNLAB_CACHE/native, else ~/.cache/cnnlab/native."""
+    return Path(os.environ.get("CNNLAB_CACHE") or Path.home() / ".cache" / "cnnlab") / "native"
+
+
+def compiler() -> str | None:
+    """The C compiler to use: $CC, else cc, else gcc on the PATH; None when there is none."""
+    cc = os.environ.get("CC")
+    if cc:
+        return shutil.which(cc) or (cc if os.path.isfile(cc) and os.access(cc, os.X_OK) else None)
+    return shutil.which("cc") or shutil.which("gcc")
+
+
+def _compiler_version(cc: str) -> str:
+    out = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60)
+    return (out.stdout or out.stderr).splitlines()[0] if out.returncode == 0 else ""
+
+
+def _build(cc: str) -> Path:
+    """Compile native_kernels.c for this CPU into the cache (once per source, compiler and CPU)."""
+    global _BUILT_WITH
+    version = _BUILT_WITH = _compiler_version(cc)
+    if not version:
+        raise RuntimeError(f"{cc} --version failed")
+    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), version.encode(), " ".join(FLAGS).encode(),
+                                     platform.machine().encode(), " ".join(sorted(cpu_flags())).encode()]))
+    out = cache_folder() / f"cnnlab_kernels-{key.hexdigest()[:16]}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)  # then renamed: a concurrent process sees
+    os.close(fd)                                                # the whole file or none
+    try:
+        done = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=300)
+        if done.returncode != 0:
+            raise RuntimeError(f"{cc} failed: {(done.stderr or done.stdout).strip()[-800:]}")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    signatures = {
+        "pool_stats": [p, i64, i64, i64, i64, p, p, p, i32, i32, i32],
+        "pool_affine": [p, p, p, p, i64, i64, i64, i32],
+        "pool_grad_sums": [p, p, i64, i64, i64, p, i32],
+        "pool_backward": [p, p, p, p, p, p, p, i64, i64, i64, i64, i32],
+        "pool_scatter": [p, p, p, p, i64, i64, i64, i64, i32],
+    }
+    for dtype in ("f32", "bf16"):
+        for name, args in signatures.items():
+            f = getattr(lib, f"cnnlab_{name}_{dtype}")
+            f.argtypes, f.restype = args, None
+
+
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels (compiling them on the first call on a machine), or None when they cannot be
+    built or loaded here; `why_not()` then says why."""
+    global _LIB, _WHY
+    if _LIB is not None or _WHY is not None:
+        return _LIB
+    try:
+        cc = compiler()
+        if cc is None:
+            raise RuntimeError("no C compiler found ($CC, cc, gcc)")
+        lib = ctypes.CDLL(str(_build(cc)))
+        _declare(lib)
+        _LIB = lib
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        _WHY = str(e) or type(e).__name__
+    return _LIB
+
+
+def compiler_name() -> str:
+    """The first --version line of the compiler the loaded kernels were built with ("" before a load)."""
+    return _BUILT_WITH
+
+
+def why_not() -> str | None:
+    """Why the native kernels are not available (None when they are, or were not tried yet)."""
+    return _WHY
+
+
+def reset() -> None:
+    """Forget the loaded library's state so the next `library()` looks again (tests)."""
+    global _LIB, _WHY, _BUILT_WITH
+    _LIB, _WHY, _BUILT_WITH = None, None, ""
+
+
+DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16"}
+
+
+def applies(x: torch.Tensor) -> bool:
+    """Whether the kernels compute on `x`: a 4-D float32 or bf16 CPU tensor laid out channels-last
+    (NHWC dense), at least 2×2, with the library loaded."""
+    return (x.device.type == "cpu" and x.dim() == 4 and x.dtype in DTYPES and x.shape[2] >= 2 and x.shape[3] >= 2
+            and x.is_contiguous(memory_format=torch.channels_last) and library() is not None)
+
+
+def _pooled_like(y: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    n, c, h, w = y.shape
+    return torch.empty((n, c, h // 2, w // 2), dtype=dtype or y.dtype, memory_format=torch.channels_last)
+
+
+def _kernel(name: str, dtype: torch.dtype):
+    return getattr(_LIB, f"cnnlab_{name}_{DTYPES[dtype]}")
+
+
+def _cl(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+def pool_stats(y: torch.Tensor, relu: bool, stats: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(max-pool 2×2 of relu(y) or y, the max's position in each window (uint8), per-channel [sum, sum of
+    squares] of relu(y) or y over all of it in float64 when `stats`)."""
+    n, c, h, w = y.shape
+    pooled, idx = _pooled_like(y), _pooled_like(y, torch.uint8)
+    sums = torch.empty(2 * c, dtype=torch.float64) if stats else None
+    _kernel("pool_stats", y.dtype)(y.data_ptr(), n, h, w, c, pooled.data_ptr(), idx.data_ptr(),
+                                   sums.data_ptr() if stats else None, int(relu), int(stats), torch.get_num_threads())
+    return pooled, idx, sums
+
+
+def _vector(v: torch.Tensor) -> torch.Tensor:
+    return v.detach().float().contiguous()
+
+
+def pool_affine(pooled: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """scale[c]·pooled + shift[c], in pooled's dtype and layout (batch norm's affine after the pool)."""
+    n, c, h, w = pooled.shape
+    out = torch.empty_like(pooled)
+    scale, shift = _vector(scale), _vector(shift)
+    _kernel("pool_affine", pooled.dtype)(pooled.data_ptr(), scale.data_ptr(), shift.data_ptr(), out.data_ptr(),
+                                         n * h, w * c, c, torch.get_num_threads())
+    return out
+
+
+def pool_grad_sums(g: torch.Tensor, pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per channel, (Σ g, Σ g·pooled) in float64 over the pooled tensor (g laid out as pooled)."""
+    n, c, h, w = pooled.shape
+    sums = torch.empty(2 * c, dtype=torch.float64)
+    g = _cl(g.to(pooled.dtype))  # held in a name: a temporary's memory would be freed before the call
+    _kernel("pool_grad_sums", pooled.dtype)(g.data_ptr(), pooled.data_ptr(), n * h, w, c, sums.data_ptr(),
+                                            torch.get_num_threads())
+    return sums[:c], sums[c:]
+
+
+def pool_backward(y: torch.Tensor, idx: torch.Tensor, g: torch.Tensor, a: torch.Tensor, k: torch.Tensor,
+                  b: torch.Tensor) -> torch.Tensor:
+    """dy = [y > 0] · (k·y + b + a·g at each window's max): ReLU's, batch norm's and max-pool's backward."""
+    n, c, h, w = y.shape
+    dy = torch.empty_like(y, memory_format=torch.channels_last)
+    g, a, k, b = _cl(g.to(y.dtype)), _vector(a), _vector(k), _vector(b)
+    _kernel("pool_backward", y.dtype)(y.data_ptr(), idx.data_ptr(), g.data_ptr(), a.data_ptr(), k.data_ptr(),
+                                      b.data_ptr(), dy.data_ptr(), n, h, w, c, torch.get_num_threads())
+    return dy
+
+
+def pool_scatter(shape: torch.Size, idx: torch.Tensor, g: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+    """The backward of relu(max-pool(y)): g at each window's max where pooled > 0, zero elsewhere (and on the
+    odd edges); channels-last, in pooled's dtype."""
+    n, c, h, w = shape
+    dy = torch.empty((n, c, h, w), dtype=pooled.dtype, memory_format=torch.channels_last)
+    g = _cl(g.to(pooled.dtype))
+    _kernel("pool_scatter", pooled.dtype)(idx.data_ptr(), g.data_ptr(), pooled.data_ptr(), dy.data_ptr(),
+                                          n, h, w, c, torch.get_num_threads())
+    return dy

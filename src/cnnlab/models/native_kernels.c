@@ -1,0 +1,317 @@
+/* cnnlab's native CPU kernels: the papers' conv blocks ((ReLU →) (BatchNorm2d →) MaxPool2d(2)) in one pass
+ * over the convolution's output forward and one backward, for channels-last (NHWC) tensors in float32 or
+ * bfloat16. Compiled on first use by cnnlab/models/native.py (the C compiler the machine has, -O3
+ * -march=native, OpenMP — the libgomp torch has already loaded) and called through ctypes; see that file
+ * for why and for what it replaces. Every function here is checked against torch's modules in
+ * tests/test_native.py.
+ *
+ * Layout: y is (N, H, W, C) dense; the pooled tensors (N, H/2, W/2, C) dense; idx one byte per pooled
+ * value: which of the window's four positions (0 top-left, 1 top-right, 2 bottom-left, 3 bottom-right)
+ * holds the max, ties and NaN resolved as torch's CPU max-pool does (the first max in row order; a NaN
+ * replaces what came before it).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <omp.h>
+
+static inline float bf16_load(const uint16_t v) {
+    uint32_t u = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t bf16_store(const float f) {  /* round to nearest even, as torch's c10::BFloat16 */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if (f != f) return (uint16_t)0x7FC0;
+    u += 0x7FFFu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+static inline float f32_load(const float v) { return v; }
+static inline float f32_store(const float f) { return f; }
+
+/* Every loop below runs over floats in contiguous memory, so the compiler vectorises it for whatever the
+ * CPU has (AVX2, AVX-512…). The channels of one window are a block of C values; where a loop must go
+ * block by block it works in chunks of 16 lanes (LANES), fixed so the compiler vectorises them, even when
+ * C is smaller (the second paper's 10 channels): a chunk may spill into the next block, which a later
+ * chunk then overwrites — the blocks go in increasing order, into scratch rows padded by a chunk. */
+#define LANES 16
+
+static float *scratch(int64_t n) {  /* n zeroed floats, 64-byte aligned, with room for a chunk's spill */
+    const size_t bytes = (size_t)((n + 2 * LANES - 1) / LANES * LANES) * sizeof(float);
+    float *p = (float *)aligned_alloc(64, bytes);
+    memset(p, 0, bytes);  /* the spill lanes are read but never used: zeros, not stray NaNs or denormals */
+    return p;
+}
+
+static uint8_t *scratch_bytes(int64_t n) {
+    return (uint8_t *)aligned_alloc(64, (size_t)((n + 2 * 64 - 1) / 64 * 64));
+}
+
+static inline void relu_row(float *restrict r, int64_t n) {
+    for (int64_t j = 0; j < n; j++) r[j] = r[j] < 0.0f ? 0.0f : r[j];  /* NaN stays NaN, as torch's relu */
+}
+
+/* One chunk of LANES values, written with GCC's vector extensions (plain C loops over a chunk get
+ * vectorised across chunks instead, into strided gathers): loads and stores may be unaligned. */
+typedef float vf __attribute__((vector_size(4 * LANES)));
+typedef int32_t vi __attribute__((vector_size(4 * LANES)));
+typedef uint8_t vb __attribute__((vector_size(LANES)));
+
+static inline vf ldf(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
+static inline void stf(float *p, vf v) { memcpy(p, &v, sizeof v); }
+static inline vb ldb(const uint8_t *p) { vb v; memcpy(&v, p, sizeof v); return v; }
+static inline void stb(uint8_t *p, vb v) { memcpy(p, &v, sizeof v); }
+static inline vf pick(vi m, vf a, vf b) { return (vf)(((vi)a & m) | ((vi)b & ~m)); }  /* m ? a : b */
+
+/* Horizontal max of one row: out[wo, c] = max(r[2wo, c], r[2wo+1, c]), bit[wo, c] = 1 when the right one
+ * wins (greater, or NaN), so a tie goes left as in torch's scan. */
+static inline void hmax_row(const float *restrict r, int64_t Wo, int64_t C, float *restrict out,
+                            uint8_t *restrict bit) {
+    for (int64_t wo = 0; wo < Wo; wo++)
+        for (int64_t c0 = 0; c0 < C; c0 += LANES) {
+            const vf a = ldf(r + 2 * wo * C + c0), b = ldf(r + (2 * wo + 1) * C + c0);
+            const vi t = (b > a) | (b != b);
+            stf(out + wo * C + c0, pick(t, b, a));
+            stb(bit + wo * C + c0, __builtin_convertvector(t & 1, vb));
+        }
+}
+
+/* The window max from the two rows' horizontal maxima (the bottom wins when greater or NaN): the position
+ * 0–3 as torch's scan order gives it, contiguous over Wo·C. */
+static inline void vmax_rows(const float *restrict h0, const uint8_t *restrict k0, const float *restrict h1,
+                             const uint8_t *restrict k1, int64_t n, float *restrict out, uint8_t *restrict ix) {
+    for (int64_t j = 0; j < n; j++) {
+        const int t = (h1[j] > h0[j]) | (h1[j] != h1[j]);
+        out[j] = t ? h1[j] : h0[j];
+        ix[j] = (uint8_t)(t ? 2 + k1[j] : k0[j]);
+    }
+}
+
+/* sum[c] += Σ_w r[w, c], sq[c] += Σ_w r[w, c]² over the W positions of a row (chunked: see above): float
+ * within the row, double across rows (batch norm's variance is E[x²] − E[x]², so it needs the sums to
+ * ~1e-7 of themselves; float sums over the whole tensor would not keep that). */
+static inline void add_stats(const float *restrict r, int64_t W, int64_t C, double *restrict sum,
+                             double *restrict sq) {
+    for (int64_t c0 = 0; c0 < C; c0 += LANES) {
+        vf s = {0}, q = {0};
+        for (int64_t w = 0; w < W; w++) {
+            const vf v = ldf(r + w * C + c0);
+            s += v;
+            q += v * v;
+        }
+        for (int l = 0; l < LANES && c0 + l < C; l++) { sum[c0 + l] += s[l]; sq[c0 + l] += q[l]; }
+    }
+}
+
+/* sum[c] += Σ_w g[w, c], dot[c] += Σ_w g[w, c]·p[w, c] over the W positions of a row (chunked). */
+static inline void add_products(const float *restrict g, const float *restrict p, int64_t W, int64_t C,
+                                float *restrict sum, float *restrict dot) {
+    for (int64_t c0 = 0; c0 < C; c0 += LANES) {
+        vf s = {0}, d = {0};
+        for (int64_t w = 0; w < W; w++) {
+            const vf u = ldf(g + w * C + c0);
+            s += u;
+            d += u * ldf(p + w * C + c0);
+        }
+        for (int l = 0; l < LANES && c0 + l < C; l++) { sum[c0 + l] += s[l]; dot[c0 + l] += d[l]; }
+    }
+}
+
+/* The pooled gradient spread over one input row: g[w, c] = gp[w/2, c] where (row bit `rb`, w & 1) is the
+ * window's max, else 0; 0 on an odd last column. */
+static inline void spread_row(const uint8_t *restrict ix, const float *restrict gp, int64_t W, int64_t C,
+                              int32_t rb, float *restrict g) {
+    const int64_t Wo = W / 2;
+    const vf zero = {0};
+    for (int64_t wo = 0; wo < Wo; wo++)
+        for (int32_t side = 0; side < 2; side++)  /* the left block's chunks, then the right's, which */
+            for (int64_t c0 = 0; c0 < C; c0 += LANES) {  /* overwrite what the left ones spilt */
+                const vi k = __builtin_convertvector(ldb(ix + wo * C + c0), vi);
+                stf(g + (2 * wo + side) * C + c0, pick(k == rb + side, ldf(gp + wo * C + c0), zero));
+            }
+    for (int64_t j = 2 * Wo * C; j < W * C; j++) g[j] = 0.0f;
+}
+
+/* pool_stats: pooled = max over each 2×2 window of v, idx = its position, where v = relu(y) when `relu`
+ * (else y); when `stats`, also the per-channel sum and sum of squares of v over the whole tensor (odd
+ * edge rows and columns included), into sums[0:C] and sums[C:2C] (double). */
+#define DEFINE_POOL_STATS(NAME, T, LOAD, STORE)                                                          \
+void NAME(const T *y, int64_t N, int64_t H, int64_t W, int64_t C, T *pooled, uint8_t *idx,           \
+          double *sums, int relu, int stats, int nthreads) {                                             \
+    const int64_t Ho = H / 2, Wo = W / 2, WC = W * C, PC = Wo * C;                                       \
+    if (nthreads < 1) nthreads = 1;                                                                      \
+    double *part = (double *)calloc((size_t)nthreads * 2 * C, sizeof(double));                           \
+    _Pragma("omp parallel num_threads(nthreads)")                                                        \
+    {                                                                                                    \
+        double *mine = part + (size_t)omp_get_thread_num() * 2 * C;                                      \
+        float *r0 = scratch(WC), *r1 = scratch(WC), *h0 = scratch(PC), *h1 = scratch(PC);                \
+        float *out = scratch(PC);                                                                        \
+        uint8_t *k0 = scratch_bytes(PC), *k1 = scratch_bytes(PC);                                        \
+        _Pragma("omp for schedule(static)")                                                              \
+        for (int64_t row = 0; row < N * Ho; row++) {                                                     \
+            const int64_t n = row / Ho, ho = row % Ho;                                                   \
+            const T *s0 = y + (n * H + 2 * ho) * WC, *s1 = s0 + WC;                                      \
+            for (int64_t j = 0; j < WC; j++) { r0[j] = LOAD(s0[j]); r1[j] = LOAD(s1[j]); }              \
+            if (relu) { relu_row(r0, WC); relu_row(r1, WC); }                                            \
+            hmax_row(r0, Wo, C, h0, k0);                                                                 \
+            hmax_row(r1, Wo, C, h1, k1);                                                                 \
+            vmax_rows(h0, k0, h1, k1, PC, out, idx + (n * Ho + ho) * PC);                                \
+            T *dst = pooled + (n * Ho + ho) * PC;                                                        \
+            for (int64_t j = 0; j < PC; j++) dst[j] = STORE(out[j]);                                     \
+            if (stats) {  /* whole rows (the odd last column included), still in cache */               \
+                add_stats(r0, W, C, mine, mine + C);                                                     \
+                add_stats(r1, W, C, mine, mine + C);                                                     \
+                if ((H & 1) && ho == Ho - 1) {  /* and the odd last row, which max-pool drops */         \
+                    const T *s2 = y + (n * H + H - 1) * WC;                                              \
+                    for (int64_t j = 0; j < WC; j++) r0[j] = LOAD(s2[j]);                                 \
+                    if (relu) relu_row(r0, WC);                                                          \
+                    add_stats(r0, W, C, mine, mine + C);                                                 \
+                }                                                                                        \
+            }                                                                                            \
+        }                                                                                                \
+        free(r0); free(r1); free(h0); free(h1); free(out); free(k0); free(k1);                           \
+    }                                                                                                    \
+    if (stats)                                                                                           \
+        for (int64_t c = 0; c < 2 * C; c++) {                                                            \
+            double s = 0.0;                                                                              \
+            for (int t = 0; t < nthreads; t++) s += part[(size_t)t * 2 * C + c];                         \
+            sums[c] = s;                                                                                 \
+        }                                                                                                \
+    free(part);                                                                                          \
+}
+
+/* A per-channel vector spread over a row of n = (positions)·C values: pattern[j] = v[j % C]. */
+static inline void spread_channels(const float *restrict v, int64_t n, int64_t C, float *restrict pattern) {
+    for (int64_t j = 0; j < n; j++) pattern[j] = v[j % C];
+}
+
+/* pool_affine: out = scale[c]·pooled + shift[c] over the pooled tensor (batch norm's affine, after the pool). */
+#define DEFINE_POOL_AFFINE(NAME, T, LOAD, STORE)                                                         \
+void NAME(const T *pooled, const float *scale, const float *shift, T *out, int64_t rows, int64_t PC,    \
+          int64_t C, int nthreads) {                                                                     \
+    if (nthreads < 1) nthreads = 1;                                                                      \
+    _Pragma("omp parallel num_threads(nthreads)")                                                        \
+    {                                                                                                    \
+        float *ss = scratch(PC), *sh = scratch(PC);                                                      \
+        spread_channels(scale, PC, C, ss);                                                               \
+        spread_channels(shift, PC, C, sh);                                                               \
+        _Pragma("omp for schedule(static)")                                                              \
+        for (int64_t row = 0; row < rows; row++) {                                                       \
+            const T *p = pooled + row * PC;                                                              \
+            T *q = out + row * PC;                                                                       \
+            for (int64_t j = 0; j < PC; j++) q[j] = STORE(LOAD(p[j]) * ss[j] + sh[j]);                   \
+        }                                                                                                \
+        free(ss); free(sh);                                                                              \
+    }                                                                                                    \
+}
+
+/* pool_grad_sums: per channel, Σ g and Σ g·pooled over the pooled tensor, into sums[0:C] and sums[C:2C]
+ * (double; float within a row) — what batch norm's backward needs for its bias and weight gradients. */
+#define DEFINE_POOL_GRAD_SUMS(NAME, T, LOAD)                                                             \
+void NAME(const T *g, const T *pooled, int64_t rows, int64_t Wo, int64_t C, double *sums, int nthreads) { \
+    const int64_t PC = Wo * C;                                                                           \
+    if (nthreads < 1) nthreads = 1;                                                                      \
+    double *part = (double *)calloc((size_t)nthreads * 2 * C, sizeof(double));                           \
+    _Pragma("omp parallel num_threads(nthreads)")                                                        \
+    {                                                                                                    \
+        double *mine = part + (size_t)omp_get_thread_num() * 2 * C;                                      \
+        float *gr = scratch(PC), *pr = scratch(PC), *sum = scratch(C), *dot = scratch(C);               \
+        _Pragma("omp for schedule(static)")                                                              \
+        for (int64_t row = 0; row < rows; row++) {                                                       \
+            const T *gs = g + row * PC, *ps = pooled + row * PC;                                         \
+            for (int64_t j = 0; j < PC; j++) { gr[j] = LOAD(gs[j]); pr[j] = LOAD(ps[j]); }               \
+            memset(sum, 0, sizeof(float) * C);                                                           \
+            memset(dot, 0, sizeof(float) * C);                                                           \
+            add_products(gr, pr, Wo, C, sum, dot);                                                       \
+            for (int64_t c = 0; c < C; c++) { mine[c] += sum[c]; mine[C + c] += dot[c]; }                \
+        }                                                                                                \
+        free(gr); free(pr); free(sum); free(dot);                                                        \
+    }                                                                                                    \
+    for (int64_t c = 0; c < 2 * C; c++) {                                                                \
+        double s = 0.0;                                                                                  \
+        for (int t = 0; t < nthreads; t++) s += part[(size_t)t * 2 * C + c];                             \
+        sums[c] = s;                                                                                     \
+    }                                                                                                    \
+    free(part);                                                                                          \
+}
+
+/* pool_backward: the gradient of ReLU → batch norm → max-pool with respect to y, for every element of y:
+ *   dy = 0 where not y > 0 (ReLU's mask, as torch's threshold_backward), else
+ *   dy = k[c]·y + b[c] + (a[c]·g[n, h/2, w/2, c] where (h, w) is its window's max, else 0)
+ * a, k and b carry batch norm's backward; g is the gradient of the block's output, (N, H/2, W/2, C). */
+#define DEFINE_POOL_BACKWARD(NAME, T, LOAD, STORE)                                                       \
+void NAME(const T *y, const uint8_t *idx, const T *g, const float *a, const float *k, const float *b,   \
+          T *dy, int64_t N, int64_t H, int64_t W, int64_t C, int nthreads) {                             \
+    const int64_t Ho = H / 2, WC = W * C, PC = (W / 2) * C;                                              \
+    if (nthreads < 1) nthreads = 1;                                                                      \
+    _Pragma("omp parallel num_threads(nthreads)")                                                        \
+    {                                                                                                    \
+        float *sp = scratch(WC), *gp = scratch(PC), *aa = scratch(PC), *kk = scratch(WC), *bb = scratch(WC); \
+        spread_channels(a, PC, C, aa);                                                                   \
+        spread_channels(k, WC, C, kk);                                                                   \
+        spread_channels(b, WC, C, bb);                                                                   \
+        _Pragma("omp for schedule(static)")                                                              \
+        for (int64_t row = 0; row < N * H; row++) {                                                      \
+            const int64_t n = row / H, h = row % H, ho = h / 2;                                          \
+            if (ho < Ho) {                                                                               \
+                const T *gs = g + (n * Ho + ho) * PC;                                                    \
+                for (int64_t j = 0; j < PC; j++) gp[j] = LOAD(gs[j]) * aa[j];                            \
+                spread_row(idx + (n * Ho + ho) * PC, gp, W, C, (int32_t)((h & 1) * 2), sp);              \
+            } else {                                                                                     \
+                memset(sp, 0, sizeof(float) * WC);                                                       \
+            }                                                                                            \
+            const T *p = y + row * WC;                                                                   \
+            T *q = dy + row * WC;                                                                        \
+            for (int64_t j = 0; j < WC; j++) {                                                           \
+                const float v = LOAD(p[j]);                                                              \
+                q[j] = STORE(v > 0.0f ? kk[j] * v + bb[j] + sp[j] : 0.0f);                               \
+            }                                                                                            \
+        }                                                                                                \
+        free(sp); free(gp); free(aa); free(kk); free(bb);                                                \
+    }                                                                                                    \
+}
+
+/* pool_scatter: the backward of relu(max-pool(y)): dy = g at each window's max where the pooled value is
+ * > 0 (ReLU's mask), 0 elsewhere (odd edges included). */
+#define DEFINE_POOL_SCATTER(NAME, T, LOAD, STORE)                                                        \
+void NAME(const uint8_t *idx, const T *g, const T *pooled, T *dy, int64_t N, int64_t H, int64_t W,      \
+          int64_t C, int nthreads) {                                                                     \
+    const int64_t Ho = H / 2, WC = W * C, PC = (W / 2) * C;                                              \
+    if (nthreads < 1) nthreads = 1;                                                                      \
+    _Pragma("omp parallel num_threads(nthreads)")                                                        \
+    {                                                                                                    \
+        float *sp = scratch(WC), *gp = scratch(PC);                                                      \
+        _Pragma("omp for schedule(static)")                                                              \
+        for (int64_t row = 0; row < N * H; row++) {                                                      \
+            const int64_t n = row / H, h = row % H, ho = h / 2;                                          \
+            if (ho < Ho) {                                                                               \
+                const T *gs = g + (n * Ho + ho) * PC, *ps = pooled + (n * Ho + ho) * PC;                 \
+                for (int64_t j = 0; j < PC; j++) gp[j] = LOAD(ps[j]) > 0.0f ? LOAD(gs[j]) : 0.0f;        \
+                spread_row(idx + (n * Ho + ho) * PC, gp, W, C, (int32_t)((h & 1) * 2), sp);              \
+            } else {                                                                                     \
+                memset(sp, 0, sizeof(float) * WC);                                                       \
+            }                                                                                            \
+            T *q = dy + row * WC;                                                                        \
+            for (int64_t j = 0; j < WC; j++) q[j] = STORE(sp[j]);                                        \
+        }                                                                                                \
+        free(sp); free(gp);                                                                              \
+    }                                                                                                    \
+}
+
+DEFINE_POOL_STATS(cnnlab_pool_stats_f32, float, f32_load, f32_store)
+DEFINE_POOL_STATS(cnnlab_pool_stats_bf16, uint16_t, bf16_load, bf16_store)
+DEFINE_POOL_BACKWARD(cnnlab_pool_backward_f32, float, f32_load, f32_store)
+DEFINE_POOL_BACKWARD(cnnlab_pool_backward_bf16, uint16_t, bf16_load, bf16_store)
+DEFINE_POOL_SCATTER(cnnlab_pool_scatter_f32, float, f32_load, f32_store)
+DEFINE_POOL_SCATTER(cnnlab_pool_scatter_bf16, uint16_t, bf16_load, bf16_store)
+DEFINE_POOL_AFFINE(cnnlab_pool_affine_f32, float, f32_load, f32_store)
+DEFINE_POOL_AFFINE(cnnlab_pool_affine_bf16, uint16_t, bf16_load, bf16_store)
+DEFINE_POOL_GRAD_SUMS(cnnlab_pool_grad_sums_f32, float, f32_load)
+DEFINE_POOL_GRAD_SUMS(cnnlab_pool_grad_sums_bf16, uint16_t, bf16_load)
+
+int cnnlab_native_version(void) { return 3; }

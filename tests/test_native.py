@@ -1,0 +1,212 @@
+"""cnnlab's native CPU kernels (models/native.py, native_kernels.c): built once per machine, checked against
+torch's modules on the shapes that stress them (channel counts below, at and above a 16-lane chunk, odd
+sizes, ties), and a machine without a C compiler falls back to the torch-op path and says so."""
+
+from __future__ import annotations
+
+import copy
+import os
+import stat
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cnnlab.models import native, set_fusion
+from cnnlab.models.fused import FusedSequential
+from cnnlab.training.runtime import Runtime
+
+
+@pytest.fixture(autouse=True, scope="module")
+def kernels():
+    if native.library() is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"the native kernels must build on CI: {native.why_not()}")
+        pytest.skip(f"no native kernels here: {native.why_not()}")
+    yield
+
+
+@pytest.fixture
+def elsewhere(tmp_path, monkeypatch):
+    """A fresh kernel cache and a forgotten library; the real one is loaded again afterwards."""
+    monkeypatch.setenv("CNNLAB_CACHE", str(tmp_path / "cache"))
+    native.reset()
+    yield tmp_path
+    monkeypatch.undo()
+    native.reset()
+    assert native.library() is not None
+
+
+SHAPES = [(4, 32, 28, 28), (3, 10, 9, 7), (2, 1, 6, 6), (2, 20, 8, 10), (2, 37, 5, 4)]  # C < 16, = 2×16, > 16…
+
+
+def _grid(shape, dtype, seed=0):
+    """Values on a coarse grid: ties inside pooling windows, zeros and all-negative windows."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randint(-6, 7, shape, generator=g).float() / 4).contiguous(memory_format=torch.channels_last).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_relu_maxpool_is_torchs_bit_for_bit(shape, dtype):
+    x = _grid(shape, dtype)
+    g = _grid((shape[0], shape[1], shape[2] // 2, shape[3] // 2), dtype, seed=1)
+    outs = {}
+    for use_native in (True, False):
+        xi = x.clone().requires_grad_()
+        seq = FusedSequential(nn.ReLU(inplace=True), nn.MaxPool2d(2))
+        set_fusion(seq, None, use_native)
+        out = seq(xi * 1)
+        assert ("Native" in type(out.grad_fn).__name__) == use_native
+        out.backward(g)
+        outs[use_native] = (out, xi.grad)
+    assert outs[True][0].dtype == dtype and outs[True][0].is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(outs[True][0], outs[False][0])
+    assert torch.equal(outs[True][1], outs[False][1])  # ties: the first max in torch's scan order gets it
+
+
+def _bn_block(c: int) -> FusedSequential:
+    torch.manual_seed(c)
+    seq = FusedSequential(nn.ReLU(inplace=True), nn.BatchNorm2d(c), nn.MaxPool2d(2))
+    with torch.no_grad():
+        seq[1].weight.uniform_(0.5, 1.5)
+        seq[1].bias.uniform_(-0.5, 0.5)
+    return seq
+
+
+def _run(seq, x, g, dtype, fuse, use_native):
+    seq = copy.deepcopy(seq)
+    set_fusion(seq, fuse, use_native)
+    xi = x.detach().to(dtype, copy=True).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        out = seq(xi * 1)
+    out.backward(g.to(out.dtype))
+    return out, xi.grad, seq[1].weight.grad, seq[1].bias.grad, seq[1].running_var
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_relu_batchnorm_maxpool_float32_matches_the_modules(shape):
+    x = torch.randn(shape).contiguous(memory_format=torch.channels_last)
+    g = torch.randn(shape[0], shape[1], shape[2] // 2, shape[3] // 2)
+    seq = _bn_block(shape[1])
+    ref, got = _run(seq, x, g, torch.float32, False, False), _run(seq, x, g, torch.float32, True, True)
+    assert "Native" in type(got[0].grad_fn).__name__
+    for name, a, b in zip(("output", "input grad", "γ grad", "β grad", "running var"), got, ref):
+        assert _rel(a, b) < 1e-5, name
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_relu_batchnorm_maxpool_bf16_is_closer_to_float32_than_torchs_bf16(shape):
+    """Under bf16 autocast the native block computes its statistics, affine and gradients in float from the
+    bf16 activation, rounding once at the end; torch's bf16 modules round after each module, and its max-pool
+    then picks among ties the rounding made. Both against the float32 modules on the same bf16 input."""
+    x = torch.randn(shape).contiguous(memory_format=torch.channels_last).bfloat16().float()
+    g = torch.randn(shape[0], shape[1], shape[2] // 2, shape[3] // 2).bfloat16().float()
+    seq = _bn_block(shape[1])
+    exact = _run(seq, x, g, torch.float32, False, False)
+    torch_bf16 = _run(seq, x, g, torch.bfloat16, False, False)
+    native_bf16 = _run(seq, x, g, torch.bfloat16, True, True)
+    assert native_bf16[0].dtype == torch.bfloat16 and "Native" in type(native_bf16[0].grad_fn).__name__
+    for i, name in enumerate(("output", "input grad", "γ grad", "β grad")):
+        ours, theirs = _rel(native_bf16[i], exact[i]), _rel(torch_bf16[i], exact[i])
+        assert ours < 0.01, name
+        assert ours <= 1.5 * theirs + 1e-3, (name, ours, theirs)
+
+
+def test_odd_sizes_count_in_the_statistics_and_get_no_pooled_gradient():
+    x = torch.randn(2, 5, 7, 9).contiguous(memory_format=torch.channels_last)
+    g = torch.randn(2, 5, 3, 4)
+    got = _run(_bn_block(5), x, g, torch.float32, True, True)
+    ref = _run(_bn_block(5), x, g, torch.float32, False, False)
+    assert _rel(got[4], ref[4]) < 1e-6  # the last row and column are in batch norm's statistics
+    assert _rel(got[1], ref[1]) < 1e-5  # and their gradient is batch norm's alone
+
+
+def test_the_kernels_are_built_once_and_kept(elsewhere):
+    assert native.library() is not None
+    built = list((elsewhere / "cache" / "native").glob("cnnlab_kernels-*.so"))
+    assert len(built) == 1
+    before = built[0].stat().st_mtime_ns
+    native.reset()
+    assert native.library() is not None
+    assert list((elsewhere / "cache" / "native").glob("*")) == built and built[0].stat().st_mtime_ns == before
+    assert Runtime("cpu").reasons["native"].startswith("on: compiled for this CPU with ")
+
+
+def test_without_a_compiler_the_torch_path_runs_and_env_says_why(elsewhere, monkeypatch):
+    monkeypatch.setenv("CC", str(elsewhere / "no-such-cc"))
+    assert native.library() is None and "no C compiler" in native.why_not()
+    r = Runtime("cpu")
+    assert r.fused is True and r.native is False
+    assert r.describe()["defaults_because"]["native"].startswith("off: no C compiler")
+    with pytest.raises(RuntimeError, match="train.native=true but the native kernels cannot be built here"):
+        Runtime("cpu", native=True)
+    seq = _bn_block(4)
+    out = seq(torch.randn(2, 4, 8, 8).contiguous(memory_format=torch.channels_last))
+    assert type(out.grad_fn).__name__ == "_ReLUBatchNormMaxPoolBackward"  # the fused torch-op path
+
+
+def test_a_failing_compiler_is_reported_with_its_message(elsewhere, monkeypatch):
+    cc = elsewhere / "broken-cc"
+    cc.write_text('#!/bin/sh\nif [ "$1" = --version ]; then echo "broken-cc 1.0"; exit 0; fi\n'
+                  'echo "broken-cc: cannot compile today" >&2; exit 1\n')
+    cc.chmod(cc.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("CC", str(cc))
+    assert native.library() is None
+    assert "broken-cc failed: broken-cc: cannot compile today" in native.why_not()
+    assert not list((elsewhere / "cache" / "native").glob("*"))  # nothing half-written left behind
+
+
+def test_switches_reach_the_model_and_env(tmp_path):
+    from conftest import fit_run
+
+    tiny = {"data.max_per_class": 40, "data.batch_size": 64, "train.epochs": 1, "train.seed": 0,
+            "model.name": "harahap-cnn"}
+    on = fit_run(tiny, out=tmp_path / "on")
+    off = fit_run(dict(tiny, **{"train.native": False}), out=tmp_path / "off")
+    unfused = fit_run(dict(tiny, **{"train.fused": False}), out=tmp_path / "unfused")
+    assert on.env["native"] is True and on.env["defaults_because"]["native"].startswith("on:")
+    assert off.env["native"] is False and "native" not in off.env["defaults_because"]
+    assert unfused.env["native"] is False
+    assert unfused.env["defaults_because"]["native"] == "off with the fused blocks (train.fused=false)"
+    from cnnlab.config import load_config
+    from cnnlab.experiment import build_experiment
+    from cnnlab.training.progress import ProgressLogger
+
+    for overrides, want in ((tiny, None), (dict(tiny, **{"train.native": False}), False)):
+        built = build_experiment(load_config(None, [f"{k}={v}" for k, v in overrides.items()]), ProgressLogger("none"))
+        assert built.model.backbone.native is (want if want is False else True)
+
+
+def test_a_training_step_under_bf16_reaches_the_same_loss_as_float32():
+    """The first paper's net on the built-in silhouettes: ten steps of Adam in bf16-mixed through the native
+    kernels end at the loss the float32 modules reach, within bf16's rounding."""
+    from cnnlab.data import load_source
+    from cnnlab.models import create_model
+
+    ds = load_source("animal-shapes", max_per_class=26)
+    x = ((torch.as_tensor(ds.images[:256]).float() / 255 - 0.2) / 0.4).contiguous(memory_format=torch.channels_last)
+    y = torch.as_tensor(ds.labels[:256])
+    torch.manual_seed(0)
+    m0 = create_model("harahap-cnn", num_classes=10, in_channels=1, image_size=28, dropout=0.0)
+    m0 = m0.to(memory_format=torch.channels_last)
+    losses = {}
+    for name, (fuse, use_native, bf16) in {"fp32 modules": (False, False, False),
+                                           "bf16 native": (True, True, True)}.items():
+        m = copy.deepcopy(m0)
+        set_fusion(m, fuse, use_native)
+        opt = torch.optim.Adam(m.parameters(), lr=1e-3)
+        for _ in range(10):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss = F.cross_entropy(m(x).float(), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        losses[name] = loss.item()
+    assert losses["bf16 native"] == pytest.approx(losses["fp32 modules"], rel=0.03)
+    assert losses["fp32 modules"] < 1.5  # it learned: ln 10 = 2.30 at the start
