@@ -123,7 +123,7 @@ static inline void add_products(const float *restrict g, const float *restrict p
 }
 
 /* The pooled gradient spread over one input row: g[w, c] = gp[w/2, c] where (row bit `rb`, w & 1) is the
- * window's max, else 0; 0 on an odd last column. */
+ * window's max, else 0; 0 on an odd last column. ix and gp are padded scratch rows (chunks read past them). */
 static inline void spread_row(const uint8_t *restrict ix, const float *restrict gp, int64_t W, int64_t C,
                               int32_t rb, float *restrict g) {
     const int64_t Wo = W / 2;
@@ -252,6 +252,7 @@ void NAME(const T *y, const uint8_t *idx, const T *g, const float *a, const floa
     _Pragma("omp parallel num_threads(nthreads)")                                                        \
     {                                                                                                    \
         float *sp = scratch(WC), *gp = scratch(PC), *aa = scratch(PC), *kk = scratch(WC), *bb = scratch(WC); \
+        uint8_t *kx = scratch_bytes(PC);                                                                 \
         spread_channels(a, PC, C, aa);                                                                   \
         spread_channels(k, WC, C, kk);                                                                   \
         spread_channels(b, WC, C, bb);                                                                   \
@@ -261,7 +262,8 @@ void NAME(const T *y, const uint8_t *idx, const T *g, const float *a, const floa
             if (ho < Ho) {                                                                               \
                 const T *gs = g + (n * Ho + ho) * PC;                                                    \
                 for (int64_t j = 0; j < PC; j++) gp[j] = LOAD(gs[j]) * aa[j];                            \
-                spread_row(idx + (n * Ho + ho) * PC, gp, W, C, (int32_t)((h & 1) * 2), sp);              \
+                memcpy(kx, idx + (n * Ho + ho) * PC, (size_t)PC);  /* padded: chunks read past the row */ \
+                spread_row(kx, gp, W, C, (int32_t)((h & 1) * 2), sp);                                    \
             } else {                                                                                     \
                 memset(sp, 0, sizeof(float) * WC);                                                       \
             }                                                                                            \
@@ -272,7 +274,7 @@ void NAME(const T *y, const uint8_t *idx, const T *g, const float *a, const floa
                 q[j] = STORE(v > 0.0f ? kk[j] * v + bb[j] + sp[j] : 0.0f);                               \
             }                                                                                            \
         }                                                                                                \
-        free(sp); free(gp); free(aa); free(kk); free(bb);                                                \
+        free(sp); free(gp); free(aa); free(kk); free(bb); free(kx);                                      \
     }                                                                                                    \
 }
 
@@ -286,20 +288,22 @@ void NAME(const uint8_t *idx, const T *g, const T *pooled, T *dy, int64_t N, int
     _Pragma("omp parallel num_threads(nthreads)")                                                        \
     {                                                                                                    \
         float *sp = scratch(WC), *gp = scratch(PC);                                                      \
+        uint8_t *kx = scratch_bytes(PC);                                                                 \
         _Pragma("omp for schedule(static)")                                                              \
         for (int64_t row = 0; row < N * H; row++) {                                                      \
             const int64_t n = row / H, h = row % H, ho = h / 2;                                          \
             if (ho < Ho) {                                                                               \
                 const T *gs = g + (n * Ho + ho) * PC, *ps = pooled + (n * Ho + ho) * PC;                 \
                 for (int64_t j = 0; j < PC; j++) gp[j] = LOAD(ps[j]) > 0.0f ? LOAD(gs[j]) : 0.0f;        \
-                spread_row(idx + (n * Ho + ho) * PC, gp, W, C, (int32_t)((h & 1) * 2), sp);              \
+                memcpy(kx, idx + (n * Ho + ho) * PC, (size_t)PC);  /* padded: chunks read past the row */ \
+                spread_row(kx, gp, W, C, (int32_t)((h & 1) * 2), sp);                                    \
             } else {                                                                                     \
                 memset(sp, 0, sizeof(float) * WC);                                                       \
             }                                                                                            \
             T *q = dy + row * WC;                                                                        \
             for (int64_t j = 0; j < WC; j++) q[j] = STORE(sp[j]);                                        \
         }                                                                                                \
-        free(sp); free(gp);                                                                              \
+        free(sp); free(gp); free(kx);                                                                    \
     }                                                                                                    \
 }
 
