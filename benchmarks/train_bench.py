@@ -116,7 +116,7 @@ def run_cnnlab(task: str, epochs: int, data: Path, overrides: tuple[str, ...] = 
     r = b.runtime.describe()
     return {"epoch_s": epoch_s, "test_acc": acc, "n_train": b.data.train.num_samples,
             "settings": f"threads {r['threads']}, channels_last {r['channels_last']}, precision {r['precision']}, "
-                        f"fused {r['fused']}, reuse_memory {r['reuse_memory']}"}
+                        f"fused {r['fused']}, native {r.get('native')}, reuse_memory {r['reuse_memory']}"}
 
 
 def _torch_pipeline(task: str, data: Path, per_sample_aug: bool):
