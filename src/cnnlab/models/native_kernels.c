@@ -108,9 +108,10 @@ static inline void add_stats(const float *restrict r, int64_t W, int64_t C, doub
     }
 }
 
-/* sum[c] += Σ_w g[w, c], dot[c] += Σ_w g[w, c]·p[w, c] over the W positions of a row (chunked). */
+/* sum[c] += Σ_w g[w, c], dot[c] += Σ_w g[w, c]·p[w, c] over the W positions of a row (chunked; float
+ * within the row, double across rows, as add_stats). */
 static inline void add_products(const float *restrict g, const float *restrict p, int64_t W, int64_t C,
-                                float *restrict sum, float *restrict dot) {
+                                double *restrict sum, double *restrict dot) {
     for (int64_t c0 = 0; c0 < C; c0 += LANES) {
         vf s = {0}, d = {0};
         for (int64_t w = 0; w < W; w++) {
@@ -122,18 +123,37 @@ static inline void add_products(const float *restrict g, const float *restrict p
     }
 }
 
+/* sums[j] = Σ_t part[t·n + j]: the threads' partial sums, added in a fixed order. */
+static void sum_parts(const double *part, int nthreads, int64_t n, double *sums) {
+    for (int64_t j = 0; j < n; j++) {
+        double s = 0.0;
+        for (int t = 0; t < nthreads; t++) s += part[(size_t)t * n + j];
+        sums[j] = s;
+    }
+}
+
 /* The pooled gradient spread over one input row: g[w, c] = gp[w/2, c] where (row bit `rb`, w & 1) is the
  * window's max, else 0; 0 on an odd last column. ix and gp are padded scratch rows (chunks read past them). */
 static inline void spread_row(const uint8_t *restrict ix, const float *restrict gp, int64_t W, int64_t C,
                               int32_t rb, float *restrict g) {
     const int64_t Wo = W / 2;
     const vf zero = {0};
-    for (int64_t wo = 0; wo < Wo; wo++)
-        for (int32_t side = 0; side < 2; side++)  /* the left block's chunks, then the right's, which */
-            for (int64_t c0 = 0; c0 < C; c0 += LANES) {  /* overwrite what the left ones spilt */
+    if (C % LANES == 0) {  /* whole chunks: both sides from one load */
+        for (int64_t wo = 0; wo < Wo; wo++)
+            for (int64_t c0 = 0; c0 < C; c0 += LANES) {
                 const vi k = __builtin_convertvector(ldb(ix + wo * C + c0), vi);
-                stf(g + (2 * wo + side) * C + c0, pick(k == rb + side, ldf(gp + wo * C + c0), zero));
+                const vf p = ldf(gp + wo * C + c0);
+                stf(g + 2 * wo * C + c0, pick(k == rb, p, zero));
+                stf(g + (2 * wo + 1) * C + c0, pick(k == rb + 1, p, zero));
             }
+    } else {
+        for (int64_t wo = 0; wo < Wo; wo++)
+            for (int32_t side = 0; side < 2; side++)  /* the left block's chunks, then the right's, which */
+                for (int64_t c0 = 0; c0 < C; c0 += LANES) {  /* overwrite what the left ones spilt */
+                    const vi k = __builtin_convertvector(ldb(ix + wo * C + c0), vi);
+                    stf(g + (2 * wo + side) * C + c0, pick(k == rb + side, ldf(gp + wo * C + c0), zero));
+                }
+    }
     for (int64_t j = 2 * Wo * C; j < W * C; j++) g[j] = 0.0f;
 }
 
@@ -176,12 +196,7 @@ void NAME(const T *y, int64_t N, int64_t H, int64_t W, int64_t C, T *pooled, uin
         }                                                                                                \
         free(r0); free(r1); free(h0); free(h1); free(out); free(k0); free(k1);                           \
     }                                                                                                    \
-    if (stats)                                                                                           \
-        for (int64_t c = 0; c < 2 * C; c++) {                                                            \
-            double s = 0.0;                                                                              \
-            for (int t = 0; t < nthreads; t++) s += part[(size_t)t * 2 * C + c];                         \
-            sums[c] = s;                                                                                 \
-        }                                                                                                \
+    if (stats) sum_parts(part, nthreads, 2 * C, sums);                                                   \
     free(part);                                                                                          \
 }
 
@@ -211,7 +226,7 @@ void NAME(const T *pooled, const float *scale, const float *shift, T *out, int64
 }
 
 /* pool_grad_sums: per channel, Σ g and Σ g·pooled over the pooled tensor, into sums[0:C] and sums[C:2C]
- * (double; float within a row) — what batch norm's backward needs for its bias and weight gradients. */
+ * (double) — what batch norm's backward needs for its bias and weight gradients. */
 #define DEFINE_POOL_GRAD_SUMS(NAME, T, LOAD)                                                             \
 void NAME(const T *g, const T *pooled, int64_t rows, int64_t Wo, int64_t C, double *sums, int nthreads) { \
     const int64_t PC = Wo * C;                                                                           \
@@ -220,23 +235,16 @@ void NAME(const T *g, const T *pooled, int64_t rows, int64_t Wo, int64_t C, doub
     _Pragma("omp parallel num_threads(nthreads)")                                                        \
     {                                                                                                    \
         double *mine = part + (size_t)omp_get_thread_num() * 2 * C;                                      \
-        float *gr = scratch(PC), *pr = scratch(PC), *sum = scratch(C), *dot = scratch(C);               \
+        float *gr = scratch(PC), *pr = scratch(PC);                                                      \
         _Pragma("omp for schedule(static)")                                                              \
         for (int64_t row = 0; row < rows; row++) {                                                       \
             const T *gs = g + row * PC, *ps = pooled + row * PC;                                         \
             for (int64_t j = 0; j < PC; j++) { gr[j] = LOAD(gs[j]); pr[j] = LOAD(ps[j]); }               \
-            memset(sum, 0, sizeof(float) * C);                                                           \
-            memset(dot, 0, sizeof(float) * C);                                                           \
-            add_products(gr, pr, Wo, C, sum, dot);                                                       \
-            for (int64_t c = 0; c < C; c++) { mine[c] += sum[c]; mine[C + c] += dot[c]; }                \
+            add_products(gr, pr, Wo, C, mine, mine + C);                                                 \
         }                                                                                                \
-        free(gr); free(pr); free(sum); free(dot);                                                        \
+        free(gr); free(pr);                                                                              \
     }                                                                                                    \
-    for (int64_t c = 0; c < 2 * C; c++) {                                                                \
-        double s = 0.0;                                                                                  \
-        for (int t = 0; t < nthreads; t++) s += part[(size_t)t * 2 * C + c];                             \
-        sums[c] = s;                                                                                     \
-    }                                                                                                    \
+    sum_parts(part, nthreads, 2 * C, sums);                                                              \
     free(part);                                                                                          \
 }
 

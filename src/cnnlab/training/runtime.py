@@ -35,28 +35,6 @@ class Precision:
     def __str__(self) -> str:
         return self.name
 
-    def _native(self, wanted: bool | None, cpu: bool) -> bool:
-        """Whether the fused blocks run through the compiled kernels (compiling them now if need be)."""
-        from ..models import native
-
-        if wanted is False:
-            return False
-        if not cpu:
-            if wanted:
-                raise RuntimeError("train.native=true: the native kernels are CPU kernels; use train.native=null "
-                                   "or false on CUDA")
-            self.reasons["native"] = "off on CUDA: CPU kernels"
-            return False
-        if native.library() is None:
-            if wanted:
-                raise RuntimeError(f"train.native=true but the native kernels cannot be built here: "
-                                   f"{native.why_not()} (train.native=null takes the torch-op path instead)")
-            self.reasons["native"] = f"off: {native.why_not()}; the fused blocks use torch's ops"
-            return False
-        if wanted is None:
-            self.reasons["native"] = f"on: compiled for this CPU with {native.compiler_name()}"
-        return True
-
     def autocast(self):
         """Mixed-precision context for forward + loss; a no-op at "32"."""
         if self.name == "32":
