@@ -56,7 +56,8 @@ def compiler() -> str | None:
 
 def _compiler_version(cc: str) -> str:
     out = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60)
-    return (out.stdout or out.stderr).splitlines()[0] if out.returncode == 0 else ""
+    lines = (out.stdout or out.stderr).splitlines()
+    return lines[0] if out.returncode == 0 and lines else ""
 
 
 def _build(cc: str) -> Path:
@@ -77,6 +78,7 @@ def _build(cc: str) -> Path:
         done = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
             raise RuntimeError(f"{cc} failed: {(done.stderr or done.stdout).strip()[-800:]}")
+        os.chmod(tmp, 0o755)  # mkstemp's 0600 would keep a shared cache's build from other users
         os.replace(tmp, out)
     finally:
         if os.path.exists(tmp):
@@ -112,8 +114,8 @@ def library() -> ctypes.CDLL | None:
         lib = ctypes.CDLL(str(_build(cc)))
         _declare(lib)
         _LIB = lib
-    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-        _WHY = str(e) or type(e).__name__
+    except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as e:
+        _WHY = str(e) or type(e).__name__  # AttributeError: a kernel missing from the library
     return _LIB
 
 
