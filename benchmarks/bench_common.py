@@ -6,6 +6,7 @@ import os
 import platform
 import statistics
 import sys
+import time
 from pathlib import Path
 
 
@@ -100,3 +101,15 @@ def write_section(path: Path, section: str, start: str, end: str) -> None:
     else:
         text = text.rstrip("\n") + "\n\n" + section
     path.write_text(text, encoding="utf-8")
+
+
+def median_ms(fn, repeats: int, warmup: int = 1) -> float:
+    """Median wall time of `fn()` in ms over `repeats` calls, after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1000

@@ -16,27 +16,16 @@ Medians of --repeats timings after a warm-up; bf16 rows only where the CPU has n
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import machine, machine_line, markers, publish  # noqa: E402
+from bench_common import machine, machine_line, markers, median_ms, publish  # noqa: E402
 
 START, END = markers("cpu-kernels-bench")  # a section per CPU kind
 # (channels, side, kernel, stride): EfficientNet-Lite0's depthwise layer kinds at 224 px (TF "same" padding)
 LAYERS = [(96, 113, 3, 2), (144, 56, 3, 1), (144, 59, 5, 2), (240, 28, 5, 1)]
-
-
-def _median_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1000
 
 
 def layer_times(repeats: int) -> list[dict]:
@@ -53,9 +42,9 @@ def layer_times(repeats: int) -> list[dict]:
             def grads(which):
                 return lambda: torch.ops.aten.convolution_backward(g, x, w, None, [s, s], [0, 0], [1, 1], False,
                                                                    [0, 0], c, which)
-            row[f"fwd_{tag}"] = _median_ms(lambda: torch.nn.functional.conv2d(x, w, None, s, 0, 1, c), repeats)
-            row[f"gi_{tag}"] = _median_ms(grads([True, False, False]), repeats)
-            row[f"gw_{tag}"] = _median_ms(grads([False, True, False]), repeats)
+            row[f"fwd_{tag}"] = median_ms(lambda: torch.nn.functional.conv2d(x, w, None, s, 0, 1, c), repeats)
+            row[f"gi_{tag}"] = median_ms(grads([True, False, False]), repeats)
+            row[f"gw_{tag}"] = median_ms(grads([False, True, False]), repeats)
         rows.append(row)
     return rows
 
@@ -79,7 +68,7 @@ def step_rate(name: str, fused: bool, repeats: int) -> float:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    return 32 / (_median_ms(step, repeats) / 1000)
+    return 32 / (median_ms(step, repeats) / 1000)
 
 
 def pass_sizes(repeats: int) -> dict:
@@ -101,7 +90,7 @@ def pass_sizes(repeats: int) -> dict:
                 with torch.no_grad(), runtime.autocast():
                     for part in x.split(n):
                         model(part)
-            rates[n] = 64 / (_median_ms(run, repeats) / 1000)
+            rates[n] = 64 / (median_ms(run, repeats) / 1000)
         out[precision] = (rates, inference_chunk(model, x, runtime))
     return out
 
