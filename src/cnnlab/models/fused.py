@@ -53,6 +53,14 @@ def _plane_view(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
     return t.permute(0, 2, 3, 1).reshape(n, -1, c) if channels_last else t.reshape(n, c, -1)
 
 
+def _bn_grad_terms(weight, invstd, mean, dweight, dbias, m: int):
+    """Batch norm's input gradient, per channel, as dy = a·dz + k·x + b over the m values it normalised."""
+    a = weight * invstd                      # ∂(output)/∂(relu output) at the pooled positions
+    k = -a * invstd * dweight / m            # the x̂·mean(dz·x̂) term, per unit of relu output
+    b = -a * dbias / m - k * mean            # the mean(dz) term, with k's centring
+    return a, k, b
+
+
 class _ReLUBatchNormMaxPool(torch.autograd.Function):
     """maxpool2(batchnorm_train(relu(y))) with γ > 0; y (the conv output) is overwritten by relu(y)."""
 
@@ -81,9 +89,7 @@ class _ReLUBatchNormMaxPool(torch.autograd.Function):
         xhat = (pooled - mean.view(1, -1, 1, 1)) * invstd.view(1, -1, 1, 1)
         dbias = grad.sum((0, 2, 3))
         dweight = (grad * xhat).sum((0, 2, 3))
-        a = weight * invstd                      # ∂(output)/∂(relu output) at the pooled positions
-        k = -a * invstd * dweight / m            # the x̂·mean(dz·x̂) term, per unit of relu output
-        b = -a * dbias / m - k * mean            # the mean(dz) term, with k's centring
+        a, k, b = _bn_grad_terms(weight, invstd, mean, dweight, dbias, m)
         cl = is_channels_last(r)  # d in one of the two layouts _plane_view can view without a copy
         d = torch.empty_like(r, memory_format=torch.channels_last if cl else torch.contiguous_format)
         torch.addcmul(b.view(1, -1, 1, 1), r, k.view(1, -1, 1, 1), out=d)
@@ -126,9 +132,7 @@ class _NativeReLUBatchNormMaxPool(torch.autograd.Function):
         sum_g, sum_gp = native.pool_grad_sums(grad, pooled)
         dbias = sum_g.float()
         dweight = ((sum_gp - mean.double() * sum_g) * invstd.double()).float()  # Σ g·x̂
-        a = weight * invstd                      # as in _ReLUBatchNormMaxPool.backward
-        k = -a * invstd * dweight / m
-        b = -a * dbias / m - k * mean
+        a, k, b = _bn_grad_terms(weight, invstd, mean, dweight, dbias, m)
         return native.pool_backward(y, idx, grad, a, k, b), dweight, dbias, None, None, None, None
 
 

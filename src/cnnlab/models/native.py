@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from ..data.dataset import cache_dir
 from ..hardware import cpu_flags
 
 SOURCE = Path(__file__).with_name("native_kernels.c")
@@ -42,8 +43,8 @@ _BUILT_WITH = ""  # the compiler's --version line of the loaded library
 
 
 def cache_folder() -> Path:
-    """Where compiled kernels are kept: $CNNLAB_CACHE/native, else ~/.cache/cnnlab/native."""
-    return Path(os.environ.get("CNNLAB_CACHE") or Path.home() / ".cache" / "cnnlab") / "native"
+    """Where compiled kernels are kept: `native` in cnnlab's cache ($CNNLAB_CACHE, else ~/.cache/cnnlab)."""
+    return cache_dir() / "native"
 
 
 def compiler() -> str | None:
