@@ -10,12 +10,14 @@ import pickle
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 import cnnlab
 from cnnlab.experiment import split_fractions
 from cnnlab.config import load_config
 from cnnlab.data import DataError, augment_batch, load_source, prepare, stratified_split
+from cnnlab.data.augment import affine_grid
 from cnnlab.data.loader import expand_offline
 from cnnlab.data.stream import fit_normalizer
 from cnnlab.data.sources import ANIMAL5_CLASSES, ANIMAL_CLASSES, read_animal_pickle
@@ -435,6 +437,20 @@ def test_translate_and_scale_change_images_but_not_range():
     y = augment_batch(x, _g(), translate=0.2, scale=0.2)
     assert not torch.allclose(x, y)
     assert float(y.min()) >= -1e-6 and float(y.max()) <= 1 + 1e-6  # bilinear, border padding
+
+
+@pytest.mark.parametrize("b, h, w", [(128, 28, 28), (3, 17, 40), (1, 1, 5), (5, 64, 9)])
+def test_affine_grid_is_torchs(b, h, w):
+    """cnnlab's grid (one matrix product) gives torch's F.affine_grid(align_corners=False), non-square and odd
+    sizes included, and the warp sampled from it is torch's warp."""
+    theta = torch.randn(b, 2, 3, generator=_g(b), dtype=torch.float64)
+    ours = affine_grid(theta, [b, 3, h, w])
+    assert ours.shape == (b, h, w, 2) and ours.is_contiguous()
+    torch.testing.assert_close(ours, F.affine_grid(theta, [b, 3, h, w], align_corners=False), rtol=0, atol=1e-12)
+    x = torch.rand(b, 3, h, w, generator=_g(7))
+    grid32, theirs = affine_grid(theta.float(), [b, 3, h, w]), F.affine_grid(theta.float(), [b, 3, h, w], align_corners=False)
+    torch.testing.assert_close(F.grid_sample(x, grid32, align_corners=False),
+                               F.grid_sample(x, theirs, align_corners=False), rtol=0, atol=1e-5)
 
 
 # --------------------------------------------------------------------------- offline expansion

@@ -12,6 +12,20 @@ import torch
 import torch.nn.functional as F
 
 
+def affine_grid(theta: torch.Tensor, size: list[int]) -> torch.Tensor:
+    """F.affine_grid(theta, size, align_corners=False), as one small matrix product: the (H·W, 3) pixel centres
+    times all B of theta's (2, 3) maps at once. Written by hand because torch's CPU affine_grid is a batched
+    product with an inner size of 3 that spent ~1 ms on a batch of 128 28×28 images (~6 % of a training step of
+    the first paper's net on AMD EPYC, 2 threads) where this takes ~0.15 ms; tests/test_augment.py checks it
+    against torch's."""
+    b, _, h, w = size
+    xs = (torch.arange(w, dtype=theta.dtype, device=theta.device) * 2 + 1) / w - 1  # pixel centres in [-1, 1]
+    ys = (torch.arange(h, dtype=theta.dtype, device=theta.device) * 2 + 1) / h - 1
+    base = torch.stack([xs.expand(h, w), ys.view(h, 1).expand(h, w), torch.ones_like(xs).expand(h, w)], -1)
+    grid = base.view(h * w, 3) @ theta.reshape(b * 2, 3).T  # (H·W, B·2)
+    return grid.view(h, w, b, 2).permute(2, 0, 1, 3).contiguous()  # grid_sample reads a contiguous grid faster
+
+
 def _uniform(n: int, bound: float, g: torch.Generator, device) -> torch.Tensor:
     return (torch.rand(n, generator=g, device=device) * 2 - 1) * bound
 
@@ -36,5 +50,5 @@ def augment_batch(x: torch.Tensor, g: torch.Generator, *, rotation: float = 0.0,
     # theta maps output coordinates (in [-1, 1]) to input coordinates: (B, 2, 3)
     theta = torch.stack([torch.stack([cos, -sin, 2 * shift[:, 0]], 1),
                          torch.stack([sin, cos, 2 * shift[:, 1]], 1)], 1).to(x.dtype)
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    grid = affine_grid(theta, list(x.shape))
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)

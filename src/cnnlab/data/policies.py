@@ -18,6 +18,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .augment import affine_grid
+
 GRAY = torch.tensor([0.299, 0.587, 0.114])  # ITU-R 601 luma weights
 
 
@@ -33,7 +35,7 @@ def _blend(a: torch.Tensor, b: torch.Tensor, factor: torch.Tensor) -> torch.Tens
 
 
 def _affine(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+    grid = affine_grid(theta.to(x.dtype), list(x.shape))
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
