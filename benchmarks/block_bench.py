@@ -9,6 +9,10 @@ In fp32, and in bf16 (the activation in bf16 under CPU autocast) where the CPU h
 the activation (`tensor.sum()`) is the floor to compare with. Freed memory is kept in the process, as in
 cnnlab's training. Medians of --repeats timings after a warm-up.
 
+Also the augmentation's random affine warp for a batch (`cnnlab/data/augment.py`): torch's `F.affine_grid`
+against cnnlab's `affine_grid`, each followed by the same `F.grid_sample`, on the first net's 128×1×28×28 and
+the second's 128×3×64×64 batches.
+
     python benchmarks/block_bench.py [--repeats 30] [--write BENCHMARKS.md]
 """
 
@@ -76,6 +80,23 @@ def main() -> None:
             rows.append((name, str(dtype).replace("torch.", ""), cells))
             print(rows[-1], file=sys.stderr, flush=True)
 
+    import torch.nn.functional as F
+
+    from cnnlab.data.augment import affine_grid
+
+    warps = []
+    for shape in ((128, 1, 28, 28), (128, 3, 64, 64)):
+        x, size = torch.rand(shape), list(shape)
+        theta = torch.eye(2, 3) + 0.05 * torch.randn(shape[0], 2, 3, generator=torch.Generator().manual_seed(0))
+
+        def warp(grid, x=x):
+            return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+        theirs = median_ms(lambda: warp(F.affine_grid(theta, size, align_corners=False)), a.repeats, warmup=3)
+        ours = median_ms(lambda: warp(affine_grid(theta, size)), a.repeats, warmup=3)
+        warps.append(("×".join(map(str, shape)), theirs, ours))
+        print(warps[-1], file=sys.stderr, flush=True)
+
     m = machine()
     lines = [START, f"## The papers' conv blocks alone: torch's modules, fused on torch's ops, native kernels "
              f"(issue 14) — {m['capability']}", "",
@@ -90,6 +111,9 @@ def main() -> None:
         fused = "–" if torch_ops is None else f"{torch_ops:.2f}"
         lines.append(f"| {name} | {dtype} | {c['one read']:.2f} | {modules:.2f} | {fused} | {ours:.2f} | "
                      f"{modules / ours:.2f}× |")
+    lines += ["", "The augmentation's affine warp (grid + `F.grid_sample`, bilinear, border), median ms:", "",
+              "| batch | torch's affine_grid | cnnlab's affine_grid | ratio |", "|---|---:|---:|---:|"]
+    lines += [f"| {shape} | {theirs:.2f} | {ours:.2f} | {theirs / ours:.2f}× |" for shape, theirs, ours in warps]
     publish("\n".join(lines + ["", END]) + "\n", a.write, START, END)
 
 
