@@ -157,6 +157,20 @@ static inline void spread_row(const uint8_t *restrict ix, const float *restrict 
     for (int64_t j = 2 * Wo * C; j < W * C; j++) g[j] = 0.0f;
 }
 
+/* The pooled gradient row gp (already scaled) spread over input row h of image n, into sp (WC floats): via the
+ * window positions of pooled row h/2, copied into the padded scratch kx first (chunks read past a row); zeros
+ * for the odd last row, which the pool dropped. */
+static inline void spread_input_row(const uint8_t *restrict idx, const float *restrict gp, int64_t n, int64_t h,
+                                    int64_t Ho, int64_t W, int64_t C, uint8_t *restrict kx, float *restrict sp) {
+    const int64_t PC = (W / 2) * C;
+    if (h / 2 < Ho) {
+        memcpy(kx, idx + (n * Ho + h / 2) * PC, (size_t)PC);
+        spread_row(kx, gp, W, C, (int32_t)((h & 1) * 2), sp);
+    } else {
+        memset(sp, 0, sizeof(float) * W * C);
+    }
+}
+
 /* pool_stats: pooled = max over each 2×2 window of v, idx = its position, where v = relu(y) when `relu`
  * (else y); when `stats`, also the per-channel sum and sum of squares of v over the whole tensor (odd
  * edge rows and columns included), into sums[0:C] and sums[C:2C] (double). */
@@ -270,11 +284,8 @@ void NAME(const T *y, const uint8_t *idx, const T *g, const float *a, const floa
             if (ho < Ho) {                                                                               \
                 const T *gs = g + (n * Ho + ho) * PC;                                                    \
                 for (int64_t j = 0; j < PC; j++) gp[j] = LOAD(gs[j]) * aa[j];                            \
-                memcpy(kx, idx + (n * Ho + ho) * PC, (size_t)PC);  /* padded: chunks read past the row */ \
-                spread_row(kx, gp, W, C, (int32_t)((h & 1) * 2), sp);                                    \
-            } else {                                                                                     \
-                memset(sp, 0, sizeof(float) * WC);                                                       \
             }                                                                                            \
+            spread_input_row(idx, gp, n, h, Ho, W, C, kx, sp);                                           \
             const T *p = y + row * WC;                                                                   \
             T *q = dy + row * WC;                                                                        \
             for (int64_t j = 0; j < WC; j++) {                                                           \
@@ -303,11 +314,8 @@ void NAME(const uint8_t *idx, const T *g, const T *pooled, T *dy, int64_t N, int
             if (ho < Ho) {                                                                               \
                 const T *gs = g + (n * Ho + ho) * PC, *ps = pooled + (n * Ho + ho) * PC;                 \
                 for (int64_t j = 0; j < PC; j++) gp[j] = LOAD(ps[j]) > 0.0f ? LOAD(gs[j]) : 0.0f;        \
-                memcpy(kx, idx + (n * Ho + ho) * PC, (size_t)PC);  /* padded: chunks read past the row */ \
-                spread_row(kx, gp, W, C, (int32_t)((h & 1) * 2), sp);                                    \
-            } else {                                                                                     \
-                memset(sp, 0, sizeof(float) * WC);                                                       \
             }                                                                                            \
+            spread_input_row(idx, gp, n, h, Ho, W, C, kx, sp);                                           \
             T *q = dy + row * WC;                                                                        \
             for (int64_t j = 0; j < WC; j++) q[j] = STORE(sp[j]);                                        \
         }                                                                                                \
