@@ -535,3 +535,21 @@ def test_train_loader_shuffles_each_epoch_and_covers_all():
     assert not torch.equal(e1, e2)
     key = lambda t: sorted(map(tuple, (t * 255).round().int().flatten(1).tolist()))  # noqa: E731
     assert key(e1) == key(e2) == key(ds.images.float() / 255)
+
+
+def test_channels_last_loader_gives_the_same_batches_in_channels_last():
+    """With channels_last the split is stored channels-last and each batch gathered and normalised in that
+    layout (normalize.py's whole-image scale row): the same values, batch by batch, as the NCHW loader's."""
+    ds = load_source("random", random_samples=60, random_classes=3, image_size=6, channels=3, seed=0)
+    split = stratified_split(ds.labels, 0.2, 0.2, seed=0)
+    kw = dict(batch_size=16, eval_batch_size=16, device=torch.device("cpu"), seed=3)
+    plain, cl = prepare(ds, split, **kw), prepare(ds, split, channels_last=True, **kw)
+    assert cl.train.images.is_contiguous(memory_format=torch.channels_last)
+    for a, b in [*zip(plain.train, cl.train), *zip(plain.val, cl.val)]:
+        assert b[0].is_contiguous(memory_format=torch.channels_last) and not b[0].is_contiguous()
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    x = torch.rand(4, 3, 5, 7)  # and from [0, 1] pixels (the RandAugment path), both layouts
+    n = plain.normalizer
+    assert torch.equal(n.from_unit(x), n.from_unit(x.contiguous(memory_format=torch.channels_last)))
+    expected = (x.double() - torch.tensor(n.mean).view(1, 3, 1, 1)) / torch.tensor(n.std).view(1, 3, 1, 1)
+    assert (n.from_unit(x).double() - expected).abs().max() < 1e-5

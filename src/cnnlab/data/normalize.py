@@ -22,24 +22,44 @@ class Normalizer:
     mean: list[float]
     std: list[float]
 
-    def _affine(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def _affine(self, device: torch.device, unit: bool, hw: tuple[int, int] | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, −shift) for pixels in 0–255 (unit=False) or in [0, 1]: shaped (1, C, 1, 1), or for
+        hw=(H, W) repeated to one (1, H·W·C) row, the channels-last layout's own order. Built once per
+        device and shape, not per batch."""
         cache = self.__dict__.setdefault("_cache", {})
-        if device not in cache:  # built once per device, not per batch
+        key = (device, unit, hw)
+        if key not in cache:
             std = torch.tensor(self.std, dtype=torch.float64)
             mean = torch.tensor(self.mean, dtype=torch.float64)
-            cache[device] = ((1.0 / (255.0 * std)).float().view(1, -1, 1, 1).to(device),
-                             (mean / std).float().view(1, -1, 1, 1).to(device))
-        return cache[device]
+            scale, shift = 1.0 / ((1.0 if unit else 255.0) * std), mean / std
+            if hw is None:
+                cache[key] = tuple(v.float().view(1, -1, 1, 1).to(device) for v in (scale, -shift))
+            else:
+                cache[key] = tuple(v.float().repeat(hw[0] * hw[1]).view(1, -1).to(device) for v in (scale, -shift))
+        return cache[key]
+
+    def _apply(self, x: torch.Tensor, unit: bool) -> torch.Tensor:
+        b, c, h, w = x.shape if x.dim() == 4 else (0, 0, 0, 0)
+        if c > 1 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+            # Channels-last: a (1, C, 1, 1) broadcast leaves torch an inner loop of C (3) elements, which it
+            # does not vectorise (0.8 against 0.3 ms for 128 images of 64×64×3 here); with scale and shift
+            # repeated along a whole image the loop runs over H·W·C contiguous values.
+            scale, neg_shift = self._affine(x.device, unit, (h, w))
+            out = torch.addcmul(neg_shift, x.permute(0, 2, 3, 1).reshape(b, -1), scale)
+            return out.view(b, h, w, c).permute(0, 3, 1, 2)
+        scale, neg_shift = self._affine(x.device, unit)
+        return torch.addcmul(neg_shift, x, scale)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) uint8 → float32 normalised: x/255·(1/std) − mean/std."""
-        scale, shift = self._affine(x.device)
-        return torch.addcmul(-shift, x.float(), scale)
+        """(B, C, H, W) uint8 → float32 normalised: x/255·(1/std) − mean/std, in x's memory format.
+
+        One pass: addcmul promotes the uint8 pixels itself (no float copy of the batch first)."""
+        return self._apply(x, unit=False)
 
     def from_unit(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) float in [0, 1] (pixels already augmented) → normalised: x·(1/std) − mean/std."""
-        scale, shift = self._affine(x.device)
-        return torch.addcmul(-shift, x, scale * 255)
+        return self._apply(x, unit=True)
 
 
 def fit_normalizer(images: torch.Tensor, indices=None, enabled: bool = True,
