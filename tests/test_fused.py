@@ -4,6 +4,7 @@ the fused ReLU → batch norm → max-pool block, the fused optimiser step, and 
 from __future__ import annotations
 
 import copy
+import os
 import json
 import statistics
 import subprocess
@@ -38,6 +39,10 @@ def _native_here() -> bool:
     from cnnlab.models import native
 
     return native.library() is not None
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def _close(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-4) -> bool:
@@ -190,12 +195,13 @@ def test_relu_then_pool_pools_first_with_the_same_values_and_gradients_bit_for_b
     fused_fn = "_NativeMaxPoolReLUBackward" if native and _native_here() else "ReluBackward0"
     torch.manual_seed(0)
     m = create_model("alkhairi-cnn", num_classes=5, in_channels=3, image_size=32).to(memory_format=torch.channels_last)
-    x = (torch.randint(-4, 5, (16, 3, 32, 32)).float() / 4).contiguous(memory_format=torch.channels_last)
+    x0 = (torch.randint(-4, 5, (16, 3, 32, 32)).float() / 4).contiguous(memory_format=torch.channels_last)
     y = torch.arange(16) % 5
     out = {}
     for fuse in (False, True):
         model = copy.deepcopy(m)
         set_fusion(model, fuse, native)
+        x = x0.clone().requires_grad_()  # an input gradient: the stem's weight-only backward does not apply
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             head3 = model.backbone[:3]  # conv → ReLU → pool (a slice: a new FusedSequential, told the same)
             head3.fuse, head3.native = fuse, native
@@ -204,11 +210,56 @@ def test_relu_then_pool_pools_first_with_the_same_values_and_gradients_bit_for_b
             torch.manual_seed(1)  # the same dropout mask
             loss = F.cross_entropy(model(x).float(), y)
         loss.backward()
-        out[fuse] = (block, loss, {n: p.grad for n, p in model.named_parameters()})
+        out[fuse] = (block, loss, {n: p.grad for n, p in model.named_parameters()}, x.grad)
     assert (out[True][0] == 0).any() and torch.equal(out[True][0], out[False][0])
     assert torch.equal(out[True][1], out[False][1])
     for n, g in out[False][2].items():
         assert torch.equal(out[True][2][n], g), n
+    assert torch.equal(out[True][3], out[False][3])
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_the_second_papers_stem_takes_its_weight_gradient_from_the_pooled_one(autocast):
+    """Its first convolution's input (the image batch) needs no gradient, so the native path (where the kernels
+    build) runs conv → ReLU → max-pool with a backward that forms the weights' gradient from the pooled
+    gradient at each window's max: the same forward and loss bit for bit, the same gradients for every later
+    layer, and the stem's own gradients as the modules' (float32 to 1e-5; in bf16, summed from unrounded
+    pixels, within 1 % of torch's bf16 ones, which pick the same maxima, and about as far from float32's as
+    they are). On real images: the built-in silhouettes at 32×32×3."""
+    from cnnlab.data import load_source
+
+    if not _native_here():
+        if os.environ.get("CI") == "true":
+            pytest.fail("the native kernels must build on CI")
+        pytest.skip("no native kernels here")
+    ds = load_source("animal-shapes-5", max_per_class=26, image_size=32, channels=3)
+    x = ((torch.as_tensor(ds.images[:128]).float() / 255 - 0.2) / 0.4).contiguous(memory_format=torch.channels_last)
+    y = torch.as_tensor(ds.labels[:128])
+    torch.manual_seed(0)
+    m = create_model("alkhairi-cnn", num_classes=5, in_channels=3, image_size=32).to(memory_format=torch.channels_last)
+    out = {}
+    for fuse, bf16 in ((False, False), (False, autocast), (True, autocast)):
+        model = copy.deepcopy(m)
+        set_fusion(model, fuse, True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            stem = model.backbone[:3]  # conv → ReLU → pool (a slice: a new FusedSequential, told the same)
+            stem.fuse, stem.native = fuse, True
+            block = stem(x)
+            assert type(block.grad_fn).__name__ == ("_NativeConvMaxPoolReLUBackward" if fuse else
+                                                    "MaxPool2DWithIndicesBackward0")
+            torch.manual_seed(1)  # the same dropout mask
+            loss = F.cross_entropy(model(x).float(), y)
+        loss.backward()
+        out[fuse, bf16] = (loss, {n: p.grad for n, p in model.named_parameters()})
+    fused, modules, exact = out[True, autocast], out[False, autocast], out[False, False]
+    assert torch.equal(fused[0], modules[0])
+    for n, g in modules[1].items():
+        if n.startswith("backbone.0."):
+            ours, theirs = _rel(fused[1][n], exact[1][n]), _rel(g, exact[1][n])
+            assert _rel(fused[1][n], g) < (1e-5 if not autocast else 0.01), n  # the same maxima as the modules'
+            assert ours <= 1.5 * theirs + 1e-5, (n, ours, theirs)  # bf16's own maxima: about as far from fp32's
+        else:
+            assert torch.equal(fused[1][n], g), n
 
 
 @pytest.mark.parametrize("name", ["sgd", "adam", "adamw"])

@@ -210,3 +210,52 @@ def test_a_training_step_under_bf16_reaches_the_same_loss_as_float32():
         losses[name] = loss.item()
     assert losses["bf16 native"] == pytest.approx(losses["fp32 modules"], rel=0.03)
     assert losses["fp32 modules"] < 1.5  # it learned: ln 10 = 2.30 at the start
+
+
+STEMS = [  # (batch, input channels, height, width, output channels, kernel): KW·Ci up to 16, KH up to 8
+    (1, 3, 9, 9, 10, 3), (2, 1, 12, 11, 32, 5), (3, 4, 10, 13, 5, 4), (2, 2, 15, 12, 17, 8), (4, 3, 16, 16, 20, 5)]
+
+
+@pytest.mark.parametrize("shape", STEMS)
+def test_stem_weight_gradient_from_the_pooled_one_is_the_modules(shape):
+    """conv → ReLU → max-pool with an input that needs no gradient: the weights' and bias's gradients from
+    conv_pool_wgrad equal the modules' (float32, 1e-5), batch 1 (the last image is read from a padded copy),
+    odd sizes (the dropped row and column get nothing) and ties (a coarse grid) included."""
+    n, ci, h, w, c, k = shape
+    torch.manual_seed(0)
+    seq = FusedSequential(nn.Conv2d(ci, c, k), nn.ReLU(inplace=True), nn.MaxPool2d(2))
+    seq = seq.to(memory_format=torch.channels_last)
+    x = _grid((n, ci, h, w), torch.float32)
+    g = _grid((n, c, (h - k + 1) // 2, (w - k + 1) // 2), torch.float32, seed=1)
+    got = {}
+    for use_native in (True, False):
+        s = copy.deepcopy(seq)
+        set_fusion(s, None, use_native)
+        out = s(x)
+        assert (type(out.grad_fn).__name__ == "_NativeConvMaxPoolReLUBackward") == use_native
+        out.backward(g)
+        got[use_native] = (out, s[0].weight.grad, s[0].bias.grad)
+    assert torch.equal(got[True][0], got[False][0])
+    assert _rel(got[True][1], got[False][1]) < 1e-5 and _rel(got[True][2], got[False][2]) < 1e-5
+
+
+@pytest.mark.parametrize("case", ["input needs its gradient", "padded", "stride 2", "KW·Ci > 16", "bias only frozen"])
+def test_stem_path_only_where_it_computes_the_same(case):
+    conv = nn.Conv2d(3, 8, 3)
+    x = _grid((2, 3, 12, 12), torch.float32)
+    if case == "input needs its gradient":
+        x.requires_grad_()
+    elif case == "padded":
+        conv = nn.Conv2d(3, 8, 3, padding=1)
+    elif case == "stride 2":
+        conv = nn.Conv2d(3, 8, 3, stride=2)
+    elif case == "KW·Ci > 16":
+        conv, x = nn.Conv2d(4, 8, 5), _grid((2, 4, 12, 12), torch.float32)
+    else:
+        conv.bias.requires_grad_(False)  # the weights still train: the path applies, without a bias gradient
+    seq = FusedSequential(conv, nn.ReLU(inplace=True), nn.MaxPool2d(2)).to(memory_format=torch.channels_last)
+    out = seq(x)
+    stem = type(out.grad_fn).__name__ == "_NativeConvMaxPoolReLUBackward"
+    assert stem == (case == "bias only frozen")
+    out.sum().backward()
+    assert conv.weight.grad is not None and (conv.bias.grad is None) == (case == "bias only frozen")

@@ -154,6 +154,52 @@ class _NativeMaxPoolReLU(torch.autograd.Function):
         return native.pool_scatter(ctx.shape, idx, grad, pooled)
 
 
+class _NativeConvMaxPoolReLU(torch.autograd.Function):
+    """relu(max_pool2d(conv2d(x, weight, bias), 2)) for an input that needs no gradient (the image batch): torch's
+    convolution forward (under the caller's autocast), the native pool, and a backward that forms the weights'
+    gradient from the pooled gradient alone (native.conv_pool_wgrad) — neither pool_scatter's full-sized
+    gradient nor torch's convolution backward, which reads it, runs. The input is read in float32, so in
+    bf16-mixed training the weights' gradient is summed from unrounded pixels."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        y = F.conv2d(x, weight, bias)
+        if not native.applies(y):
+            y = y.contiguous(memory_format=torch.channels_last)
+        pooled, idx, _ = native.pool_stats(y, relu=True, stats=False)
+        ctx.save_for_backward(x, pooled, idx)
+        ctx.kernel_size, ctx.dtypes = tuple(weight.shape[2:]), (weight.dtype, None if bias is None else bias.dtype)
+        return pooled
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        x, pooled, idx = ctx.saved_tensors
+        if grad is None:
+            return None, None, None
+        dw, db = native.conv_pool_wgrad(x, ctx.kernel_size, idx, grad, pooled)
+        wdtype, bdtype = ctx.dtypes
+        return None, dw.to(wdtype), None if bdtype is None else db.to(bdtype)
+
+
+def _stem(conv: nn.Module, relu: nn.Module, pool: nn.Module) -> bool:
+    """A plain stride-1 unpadded convolution, then ReLU → max-pool 2×2: what _NativeConvMaxPoolReLU computes."""
+    return (type(conv) is nn.Conv2d and conv.groups == 1 and tuple(conv.stride) == (1, 1)
+            and tuple(conv.dilation) == (1, 1) and conv.padding in ((0, 0), "valid")
+            and conv.padding_mode == "zeros" and _pool_first(relu, pool))
+
+
+def conv_max_pool_relu(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor | None:
+    """relu(max_pool2d(conv(x), 2)) with the pooled-gradient weight backward, or None where it does not apply
+    now: x needs its own gradient (an explanation's saliency), no gradients at all, or not what
+    native.conv_pool_wgrad_applies to."""
+    if not (torch.is_grad_enabled() and not x.requires_grad
+            and (conv.weight.requires_grad or (conv.bias is not None and conv.bias.requires_grad))
+            and native.conv_pool_wgrad_applies(x, tuple(conv.kernel_size))):
+        return None
+    return _NativeConvMaxPoolReLU.apply(x, conv.weight, conv.bias)
+
+
 def max_pool_relu(x: torch.Tensor, use_native: bool = True) -> torch.Tensor:
     """relu(max_pool2d(x, 2)): the native kernels where they apply, else torch's."""
     if use_native and native.applies(x):
@@ -225,6 +271,11 @@ class FusedSequential(nn.Sequential):
         while i < len(mods):
             if fuse and i + 2 < len(mods) and _fusable(*mods[i:i + 3]):
                 out = relu_bn_maxpool(x, mods[i + 1], use_native)
+                if out is not None:
+                    x, i = out, i + 3
+                    continue
+            if fuse and use_native and i + 2 < len(mods) and _stem(*mods[i:i + 3]):
+                out = conv_max_pool_relu(x, mods[i])
                 if out is not None:
                     x, i = out, i + 3
                     continue

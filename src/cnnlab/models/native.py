@@ -95,6 +95,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "pool_grad_sums": [p, p, i64, i64, i64, p, i32],
         "pool_backward": [p, p, p, p, p, p, p, i64, i64, i64, i64, i32],
         "pool_scatter": [p, p, p, p, i64, i64, i64, i64, i32],
+        "conv_pool_wgrad": [p, i64, i64, i64, i64, i64, i64, p, p, p, i64, i64, i64, p, i32],
     }
     for dtype in ("f32", "bf16"):
         for name, args in signatures.items():
@@ -214,3 +215,32 @@ def pool_scatter(shape: torch.Size, idx: torch.Tensor, g: torch.Tensor, pooled: 
     _kernel("pool_scatter", pooled.dtype)(idx.data_ptr(), g.data_ptr(), pooled.data_ptr(), dy.data_ptr(),
                                           n, h, w, c, torch.get_num_threads())
     return dy
+
+
+LANES = 16  # native_kernels.c's chunk: conv_pool_wgrad takes a kernel row of KW·Ci ≤ LANES input values
+MAX_KERNEL_ROWS = 8
+
+
+def conv_pool_wgrad_applies(x: torch.Tensor, kernel_size: tuple[int, int]) -> bool:
+    """Whether conv_pool_wgrad computes for a stride-1 unpadded convolution of `x` with this kernel: a 4-D
+    float32 CPU input in NHWC order (channels-last, or one channel), KH ≤ 8, KW·Ci ≤ 16, the library loaded."""
+    kh, kw = kernel_size
+    return (x.device.type == "cpu" and x.dim() == 4 and x.dtype == torch.float32 and kh <= MAX_KERNEL_ROWS
+            and kw * x.shape[1] <= LANES and x.shape[2] - kh + 1 >= 2 and x.shape[3] - kw + 1 >= 2
+            and x.is_contiguous(memory_format=torch.channels_last) and library() is not None)
+
+
+def conv_pool_wgrad(x: torch.Tensor, kernel_size: tuple[int, int], idx: torch.Tensor, g: torch.Tensor,
+                    pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weights' (C, Ci, KH, KW) and bias's (C,) gradients, float32, of relu(max-pool 2×2(conv(x))) for
+    a stride-1 unpadded convolution, from the pooled output's gradient `g`, the pooled values and their window
+    positions (pool_stats): only the windows' maxima contribute (conv_pool_wgrad_applies says when it runs)."""
+    n, ci, hx, wx = x.shape
+    kh, kw = kernel_size
+    _, c, ho, wo = pooled.shape
+    dw = torch.empty((c, kh + 1, LANES), dtype=torch.float64)
+    g = _cl(g.to(pooled.dtype))
+    _kernel("conv_pool_wgrad", pooled.dtype)(x.data_ptr(), n, hx, wx, ci, kh, kw, pooled.data_ptr(), idx.data_ptr(),
+                                             g.data_ptr(), ho, wo, c, dw.data_ptr(), torch.get_num_threads())
+    weight = dw[:, :kh, :kw * ci].reshape(c, kh, kw, ci).permute(0, 3, 1, 2).float()
+    return weight, dw[:, kh, 0].float()
