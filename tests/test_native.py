@@ -259,3 +259,20 @@ def test_stem_path_only_where_it_computes_the_same(case):
     assert stem == (case == "bias only frozen")
     out.sum().backward()
     assert conv.weight.grad is not None and (conv.bias.grad is None) == (case == "bias only frozen")
+
+
+@pytest.mark.parametrize("kernel", ["pool_stats", "conv_pool_wgrad"])
+def test_a_kernel_without_memory_for_its_scratch_raises_memory_error(kernel):
+    """Asked for rows of 2⁴⁰ positions (and no images, so nothing is read), the kernels' scratch allocation
+    fails: they skip their work and say so, and the call raises MemoryError instead of crashing."""
+    buf = torch.zeros(64)
+    p = buf.data_ptr()
+    with pytest.raises(MemoryError, match=kernel):
+        if kernel == "pool_stats":
+            native._kernel(kernel, torch.float32)(p, 0, 2, 1 << 40, 16, p, p, None, 1, 0, 2)
+        else:
+            native._kernel(kernel, torch.float32)(p, 0, 3, 3, 3, 3, 3, p, p, p, 1, 1 << 40, 10, p, 2)
+    out = torch.zeros(1, 16, 1, 1)  # and the library still works afterwards
+    pooled, idx, _ = native.pool_stats(torch.ones(1, 16, 2, 2).contiguous(memory_format=torch.channels_last),
+                                       relu=True, stats=False)
+    assert torch.equal(pooled, out + 1)

@@ -100,7 +100,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     for dtype in ("f32", "bf16"):
         for name, args in signatures.items():
             f = getattr(lib, f"cnnlab_{name}_{dtype}")
-            f.argtypes, f.restype = args, None
+            f.argtypes, f.restype = args, ctypes.c_int
 
 
 def library() -> ctypes.CDLL | None:
@@ -153,7 +153,14 @@ def _pooled_like(y: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Ten
 
 
 def _kernel(name: str, dtype: torch.dtype):
-    return getattr(_LIB, f"cnnlab_{name}_{DTYPES[dtype]}")
+    """The kernel, called so that its status is checked: each returns 1 when its scratch memory could not be
+    allocated (then it has left its outputs unfinished), which becomes a MemoryError here."""
+    f = getattr(_LIB, f"cnnlab_{name}_{DTYPES[dtype]}")
+
+    def call(*args):
+        if f(*args) != 0:
+            raise MemoryError(f"cnnlab's native kernel {name} could not allocate its scratch memory")
+    return call
 
 
 def _cl(t: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,9 @@
  * value: which of the window's four positions (0 top-left, 1 top-right, 2 bottom-left, 3 bottom-right)
  * holds the max, ties and NaN resolved as torch's CPU max-pool does (the first max in row order; a NaN
  * replaces what came before it).
+ *
+ * Every kernel returns 0, or 1 when its scratch memory could not be allocated (each thread then skips its
+ * share of the work, so the outputs are unfinished): native.py turns that into a MemoryError.
  */
 #include <math.h>
 #include <stdint.h>
@@ -44,7 +47,7 @@ static inline float f32_store(const float f) { return f; }
 static float *scratch(int64_t n) {  /* n zeroed floats, 64-byte aligned, with room for a chunk's spill */
     const size_t bytes = (size_t)((n + 2 * LANES - 1) / LANES * LANES) * sizeof(float);
     float *p = (float *)aligned_alloc(64, bytes);
-    memset(p, 0, bytes);  /* the spill lanes are read but never used: zeros, not stray NaNs or denormals */
+    if (p) memset(p, 0, bytes);  /* the spill lanes are read but never used: zeros, not stray NaNs or denormals */
     return p;
 }
 
@@ -175,19 +178,24 @@ static inline void spread_input_row(const uint8_t *restrict idx, const float *re
  * (else y); when `stats`, also the per-channel sum and sum of squares of v over the whole tensor (odd
  * edge rows and columns included), into sums[0:C] and sums[C:2C] (double). */
 #define DEFINE_POOL_STATS(NAME, T, LOAD, STORE)                                                          \
-void NAME(const T *y, int64_t N, int64_t H, int64_t W, int64_t C, T *pooled, uint8_t *idx,           \
+int NAME(const T *y, int64_t N, int64_t H, int64_t W, int64_t C, T *pooled, uint8_t *idx,           \
           double *sums, int relu, int stats, int nthreads) {                                             \
     const int64_t Ho = H / 2, Wo = W / 2, WC = W * C, PC = Wo * C;                                       \
     if (nthreads < 1) nthreads = 1;                                                                      \
     double *part = (double *)calloc((size_t)nthreads * 2 * C, sizeof(double));                           \
+    int failed = !part;                                                                                  \
+    if (failed) return 1;                                                                                \
     _Pragma("omp parallel num_threads(nthreads)")                                                        \
     {                                                                                                    \
         double *mine = part + (size_t)omp_get_thread_num() * 2 * C;                                      \
         float *r0 = scratch(WC), *r1 = scratch(WC), *h0 = scratch(PC), *h1 = scratch(PC);                \
         float *out = scratch(PC);                                                                        \
         uint8_t *k0 = scratch_bytes(PC), *k1 = scratch_bytes(PC);                                        \
+        const int ok = r0 && r1 && h0 && h1 && out && k0 && k1;                                          \
+        if (!ok) { _Pragma("omp atomic write") failed = 1; }                                             \
         _Pragma("omp for schedule(static)")                                                              \
         for (int64_t row = 0; row < N * Ho; row++) {                                                     \
+            if (!ok) continue;                                                                           \
             const int64_t n = row / Ho, ho = row % Ho;                                                   \
             const T *s0 = y + (n * H + 2 * ho) * WC, *s1 = s0 + WC;                                      \
             for (int64_t j = 0; j < WC; j++) { r0[j] = LOAD(s0[j]); r1[j] = LOAD(s1[j]); }              \
@@ -210,8 +218,9 @@ void NAME(const T *y, int64_t N, int64_t H, int64_t W, int64_t C, T *pooled, uin
         }                                                                                                \
         free(r0); free(r1); free(h0); free(h1); free(out); free(k0); free(k1);                           \
     }                                                                                                    \
-    if (stats) sum_parts(part, nthreads, 2 * C, sums);                                                   \
+    if (stats && !failed) sum_parts(part, nthreads, 2 * C, sums);                                        \
     free(part);                                                                                          \
+    return failed;                                                                                       \
 }
 
 /* A per-channel vector spread over a row of n = (positions)·C values: pattern[j] = v[j % C]. */
@@ -221,45 +230,55 @@ static inline void spread_channels(const float *restrict v, int64_t n, int64_t C
 
 /* pool_affine: out = scale[c]·pooled + shift[c] over the pooled tensor (batch norm's affine, after the pool). */
 #define DEFINE_POOL_AFFINE(NAME, T, LOAD, STORE)                                                         \
-void NAME(const T *pooled, const float *scale, const float *shift, T *out, int64_t rows, int64_t PC,    \
+int NAME(const T *pooled, const float *scale, const float *shift, T *out, int64_t rows, int64_t PC,    \
           int64_t C, int nthreads) {                                                                     \
     if (nthreads < 1) nthreads = 1;                                                                      \
+    int failed = 0;                                                                                      \
     _Pragma("omp parallel num_threads(nthreads)")                                                        \
     {                                                                                                    \
         float *ss = scratch(PC), *sh = scratch(PC);                                                      \
-        spread_channels(scale, PC, C, ss);                                                               \
-        spread_channels(shift, PC, C, sh);                                                               \
+        const int ok = ss && sh;                                                                         \
+        if (!ok) { _Pragma("omp atomic write") failed = 1; }                                             \
+        if (ok) { spread_channels(scale, PC, C, ss); spread_channels(shift, PC, C, sh); }                \
         _Pragma("omp for schedule(static)")                                                              \
         for (int64_t row = 0; row < rows; row++) {                                                       \
+            if (!ok) continue;                                                                           \
             const T *p = pooled + row * PC;                                                              \
             T *q = out + row * PC;                                                                       \
             for (int64_t j = 0; j < PC; j++) q[j] = STORE(LOAD(p[j]) * ss[j] + sh[j]);                   \
         }                                                                                                \
         free(ss); free(sh);                                                                              \
     }                                                                                                    \
+    return failed;                                                                                       \
 }
 
 /* pool_grad_sums: per channel, Σ g and Σ g·pooled over the pooled tensor, into sums[0:C] and sums[C:2C]
  * (double) — what batch norm's backward needs for its bias and weight gradients. */
 #define DEFINE_POOL_GRAD_SUMS(NAME, T, LOAD)                                                             \
-void NAME(const T *g, const T *pooled, int64_t rows, int64_t Wo, int64_t C, double *sums, int nthreads) { \
+int NAME(const T *g, const T *pooled, int64_t rows, int64_t Wo, int64_t C, double *sums, int nthreads) { \
     const int64_t PC = Wo * C;                                                                           \
     if (nthreads < 1) nthreads = 1;                                                                      \
     double *part = (double *)calloc((size_t)nthreads * 2 * C, sizeof(double));                           \
+    int failed = !part;                                                                                  \
+    if (failed) return 1;                                                                                \
     _Pragma("omp parallel num_threads(nthreads)")                                                        \
     {                                                                                                    \
         double *mine = part + (size_t)omp_get_thread_num() * 2 * C;                                      \
         float *gr = scratch(PC), *pr = scratch(PC);                                                      \
+        const int ok = gr && pr;                                                                         \
+        if (!ok) { _Pragma("omp atomic write") failed = 1; }                                             \
         _Pragma("omp for schedule(static)")                                                              \
         for (int64_t row = 0; row < rows; row++) {                                                       \
+            if (!ok) continue;                                                                           \
             const T *gs = g + row * PC, *ps = pooled + row * PC;                                         \
             for (int64_t j = 0; j < PC; j++) { gr[j] = LOAD(gs[j]); pr[j] = LOAD(ps[j]); }               \
             add_products(gr, pr, Wo, C, mine, mine + C);                                                 \
         }                                                                                                \
         free(gr); free(pr);                                                                              \
     }                                                                                                    \
-    sum_parts(part, nthreads, 2 * C, sums);                                                              \
+    if (!failed) sum_parts(part, nthreads, 2 * C, sums);                                                 \
     free(part);                                                                                          \
+    return failed;                                                                                       \
 }
 
 /* pool_backward: the gradient of ReLU → batch norm → max-pool with respect to y, for every element of y:
@@ -267,19 +286,25 @@ void NAME(const T *g, const T *pooled, int64_t rows, int64_t Wo, int64_t C, doub
  *   dy = k[c]·y + b[c] + (a[c]·g[n, h/2, w/2, c] where (h, w) is its window's max, else 0)
  * a, k and b carry batch norm's backward; g is the gradient of the block's output, (N, H/2, W/2, C). */
 #define DEFINE_POOL_BACKWARD(NAME, T, LOAD, STORE)                                                       \
-void NAME(const T *y, const uint8_t *idx, const T *g, const float *a, const float *k, const float *b,   \
+int NAME(const T *y, const uint8_t *idx, const T *g, const float *a, const float *k, const float *b,   \
           T *dy, int64_t N, int64_t H, int64_t W, int64_t C, int nthreads) {                             \
     const int64_t Ho = H / 2, WC = W * C, PC = (W / 2) * C;                                              \
     if (nthreads < 1) nthreads = 1;                                                                      \
+    int failed = 0;                                                                                      \
     _Pragma("omp parallel num_threads(nthreads)")                                                        \
     {                                                                                                    \
         float *sp = scratch(WC), *gp = scratch(PC), *aa = scratch(PC), *kk = scratch(WC), *bb = scratch(WC); \
         uint8_t *kx = scratch_bytes(PC);                                                                 \
-        spread_channels(a, PC, C, aa);                                                                   \
-        spread_channels(k, WC, C, kk);                                                                   \
-        spread_channels(b, WC, C, bb);                                                                   \
+        const int ok = sp && gp && aa && kk && bb && kx;                                                 \
+        if (!ok) { _Pragma("omp atomic write") failed = 1; }                                             \
+        if (ok) {                                                                                        \
+            spread_channels(a, PC, C, aa);                                                               \
+            spread_channels(k, WC, C, kk);                                                               \
+            spread_channels(b, WC, C, bb);                                                               \
+        }                                                                                                \
         _Pragma("omp for schedule(static)")                                                              \
         for (int64_t row = 0; row < N * H; row++) {                                                      \
+            if (!ok) continue;                                                                           \
             const int64_t n = row / H, h = row % H, ho = h / 2;                                          \
             if (ho < Ho) {                                                                               \
                 const T *gs = g + (n * Ho + ho) * PC;                                                    \
@@ -295,21 +320,26 @@ void NAME(const T *y, const uint8_t *idx, const T *g, const float *a, const floa
         }                                                                                                \
         free(sp); free(gp); free(aa); free(kk); free(bb); free(kx);                                      \
     }                                                                                                    \
+    return failed;                                                                                       \
 }
 
 /* pool_scatter: the backward of relu(max-pool(y)): dy = g at each window's max where the pooled value is
  * > 0 (ReLU's mask), 0 elsewhere (odd edges included). */
 #define DEFINE_POOL_SCATTER(NAME, T, LOAD, STORE)                                                        \
-void NAME(const uint8_t *idx, const T *g, const T *pooled, T *dy, int64_t N, int64_t H, int64_t W,      \
+int NAME(const uint8_t *idx, const T *g, const T *pooled, T *dy, int64_t N, int64_t H, int64_t W,      \
           int64_t C, int nthreads) {                                                                     \
     const int64_t Ho = H / 2, WC = W * C, PC = (W / 2) * C;                                              \
     if (nthreads < 1) nthreads = 1;                                                                      \
+    int failed = 0;                                                                                      \
     _Pragma("omp parallel num_threads(nthreads)")                                                        \
     {                                                                                                    \
         float *sp = scratch(WC), *gp = scratch(PC);                                                      \
         uint8_t *kx = scratch_bytes(PC);                                                                 \
+        const int ok = sp && gp && kx;                                                                   \
+        if (!ok) { _Pragma("omp atomic write") failed = 1; }                                             \
         _Pragma("omp for schedule(static)")                                                              \
         for (int64_t row = 0; row < N * H; row++) {                                                      \
+            if (!ok) continue;                                                                           \
             const int64_t n = row / H, h = row % H, ho = h / 2;                                          \
             if (ho < Ho) {                                                                               \
                 const T *gs = g + (n * Ho + ho) * PC, *ps = pooled + (n * Ho + ho) * PC;                 \
@@ -321,6 +351,7 @@ void NAME(const uint8_t *idx, const T *g, const T *pooled, T *dy, int64_t N, int
         }                                                                                                \
         free(sp); free(gp); free(kx);                                                                    \
     }                                                                                                    \
+    return failed;                                                                                       \
 }
 
 /* The first convolution's weight gradient when ReLU → max-pool follows it (the second paper's net): the
@@ -361,7 +392,7 @@ static inline __attribute__((always_inline)) void wgrad_row(
  * channel c, KH chunks dw[c, kh, 0 : KW·Ci] (the lanes past KW·Ci are dropped) and the bias's gradient at
  * dw[c, KH, 0] (double; C·(KH + 1)·LANES values). Float sums within an image, double across images. */
 #define DEFINE_CONV_POOL_WGRAD(NAME, T, LOAD)                                                            \
-void NAME(const float *xs, int64_t N, int64_t Hx, int64_t Wx, int64_t Ci, int64_t KH, int64_t KW,        \
+int NAME(const float *xs, int64_t N, int64_t Hx, int64_t Wx, int64_t Ci, int64_t KH, int64_t KW,        \
           const T *pooled, const uint8_t *idx, const T *g, int64_t Ho, int64_t Wo, int64_t C, double *dw,    \
           int nthreads) {                                                                                \
     const int64_t WxCi = Wx * Ci, image_size = Hx * WxCi, PC = Wo * C, stride = (KH + 1) * LANES;       \
@@ -369,13 +400,18 @@ void NAME(const float *xs, int64_t N, int64_t Hx, int64_t Wx, int64_t Ci, int64_
     (void)KW;                                                                                            \
     if (nthreads < 1) nthreads = 1;                                                                      \
     double *part = (double *)calloc((size_t)nthreads * nacc, sizeof(double));                            \
+    int failed = !part;                                                                                  \
+    if (failed) return 1;                                                                                \
     _Pragma("omp parallel num_threads(nthreads)")                                                        \
     {                                                                                                    \
         double *mine = part + (size_t)omp_get_thread_num() * nacc;                                       \
         float *acc = scratch(nacc), *gp = scratch(PC), *last = NULL;                                     \
+        int ok = acc && gp;                                                                              \
+        if (!ok) { _Pragma("omp atomic write") failed = 1; }                                             \
         int64_t image = -1;                                                                              \
         _Pragma("omp for schedule(static)")                                                              \
         for (int64_t row = 0; row < N * Ho; row++) {                                                     \
+            if (!ok) continue;                                                                           \
             const int64_t n = row / Ho, ho = row % Ho;                                                   \
             if (n != image) {  /* a new image: its float sums into the thread's double ones */           \
                 for (int64_t j = 0; j < nacc; j++) { mine[j] += acc[j]; acc[j] = 0.0f; }                 \
@@ -386,17 +422,19 @@ void NAME(const float *xs, int64_t N, int64_t Hx, int64_t Wx, int64_t Ci, int64_
             const uint8_t *ks = idx + row * PC;                                                          \
             if (n == N - 1 && !last) {  /* chunks read past the last image: a copy of it with room for that */ \
                 last = scratch(image_size);                                                              \
+                if (!last) { ok = 0; _Pragma("omp atomic write") failed = 1; continue; }                 \
                 memcpy(last, xs + n * image_size, sizeof(float) * (size_t)image_size);                   \
             }                                                                                            \
             const float *x = (n == N - 1 ? last : xs + n * image_size) + 2 * ho * WxCi;                  \
             switch (KH) { WGRAD_CASE(1) WGRAD_CASE(2) WGRAD_CASE(3) WGRAD_CASE(4) WGRAD_CASE(5)          \
                           WGRAD_CASE(6) WGRAD_CASE(7) WGRAD_CASE(8) }                                     \
         }                                                                                                \
-        for (int64_t j = 0; j < nacc; j++) mine[j] += acc[j];                                            \
+        if (ok) for (int64_t j = 0; j < nacc; j++) mine[j] += acc[j];                                    \
         free(acc); free(gp); free(last);                                                                 \
     }                                                                                                    \
-    sum_parts(part, nthreads, nacc, dw);                                                                 \
+    if (!failed) sum_parts(part, nthreads, nacc, dw);                                                    \
     free(part);                                                                                          \
+    return failed;                                                                                       \
 }
 
 DEFINE_POOL_STATS(cnnlab_pool_stats_f32, float, f32_load, f32_store)
