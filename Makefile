@@ -55,10 +55,11 @@ bench-finetune: $(STAMP)
 	$(BIN)/python benchmarks/finetune_bench.py --model resnet50 --per-class 16 --repeats 2 --epochs 2 --write BENCHMARKS.md
 
 # depthwise gradients bf16 vs fp32, CpuConv2d on/off, inference pass sizes (a CPU with native bf16 only);
-# the papers' conv blocks alone: torch's modules, fused on torch's ops, cnnlab's native kernels
+# the papers' conv blocks alone: torch's modules, fused on torch's ops, cnnlab's native kernels; the second paper's stem with and without its native weight gradient
 bench-kernels: $(STAMP)
 	$(BIN)/python benchmarks/cpu_kernels_bench.py --repeats 5 --write BENCHMARKS.md
 	$(BIN)/python benchmarks/block_bench.py --repeats 30 --write BENCHMARKS.md
+	$(BIN)/python benchmarks/stem_bench.py --write BENCHMARKS.md
 
 # study throughput: local pool vs Ray; one training on 1 vs 2 processes (DDP)
 bench-scale: $(STAMP)
