@@ -55,7 +55,8 @@ bench-finetune: $(STAMP)
 	$(BIN)/python benchmarks/finetune_bench.py --model resnet50 --per-class 16 --repeats 2 --epochs 2 --write BENCHMARKS.md
 
 # depthwise gradients bf16 vs fp32, CpuConv2d on/off, inference pass sizes (a CPU with native bf16 only);
-# the papers' conv blocks alone: torch's modules, fused on torch's ops, cnnlab's native kernels; the second paper's stem with and without its native weight gradient
+# the papers' conv blocks alone: torch's modules, fused on torch's ops, cnnlab's native kernels;
+# the second paper's stem with and without its native weight gradient
 bench-kernels: $(STAMP)
 	$(BIN)/python benchmarks/cpu_kernels_bench.py --repeats 5 --write BENCHMARKS.md
 	$(BIN)/python benchmarks/block_bench.py --repeats 30 --write BENCHMARKS.md
