@@ -115,7 +115,8 @@ def main() -> None:
     k_torch, k_native = kernels(a.repeats, dtype)
     ratios = sorted(off / on for on, off in zip(r["on"], r["off"]))
     n = r["images"]
-    lines = [START, f"## The second paper's stem: its weight gradient from the pooled one (issue 14) — {m['capability']}",
+    title = f"## The second paper's stem: its weight gradient from the pooled one (issue 14) — {m['capability']}"
+    lines = [START, title,
              "", f"`python benchmarks/stem_bench.py --pairs {a.pairs} --repeats {a.repeats}` — measured "
              f"{time.strftime('%Y-%m-%d')} on {machine_line(m)}; torch threads {torch.get_num_threads()}.", "",
              f"The backward of conv 3×3 (3 → 10) → ReLU → max-pool 2×2 alone, batch 128 at 64×64×3, {dtype} "

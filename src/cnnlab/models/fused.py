@@ -1,6 +1,8 @@
 """Hand-written CPU training paths, each computing what the modules compute (tests/test_fused.py):
 ReLU → BatchNorm2d → MaxPool2d(2) as one autograd function (the papers' conv block, fused); ReLU → MaxPool2d(2)
-pooled first; depthwise convolutions trained in fp32 under bf16 autocast (CpuConv2d, below).
+pooled first, and after a first convolution whose input needs no gradient, that convolution's weight gradient
+formed from the pooled gradient (_NativeConvMaxPoolReLU: the second paper's stem); depthwise convolutions
+trained in fp32 under bf16 autocast (CpuConv2d, below).
 
 The fused block:
 

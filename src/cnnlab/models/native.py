@@ -9,7 +9,10 @@ tensor; the second paper's ReLU → MaxPool2d(2) on 128×10×62×62 takes 8.4 ms
 max-pool writes int64 indices, and its backward zero-fills the whole gradient before scattering into it).
 Here the forward is one read of the convolution output (the window maxima, their positions as one byte
 each, and batch norm's statistics together), the backward one read and one write; batch norm's affine
-runs on the 4× smaller pooled tensor (see fused.py for why pooling first is exact when γ > 0).
+runs on the 4× smaller pooled tensor (see fused.py for why pooling first is exact when γ > 0). After a
+first convolution whose input needs no gradient (the second paper's stem), conv_pool_wgrad forms that
+convolution's weight gradient from the pooled gradient alone, where the ReLU → max-pool backward would write
+the full-sized gradient for torch's convolution backward to read (`benchmarks/stem_bench.py`).
 `benchmarks/switches_bench.py` measures the switch (`train.native`), BENCHMARKS.md has the figures.
 
 The C source is compiled with the machine's C compiler ($CC, else cc or gcc) at -O3 -march=native with

@@ -361,10 +361,10 @@ int NAME(const uint8_t *idx, const T *g, const T *pooled, T *dy, int64_t N, int6
  * pool_scatter writes and torch's convolution backward then reads). For a stride-1, unpadded convolution
  * whose kernel rows hold KW·Ci ≤ LANES input values (an image's 3 channels × 3 or 5 columns): a kernel row of
  * a patch is one chunk of the input row, so a term is KH chunk loads and multiply-adds into accumulators kept
- * in registers (KH is made a constant by the switch below, and there is no branch in the loop: 1.2 ms for the
- * second paper's 128 images, where a version that tested each load against the end of x took 1.9). A chunk
- * reads past the KW·Ci values it needs into the rest of the row (lanes dropped at the end); the last image
- * is read from a copy with room for that. */
+ * in registers (KH is made a constant by the switch below; no branch in the loop — a version that tested
+ * each load against the end of x was about 1.5× slower in a one-off timing). A chunk reads past the KW·Ci
+ * values it needs into the rest of the row (lanes dropped at the end); the last image is read from a copy
+ * with room for that. `benchmarks/stem_bench.py` times it against pool_scatter + torch's weight gradient. */
 static inline __attribute__((always_inline)) void wgrad_row(
         const float *restrict x, int64_t WxCi, int64_t Ci, const int KH, const float *restrict gp,
         const uint8_t *restrict ks, int64_t Wo, int64_t C, int64_t stride, float *restrict acc) {
