@@ -88,12 +88,15 @@ class DeviceLoader:
         return xb
 
 
-def gather(images: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """images[idx] in images' memory format: index_select over the first dimension (torch's advanced
-    indexing, `images[idx]`, took ~0.5–0.9 ms for 128 images of 64×64×3 uint8 in one-off timings on the AMD
-    EPYC, index_select ~0.03 ms), on the (N, H, W, C) view for a channels-last tensor, whose format
-    index_select would not keep."""
-    if images.dim() == 4 and not images.is_contiguous() and images.is_contiguous(memory_format=torch.channels_last):
+def gather(images: torch.Tensor, idx: torch.Tensor, channels_last: bool | None = None) -> torch.Tensor:
+    """images[idx] as one copy, stored channels-last when `channels_last` (default: when images is): index_select
+    over the first dimension (torch's advanced indexing, `images[idx]`, took ~0.5–0.9 ms for 128 images of
+    64×64×3 uint8 in one-off timings on the AMD EPYC, index_select ~0.03 ms), on the (N, H, W, C) view for
+    channels-last, which index_select would not give."""
+    if channels_last is None:
+        channels_last = (images.dim() == 4 and not images.is_contiguous()
+                         and images.is_contiguous(memory_format=torch.channels_last))
+    if channels_last and images.dim() == 4:
         return images.permute(0, 2, 3, 1).index_select(0, idx).permute(0, 3, 1, 2)
     return images.index_select(0, idx)
 
@@ -191,9 +194,9 @@ def prepare(ds: Dataset, split: Split, *, batch_size: int, eval_batch_size: int,
     # statistics of the original training images, unless given (a pretrained model's own)
     norm = normalizer or fit_normalizer(ds.images, split.train, normalize)
 
-    def part(idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def part(idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:  # already in the layout the loader keeps
         t = torch.tensor(idx, dtype=torch.int64)
-        return images[t].to(device), labels[t].to(device)
+        return gather(images, t, channels_last).to(device), labels[t].to(device)
 
     g_order, g_aug, aug_fn = seeded_generators(seed, device, augment)
     train = DeviceLoader(*part(train_idx), norm, batch_size, shuffle=True, generator=g_order, augment=aug_fn,
