@@ -33,8 +33,8 @@ class DeviceLoader:
                  shuffle: bool = False, generator: torch.Generator | None = None,
                  augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  channels_last: bool = False):
-        if channels_last and images.dim() == 4:  # stored as the model reads it: a batch is gathered, not transposed
-            images = to_channels_last(images)
+        if channels_last and images.dim() == 4:  # stored as the model reads it (prepare's splits already are):
+            images = images.contiguous(memory_format=torch.channels_last)  # a batch is gathered, not transposed
         self.images, self.labels = images, labels
         self.normalizer, self.batch_size = normalizer, batch_size
         self.shuffle, self.generator, self.augment = shuffle, generator, augment
@@ -99,16 +99,6 @@ def gather(images: torch.Tensor, idx: torch.Tensor, channels_last: bool | None =
     if channels_last and images.dim() == 4:
         return images.permute(0, 2, 3, 1).index_select(0, idx).permute(0, 3, 1, 2)
     return images.index_select(0, idx)
-
-
-def to_channels_last(images: torch.Tensor) -> torch.Tensor:
-    """(N, C, H, W) → the same values stored channels-last, filled in chunks (no third, temporary copy)."""
-    if images.is_contiguous(memory_format=torch.channels_last):
-        return images
-    out = torch.empty(images.shape, dtype=images.dtype, device=images.device, memory_format=torch.channels_last)
-    for s in range(0, len(images), 4096):
-        out[s:s + 4096] = images[s:s + 4096]
-    return out
 
 
 def class_counts(labels: torch.Tensor, num_classes: int) -> torch.Tensor:

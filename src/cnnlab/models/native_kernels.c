@@ -55,6 +55,10 @@ static uint8_t *scratch_bytes(int64_t n) {
     return (uint8_t *)aligned_alloc(64, (size_t)((n + 2 * 64 - 1) / 64 * 64));
 }
 
+/* Inside a kernel's parallel region, after a thread's scratch allocations: `ok` says whether they all
+ * succeeded; when not, the kernel's `failed` is set and the thread skips its share of the loop. */
+#define SCRATCH_READY(allocated) int ok = (allocated); if (!ok) { _Pragma("omp atomic write") failed = 1; }
+
 static inline void relu_row(float *restrict r, int64_t n) {
     for (int64_t j = 0; j < n; j++) r[j] = r[j] < 0.0f ? 0.0f : r[j];  /* NaN stays NaN, as torch's relu */
 }
@@ -191,8 +195,7 @@ int NAME(const T *y, int64_t N, int64_t H, int64_t W, int64_t C, T *pooled, uint
         float *r0 = scratch(WC), *r1 = scratch(WC), *h0 = scratch(PC), *h1 = scratch(PC);                \
         float *out = scratch(PC);                                                                        \
         uint8_t *k0 = scratch_bytes(PC), *k1 = scratch_bytes(PC);                                        \
-        const int ok = r0 && r1 && h0 && h1 && out && k0 && k1;                                          \
-        if (!ok) { _Pragma("omp atomic write") failed = 1; }                                             \
+        SCRATCH_READY(r0 && r1 && h0 && h1 && out && k0 && k1);                                          \
         _Pragma("omp for schedule(static)")                                                              \
         for (int64_t row = 0; row < N * Ho; row++) {                                                     \
             if (!ok) continue;                                                                           \
@@ -237,8 +240,7 @@ int NAME(const T *pooled, const float *scale, const float *shift, T *out, int64_
     _Pragma("omp parallel num_threads(nthreads)")                                                        \
     {                                                                                                    \
         float *ss = scratch(PC), *sh = scratch(PC);                                                      \
-        const int ok = ss && sh;                                                                         \
-        if (!ok) { _Pragma("omp atomic write") failed = 1; }                                             \
+        SCRATCH_READY(ss && sh);                                                                         \
         if (ok) { spread_channels(scale, PC, C, ss); spread_channels(shift, PC, C, sh); }                \
         _Pragma("omp for schedule(static)")                                                              \
         for (int64_t row = 0; row < rows; row++) {                                                       \
@@ -265,8 +267,7 @@ int NAME(const T *g, const T *pooled, int64_t rows, int64_t Wo, int64_t C, doubl
     {                                                                                                    \
         double *mine = part + (size_t)omp_get_thread_num() * 2 * C;                                      \
         float *gr = scratch(PC), *pr = scratch(PC);                                                      \
-        const int ok = gr && pr;                                                                         \
-        if (!ok) { _Pragma("omp atomic write") failed = 1; }                                             \
+        SCRATCH_READY(gr && pr);                                                                         \
         _Pragma("omp for schedule(static)")                                                              \
         for (int64_t row = 0; row < rows; row++) {                                                       \
             if (!ok) continue;                                                                           \
@@ -295,8 +296,7 @@ int NAME(const T *y, const uint8_t *idx, const T *g, const float *a, const float
     {                                                                                                    \
         float *sp = scratch(WC), *gp = scratch(PC), *aa = scratch(PC), *kk = scratch(WC), *bb = scratch(WC); \
         uint8_t *kx = scratch_bytes(PC);                                                                 \
-        const int ok = sp && gp && aa && kk && bb && kx;                                                 \
-        if (!ok) { _Pragma("omp atomic write") failed = 1; }                                             \
+        SCRATCH_READY(sp && gp && aa && kk && bb && kx);                                                 \
         if (ok) {                                                                                        \
             spread_channels(a, PC, C, aa);                                                               \
             spread_channels(k, WC, C, kk);                                                               \
@@ -335,8 +335,7 @@ int NAME(const uint8_t *idx, const T *g, const T *pooled, T *dy, int64_t N, int6
     {                                                                                                    \
         float *sp = scratch(WC), *gp = scratch(PC);                                                      \
         uint8_t *kx = scratch_bytes(PC);                                                                 \
-        const int ok = sp && gp && kx;                                                                   \
-        if (!ok) { _Pragma("omp atomic write") failed = 1; }                                             \
+        SCRATCH_READY(sp && gp && kx);                                                                   \
         _Pragma("omp for schedule(static)")                                                              \
         for (int64_t row = 0; row < N * H; row++) {                                                      \
             if (!ok) continue;                                                                           \
@@ -406,8 +405,7 @@ int NAME(const float *xs, int64_t N, int64_t Hx, int64_t Wx, int64_t Ci, int64_t
     {                                                                                                    \
         double *mine = part + (size_t)omp_get_thread_num() * nacc;                                       \
         float *acc = scratch(nacc), *gp = scratch(PC), *last = NULL;                                     \
-        int ok = acc && gp;                                                                              \
-        if (!ok) { _Pragma("omp atomic write") failed = 1; }                                             \
+        SCRATCH_READY(acc && gp);                                                                        \
         int64_t image = -1;                                                                              \
         _Pragma("omp for schedule(static)")                                                              \
         for (int64_t row = 0; row < N * Ho; row++) {                                                     \
