@@ -1,21 +1,25 @@
-"""The second paper's stem: its first convolution's weight gradient from the pooled gradient (issue 14).
+"""The second paper's stem: one native pass forward, its weight gradient from the pooled gradient (issue 14).
 
     python benchmarks/stem_bench.py --write BENCHMARKS.md     # what `make bench-kernels` runs
-    python benchmarks/stem_bench.py --pairs 4                 # a quicker look, table only
+    python benchmarks/stem_bench.py --rounds 4                # a quicker look, table only
 
 The second paper's net starts conv 3×3 (3 → 10 channels, unpadded) → ReLU → max-pool 2×2, and the image batch
-needs no gradient, so cnnlab's native path forms that convolution's weight gradient from the pooled gradient at
-each window's max (`_NativeConvMaxPoolReLU` in cnnlab/models/fused.py, `conv_pool_wgrad` in native_kernels.c)
-instead of writing the full-sized gradient (`pool_scatter`) for torch's convolution backward to read. Two
-measurements:
+needs no gradient. cnnlab's native path (`_NativeConvMaxPoolReLU` in cnnlab/models/fused.py) computes it forward
+in one pass that never writes the convolution's output (`conv_pool_forward` in native_kernels.c: the two
+convolution rows under each pooled row summed in registers, pooled there), and backward forms the convolution's
+weight gradient from the pooled gradient at each window's max (`conv_pool_wgrad`) instead of writing the
+full-sized gradient (`pool_scatter`) for torch's convolution backward to read. Two measurements:
 
-  kernels   that backward alone at batch 128, 64×64×3, bf16 (the CPU default on AVX-512 BF16 / AMX CPUs, fp32
-            elsewhere): the native weight gradient against pool_scatter + torch's convolution weight gradient
+  kernels   each direction alone at batch 128, 64×64×3, in the CPU default's precision (bf16 on AVX-512 BF16 /
+            AMX CPUs, fp32 elsewhere): forward, torch's convolution (under autocast) + the native pool against
+            conv_pool_forward; backward, pool_scatter + torch's convolution weight gradient against
+            conv_pool_wgrad
   loop      cnnlab's training loop on the bench's task (animal-shapes-5 at 64×64×3, batch 128, the CPU
-            defaults) with the stem on and off, epochs interleaved in one process (on, off, off, on, …) so
-            the machine's slower minutes fall on both: images/s, and the per-pair ratio's median and range.
-            Off is the path without the stem (the native ReLU → max-pool and torch's convolution backward),
-            switched by replacing fused.conv_max_pool_relu for the epoch — a benchmark-only switch.
+            defaults) on three paths, epochs interleaved in one process (the order rotating each round) so the
+            machine's slower minutes fall on all three: the default; the stem with torch's convolution forward
+            (its backward only); no stem (the native ReLU → max-pool and torch's convolution backward). Images/s
+            and the per-round ratios' median and range. The other two paths are benchmark-only switches (this
+            script replaces fused.conv_max_pool_relu, or sets _NativeConvMaxPoolReLU.native_forward, for the epoch).
 """
 
 from __future__ import annotations
@@ -32,10 +36,24 @@ START, END = markers("stem-bench")  # a section per CPU kind
 ROOT = Path(__file__).resolve().parent.parent
 TASK = ["recipes/demo.yaml", "data.source=animal-shapes-5", "data.image_size=64", "data.channels=3",
         "model.name=alkhairi-cnn", "data.augment=false"]
+PATHS = ("native", "torch forward", "off")
 
 
-def kernels(repeats: int, dtype_name: str) -> tuple[float, float]:
-    """Median ms of (pool_scatter + torch's weight gradient, conv_pool_wgrad) at batch 128, 64×64×3 → 10."""
+def _median_ms(fns: dict, repeats: int) -> dict[str, float]:
+    """Median ms per function, calls interleaved (after one warm-up call each)."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for f in fns.values():
+        f()
+    for _ in range(repeats):
+        for name, f in fns.items():
+            t = time.perf_counter()
+            f()
+            times[name].append((time.perf_counter() - t) * 1e3)
+    return {name: statistics.median(v) for name, v in times.items()}
+
+
+def kernels(repeats: int, dtype_name: str) -> dict[str, float]:
+    """Median ms of each direction's two paths at batch 128, 64×64×3 → 10."""
     import torch
     import torch.nn.functional as F
 
@@ -48,32 +66,31 @@ def kernels(repeats: int, dtype_name: str) -> tuple[float, float]:
     torch.manual_seed(0)
     x = torch.randn(128, 3, 64, 64).contiguous(memory_format=cl)
     w = torch.randn(10, 3, 3, 3).contiguous(memory_format=cl)
+    b = torch.randn(10)
     xd, wd = x.to(dtype), w.to(dtype)
     y = F.conv2d(xd, wd)
     pooled, idx, _ = native.pool_stats(y, relu=True, stats=False)
     g = torch.randn(pooled.shape).to(dtype).contiguous(memory_format=cl)
 
-    def torch_path():
+    def torch_forward():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            out = F.conv2d(x, w, b)
+        native.pool_stats(out, relu=True, stats=False)
+
+    def torch_backward():
         dy = native.pool_scatter(y.shape, idx, g, pooled)
         torch.ops.aten.convolution_backward(dy, xd, wd, [10], [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
                                             [False, True, True])
 
-    def native_path():
-        native.conv_pool_wgrad(x, (3, 3), idx, g, pooled)
-
-    times: dict[str, list[float]] = {"torch": [], "native": []}
-    for f in (torch_path, native_path):
-        f()
-    for _ in range(repeats):  # interleaved
-        for name, f in (("torch", torch_path), ("native", native_path)):
-            t = time.perf_counter()
-            f()
-            times[name].append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times["torch"]), statistics.median(times["native"])
+    got = _median_ms({"torch forward": torch_forward,
+                      "native forward": lambda: native.conv_pool_forward(x, w, b, dtype)}, repeats)
+    got.update(_median_ms({"torch backward": torch_backward,
+                           "native backward": lambda: native.conv_pool_wgrad(x, (3, 3), idx, g, pooled)}, repeats))
+    return got
 
 
-def loop(pairs: int) -> dict:
-    """Epoch seconds of cnnlab's loop with the stem on and off, interleaved (after one warm-up epoch)."""
+def loop(rounds: int) -> dict:
+    """Epoch seconds of cnnlab's loop on each path, interleaved (after one warm-up epoch)."""
     import cnnlab.models.fused as fused
     from cnnlab.config import load_config
     from cnnlab.experiment import build_experiment
@@ -81,28 +98,30 @@ def loop(pairs: int) -> dict:
     from cnnlab.training.progress import ProgressLogger
 
     b = build_experiment(load_config(str(ROOT / TASK[0]), TASK[1:]), ProgressLogger("none"))
-    on = fused.conv_max_pool_relu
+    stem, function = fused.conv_max_pool_relu, fused._NativeConvMaxPoolReLU
 
-    def epoch(stem: bool) -> float:
-        fused.conv_max_pool_relu = on if stem else (lambda x, conv: None)
+    def epoch(path: str) -> float:
+        fused.conv_max_pool_relu = stem if path != "off" else (lambda x, conv: None)
+        function.native_forward = path == "native"
         t = time.perf_counter()
         train_one_epoch(b.model, b.data.train, b.optimizer, b.schedule, b.runtime)
         return time.perf_counter() - t
 
-    epoch(True)  # warm-up
-    seconds: dict[bool, list[float]] = {True: [], False: []}
-    for i in range(pairs):
-        for stem in ((True, False) if i % 2 == 0 else (False, True)):
-            seconds[stem].append(epoch(stem))
-    fused.conv_max_pool_relu = on
+    epoch("native")  # warm-up
+    seconds: dict[str, list[float]] = {p: [] for p in PATHS}
+    try:
+        for i in range(rounds):
+            for path in PATHS[i % 3:] + PATHS[:i % 3]:
+                seconds[path].append(epoch(path))
+    finally:
+        fused.conv_max_pool_relu, function.native_forward = stem, True
     r = b.runtime.describe()
-    return {"images": b.data.train.num_samples, "on": seconds[True], "off": seconds[False],
-            "precision": r["precision"]}
+    return {"images": b.data.train.num_samples, "seconds": seconds, "precision": r["precision"]}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--pairs", type=int, default=8, help="on/off epoch pairs in the loop (default 8)")
+    p.add_argument("--rounds", type=int, default=9, help="rounds of one epoch per path in the loop (default 9)")
     p.add_argument("--repeats", type=int, default=30, help="timed calls per kernel path (default 30)")
     p.add_argument("--write", help="put the Markdown section into this file (e.g. BENCHMARKS.md)")
     a = p.parse_args()
@@ -110,29 +129,40 @@ def main() -> None:
 
     torch.set_num_threads(min(2, torch.get_num_threads()))
     m = machine()
-    r = loop(a.pairs)
+    r = loop(a.rounds)
     dtype = "bfloat16" if r["precision"].startswith("bf16") else "float32"
-    k_torch, k_native = kernels(a.repeats, dtype)
-    ratios = sorted(off / on for on, off in zip(r["on"], r["off"]))
-    n = r["images"]
-    title = f"## The second paper's stem: its weight gradient from the pooled one (issue 14) — {m['capability']}"
+    k = kernels(a.repeats, dtype)
+    s, n = r["seconds"], r["images"]
+
+    def ratio(slow: str) -> str:
+        v = sorted(o / d for o, d in zip(s[slow], s["native"]))
+        return f"**{statistics.median(v):.2f}×** (range {v[0]:.2f}–{v[-1]:.2f}×)"
+
+    title = (f"## The second paper's stem: one native pass forward, its weight gradient from the pooled one "
+             f"(issue 14) — {m['capability']}")
     lines = [START, title,
-             "", f"`python benchmarks/stem_bench.py --pairs {a.pairs} --repeats {a.repeats}` — measured "
+             "", f"`python benchmarks/stem_bench.py --rounds {a.rounds} --repeats {a.repeats}` — measured "
              f"{time.strftime('%Y-%m-%d')} on {machine_line(m)}; torch threads {torch.get_num_threads()}.", "",
-             f"The backward of conv 3×3 (3 → 10) → ReLU → max-pool 2×2 alone, batch 128 at 64×64×3, {dtype} "
-             f"(median of {a.repeats} interleaved calls):", "",
-             "| path | ms |", "|---|---:|",
-             f"| without the stem: native pool_scatter writes the full-sized gradient, torch's convolution weight "
-             f"gradient reads it | {k_torch:.2f} |",
-             f"| the native stem: the weight gradient from the pooled gradient (conv_pool_wgrad) | {k_native:.2f} |",
+             f"conv 3×3 (3 → 10) → ReLU → max-pool 2×2 alone, batch 128 at 64×64×3, {dtype} (median of "
+             f"{a.repeats} interleaved calls):", "",
+             "| direction | path | ms |", "|---|---|---:|",
+             f"| forward | torch's convolution (under autocast in bf16) writes its output, the native pool reads it "
+             f"| {k['torch forward']:.2f} |",
+             f"| forward | the native stem: convolution, ReLU and pool in one pass (conv_pool_forward) | "
+             f"{k['native forward']:.2f} |",
+             f"| backward | native pool_scatter writes the full-sized gradient, torch's convolution weight "
+             f"gradient reads it | {k['torch backward']:.2f} |",
+             f"| backward | the native stem: the weight gradient from the pooled gradient (conv_pool_wgrad) | "
+             f"{k['native backward']:.2f} |",
              "", f"cnnlab's training loop on the second paper's net (animal-shapes-5, 64×64×3, batch 128, the CPU "
-             f"defaults: {r['precision']}), {a.pairs} pairs of epochs with the stem on and off, interleaved in "
-             "one process:", "",
-             "| stem | images/s (median epoch) |", "|---|---:|",
-             f"| on (the default) | {n / statistics.median(r['on']):,.0f} |",
-             f"| off | {n / statistics.median(r['off']):,.0f} |", "",
-             f"Within each pair the stem made the epoch **{statistics.median(ratios):.2f}×** faster (median; range "
-             f"{ratios[0]:.2f}–{ratios[-1]:.2f}×).", "", END]
+             f"defaults: {r['precision']}), {a.rounds} rounds of one epoch per path, interleaved in one process:", "",
+             "| path | images/s (median epoch) |", "|---|---:|",
+             f"| the native stem, both directions (the default) | {n / statistics.median(s['native']):,.0f} |",
+             f"| the stem's backward only (torch's convolution forward) | "
+             f"{n / statistics.median(s['torch forward']):,.0f} |",
+             f"| no stem | {n / statistics.median(s['off']):,.0f} |", "",
+             f"Within each round the default was {ratio('off')} faster than no stem and {ratio('torch forward')} "
+             "faster than the stem with torch's convolution forward (medians over the rounds).", "", END]
     publish("\n".join(lines) + "\n", a.write, START, END)
 
 

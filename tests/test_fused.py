@@ -221,11 +221,13 @@ def test_relu_then_pool_pools_first_with_the_same_values_and_gradients_bit_for_b
 @pytest.mark.parametrize("autocast", [False, True])
 def test_the_second_papers_stem_takes_its_weight_gradient_from_the_pooled_one(autocast):
     """Its first convolution's input (the image batch) needs no gradient, so the native path (where the kernels
-    build) runs conv → ReLU → max-pool with a backward that forms the weights' gradient from the pooled
-    gradient at each window's max: the same forward and loss bit for bit, the same gradients for every later
-    layer, and the stem's own gradients as the modules' (float32 to 1e-5; in bf16, summed from unrounded
-    pixels, within 1 % of torch's bf16 ones, which pick the same maxima, and about as far from float32's as
-    they are). On real images: the built-in silhouettes at 32×32×3."""
+    build) runs conv → ReLU → max-pool in one native pass forward (summing the convolution in its own order) and
+    with a backward that forms the weights' gradient from the pooled gradient at each window's max: the same
+    loss and gradients for every later layer as the modules' but for that order (float32 to 1e-6 and 1e-5; in
+    bf16 1e-3 and 1 %, where a sum on a rounding boundary may round the other way), and the stem's own
+    gradients as the modules' (float32 to 1e-5; in bf16, summed from unrounded pixels, within 1 % of torch's
+    bf16 ones, which pick the same maxima, and about as far from float32's as they are). On real images: the
+    built-in silhouettes at 32×32×3."""
     from cnnlab.data import load_source
 
     if not _native_here():
@@ -252,14 +254,14 @@ def test_the_second_papers_stem_takes_its_weight_gradient_from_the_pooled_one(au
         loss.backward()
         out[fuse, bf16] = (loss, {n: p.grad for n, p in model.named_parameters()})
     fused, modules, exact = out[True, autocast], out[False, autocast], out[False, False]
-    assert torch.equal(fused[0], modules[0])
+    assert _rel(fused[0], modules[0]) < (1e-6 if not autocast else 1e-3)
     for n, g in modules[1].items():
         if n.startswith("backbone.0."):
             ours, theirs = _rel(fused[1][n], exact[1][n]), _rel(g, exact[1][n])
             assert _rel(fused[1][n], g) < (1e-5 if not autocast else 0.01), n  # the same maxima as the modules'
             assert ours <= 1.5 * theirs + 1e-5, (n, ours, theirs)  # bf16's own maxima: about as far from fp32's
         else:
-            assert torch.equal(fused[1][n], g), n
+            assert _rel(fused[1][n], g) < (1e-5 if not autocast else 0.01), n
 
 
 @pytest.mark.parametrize("name", ["sgd", "adam", "adamw"])

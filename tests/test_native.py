@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cnnlab.models import native, set_fusion
-from cnnlab.models.fused import FusedSequential
+from cnnlab.models.fused import FusedSequential, _NativeConvMaxPoolReLU
 from cnnlab.training.runtime import Runtime
 
 
@@ -235,11 +235,69 @@ def test_stem_weight_gradient_from_the_pooled_one_is_the_modules(shape):
         assert (type(out.grad_fn).__name__ == "_NativeConvMaxPoolReLUBackward") == use_native
         out.backward(g)
         got[use_native] = (out, s[0].weight.grad, s[0].bias.grad)
-    assert torch.equal(got[True][0], got[False][0])
+    assert _rel(got[True][0], got[False][0]) < 1e-6  # the native forward sums the convolution in its own order
     assert _rel(got[True][1], got[False][1]) < 1e-5 and _rel(got[True][2], got[False][2]) < 1e-5
+    s = copy.deepcopy(seq)  # the benchmark's switch: torch's convolution forward, then the native pool
+    _NativeConvMaxPoolReLU.native_forward = False
+    try:
+        out = s(x)
+    finally:
+        _NativeConvMaxPoolReLU.native_forward = True
+    assert type(out.grad_fn).__name__ == "_NativeConvMaxPoolReLUBackward"
+    assert torch.equal(out, got[False][0])
 
 
-@pytest.mark.parametrize("case", ["input needs its gradient", "padded", "stride 2", "KW·Ci > 16", "bias only frozen"])
+def _conv_pool_reference(x, conv, dtype):
+    """torch's convolution (under autocast for bf16, as training runs it), then the native pool."""
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        y = F.conv2d(x, conv.weight, conv.bias)
+    pooled, idx, _ = native.pool_stats(y.contiguous(memory_format=torch.channels_last), relu=True, stats=False)
+    return pooled, idx
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", STEMS + [(2, 3, 21, 40, 13, 3), (1, 1, 34, 35, 1, 2), (2, 3, 18, 19, 26, 3)])
+def test_stem_forward_without_the_convolution_output_is_torchs(shape, dtype):
+    """conv_pool_forward against torch's convolution + pool_stats: float32 to 1e-6 (its own summing order); bf16
+    the same values but where a sum lies on a rounding boundary (then one bf16 step apart, rarely); the same
+    window positions wherever the pooled value is > 0 and the two agree. Channel counts in one register chunk and
+    in several (13, 17, 20, 26 channels), odd sizes and widths that leave part of a 16-column chunk, batch 1, KH
+    up to 8; an image on a coarse grid, so windows hold ties."""
+    n, ci, h, w, c, k = shape
+    torch.manual_seed(0)
+    conv = nn.Conv2d(ci, c, k)
+    x = _grid((n, ci, h, w), torch.float32)
+    ours, ours_idx = native.conv_pool_forward(x, conv.weight, conv.bias, dtype)
+    theirs, theirs_idx = _conv_pool_reference(x, conv, dtype)
+    assert ours.dtype == dtype and ours.shape == theirs.shape and ours.is_contiguous(memory_format=torch.channels_last)
+    same = ours == theirs
+    if dtype == torch.float32:
+        assert _rel(ours, theirs) < 1e-6
+    else:
+        step = theirs.float().abs() * 2 ** -7 + 1e-30  # one bf16 step at that magnitude (or less)
+        assert bool(((ours.float() - theirs.float()).abs() <= step).all())
+        assert same.float().mean() > 0.99
+    assert torch.equal(ours_idx[same & (theirs > 0)], theirs_idx[same & (theirs > 0)])
+
+
+def test_stem_forward_keeps_nan_and_relu():
+    """A NaN pixel makes NaN of every pooled value whose window's convolution reads it (as torch's); windows whose
+    convolution is all negative give 0."""
+    conv = nn.Conv2d(3, 4, 3)
+    with torch.no_grad():
+        conv.weight.fill_(-1.0)
+        conv.bias.zero_()
+    x = torch.ones(1, 3, 12, 12).contiguous(memory_format=torch.channels_last)
+    x[0, 1, 5, 5] = float("nan")
+    for dtype in (torch.float32, torch.bfloat16):
+        ours, _ = native.conv_pool_forward(x, conv.weight, conv.bias, dtype)
+        theirs, _ = _conv_pool_reference(x, conv, dtype)
+        assert torch.equal(ours.isnan(), theirs.isnan()) and int(ours.isnan().sum()) > 0
+        assert bool((ours[~ours.isnan()] == 0).all())
+
+
+@pytest.mark.parametrize("case", ["input needs its gradient", "padded", "stride 2", "KW·Ci > 16", "fp16 autocast",
+                                  "bias only frozen"])
 def test_stem_path_only_where_it_computes_the_same(case):
     conv = nn.Conv2d(3, 8, 3)
     x = _grid((2, 3, 12, 12), torch.float32)
@@ -251,17 +309,18 @@ def test_stem_path_only_where_it_computes_the_same(case):
         conv = nn.Conv2d(3, 8, 3, stride=2)
     elif case == "KW·Ci > 16":
         conv, x = nn.Conv2d(4, 8, 5), _grid((2, 4, 12, 12), torch.float32)
-    else:
+    elif case == "bias only frozen":
         conv.bias.requires_grad_(False)  # the weights still train: the path applies, without a bias gradient
     seq = FusedSequential(conv, nn.ReLU(inplace=True), nn.MaxPool2d(2)).to(memory_format=torch.channels_last)
-    out = seq(x)
+    with torch.autocast("cpu", dtype=torch.float16, enabled=case == "fp16 autocast"):  # no fp16 kernels
+        out = seq(x)
     stem = type(out.grad_fn).__name__ == "_NativeConvMaxPoolReLUBackward"
     assert stem == (case == "bias only frozen")
     out.sum().backward()
     assert conv.weight.grad is not None and (conv.bias.grad is None) == (case == "bias only frozen")
 
 
-@pytest.mark.parametrize("kernel", ["pool_stats", "conv_pool_wgrad"])
+@pytest.mark.parametrize("kernel", ["pool_stats", "conv_pool_wgrad", "conv_pool_forward"])
 def test_a_kernel_without_memory_for_its_scratch_raises_memory_error(kernel):
     """Asked for rows of 2⁴⁰ positions (and no images, so nothing is read), the kernels' scratch allocation
     fails: they skip their work and say so, and the call raises MemoryError instead of crashing."""
@@ -270,8 +329,10 @@ def test_a_kernel_without_memory_for_its_scratch_raises_memory_error(kernel):
     with pytest.raises(MemoryError, match=kernel):
         if kernel == "pool_stats":
             native._kernel(kernel, torch.float32)(p, 0, 2, 1 << 40, 16, p, p, None, 1, 0, 2)
-        else:
+        elif kernel == "conv_pool_wgrad":
             native._kernel(kernel, torch.float32)(p, 0, 3, 3, 3, 3, 3, p, p, p, 1, 1 << 40, 10, p, 2)
+        else:  # 2⁴⁰ output channels: its weights' scratch
+            native._kernel(kernel, torch.float32)(p, 0, 3, 3, 3, 3, 3, p, p, p, p, 1, 1, 1 << 40, 2)
     out = torch.zeros(1, 16, 1, 1)  # and the library still works afterwards
     pooled, idx, _ = native.pool_stats(torch.ones(1, 16, 2, 2).contiguous(memory_format=torch.channels_last),
                                        relu=True, stats=False)

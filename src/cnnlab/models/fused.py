@@ -156,19 +156,32 @@ class _NativeMaxPoolReLU(torch.autograd.Function):
         return native.pool_scatter(ctx.shape, idx, grad, pooled)
 
 
+def _stem_dtype(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.dtype | None:
+    """The dtype torch's convolution of a float32 input would compute in here: bf16 under CPU bf16 autocast,
+    float32 for float32 parameters without autocast; None otherwise (fp16 autocast, half parameters…)."""
+    if torch.is_autocast_enabled("cpu"):
+        return torch.bfloat16 if torch.get_autocast_dtype("cpu") == torch.bfloat16 else None
+    plain = weight.dtype == torch.float32 and (bias is None or bias.dtype == torch.float32)
+    return torch.float32 if plain else None
+
+
 class _NativeConvMaxPoolReLU(torch.autograd.Function):
-    """relu(max_pool2d(conv2d(x, weight, bias), 2)) for an input that needs no gradient (the image batch): torch's
-    convolution forward (under the caller's autocast), the native pool, and a backward that forms the weights'
-    gradient from the pooled gradient alone (native.conv_pool_wgrad) — neither pool_scatter's full-sized
+    """relu(max_pool2d(conv2d(x, weight, bias), 2)) for an input that needs no gradient (the image batch): forward
+    in one native pass that never writes the convolution's output (native.conv_pool_forward), and a backward
+    that forms the weights' gradient from the pooled gradient alone (native.conv_pool_wgrad) — neither pool_scatter's full-sized
     gradient nor torch's convolution backward, which reads it, runs. The input is read in float32, so in
     bf16-mixed training the weights' gradient is summed from unrounded pixels."""
 
+    native_forward = True  # False: torch's convolution, then the native pool (benchmarks/stem_bench.py times both)
+
     @staticmethod
     def forward(ctx, x, weight, bias):
-        y = F.conv2d(x, weight, bias)
-        if not native.applies(y):
-            y = y.contiguous(memory_format=torch.channels_last)
-        pooled, idx, _ = native.pool_stats(y, relu=True, stats=False)
+        dtype = _stem_dtype(weight, bias)
+        if _NativeConvMaxPoolReLU.native_forward:
+            pooled, idx = native.conv_pool_forward(x, weight, bias, dtype)
+        else:
+            y = F.conv2d(x, weight, bias).contiguous(memory_format=torch.channels_last)
+            pooled, idx, _ = native.pool_stats(y, relu=True, stats=False)
         ctx.save_for_backward(x, pooled, idx)
         ctx.kernel_size, ctx.dtypes = tuple(weight.shape[2:]), (weight.dtype, None if bias is None else bias.dtype)
         return pooled
@@ -192,11 +205,13 @@ def _stem(conv: nn.Module, relu: nn.Module, pool: nn.Module) -> bool:
 
 
 def conv_max_pool_relu(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor | None:
-    """relu(max_pool2d(conv(x), 2)) with the pooled-gradient weight backward, or None where it does not apply
-    now: x needs its own gradient (an explanation's saliency), no gradients at all, or not what
+    """relu(max_pool2d(conv(x), 2)) in one native pass forward, with the pooled-gradient weight backward, or None
+    where it does not apply now: x needs its own gradient (an explanation's saliency), no gradients at all, a
+    dtype the kernels do not compute in (fp16 autocast, half parameters), or not what
     native.conv_pool_wgrad_applies to."""
     if not (torch.is_grad_enabled() and not x.requires_grad
             and (conv.weight.requires_grad or (conv.bias is not None and conv.bias.requires_grad))
+            and _stem_dtype(conv.weight, conv.bias) is not None
             and native.conv_pool_wgrad_applies(x, tuple(conv.kernel_size))):
         return None
     return _NativeConvMaxPoolReLU.apply(x, conv.weight, conv.bias)

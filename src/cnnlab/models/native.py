@@ -99,6 +99,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "pool_backward": [p, p, p, p, p, p, p, i64, i64, i64, i64, i32],
         "pool_scatter": [p, p, p, p, i64, i64, i64, i64, i32],
         "conv_pool_wgrad": [p, i64, i64, i64, i64, i64, i64, p, p, p, i64, i64, i64, p, i32],
+        "conv_pool_forward": [p, i64, i64, i64, i64, i64, i64, p, p, p, p, i64, i64, i64, i32],
     }
     for dtype in ("f32", "bf16"):
         for name, args in signatures.items():
@@ -254,3 +255,28 @@ def conv_pool_wgrad(x: torch.Tensor, kernel_size: tuple[int, int], idx: torch.Te
                                              g.data_ptr(), ho, wo, c, dw.data_ptr(), torch.get_num_threads())
     weight = dw[:, :kh, :kw * ci].reshape(c, kh, kw, ci).permute(0, 3, 1, 2).float()
     return weight, dw[:, kh, 0].float()
+
+
+def conv_pool_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                      dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(relu(max-pool 2×2(conv(x) + bias)), the max's window positions) for a stride-1 unpadded convolution, as
+    pool_stats(relu=True) gives them from torch's convolution output in `dtype` — for bf16, x, weight and bias
+    rounded to bf16 first and the output rounded after, as under autocast — without writing that output
+    (conv_pool_wgrad_applies says when it runs)."""
+    n, ci, hx, wx = x.shape
+    c, _, kh, kw = weight.shape
+    ho, wo = (hx - kh + 1) // 2, (wx - kw + 1) // 2
+
+    def prepared(t):  # float32, rounded through bf16 where the convolution computes in it
+        t = t.detach()
+        return (t.to(torch.bfloat16) if dtype == torch.bfloat16 else t).float()
+    wt = prepared(weight).permute(1, 2, 3, 0).contiguous()  # (Ci, KH, KW, C)
+    b = prepared(bias).contiguous() if bias is not None else torch.zeros(c)
+    planes = torch.empty(x.numel() + 2 * LANES + kw, dtype=dtype)  # NCHW, with room for a chunk's read past it
+    planes[:x.numel()].view(x.shape).copy_(x.detach().to(dtype))  # the cast first: a mixed-dtype transposing
+                                                                   # copy_ took 2.5× as long
+    pooled = torch.empty((n, c, ho, wo), dtype=dtype, memory_format=torch.channels_last)
+    idx = torch.empty((n, c, ho, wo), dtype=torch.uint8, memory_format=torch.channels_last)
+    _kernel("conv_pool_forward", dtype)(planes.data_ptr(), n, hx, wx, ci, kh, kw, wt.data_ptr(), b.data_ptr(),
+                                        pooled.data_ptr(), idx.data_ptr(), ho, wo, c, torch.get_num_threads())
+    return pooled, idx

@@ -435,6 +435,193 @@ int NAME(const float *xs, int64_t N, int64_t Hx, int64_t Wx, int64_t Ci, int64_t
     return failed;                                                                                       \
 }
 
+/* The same stem's forward, relu(max-pool 2×2(conv(x) + bias)), computed here rather than as torch's
+ * convolution followed by pool_stats: the convolution output never exists — for each pooled row the two
+ * convolution rows under it are accumulated in registers, 16 columns at a time, rounded (bf16), ReLU'd and
+ * pooled there, and only the pooled values and their window positions are written. torch's convolution of
+ * 3 input channels (oneDNN, bf16, channels-last) ran at about a quarter of the CPU's multiply-add rate and
+ * wrote the 4× larger output that pool_stats then read back (`benchmarks/stem_bench.py`).
+ * x comes in channel planes (NCHW, copied so by native.py), so 16 neighbouring columns of one channel are one
+ * load; each load feeds two rows × CB channels of multiply-adds with the weight broadcast from memory. CB (the
+ * channels in registers at once) is a constant through the switch below: up to 12 with AVX-512's 32 vector
+ * registers (2 rows × 12 accumulators), 3 with AVX2's 16 (a 16-lane vector is two registers there); more
+ * channels go in several chunks. A chunk's lanes past the pooled columns read on into the next row (or the
+ * padding native.py leaves after x) and are dropped. */
+#if defined(__AVX512F__)
+#define FWD_MAX_CHANNELS 12
+#else
+#define FWD_MAX_CHANNELS 3
+#endif
+
+typedef uint32_t vu __attribute__((vector_size(4 * LANES)));
+typedef uint16_t vh __attribute__((vector_size(2 * LANES)));
+
+static inline vf ldh(const uint16_t *p) { vh h; memcpy(&h, p, sizeof h); return (vf)(__builtin_convertvector(h, vu) << 16); }
+
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+#include <immintrin.h>
+/* With AVX-512 BF16 one instruction rounds 16 floats to bf16 (nearest even; NaN stays NaN). */
+static inline vf round_bf16v(vf a) {
+    const __m256i h = (__m256i)_mm512_cvtneps_pbh((__m512)a);
+    return (vf)_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16);
+}
+static inline vh to_bf16v(vf a) { return (vh)_mm512_cvtneps_pbh((__m512)a); }
+#else
+static inline vf round_bf16v(vf a) {  /* each lane to bf16 (nearest even, as bf16_store) and back; NaN kept */
+    const vu u = (vu)a;
+    const vu r = (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
+    return pick(a != a, a, (vf)r);
+}
+static inline vh to_bf16v(vf a) {  /* a already rounded: its top halves, NaN as bf16_store's quiet NaN */
+    return __builtin_convertvector((vu)pick(a != a, (vf)((vu){0} + 0x7FC00000u), a) >> 16, vh);
+}
+#endif
+
+#if defined(__clang__)
+#define SWAP_PAIRS(v) __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14)
+#else
+#define SWAP_PAIRS(v) __builtin_shuffle(v, (vi){1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14})
+#endif
+
+/* The window max of two rows y0, y1 (16 columns each) into 8 pooled columns, at m's and k's even lanes, as
+ * pool_stats finds it wherever the max is > 0: the right column wins a row when greater or NaN, then the bottom
+ * row; ReLU after the max (the same value: ReLU commutes with max; only where the whole window is ≤ 0 may the
+ * position differ from pool_stats', which pools ReLU's zeros, and there the pooled value is 0 and gets no
+ * gradient). */
+static inline void pool_lanes(vf y0, vf y1, vf *m, vi *k) {
+    const vf zero = {0};
+    const vf r0 = SWAP_PAIRS(y0), r1 = SWAP_PAIRS(y1);  /* at the even lanes: the right neighbour */
+    const vi t0 = (r0 > y0) | (r0 != r0), t1 = (r1 > y1) | (r1 != r1);
+    const vf h0 = pick(t0, r0, y0), h1 = pick(t1, r1, y1);
+    const vi t = (h1 > h0) | (h1 != h1);
+    const vf v = pick(t, h1, h0);
+    *m = pick(v < zero, zero, v);  /* ReLU: NaN stays NaN */
+    *k = (t & (2 + (t1 & 1))) | (~t & (t0 & 1));  /* 0 top-left … 3 bottom-right */
+}
+
+/* A chunk's pooled values into a scratch row of LANES per channel: float as they are; bf16 values are already
+ * rounded (round_bf16v), so their bf16 form is exact. */
+static inline void put_f32(float *p, vf m) { stf(p, m); }
+static inline void put_bf16(uint16_t *p, vf m) {
+    const vh h = to_bf16v(m);
+    memcpy(p, &h, sizeof h);
+}
+
+/* One chunk: 16 convolution columns (from p: x's planes at this pooled row's first input row and the chunk's
+ * first column) × 2 rows × channels c0 … c0+CB−1, pooled into rows c0 … of tb (values) and kb (positions). */
+#define DEFINE_CONV_POOL_CHUNK(NAME, T, LDV, ROUND, PUT)                                                 \
+static inline __attribute__((always_inline)) void NAME(                                                  \
+        const T *restrict p, int64_t plane_size, int64_t Wx, int64_t Ci, int64_t KH, int64_t KW,         \
+        const float *restrict wc, const float *restrict bias, int64_t c0, const int CB,                  \
+        T *restrict tb, uint8_t *restrict kb) {                                                          \
+    vf a0[12], a1[12];  /* CB ≤ 12: the switch below */                                                  \
+    for (int c = 0; c < CB; c++) a0[c] = a1[c] = (vf){0} + bias[c0 + c];                                 \
+    for (int64_t ci = 0; ci < Ci; ci++)                                                                  \
+        for (int64_t kw = 0; kw < KW; kw++) {                                                            \
+            const T *q = p + ci * plane_size + kw;                                                       \
+            const float *w = wc + (ci * KW + kw) * KH * CB;  /* (KH, CB): kernel row r at w + r·CB */    \
+            for (int c = 0; c < CB; c++) a0[c] += LDV(q) * w[c];                                         \
+            for (int64_t r = 1; r < KH; r++) {                                                           \
+                const vf v = LDV(q + r * Wx);                                                            \
+                for (int c = 0; c < CB; c++) { a0[c] += v * w[r * CB + c]; a1[c] += v * w[(r - 1) * CB + c]; } \
+            }                                                                                            \
+            const vf v = LDV(q + KH * Wx);                                                               \
+            for (int c = 0; c < CB; c++) a1[c] += v * w[(KH - 1) * CB + c];                              \
+        }                                                                                                \
+    for (int c = 0; c < CB; c++) {                                                                       \
+        vf m;                                                                                            \
+        vi k;                                                                                            \
+        pool_lanes(ROUND ? round_bf16v(a0[c]) : a0[c], ROUND ? round_bf16v(a1[c]) : a1[c], &m, &k);      \
+        PUT(tb + (c0 + c) * LANES, m);                                                                   \
+        stb(kb + (c0 + c) * LANES, __builtin_convertvector(k, vb));                                      \
+    }                                                                                                    \
+}
+
+/* The next channel chunk's size when `left` channels remain: chunks of even size (10 → 10, 14 → 7 + 7). */
+static inline int64_t fwd_chunk(int64_t left) {
+    const int64_t chunks = (left + FWD_MAX_CHANNELS - 1) / FWD_MAX_CHANNELS;
+    return (left + chunks - 1) / chunks;
+}
+
+DEFINE_CONV_POOL_CHUNK(conv_pool_chunk_f32, float, ldf, 0, put_f32)
+DEFINE_CONV_POOL_CHUNK(conv_pool_chunk_bf16, uint16_t, ldh, 1, put_bf16)
+
+/* The chunk's (C, LANES) scratch rows into the pooled row's (cols, C) block: pooled[j, c] = tb[c, 2j], and the
+ * positions alike — with C a constant for the common channel counts (the compiler unrolls it into plain
+ * moves; a loop over a variable C cost about a tenth of the kernel), else element by element. */
+static inline __attribute__((always_inline)) void transpose_const(
+        const void *restrict tb, const uint8_t *restrict kb, int64_t cols, const int64_t C, void *restrict dst,
+        uint8_t *restrict dix, const size_t size) {
+    for (int64_t j = 0; j < cols; j++)
+        for (int64_t c = 0; c < C; c++) {
+            memcpy((char *)dst + (j * C + c) * size, (const char *)tb + (c * LANES + 2 * j) * size, size);
+            dix[j * C + c] = kb[c * LANES + 2 * j];
+        }
+}
+
+static void transpose_block(const void *restrict tb, const uint8_t *restrict kb, int64_t cols, int64_t C,
+                            void *restrict dst, uint8_t *restrict dix, size_t size) {
+    transpose_const(tb, kb, cols, C, dst, dix, size);
+}
+
+#define TRANSPOSE_CASE(T, K) case K: transpose_const(tb, kb, cols, K, dst, dix, sizeof(T)); break;
+
+#define FWD_CASE(CHUNK, K) case K: CHUNK(p, plane_size, Wx, Ci, KH, KW, wl + c0 * KK, bias, c0, K, tb, kb); break;
+
+/* conv_pool_forward: x (N, Ci, Hx, Wx) in T (channel planes, followed by at least LANES + KW values of
+ * padding); wt (Ci, KH, KW, C) and bias (C) float32, rounded to bf16 by the caller when T is bf16; into pooled
+ * and idx (N, Ho, Wo, C), Ho = (Hx − KH + 1)/2, Wo likewise: what pool_stats(relu=1) gives from the
+ * convolution's output in T (sums in float, each output rounded to T). */
+#define DEFINE_CONV_POOL_FORWARD(NAME, T, CHUNK)                                                         \
+int NAME(const T *xs, int64_t N, int64_t Hx, int64_t Wx, int64_t Ci, int64_t KH, int64_t KW,            \
+          const float *wt, const float *bias, T *pooled, uint8_t *idx, int64_t Ho, int64_t Wo, int64_t C,  \
+          int nthreads) {                                                                                \
+    const int64_t plane_size = Hx * Wx, PC = Wo * C, KK = Ci * KW * KH;                                  \
+    if (nthreads < 1) nthreads = 1;                                                                      \
+    float *wl = scratch(KK * C);  /* each channel chunk's weights as (Ci, KW, KH, CB), at wl + c0·KK */  \
+    if (!wl) return 1;                                                                                   \
+    for (int64_t c0 = 0, cb; c0 < C; c0 += cb) {                                                         \
+        cb = fwd_chunk(C - c0);                                                                          \
+        for (int64_t ci = 0; ci < Ci; ci++)                                                              \
+            for (int64_t kw = 0; kw < KW; kw++)                                                          \
+                for (int64_t r = 0; r < KH; r++)                                                         \
+                    for (int64_t c = 0; c < cb; c++)                                                     \
+                        wl[c0 * KK + ((ci * KW + kw) * KH + r) * cb + c] = wt[((ci * KH + r) * KW + kw) * C + c0 + c]; \
+    }                                                                                                    \
+    int failed = 0;                                                                                      \
+    _Pragma("omp parallel num_threads(nthreads)")                                                        \
+    {                                                                                                    \
+        T *tb = (T *)aligned_alloc(64, sizeof(T) * (size_t)(C * LANES + 64));                            \
+        uint8_t *kb = scratch_bytes(C * LANES);                                                          \
+        SCRATCH_READY(tb && kb);                                                                         \
+        _Pragma("omp for schedule(static)")                                                              \
+        for (int64_t row = 0; row < N * Ho; row++) {                                                     \
+            if (!ok) continue;                                                                           \
+            const int64_t n = row / Ho, ho = row % Ho;                                                   \
+            for (int64_t x0 = 0; x0 < 2 * Wo; x0 += LANES) {                                             \
+                const T *p = xs + n * Ci * plane_size + 2 * ho * Wx + x0;                                \
+                for (int64_t c0 = 0, cb; c0 < C; c0 += cb) {                                             \
+                    cb = fwd_chunk(C - c0);                                                              \
+                    switch (cb) { FWD_CASE(CHUNK, 1) FWD_CASE(CHUNK, 2) FWD_CASE(CHUNK, 3) FWD_CASE(CHUNK, 4) \
+                                  FWD_CASE(CHUNK, 5) FWD_CASE(CHUNK, 6) FWD_CASE(CHUNK, 7) FWD_CASE(CHUNK, 8) \
+                                  FWD_CASE(CHUNK, 9) FWD_CASE(CHUNK, 10) FWD_CASE(CHUNK, 11) FWD_CASE(CHUNK, 12) } \
+                }                                                                                        \
+                const int64_t cols = Wo - x0 / 2 < 8 ? Wo - x0 / 2 : 8;                                  \
+                T *dst = pooled + row * PC + x0 / 2 * C;                                                 \
+                uint8_t *dix = idx + row * PC + x0 / 2 * C;                                              \
+                switch (C) { TRANSPOSE_CASE(T, 1) TRANSPOSE_CASE(T, 2) TRANSPOSE_CASE(T, 3) TRANSPOSE_CASE(T, 4) \
+                             TRANSPOSE_CASE(T, 5) TRANSPOSE_CASE(T, 6) TRANSPOSE_CASE(T, 7) TRANSPOSE_CASE(T, 8) \
+                             TRANSPOSE_CASE(T, 9) TRANSPOSE_CASE(T, 10) TRANSPOSE_CASE(T, 11) TRANSPOSE_CASE(T, 12) \
+                             TRANSPOSE_CASE(T, 16) TRANSPOSE_CASE(T, 20) TRANSPOSE_CASE(T, 24) TRANSPOSE_CASE(T, 32) \
+                             default: transpose_block(tb, kb, cols, C, dst, dix, sizeof(T)); }            \
+            }                                                                                            \
+        }                                                                                                \
+        free(tb); free(kb);                                                                              \
+    }                                                                                                    \
+    free(wl);                                                                                            \
+    return failed;                                                                                       \
+}
+
 DEFINE_POOL_STATS(cnnlab_pool_stats_f32, float, f32_load, f32_store)
 DEFINE_POOL_STATS(cnnlab_pool_stats_bf16, uint16_t, bf16_load, bf16_store)
 DEFINE_POOL_BACKWARD(cnnlab_pool_backward_f32, float, f32_load, f32_store)
@@ -447,5 +634,7 @@ DEFINE_POOL_GRAD_SUMS(cnnlab_pool_grad_sums_f32, float, f32_load)
 DEFINE_POOL_GRAD_SUMS(cnnlab_pool_grad_sums_bf16, uint16_t, bf16_load)
 DEFINE_CONV_POOL_WGRAD(cnnlab_conv_pool_wgrad_f32, float, f32_load)
 DEFINE_CONV_POOL_WGRAD(cnnlab_conv_pool_wgrad_bf16, uint16_t, bf16_load)
+DEFINE_CONV_POOL_FORWARD(cnnlab_conv_pool_forward_f32, float, conv_pool_chunk_f32)
+DEFINE_CONV_POOL_FORWARD(cnnlab_conv_pool_forward_bf16, uint16_t, conv_pool_chunk_bf16)
 
-int cnnlab_native_version(void) { return 4; }
+int cnnlab_native_version(void) { return 5; }
