@@ -10,9 +10,11 @@ max-pool writes int64 indices, and its backward zero-fills the whole gradient be
 Here the forward is one read of the convolution output (the window maxima, their positions as one byte
 each, and batch norm's statistics together), the backward one read and one write; batch norm's affine
 runs on the 4× smaller pooled tensor (see fused.py for why pooling first is exact when γ > 0). After a
-first convolution whose input needs no gradient (the second paper's stem), conv_pool_wgrad forms that
-convolution's weight gradient from the pooled gradient alone, where the ReLU → max-pool backward would write
-the full-sized gradient for torch's convolution backward to read (`benchmarks/stem_bench.py`).
+first convolution whose input needs no gradient (the second paper's stem), conv_pool_forward computes the
+convolution, ReLU and pool in one pass without writing the convolution's output (on AVX-512 BF16 CPUs in bf16
+with its dot-product instruction), and conv_pool_wgrad forms that convolution's weight gradient from the
+pooled gradient alone, where the ReLU → max-pool backward would write the full-sized gradient for torch's
+convolution backward to read (`benchmarks/stem_bench.py`).
 `benchmarks/switches_bench.py` measures the switch (`train.native`), BENCHMARKS.md has the figures.
 
 The C source is compiled with the machine's C compiler ($CC, else cc or gcc) at -O3 -march=native with
@@ -261,8 +263,11 @@ def conv_pool_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
                       dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """(relu(max-pool 2×2(conv(x) + bias)), the max's window positions) for a stride-1 unpadded convolution, as
     pool_stats(relu=True) gives them from torch's convolution output in `dtype` — for bf16, x, weight and bias
-    rounded to bf16 first and the output rounded after, as under autocast — without writing that output
-    (conv_pool_wgrad_applies says when it runs)."""
+    rounded to bf16 first and the output rounded after, as under autocast — without writing that output; the
+    sums in float, in the kernel's own order (so a float32 output may differ from torch's in its last bits, a
+    bf16 one by a rounding step where a sum lies on a rounding boundary), and where a window is all ≤ 0 its
+    position may differ from pool_stats' (its pooled value is 0 and gets no gradient). For the convolutions
+    conv_pool_wgrad_applies to (KW·Ci ≤ 16, KH ≤ 8)."""
     n, ci, hx, wx = x.shape
     c, _, kh, kw = weight.shape
     ho, wo = (hx - kh + 1) // 2, (wx - kw + 1) // 2
