@@ -548,7 +548,7 @@ DEFINE_CONV_POOL_CHUNK(conv_pool_chunk_bf16, uint16_t, ldh, 1, put_bf16)
 
 /* The chunk's (C, LANES) scratch rows into the pooled row's (cols, C) block: pooled[j, c] = tb[c, 2j], and the
  * positions alike — with C a constant for the common channel counts (the compiler unrolls it into plain
- * moves; a loop over a variable C cost about a tenth of the kernel), else element by element. */
+ * moves; a loop over a variable C cost about a tenth of the kernel in a one-off profile). */
 static inline __attribute__((always_inline)) void transpose_const(
         const void *restrict tb, const uint8_t *restrict kb, int64_t cols, const int64_t C, void *restrict dst,
         uint8_t *restrict dix, const size_t size) {
@@ -559,12 +559,18 @@ static inline __attribute__((always_inline)) void transpose_const(
         }
 }
 
-static void transpose_block(const void *restrict tb, const uint8_t *restrict kb, int64_t cols, int64_t C,
-                            void *restrict dst, uint8_t *restrict dix, size_t size) {
-    transpose_const(tb, kb, cols, C, dst, dix, size);
-}
+#define TRANSPOSE_CASE(K) case K: transpose_const(tb, kb, cols, K, dst, dix, size); break;
 
-#define TRANSPOSE_CASE(T, K) case K: transpose_const(tb, kb, cols, K, dst, dix, sizeof(T)); break;
+/* transpose_const for a pooled row's block in T (size = sizeof(T), made a constant by each caller's inlining). */
+static inline __attribute__((always_inline)) void put_block(const void *restrict tb, const uint8_t *restrict kb,
+                                                            int64_t cols, int64_t C, void *restrict dst,
+                                                            uint8_t *restrict dix, const size_t size) {
+    switch (C) { TRANSPOSE_CASE(1) TRANSPOSE_CASE(2) TRANSPOSE_CASE(3) TRANSPOSE_CASE(4) TRANSPOSE_CASE(5)
+                 TRANSPOSE_CASE(6) TRANSPOSE_CASE(7) TRANSPOSE_CASE(8) TRANSPOSE_CASE(9) TRANSPOSE_CASE(10)
+                 TRANSPOSE_CASE(11) TRANSPOSE_CASE(12) TRANSPOSE_CASE(16) TRANSPOSE_CASE(20) TRANSPOSE_CASE(24)
+                 TRANSPOSE_CASE(32)
+                 default: transpose_const(tb, kb, cols, C, dst, dix, size); }  /* C as a variable */
+}
 
 #define FWD_CASE(CHUNK, K) case K: CHUNK(p, plane_size, Wx, Ci, KH, KW, wl + c0 * KK, bias, c0, K, tb, kb); break;
 
@@ -609,11 +615,7 @@ int NAME(const T *xs, int64_t N, int64_t Hx, int64_t Wx, int64_t Ci, int64_t KH,
                 const int64_t cols = Wo - x0 / 2 < 8 ? Wo - x0 / 2 : 8;                                  \
                 T *dst = pooled + row * PC + x0 / 2 * C;                                                 \
                 uint8_t *dix = idx + row * PC + x0 / 2 * C;                                              \
-                switch (C) { TRANSPOSE_CASE(T, 1) TRANSPOSE_CASE(T, 2) TRANSPOSE_CASE(T, 3) TRANSPOSE_CASE(T, 4) \
-                             TRANSPOSE_CASE(T, 5) TRANSPOSE_CASE(T, 6) TRANSPOSE_CASE(T, 7) TRANSPOSE_CASE(T, 8) \
-                             TRANSPOSE_CASE(T, 9) TRANSPOSE_CASE(T, 10) TRANSPOSE_CASE(T, 11) TRANSPOSE_CASE(T, 12) \
-                             TRANSPOSE_CASE(T, 16) TRANSPOSE_CASE(T, 20) TRANSPOSE_CASE(T, 24) TRANSPOSE_CASE(T, 32) \
-                             default: transpose_block(tb, kb, cols, C, dst, dix, sizeof(T)); }            \
+                put_block(tb, kb, cols, C, dst, dix, sizeof(T));                                         \
             }                                                                                            \
         }                                                                                                \
         free(tb); free(kb);                                                                              \
@@ -728,13 +730,7 @@ int cnnlab_conv_pool_forward_bf16(const uint16_t *xs, int64_t N, int64_t Hx, int
                 const int64_t cols = Wo - x0 / 2 < 8 ? Wo - x0 / 2 : 8;
                 uint16_t *dst = pooled + row * PC + x0 / 2 * C;
                 uint8_t *dix = idx + row * PC + x0 / 2 * C;
-                switch (C) { TRANSPOSE_CASE(uint16_t, 1) TRANSPOSE_CASE(uint16_t, 2) TRANSPOSE_CASE(uint16_t, 3)
-                             TRANSPOSE_CASE(uint16_t, 4) TRANSPOSE_CASE(uint16_t, 5) TRANSPOSE_CASE(uint16_t, 6)
-                             TRANSPOSE_CASE(uint16_t, 7) TRANSPOSE_CASE(uint16_t, 8) TRANSPOSE_CASE(uint16_t, 9)
-                             TRANSPOSE_CASE(uint16_t, 10) TRANSPOSE_CASE(uint16_t, 11) TRANSPOSE_CASE(uint16_t, 12)
-                             TRANSPOSE_CASE(uint16_t, 16) TRANSPOSE_CASE(uint16_t, 20) TRANSPOSE_CASE(uint16_t, 24)
-                             TRANSPOSE_CASE(uint16_t, 32)
-                             default: transpose_block(tb, kb, cols, C, dst, dix, sizeof(uint16_t)); }
+                put_block(tb, kb, cols, C, dst, dix, sizeof(uint16_t));
             }
         }
         free(tb); free(kb); free(pp);
