@@ -168,17 +168,16 @@ def _stem_dtype(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.dtype 
 class _NativeConvMaxPoolReLU(torch.autograd.Function):
     """relu(max_pool2d(conv2d(x, weight, bias), 2)) for an input that needs no gradient (the image batch): forward
     in one native pass that never writes the convolution's output (native.conv_pool_forward), and a backward
-    that forms the weights' gradient from the pooled gradient alone (native.conv_pool_wgrad) — neither pool_scatter's full-sized
-    gradient nor torch's convolution backward, which reads it, runs. The input is read in float32, so in
-    bf16-mixed training the weights' gradient is summed from unrounded pixels."""
+    that forms the weights' gradient from the pooled gradient alone (native.conv_pool_wgrad) — neither
+    pool_scatter's full-sized gradient nor torch's convolution backward, which reads it, runs. The input is read
+    in float32, so in bf16-mixed training the weights' gradient is summed from unrounded pixels."""
 
     native_forward = True  # False: torch's convolution, then the native pool (benchmarks/stem_bench.py times both)
 
     @staticmethod
     def forward(ctx, x, weight, bias):
-        dtype = _stem_dtype(weight, bias)
         if _NativeConvMaxPoolReLU.native_forward:
-            pooled, idx = native.conv_pool_forward(x, weight, bias, dtype)
+            pooled, idx = native.conv_pool_forward(x, weight, bias, _stem_dtype(weight, bias))
         else:
             y = F.conv2d(x, weight, bias).contiguous(memory_format=torch.channels_last)
             pooled, idx, _ = native.pool_stats(y, relu=True, stats=False)
