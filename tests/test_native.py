@@ -320,8 +320,9 @@ def test_stem_path_only_where_it_computes_the_same(case):
     assert conv.weight.grad is not None and (conv.bias.grad is None) == (case == "bias only frozen")
 
 
-@pytest.mark.parametrize("kernel", ["pool_stats", "conv_pool_wgrad", "conv_pool_forward"])
-def test_a_kernel_without_memory_for_its_scratch_raises_memory_error(kernel):
+@pytest.mark.parametrize("kernel,dtype", [("pool_stats", torch.float32), ("conv_pool_wgrad", torch.float32),
+                                          ("conv_pool_forward", torch.float32), ("conv_pool_forward", torch.bfloat16)])
+def test_a_kernel_without_memory_for_its_scratch_raises_memory_error(kernel, dtype):
     """Asked for rows of 2⁴⁰ positions (and no images, so nothing is read), the kernels' scratch allocation
     fails: they skip their work and say so, and the call raises MemoryError instead of crashing."""
     buf = torch.zeros(64)
@@ -332,7 +333,7 @@ def test_a_kernel_without_memory_for_its_scratch_raises_memory_error(kernel):
         elif kernel == "conv_pool_wgrad":
             native._kernel(kernel, torch.float32)(p, 0, 3, 3, 3, 3, 3, p, p, p, 1, 1 << 40, 10, p, 2)
         else:  # 2⁴⁰ output channels: its weights' scratch
-            native._kernel(kernel, torch.float32)(p, 0, 3, 3, 3, 3, 3, p, p, p, p, 1, 1, 1 << 40, 2)
+            native._kernel(kernel, dtype)(p, 0, 3, 3, 3, 3, 3, p, p, p, p, 1, 1, 1 << 40, 2)  # bf16: its own code
     out = torch.zeros(1, 16, 1, 1)  # and the library still works afterwards
     pooled, idx, _ = native.pool_stats(torch.ones(1, 16, 2, 2).contiguous(memory_format=torch.channels_last),
                                        relu=True, stats=False)

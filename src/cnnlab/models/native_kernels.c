@@ -439,8 +439,8 @@ int NAME(const float *xs, int64_t N, int64_t Hx, int64_t Wx, int64_t Ci, int64_t
  * convolution followed by pool_stats: the convolution output never exists — for each pooled row the two
  * convolution rows under it are accumulated in registers, 16 columns at a time, rounded (bf16), ReLU'd and
  * pooled there, and only the pooled values and their window positions are written. torch's convolution of
- * 3 input channels (oneDNN, bf16, channels-last) ran at about a quarter of the CPU's multiply-add rate and
- * wrote the 4× larger output that pool_stats then read back (`benchmarks/stem_bench.py`).
+ * 3 input channels (oneDNN, bf16, channels-last) ran at about a quarter of the CPU's multiply-add rate (a
+ * one-off timing) and wrote the 4× larger output that pool_stats then read back (`benchmarks/stem_bench.py`).
  * x comes in channel planes (NCHW, copied so by native.py), so 16 neighbouring columns of one channel are one
  * load; each load feeds two rows × CB channels of multiply-adds with the weight broadcast from memory. CB (the
  * channels in registers at once) is a constant through the switch below: up to 12 with AVX-512's 32 vector
@@ -544,7 +544,6 @@ static inline int64_t fwd_chunk(int64_t left) {
 }
 
 DEFINE_CONV_POOL_CHUNK(conv_pool_chunk_f32, float, ldf, 0, put_f32)
-DEFINE_CONV_POOL_CHUNK(conv_pool_chunk_bf16, uint16_t, ldh, 1, put_bf16)
 
 /* The chunk's (C, LANES) scratch rows into the pooled row's (cols, C) block: pooled[j, c] = tb[c, 2j], and the
  * positions alike — with C a constant for the common channel counts (the compiler unrolls it into plain
@@ -668,8 +667,6 @@ static inline __attribute__((always_inline)) void conv_pool_chunk_dp(
     }
 }
 
-static inline uint32_t bf16_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u >> 16; }  /* f is bf16-exact */
-
 #define DP_CASE(K) case K: conv_pool_chunk_dp(pp + 2 * ho * NP * PW + x0, PW, NP, KH, wl + c0 * KH * NP, bias, c0, K, tb, kb); break;
 
 int cnnlab_conv_pool_forward_bf16(const uint16_t *xs, int64_t N, int64_t Hx, int64_t Wx, int64_t Ci, int64_t KH,
@@ -687,7 +684,7 @@ int cnnlab_conv_pool_forward_bf16(const uint16_t *xs, int64_t N, int64_t Hx, int
                     uint32_t pair = 0;
                     for (int64_t half = 0; half < 2; half++) {
                         const int64_t k = 2 * j + half, ci = k / KW, kw = k % KW;
-                        if (k < K) pair |= bf16_bits(wt[((ci * KH + ky) * KW + kw) * C + c0 + c]) << (16 * half);
+                        if (k < K) pair |= (uint32_t)bf16_store(wt[((ci * KH + ky) * KW + kw) * C + c0 + c]) << (16 * half);
                     }
                     wl[c0 * KH * NP + (ky * NP + j) * cb + c] = pair;
                 }
@@ -738,7 +735,8 @@ int cnnlab_conv_pool_forward_bf16(const uint16_t *xs, int64_t N, int64_t Hx, int
     free(wl);
     return failed;
 }
-#else
+#else  /* bf16 without the dot-product instruction: the generic chunk, rounding in software */
+DEFINE_CONV_POOL_CHUNK(conv_pool_chunk_bf16, uint16_t, ldh, 1, put_bf16)
 DEFINE_CONV_POOL_FORWARD(cnnlab_conv_pool_forward_bf16, uint16_t, conv_pool_chunk_bf16)
 #endif
 
