@@ -225,7 +225,7 @@ def test_the_second_papers_stem_takes_its_weight_gradient_from_the_pooled_one(au
     with a backward that forms the weights' gradient from the pooled gradient at each window's max: the same
     loss and gradients for every later layer as the modules' but for that order (float32 to 1e-6 and 1e-5; in
     bf16 1e-3 and 1 %, where a sum on a rounding boundary may round the other way), and the stem's own
-    gradients as the modules' (float32 to 1e-5; in bf16, summed from unrounded pixels, within 1 % of torch's
+    gradients as the modules' (float32 to 1e-5; in bf16, summed from unrounded pixels, within 2.5 % of torch's
     bf16 ones, which pick the same maxima, and about as far from float32's as they are). On real images: the
     built-in silhouettes at 32×32×3."""
     from cnnlab.data import load_source
@@ -258,7 +258,9 @@ def test_the_second_papers_stem_takes_its_weight_gradient_from_the_pooled_one(au
     for n, g in modules[1].items():
         if n.startswith("backbone.0."):
             ours, theirs = _rel(fused[1][n], exact[1][n]), _rel(g, exact[1][n])
-            assert _rel(fused[1][n], g) < (1e-5 if not autocast else 0.01), n  # the same maxima as the modules'
+            # the same maxima as the modules': bf16 to 1 % on AVX-512 BF16, 1.5 % on a Zen 3 (AVX2), where torch's
+            # emulated bf16 weight gradient lay further from float32's (3.3 %) than the native one (2.9 %)
+            assert _rel(fused[1][n], g) < (1e-5 if not autocast else 0.025), n
             assert ours <= 1.5 * theirs + 1e-5, (n, ours, theirs)  # bf16's own maxima: about as far from fp32's
         else:
             assert _rel(fused[1][n], g) < (1e-5 if not autocast else 0.01), n
