@@ -75,16 +75,65 @@ static inline vb ldb(const uint8_t *p) { vb v; memcpy(&v, p, sizeof v); return v
 static inline void stb(uint8_t *p, vb v) { memcpy(p, &v, sizeof v); }
 static inline vf pick(vi m, vf a, vf b) { return (vf)(((vi)a & m) | ((vi)b & ~m)); }  /* m ? a : b */
 
+/* The row loops below (max-pool, statistics, spreading a gradient) go lane by lane, so they work in one
+ * register's width, VL lanes — 16 with AVX-512, 8 with AVX2 — in steps of VL within the LANES-padded scratch
+ * rows. Written with 16-lane vectors, they ran 2–8× slower than torch's ops on a Zen 3 (AVX2: a 16-lane
+ * vector is two registers there, and GCC 12 kept such values on the stack and converted int32 lanes to bytes
+ * one insert at a time; `benchmarks/block_bench.py`). */
+#if defined(__AVX512F__)
+#define VL 16
+#else
+#define VL 8
+#endif
+typedef float rf __attribute__((vector_size(4 * VL)));
+typedef int32_t ri __attribute__((vector_size(4 * VL)));
+typedef uint8_t rb __attribute__((vector_size(VL)));
+
+static inline rf ldr(const float *p) { rf v; memcpy(&v, p, sizeof v); return v; }
+static inline void str(float *p, rf v) { memcpy(p, &v, sizeof v); }
+static inline rb ldrb(const uint8_t *p) { rb v; memcpy(&v, p, sizeof v); return v; }
+static inline void strb(uint8_t *p, rb v) { memcpy(p, &v, sizeof v); }
+static inline rf pickr(ri m, rf a, rf b) { return (rf)(((ri)a & m) | ((ri)b & ~m)); }  /* m ? a : b */
+static inline ri widen(rb b) { return __builtin_convertvector(b, ri); }
+
+/* int32 lanes to bytes, each within −128…127 (a 0/−1 mask, a 0/1 bit, a window position): GCC 12 narrows
+ * lane by lane on AVX2, so packs there. */
+#if defined(__AVX2__) && !defined(__AVX512F__)
+#include <immintrin.h>
+static inline rb narrow(ri t) {
+    __m256i v;
+    memcpy(&v, &t, sizeof v);
+    const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    const __m128i b = _mm_packs_epi16(w, w);
+    rb out;
+    memcpy(&out, &b, sizeof out);
+    return out;
+}
+static inline vb to_bytes(vi t) {  /* the same for a LANES-lane vector (two AVX2 registers) */
+    __m256i lo, hi;
+    memcpy(&lo, &t, sizeof lo);
+    memcpy(&hi, (const char *)&t + sizeof lo, sizeof hi);
+    const __m256i w = _mm256_permute4x64_epi64(_mm256_packs_epi32(lo, hi), 0xD8);  /* 16 int16, in order */
+    const __m128i b = _mm_packs_epi16(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1));
+    vb out;
+    memcpy(&out, &b, sizeof out);
+    return out;
+}
+#else
+static inline rb narrow(ri t) { return __builtin_convertvector(t, rb); }
+static inline vb to_bytes(vi t) { return __builtin_convertvector(t, vb); }
+#endif
+
 /* Horizontal max of one row: out[wo, c] = max(r[2wo, c], r[2wo+1, c]), bit[wo, c] = 1 when the right one
  * wins (greater, or NaN), so a tie goes left as in torch's scan. */
 static inline void hmax_row(const float *restrict r, int64_t Wo, int64_t C, float *restrict out,
                             uint8_t *restrict bit) {
     for (int64_t wo = 0; wo < Wo; wo++)
-        for (int64_t c0 = 0; c0 < C; c0 += LANES) {
-            const vf a = ldf(r + 2 * wo * C + c0), b = ldf(r + (2 * wo + 1) * C + c0);
-            const vi t = (b > a) | (b != b);
-            stf(out + wo * C + c0, pick(t, b, a));
-            stb(bit + wo * C + c0, __builtin_convertvector(t & 1, vb));
+        for (int64_t c0 = 0; c0 < C; c0 += VL) {
+            const rf a = ldr(r + 2 * wo * C + c0), b = ldr(r + (2 * wo + 1) * C + c0);
+            const ri t = (b > a) | (b != b);
+            str(out + wo * C + c0, pickr(t, b, a));
+            strb(bit + wo * C + c0, narrow(t & 1));
         }
 }
 
@@ -92,7 +141,15 @@ static inline void hmax_row(const float *restrict r, int64_t Wo, int64_t C, floa
  * 0–3 as torch's scan order gives it, contiguous over Wo·C. */
 static inline void vmax_rows(const float *restrict h0, const uint8_t *restrict k0, const float *restrict h1,
                              const uint8_t *restrict k1, int64_t n, float *restrict out, uint8_t *restrict ix) {
-    for (int64_t j = 0; j < n; j++) {
+    int64_t j = 0;
+    for (; j + VL <= n; j += VL) {  /* GCC left the loop below scalar, with a branch, on AVX2 */
+        const rf a = ldr(h0 + j), b = ldr(h1 + j);
+        const ri t = (b > a) | (b != b);
+        str(out + j, pickr(t, b, a));
+        const rb m = narrow(t);
+        strb(ix + j, (m & (ldrb(k1 + j) + 2)) | (~m & ldrb(k0 + j)));
+    }
+    for (; j < n; j++) {
         const int t = (h1[j] > h0[j]) | (h1[j] != h1[j]);
         out[j] = t ? h1[j] : h0[j];
         ix[j] = (uint8_t)(t ? 2 + k1[j] : k0[j]);
@@ -104,14 +161,14 @@ static inline void vmax_rows(const float *restrict h0, const uint8_t *restrict k
  * ~1e-7 of themselves; float sums over the whole tensor would not keep that). */
 static inline void add_stats(const float *restrict r, int64_t W, int64_t C, double *restrict sum,
                              double *restrict sq) {
-    for (int64_t c0 = 0; c0 < C; c0 += LANES) {
-        vf s = {0}, q = {0};
+    for (int64_t c0 = 0; c0 < C; c0 += VL) {
+        rf s = {0}, q = {0};
         for (int64_t w = 0; w < W; w++) {
-            const vf v = ldf(r + w * C + c0);
+            const rf v = ldr(r + w * C + c0);
             s += v;
             q += v * v;
         }
-        for (int l = 0; l < LANES && c0 + l < C; l++) { sum[c0 + l] += s[l]; sq[c0 + l] += q[l]; }
+        for (int l = 0; l < VL && c0 + l < C; l++) { sum[c0 + l] += s[l]; sq[c0 + l] += q[l]; }
     }
 }
 
@@ -119,14 +176,14 @@ static inline void add_stats(const float *restrict r, int64_t W, int64_t C, doub
  * within the row, double across rows, as add_stats). */
 static inline void add_products(const float *restrict g, const float *restrict p, int64_t W, int64_t C,
                                 double *restrict sum, double *restrict dot) {
-    for (int64_t c0 = 0; c0 < C; c0 += LANES) {
-        vf s = {0}, d = {0};
+    for (int64_t c0 = 0; c0 < C; c0 += VL) {
+        rf s = {0}, d = {0};
         for (int64_t w = 0; w < W; w++) {
-            const vf u = ldf(g + w * C + c0);
+            const rf u = ldr(g + w * C + c0);
             s += u;
-            d += u * ldf(p + w * C + c0);
+            d += u * ldr(p + w * C + c0);
         }
-        for (int l = 0; l < LANES && c0 + l < C; l++) { sum[c0 + l] += s[l]; dot[c0 + l] += d[l]; }
+        for (int l = 0; l < VL && c0 + l < C; l++) { sum[c0 + l] += s[l]; dot[c0 + l] += d[l]; }
     }
 }
 
@@ -139,26 +196,26 @@ static void sum_parts(const double *part, int nthreads, int64_t n, double *sums)
     }
 }
 
-/* The pooled gradient spread over one input row: g[w, c] = gp[w/2, c] where (row bit `rb`, w & 1) is the
+/* The pooled gradient spread over one input row: g[w, c] = gp[w/2, c] where (row bit `bit`, w & 1) is the
  * window's max, else 0; 0 on an odd last column. ix and gp are padded scratch rows (chunks read past them). */
 static inline void spread_row(const uint8_t *restrict ix, const float *restrict gp, int64_t W, int64_t C,
-                              int32_t rb, float *restrict g) {
+                              int32_t bit, float *restrict g) {
     const int64_t Wo = W / 2;
-    const vf zero = {0};
-    if (C % LANES == 0) {  /* whole chunks: both sides from one load */
+    const rf zero = {0};
+    if (C % VL == 0) {  /* whole vectors: both sides from one load */
         for (int64_t wo = 0; wo < Wo; wo++)
-            for (int64_t c0 = 0; c0 < C; c0 += LANES) {
-                const vi k = __builtin_convertvector(ldb(ix + wo * C + c0), vi);
-                const vf p = ldf(gp + wo * C + c0);
-                stf(g + 2 * wo * C + c0, pick(k == rb, p, zero));
-                stf(g + (2 * wo + 1) * C + c0, pick(k == rb + 1, p, zero));
+            for (int64_t c0 = 0; c0 < C; c0 += VL) {
+                const ri k = widen(ldrb(ix + wo * C + c0));
+                const rf p = ldr(gp + wo * C + c0);
+                str(g + 2 * wo * C + c0, pickr(k == bit, p, zero));
+                str(g + (2 * wo + 1) * C + c0, pickr(k == bit + 1, p, zero));
             }
     } else {
         for (int64_t wo = 0; wo < Wo; wo++)
-            for (int32_t side = 0; side < 2; side++)  /* the left block's chunks, then the right's, which */
-                for (int64_t c0 = 0; c0 < C; c0 += LANES) {  /* overwrite what the left ones spilt */
-                    const vi k = __builtin_convertvector(ldb(ix + wo * C + c0), vi);
-                    stf(g + (2 * wo + side) * C + c0, pick(k == rb + side, ldf(gp + wo * C + c0), zero));
+            for (int32_t side = 0; side < 2; side++)  /* the left block's vectors, then the right's, which */
+                for (int64_t c0 = 0; c0 < C; c0 += VL) {  /* overwrite what the left ones spilt */
+                    const ri k = widen(ldrb(ix + wo * C + c0));
+                    str(g + (2 * wo + side) * C + c0, pickr(k == bit + side, ldr(gp + wo * C + c0), zero));
                 }
     }
     for (int64_t j = 2 * Wo * C; j < W * C; j++) g[j] = 0.0f;
@@ -282,6 +339,17 @@ int NAME(const T *g, const T *pooled, int64_t rows, int64_t Wo, int64_t C, doubl
     return failed;                                                                                       \
 }
 
+/* sp = kk·y + bb + sp where y > 0, else 0 (NaN included), over n values of padded scratch rows: pool_backward's
+ * row. In vectors: as a plain loop inside the kernel GCC left it scalar, with a branch, on AVX2. */
+static inline void relu_affine_row(const float *restrict y, const float *restrict kk, const float *restrict bb,
+                                   float *restrict sp, int64_t n) {
+    const rf zero = {0};
+    for (int64_t j = 0; j < n; j += VL) {
+        const rf v = ldr(y + j);
+        str(sp + j, pickr(v > zero, ldr(kk + j) * v + ldr(bb + j) + ldr(sp + j), zero));
+    }
+}
+
 /* pool_backward: the gradient of ReLU → batch norm → max-pool with respect to y, for every element of y:
  *   dy = 0 where not y > 0 (ReLU's mask, as torch's threshold_backward), else
  *   dy = k[c]·y + b[c] + (a[c]·g[n, h/2, w/2, c] where (h, w) is its window's max, else 0)
@@ -295,8 +363,9 @@ int NAME(const T *y, const uint8_t *idx, const T *g, const float *a, const float
     _Pragma("omp parallel num_threads(nthreads)")                                                        \
     {                                                                                                    \
         float *sp = scratch(WC), *gp = scratch(PC), *aa = scratch(PC), *kk = scratch(WC), *bb = scratch(WC); \
+        float *yr = scratch(WC);                                                                         \
         uint8_t *kx = scratch_bytes(PC);                                                                 \
-        SCRATCH_READY(sp && gp && aa && kk && bb && kx);                                                 \
+        SCRATCH_READY(sp && gp && aa && kk && bb && yr && kx);                                           \
         if (ok) {                                                                                        \
             spread_channels(a, PC, C, aa);                                                               \
             spread_channels(k, WC, C, kk);                                                               \
@@ -313,12 +382,11 @@ int NAME(const T *y, const uint8_t *idx, const T *g, const float *a, const float
             spread_input_row(idx, gp, n, h, Ho, W, C, kx, sp);                                           \
             const T *p = y + row * WC;                                                                   \
             T *q = dy + row * WC;                                                                        \
-            for (int64_t j = 0; j < WC; j++) {                                                           \
-                const float v = LOAD(p[j]);                                                              \
-                q[j] = STORE(v > 0.0f ? kk[j] * v + bb[j] + sp[j] : 0.0f);                               \
-            }                                                                                            \
+            for (int64_t j = 0; j < WC; j++) yr[j] = LOAD(p[j]);                                         \
+            relu_affine_row(yr, kk, bb, sp, WC);                                                         \
+            for (int64_t j = 0; j < WC; j++) q[j] = STORE(sp[j]);                                        \
         }                                                                                                \
-        free(sp); free(gp); free(aa); free(kk); free(bb); free(kx);                                      \
+        free(sp); free(gp); free(aa); free(kk); free(bb); free(yr); free(kx);                            \
     }                                                                                                    \
     return failed;                                                                                       \
 }
@@ -533,7 +601,7 @@ static inline __attribute__((always_inline)) void NAME(                         
         vi k;                                                                                            \
         pool_lanes(ROUND ? round_bf16v(a0[c]) : a0[c], ROUND ? round_bf16v(a1[c]) : a1[c], &m, &k);      \
         PUT(tb + (c0 + c) * LANES, m);                                                                   \
-        stb(kb + (c0 + c) * LANES, __builtin_convertvector(k, vb));                                      \
+        stb(kb + (c0 + c) * LANES, to_bytes(k));                                                         \
     }                                                                                                    \
 }
 
@@ -663,7 +731,7 @@ static inline __attribute__((always_inline)) void conv_pool_chunk_dp(
         vi k;
         pool_lanes(round_bf16v((vf)a0[c]), round_bf16v((vf)a1[c]), &m, &k);
         put_bf16(tb + (c0 + c) * LANES, m);
-        stb(kb + (c0 + c) * LANES, __builtin_convertvector(k, vb));
+        stb(kb + (c0 + c) * LANES, to_bytes(k));
     }
 }
 
