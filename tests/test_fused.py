@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cnnlab.models import create_model, set_fusion
-from cnnlab.models.fused import FusedSequential
+from cnnlab.models.fused import FusedSequential, _NativeConvMaxPoolReLU
 from cnnlab.training.optim import build_optimizer
 
 
@@ -219,7 +219,7 @@ def test_relu_then_pool_pools_first_with_the_same_values_and_gradients_bit_for_b
 
 
 @pytest.mark.parametrize("autocast", [False, True])
-def test_the_second_papers_stem_takes_its_weight_gradient_from_the_pooled_one(autocast):
+def test_the_second_papers_stem_takes_its_weight_gradient_from_the_pooled_one(autocast, monkeypatch):
     """Its first convolution's input (the image batch) needs no gradient, so the native path (where the kernels
     build) runs conv → ReLU → max-pool in one native pass forward (summing the convolution in its own order) and
     with a backward that forms the weights' gradient from the pooled gradient at each window's max: the same
@@ -234,6 +234,7 @@ def test_the_second_papers_stem_takes_its_weight_gradient_from_the_pooled_one(au
         if os.environ.get("CI") == "true":
             pytest.fail("the native kernels must build on CI")
         pytest.skip("no native kernels here")
+    monkeypatch.setattr(_NativeConvMaxPoolReLU, "enabled", True)  # checked on every CPU, by default or not
     ds = load_source("animal-shapes-5", max_per_class=26, image_size=32, channels=3)
     x = ((torch.as_tensor(ds.images[:128]).float() / 255 - 0.2) / 0.4).contiguous(memory_format=torch.channels_last)
     y = torch.as_tensor(ds.labels[:128])

@@ -24,7 +24,26 @@ def kernels():
         if os.environ.get("CI") == "true":
             pytest.fail(f"the native kernels must build on CI: {native.why_not()}")
         pytest.skip(f"no native kernels here: {native.why_not()}")
+    _NativeConvMaxPoolReLU.enabled = True  # the stem's kernels are checked on every CPU, taken by default or not
     yield
+    _NativeConvMaxPoolReLU.enabled = None
+
+
+def test_the_stem_kernels_are_taken_by_default_only_with_avx512():
+    """On AVX2 the one-pass stem measured slower than torch's convolution + the native pool (stem_bench)."""
+    assert native.stem_pays({"avx2", "fma", "avx512f", "avx512bw"}) is True
+    assert native.stem_pays({"avx2", "fma"}) is False
+    conv = nn.Conv2d(3, 8, 3)
+    x = torch.rand(2, 3, 12, 12).contiguous(memory_format=torch.channels_last)
+    seq = FusedSequential(conv, nn.ReLU(inplace=True), nn.MaxPool2d(2)).to(memory_format=torch.channels_last)
+    _NativeConvMaxPoolReLU.enabled = None
+    try:
+        stem = type(seq(x).grad_fn).__name__ == "_NativeConvMaxPoolReLUBackward"
+    finally:
+        _NativeConvMaxPoolReLU.enabled = True
+    assert stem == native.stem_pays()
+    reason = Runtime("cpu", precision="32").reasons["native"]
+    assert reason.startswith("on:") and ("stem kernels off" in reason) == (not native.stem_pays())
 
 
 @pytest.fixture

@@ -173,6 +173,7 @@ class _NativeConvMaxPoolReLU(torch.autograd.Function):
     in float32, so in bf16-mixed training the weights' gradient is summed from unrounded pixels."""
 
     native_forward = True  # False: torch's convolution, then the native pool (benchmarks/stem_bench.py times both)
+    enabled: bool | None = None  # None: where native.stem_pays(); True / False: always / never (tests, benchmarks)
 
     @staticmethod
     def forward(ctx, x, weight, bias):
@@ -205,10 +206,11 @@ def _stem(conv: nn.Module, relu: nn.Module, pool: nn.Module) -> bool:
 
 def conv_max_pool_relu(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor | None:
     """relu(max_pool2d(conv(x), 2)) in one native pass forward, with the pooled-gradient weight backward, or None
-    where it does not apply now: x needs its own gradient (an explanation's saliency), no gradients at all, a
-    dtype the kernels do not compute in (fp16 autocast, half parameters), or not what
-    native.conv_pool_wgrad_applies to."""
-    if not (torch.is_grad_enabled() and not x.requires_grad
+    where it does not apply now: a CPU where it does not pay (native.stem_pays), x needs its own gradient (an
+    explanation's saliency), no gradients at all, a dtype the kernels do not compute in (fp16 autocast, half
+    parameters), or not what native.conv_pool_wgrad_applies to."""
+    on = _NativeConvMaxPoolReLU.enabled
+    if not ((native.stem_pays() if on is None else on) and torch.is_grad_enabled() and not x.requires_grad
             and (conv.weight.requires_grad or (conv.bias is not None and conv.bias.requires_grad))
             and _stem_dtype(conv.weight, conv.bias) is not None
             and native.conv_pool_wgrad_applies(x, tuple(conv.kernel_size))):

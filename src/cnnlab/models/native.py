@@ -234,6 +234,15 @@ LANES = 16  # native_kernels.c's chunk: conv_pool_wgrad takes a kernel row of KW
 MAX_KERNEL_ROWS = 8
 
 
+def stem_pays(flags: frozenset[str] | set[str] | None = None) -> bool:
+    """Whether the second paper's stem takes its one-pass kernels (conv_pool_forward, conv_pool_wgrad) by default:
+    with AVX-512, where a vector holds the 16 columns a step computes. On a Zen 3 with AVX2 only, where such a
+    vector is two registers, they were 4× (forward) and 1.3× (weight gradient) slower than torch's convolution
+    with the native pool, and cnnlab's loop on the second net 1.5× faster without them
+    (`benchmarks/stem_bench.py`, BENCHMARKS.md); the native pool and its backward run there either way."""
+    return "avx512f" in (cpu_flags() if flags is None else flags)
+
+
 def conv_pool_wgrad_applies(x: torch.Tensor, kernel_size: tuple[int, int]) -> bool:
     """Whether conv_pool_wgrad computes for a stride-1 unpadded convolution of `x` with this kernel: a 4-D
     float32 CPU input in NHWC order (channels-last, or one channel), KH ≤ 8, KW·Ci ≤ 16, the library loaded."""

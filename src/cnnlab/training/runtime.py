@@ -151,7 +151,9 @@ class Runtime:
             self.reasons["native"] = f"off: {native.why_not()}; the fused blocks use torch's ops"
             return False
         if wanted is None:
-            self.reasons["native"] = f"on: compiled for this CPU with {native.compiler_name()}"
+            self.reasons["native"] = (f"on: compiled for this CPU with {native.compiler_name()}" +
+                                      ("" if native.stem_pays() else "; the second paper's stem kernels off "
+                                       "(without AVX-512 they measured slower than torch's convolution)"))
         return True
 
     def autocast(self):
