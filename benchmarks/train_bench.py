@@ -450,8 +450,9 @@ def markdown(res: dict) -> str:
         rate = bf16 if used == "bf16" else fp32  # the precision cnnlab trained in
         lines.append(f"- {TASKS[task]['model']}: {flops / 1e6:.1f} MFLOP per training image (forward + backward, "
                      f"counted by torch's FlopCounterMode) × {ips:,.0f} images/s = {flops * ips / 1e9:.1f} GFLOP/s, "
-                     f"{flops * ips / 1e9 / rate:.0%} of the {used} matrix-multiply rate (the precision it trained "
-                     f"in; {flops * ips / 1e9 / fp32:.0%} of fp32's). The ceiling for these small layers is memory "
+                     f"{flops * ips / 1e9 / rate:.0%} of the {used} matrix-multiply rate"
+                     + (f" (the precision it trained in; {flops * ips / 1e9 / fp32:.0%} of fp32's)" if used != "fp32" else "")
+                     + ". The ceiling for these small layers is memory "
                      "traffic and per-op overhead (batch norm, pooling, ReLU and their backward passes touch every "
                      "activation), not arithmetic.")
     lines += ["", END]

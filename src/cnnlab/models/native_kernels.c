@@ -69,11 +69,15 @@ typedef float vf __attribute__((vector_size(4 * LANES)));
 typedef int32_t vi __attribute__((vector_size(4 * LANES)));
 typedef uint8_t vb __attribute__((vector_size(LANES)));
 
-static inline vf ldf(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
-static inline void stf(float *p, vf v) { memcpy(p, &v, sizeof v); }
-static inline vb ldb(const uint8_t *p) { vb v; memcpy(&v, p, sizeof v); return v; }
-static inline void stb(uint8_t *p, vb v) { memcpy(p, &v, sizeof v); }
-static inline vf pick(vi m, vf a, vf b) { return (vf)(((vi)a & m) | ((vi)b & ~m)); }  /* m ? a : b */
+/* Loads and stores of a float vector F and a byte vector B, and a lane-wise select by an int32 mask I. */
+#define VECTOR_OPS(F, I, B, LDF, STF, LDB, STB, PICK)                                                    \
+    static inline F LDF(const float *p) { F v; memcpy(&v, p, sizeof v); return v; }                     \
+    static inline void STF(float *p, F v) { memcpy(p, &v, sizeof v); }                                 \
+    static inline B LDB(const uint8_t *p) { B v; memcpy(&v, p, sizeof v); return v; }                  \
+    static inline void STB(uint8_t *p, B v) { memcpy(p, &v, sizeof v); }                               \
+    static inline F PICK(I m, F a, F b) { return (F)(((I)a & m) | ((I)b & ~m)); }  /* m ? a : b */
+
+VECTOR_OPS(vf, vi, vb, ldf, stf, ldb, stb, pick)
 
 /* The row loops below (max-pool, statistics, spreading a gradient) go lane by lane, so they work in one
  * register's width, VL lanes — 16 with AVX-512, 8 with AVX2 — in steps of VL within the LANES-padded scratch
@@ -89,11 +93,7 @@ typedef float rf __attribute__((vector_size(4 * VL)));
 typedef int32_t ri __attribute__((vector_size(4 * VL)));
 typedef uint8_t rb __attribute__((vector_size(VL)));
 
-static inline rf ldr(const float *p) { rf v; memcpy(&v, p, sizeof v); return v; }
-static inline void str(float *p, rf v) { memcpy(p, &v, sizeof v); }
-static inline rb ldrb(const uint8_t *p) { rb v; memcpy(&v, p, sizeof v); return v; }
-static inline void strb(uint8_t *p, rb v) { memcpy(p, &v, sizeof v); }
-static inline rf pickr(ri m, rf a, rf b) { return (rf)(((ri)a & m) | ((ri)b & ~m)); }  /* m ? a : b */
+VECTOR_OPS(rf, ri, rb, ldr, str, ldrb, strb, pickr)
 static inline ri widen(rb b) { return __builtin_convertvector(b, ri); }
 
 /* int32 lanes to bytes, each within −128…127 (a 0/−1 mask, a 0/1 bit, a window position): GCC 12 narrows
