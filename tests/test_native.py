@@ -146,13 +146,15 @@ def test_odd_sizes_count_in_the_statistics_and_get_no_pooled_gradient():
     assert _rel(got[1], ref[1]) < 1e-5  # and their gradient is batch norm's alone
 
 
-def test_the_kernels_are_built_once_and_kept(elsewhere):
+def test_the_kernels_are_built_once_and_kept(elsewhere, capsys):
     assert native.library() is not None
+    assert "cnnlab: compiling the native CPU kernels for this CPU" in capsys.readouterr().err  # the wait is said
     built = list((elsewhere / "cache" / "native").glob("cnnlab_kernels-*.so"))
     assert len(built) == 1
     before = built[0].stat().st_mtime_ns
     native.reset()
     assert native.library() is not None
+    assert "compiling" not in capsys.readouterr().err
     assert list((elsewhere / "cache" / "native").glob("*")) == built and built[0].stat().st_mtime_ns == before
     assert Runtime("cpu").reasons["native"].startswith("on: compiled for this CPU with ")
 

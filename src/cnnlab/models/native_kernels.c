@@ -640,6 +640,15 @@ static inline __attribute__((always_inline)) void put_block(const void *restrict
 }
 
 #define FWD_CASE(CHUNK, K) case K: CHUNK(p, plane_size, Wx, Ci, KH, KW, wl + c0 * KK, bias, c0, K, tb, kb); break;
+/* A case per chunk size fwd_chunk can give: 1–12 with AVX-512, 1–3 with AVX2 (compiling twelve there, each
+ * with its vectors split over two registers, took GCC 12 over a minute for this one function). */
+#if FWD_MAX_CHANNELS == 12
+#define FWD_CASES(CHUNK) FWD_CASE(CHUNK, 1) FWD_CASE(CHUNK, 2) FWD_CASE(CHUNK, 3) FWD_CASE(CHUNK, 4)          \
+                         FWD_CASE(CHUNK, 5) FWD_CASE(CHUNK, 6) FWD_CASE(CHUNK, 7) FWD_CASE(CHUNK, 8)          \
+                         FWD_CASE(CHUNK, 9) FWD_CASE(CHUNK, 10) FWD_CASE(CHUNK, 11) FWD_CASE(CHUNK, 12)
+#else
+#define FWD_CASES(CHUNK) FWD_CASE(CHUNK, 1) FWD_CASE(CHUNK, 2) FWD_CASE(CHUNK, 3)
+#endif
 
 /* conv_pool_forward: x (N, Ci, Hx, Wx) in T (channel planes, followed by at least LANES + KW values of
  * padding); wt (Ci, KH, KW, C) and bias (C) float32, rounded to bf16 by the caller when T is bf16; into pooled
@@ -675,9 +684,7 @@ int NAME(const T *xs, int64_t N, int64_t Hx, int64_t Wx, int64_t Ci, int64_t KH,
                 const T *p = xs + n * Ci * plane_size + 2 * ho * Wx + x0;                                \
                 for (int64_t c0 = 0, cb; c0 < C; c0 += cb) {                                             \
                     cb = fwd_chunk(C - c0);                                                              \
-                    switch (cb) { FWD_CASE(CHUNK, 1) FWD_CASE(CHUNK, 2) FWD_CASE(CHUNK, 3) FWD_CASE(CHUNK, 4) \
-                                  FWD_CASE(CHUNK, 5) FWD_CASE(CHUNK, 6) FWD_CASE(CHUNK, 7) FWD_CASE(CHUNK, 8) \
-                                  FWD_CASE(CHUNK, 9) FWD_CASE(CHUNK, 10) FWD_CASE(CHUNK, 11) FWD_CASE(CHUNK, 12) } \
+                    switch (cb) { FWD_CASES(CHUNK) }                                                     \
                 }                                                                                        \
                 const int64_t cols = Wo - x0 / 2 < 8 ? Wo - x0 / 2 : 8;                                  \
                 T *dst = pooled + row * PC + x0 / 2 * C;                                                 \
