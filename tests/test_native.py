@@ -42,7 +42,9 @@ def test_the_stem_kernels_are_taken_by_default_only_with_avx512():
     finally:
         _NativeConvMaxPoolReLU.enabled = True
     assert stem == native.stem_pays()
-    reason = Runtime("cpu", precision="32").reasons["native"]
+    r = Runtime("cpu", precision="32")
+    assert r.native_for(seq) is True
+    reason = r.reasons["native"]
     assert reason.startswith("on:") and ("stem kernels off" in reason) == (not native.stem_pays())
 
 
@@ -156,14 +158,35 @@ def test_the_kernels_are_built_once_and_kept(elsewhere, capsys):
     assert native.library() is not None
     assert "compiling" not in capsys.readouterr().err
     assert list((elsewhere / "cache" / "native").glob("*")) == built and built[0].stat().st_mtime_ns == before
-    assert Runtime("cpu").reasons["native"].startswith("on: compiled for this CPU with ")
+    r = Runtime("cpu")
+    assert r.native_for(_bn_block(4)) is True and r.reasons["native"].startswith("on: compiled for this CPU with ")
+
+
+def test_only_a_model_with_fused_blocks_waits_for_the_compile(elsewhere, capsys):
+    """A backbone (no fused blocks), a torch.compile'd run and a papers' net evaluated: nothing compiled."""
+    cache = elsewhere / "cache" / "native"
+    backbone = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(inplace=True))
+    r = Runtime("cpu")
+    assert r.native is None  # open until the model is known
+    assert r.native_for(backbone) is False and r.describe()["native"] is False
+    assert r.describe()["defaults_because"]["native"] == "off: the model has no fused conv blocks (not compiled)"
+    r = Runtime("cpu")
+    assert r.native_for(_bn_block(4), fused=False) is False and "train.compile" in r.reasons["native"]
+    seq = _bn_block(4).eval()
+    with torch.no_grad():
+        seq(torch.randn(2, 4, 8, 8).contiguous(memory_format=torch.channels_last))
+    assert not cache.exists() or not list(cache.glob("*.so"))
+    assert "compiling" not in capsys.readouterr().err
+    r = Runtime("cpu")
+    assert r.native_for(_bn_block(4)) is True and r.native_for(backbone) is True  # decided once per runtime
+    assert len(list(cache.glob("*.so"))) == 1
 
 
 def test_without_a_compiler_the_torch_path_runs_and_env_says_why(elsewhere, monkeypatch):
     monkeypatch.setenv("CC", str(elsewhere / "no-such-cc"))
     assert native.library() is None and "no C compiler" in native.why_not()
     r = Runtime("cpu")
-    assert r.fused is True and r.native is False
+    assert r.fused is True and r.native_for(_bn_block(4)) is False
     assert r.describe()["defaults_because"]["native"].startswith("off: no C compiler")
     with pytest.raises(RuntimeError, match="train.native=true but the native kernels cannot be built here"):
         Runtime("cpu", native=True)

@@ -199,7 +199,8 @@ def build_experiment(cfg: Config, log: ProgressLogger | None = None, dist=None) 
     model = model.to(runtime.device)
     if runtime.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    set_fusion(model, runtime.fused and not t.compile, runtime.native)  # compile fuses by itself
+    fuse = runtime.fused and not t.compile  # compile fuses by itself
+    set_fusion(model, fuse, runtime.native_for(model, fuse))
     if t.compile:
         model.compile()  # in place: state_dict keys (checkpoints, saved models) stay the eager module's
     trained = model

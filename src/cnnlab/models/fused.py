@@ -250,9 +250,11 @@ def relu_bn_maxpool(y: torch.Tensor, bn: nn.BatchNorm2d, use_native: bool = True
     """The fused block on `y` with `bn`'s parameters and statistics, or None when it does not apply
     now (then run the modules): batch norm in eval mode, a γ ≤ 0, no gradients, not 4-D float32 (or bf16
     channels-last for the native kernels, which `use_native` allows where they apply)."""
-    go_native = use_native and native.applies(y)
     if not (bn.training and torch.is_grad_enabled() and y.dim() == 4 and bn.weight.dtype == torch.float32
-            and (y.dtype == torch.float32 or go_native) and y.shape[2] >= 2 and y.shape[3] >= 2):
+            and y.shape[2] >= 2 and y.shape[3] >= 2):
+        return None  # (asked before native.applies, which compiles the kernels on a machine's first call)
+    go_native = use_native and native.applies(y)
+    if not (y.dtype == torch.float32 or go_native):
         return None
     if bool((bn.weight <= 0).any()):  # pooling before the affine needs an increasing affine (γ = 0: a tie
         return None                   # that the modules break by window position, which then gets γ's gradient)

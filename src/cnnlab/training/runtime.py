@@ -119,7 +119,10 @@ class Runtime:
         self.channels_last, self.fused, reuse_memory = (cpu if v is None else v
                                                         for v in (channels_last, fused, reuse_memory))
         self.reuse_memory = reuse_memory and keep_freed_memory()
-        self.native = self._native(native, cpu) if self.fused else False
+        # on the CPU by default, decided by native_for(model): only a model with fused blocks waits for the compile
+        self.native: bool | None = False
+        if self.fused:
+            self.native = None if native is None and cpu else self._native(native, cpu)
         if not self.fused and native is None:
             self.reasons["native"] = "off with the fused blocks (train.fused=false)"
         if cpu:
@@ -131,6 +134,24 @@ class Runtime:
             if threads is None:
                 self.reasons["threads"] = f"one per core this process may use ({cores})"
         self.threads = torch.get_num_threads()
+
+    def native_for(self, model: torch.nn.Module, fused: bool = True) -> bool:
+        """Whether `model`'s fused blocks run through the compiled kernels, deciding it on the first call
+        where the default left it open: compiled (once per machine) only for a model that has fused blocks
+        — the papers' nets —, not for one without (the pretrained backbones) nor one whose blocks are not
+        fused here (`fused=False`: torch.compile fuses by itself)."""
+        from ..models.fused import FusedSequential
+
+        if self.native is None:
+            if not fused:
+                self.native = False
+                self.reasons["native"] = "off: the blocks are not fused (train.compile fuses by itself)"
+            elif not any(isinstance(m, FusedSequential) for m in model.modules()):
+                self.native = False
+                self.reasons["native"] = "off: the model has no fused conv blocks (not compiled)"
+            else:
+                self.native = self._native(None, True)
+        return self.native
 
     def _native(self, wanted: bool | None, cpu: bool) -> bool:
         """Whether the fused blocks run through the compiled kernels (compiling them now if need be)."""
