@@ -435,19 +435,23 @@ int NAME(const uint8_t *idx, const T *g, const T *pooled, T *dy, int64_t N, int6
 static inline __attribute__((always_inline)) void wgrad_row(
         const float *restrict x, int64_t WxCi, int64_t Ci, const int KH, const float *restrict gp,
         const uint8_t *restrict ks, int64_t Wo, int64_t C, int64_t stride, float *restrict acc) {
+    enum { H = LANES / VL };  /* registers per chunk: 1 with AVX-512, 2 with AVX2 */
     for (int64_t c = 0; c < C; c++) {
         float *restrict ac = acc + c * stride;
-        vf a[8];
-        for (int kh = 0; kh < KH; kh++) a[kh] = ldf(ac + kh * LANES);
+        rf a[8 * H];  /* register-wide: as 16-lane vectors, GCC 12 kept AVX2's accumulators on the stack */
+        for (int kh = 0; kh < KH; kh++)
+            for (int h = 0; h < H; h++) a[kh * H + h] = ldr(ac + kh * LANES + h * VL);
         float bs = 0.0f;
         for (int64_t wo = 0; wo < Wo; wo++) {
             const int64_t j = wo * C + c;
             const float gv = gp[j];
             const float *p = x + (ks[j] >> 1) * WxCi + (2 * wo + (ks[j] & 1)) * Ci;
-            for (int kh = 0; kh < KH; kh++) a[kh] += ldf(p + kh * WxCi) * gv;
+            for (int kh = 0; kh < KH; kh++)
+                for (int h = 0; h < H; h++) a[kh * H + h] += ldr(p + kh * WxCi + h * VL) * gv;
             bs += gv;
         }
-        for (int kh = 0; kh < KH; kh++) stf(ac + kh * LANES, a[kh]);
+        for (int kh = 0; kh < KH; kh++)
+            for (int h = 0; h < H; h++) str(ac + kh * LANES + h * VL, a[kh * H + h]);
         ac[KH * LANES] += bs;
     }
 }
@@ -518,13 +522,16 @@ int NAME(const float *xs, int64_t N, int64_t Hx, int64_t Wx, int64_t Ci, int64_t
 #if defined(__AVX512F__)
 #define FWD_MAX_CHANNELS 12
 #else
-#define FWD_MAX_CHANNELS 3
+#define FWD_MAX_CHANNELS 6
 #endif
 
 typedef uint32_t vu __attribute__((vector_size(4 * LANES)));
 typedef uint16_t vh __attribute__((vector_size(2 * LANES)));
 
 static inline vf ldh(const uint16_t *p) { vh h; memcpy(&h, p, sizeof h); return (vf)(__builtin_convertvector(h, vu) << 16); }
+typedef uint32_t ru __attribute__((vector_size(4 * VL)));
+typedef uint16_t rh __attribute__((vector_size(2 * VL)));
+static inline rf ldrh(const uint16_t *p) { rh h; memcpy(&h, p, sizeof h); return (rf)(__builtin_convertvector(h, ru) << 16); }
 
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
 #include <immintrin.h>
@@ -534,21 +541,30 @@ static inline vf round_bf16v(vf a) {
     return (vf)_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16);
 }
 static inline vh to_bf16v(vf a) { return (vh)_mm512_cvtneps_pbh((__m512)a); }
-#else
-static inline vf round_bf16v(vf a) {  /* each lane to bf16 (nearest even, as bf16_store) and back; NaN kept */
-    const vu u = (vu)a;
-    const vu r = (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
-    return pick(a != a, a, (vf)r);
-}
-static inline vh to_bf16v(vf a) {  /* a already rounded: its top halves, NaN as bf16_store's quiet NaN */
-    return __builtin_convertvector((vu)pick(a != a, (vf)((vu){0} + 0x7FC00000u), a) >> 16, vh);
-}
+#endif
+/* Each lane to bf16 (nearest even, as bf16_store) and back, NaN kept; and a rounded vector's bf16 form: its top
+ * halves, NaN as bf16_store's quiet NaN. In software, for a 16-lane vector F (without AVX-512 BF16) and for a
+ * register-wide one (AVX2's 8 lanes). */
+#define DEFINE_BF16_ROUNDING(ROUND, TO_BF16, F, U, H, PICK)                                              \
+    static inline F ROUND(F a) {                                                                         \
+        const U u = (U)a;                                                                                \
+        const U r = (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;                                      \
+        return PICK(a != a, a, (F)r);                                                                    \
+    }                                                                                                    \
+    static inline H TO_BF16(F a) { return __builtin_convertvector((U)PICK(a != a, (F)((U){0} + 0x7FC00000u), a) >> 16, H); }
+#if !(defined(__AVX512BF16__) && defined(__AVX512F__))
+DEFINE_BF16_ROUNDING(round_bf16v, to_bf16v, vf, vu, vh, pick)
+#endif
+#if VL != LANES
+DEFINE_BF16_ROUNDING(round_bf16r, to_bf16r, rf, ru, rh, pickr)
 #endif
 
 #if defined(__clang__)
 #define SWAP_PAIRS(v) __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14)
+#define SWAP_PAIRS_R(v) __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6)
 #else
 #define SWAP_PAIRS(v) __builtin_shuffle(v, (vi){1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14})
+#define SWAP_PAIRS_R(v) __builtin_shuffle(v, (ri){1, 0, 3, 2, 5, 4, 7, 6})
 #endif
 
 /* The window max of two rows y0, y1 (16 columns each) into 8 pooled columns, at m's and k's even lanes, as
@@ -556,16 +572,21 @@ static inline vh to_bf16v(vf a) {  /* a already rounded: its top halves, NaN as 
  * row; ReLU after the max (the same value: ReLU commutes with max; only where the whole window is ≤ 0 may the
  * position differ from pool_stats', which pools ReLU's zeros, and there the pooled value is 0 and gets no
  * gradient). */
-static inline void pool_lanes(vf y0, vf y1, vf *m, vi *k) {
-    const vf zero = {0};
-    const vf r0 = SWAP_PAIRS(y0), r1 = SWAP_PAIRS(y1);  /* at the even lanes: the right neighbour */
-    const vi t0 = (r0 > y0) | (r0 != r0), t1 = (r1 > y1) | (r1 != r1);
-    const vf h0 = pick(t0, r0, y0), h1 = pick(t1, r1, y1);
-    const vi t = (h1 > h0) | (h1 != h1);
-    const vf v = pick(t, h1, h0);
-    *m = pick(v < zero, zero, v);  /* ReLU: NaN stays NaN */
-    *k = (t & (2 + (t1 & 1))) | (~t & (t0 & 1));  /* 0 top-left … 3 bottom-right */
-}
+#define DEFINE_POOL_LANES(NAME, F, I, PICK, SWAP)                                                        \
+    static inline void NAME(F y0, F y1, F *m, I *k) {                                                    \
+        const F zero = {0};                                                                              \
+        const F r0 = SWAP(y0), r1 = SWAP(y1);  /* at the even lanes: the right neighbour */              \
+        const I t0 = (r0 > y0) | (r0 != r0), t1 = (r1 > y1) | (r1 != r1);                               \
+        const F h0 = PICK(t0, r0, y0), h1 = PICK(t1, r1, y1);                                            \
+        const I t = (h1 > h0) | (h1 != h1);                                                              \
+        const F v = PICK(t, h1, h0);                                                                     \
+        *m = PICK(v < zero, zero, v);  /* ReLU: NaN stays NaN */                                         \
+        *k = (t & (2 + (t1 & 1))) | (~t & (t0 & 1));  /* 0 top-left … 3 bottom-right */                 \
+    }
+DEFINE_POOL_LANES(pool_lanes, vf, vi, pick, SWAP_PAIRS)
+#if VL != LANES
+DEFINE_POOL_LANES(pool_lanes_r, rf, ri, pickr, SWAP_PAIRS_R)  /* AVX2: the stem's pooling in one register */
+#endif
 
 /* A chunk's pooled values into a scratch row of LANES per channel: float as they are; bf16 values are already
  * rounded (round_bf16v), so their bf16 form is exact. */
@@ -574,10 +595,21 @@ static inline void put_bf16(uint16_t *p, vf m) {
     const vh h = to_bf16v(m);
     memcpy(p, &h, sizeof h);
 }
+#if VL != LANES
+static inline void put_f32_r(float *p, rf m) { str(p, m); }
+static inline void put_bf16_r(uint16_t *p, rf m) {
+    const rh h = to_bf16r(m);
+    memcpy(p, &h, sizeof h);
+}
+#endif
 
 /* One chunk: 16 convolution columns (from p: x's planes at this pooled row's first input row and the chunk's
- * first column) × 2 rows × channels c0 … c0+CB−1, pooled into rows c0 … of tb (values) and kb (positions). */
-#define DEFINE_CONV_POOL_CHUNK(NAME, T, LDV, ROUND, PUT)                                                 \
+ * first column) × 2 rows × channels c0 … c0+CB−1, pooled into rows c0 … of tb (values) and kb (positions).
+ * With AVX2 (VL = 8) the 16 columns are summed as two halves of register-wide vectors, each half's sums kept
+ * and pooled in registers: as 16-lane vectors, GCC 12 kept AVX2's accumulators on the stack and pooled lane by
+ * lane, and the kernel ran 5× slower than torch's convolution (`benchmarks/stem_bench.py`). */
+#if VL == LANES
+#define DEFINE_CONV_POOL_CHUNK(NAME, T, LDV, LDR, ROUND, PUT)                                            \
 static inline __attribute__((always_inline)) void NAME(                                                  \
         const T *restrict p, int64_t plane_size, int64_t Wx, int64_t Ci, int64_t KH, int64_t KW,         \
         const float *restrict wc, const float *restrict bias, int64_t c0, const int CB,                  \
@@ -604,6 +636,37 @@ static inline __attribute__((always_inline)) void NAME(                         
         stb(kb + (c0 + c) * LANES, to_bytes(k));                                                         \
     }                                                                                                    \
 }
+#else
+#define DEFINE_CONV_POOL_CHUNK(NAME, T, LDV, LDR, ROUND, PUT)                                            \
+static inline __attribute__((always_inline)) void NAME(                                                  \
+        const T *restrict p, int64_t plane_size, int64_t Wx, int64_t Ci, int64_t KH, int64_t KW,         \
+        const float *restrict wc, const float *restrict bias, int64_t c0, const int CB,                  \
+        T *restrict tb, uint8_t *restrict kb) {                                                          \
+    for (int h = 0; h < LANES / VL; h++) {                                                               \
+        rf a0[FWD_MAX_CHANNELS], a1[FWD_MAX_CHANNELS];                                                   \
+        for (int c = 0; c < CB; c++) a0[c] = a1[c] = (rf){0} + bias[c0 + c];                             \
+        for (int64_t ci = 0; ci < Ci; ci++)                                                              \
+            for (int64_t kw = 0; kw < KW; kw++) {                                                        \
+                const T *q = p + ci * plane_size + kw + h * VL;                                          \
+                const float *w = wc + (ci * KW + kw) * KH * CB;                                          \
+                for (int c = 0; c < CB; c++) a0[c] += LDR(q) * w[c];                                     \
+                for (int64_t r = 1; r < KH; r++) {                                                       \
+                    const rf v = LDR(q + r * Wx);                                                        \
+                    for (int c = 0; c < CB; c++) { a0[c] += v * w[r * CB + c]; a1[c] += v * w[(r - 1) * CB + c]; } \
+                }                                                                                        \
+                const rf v = LDR(q + KH * Wx);                                                           \
+                for (int c = 0; c < CB; c++) a1[c] += v * w[(KH - 1) * CB + c];                          \
+            }                                                                                            \
+        for (int c = 0; c < CB; c++) {                                                                   \
+            rf m;                                                                                        \
+            ri k;                                                                                        \
+            pool_lanes_r(ROUND ? round_bf16r(a0[c]) : a0[c], ROUND ? round_bf16r(a1[c]) : a1[c], &m, &k); \
+            PUT##_r(tb + (c0 + c) * LANES + h * VL, m);                                                  \
+            strb(kb + (c0 + c) * LANES + h * VL, narrow(k));                                             \
+        }                                                                                                \
+    }                                                                                                    \
+}
+#endif
 
 /* The next channel chunk's size when `left` channels remain: chunks of even size (10 → 10, 14 → 7 + 7). */
 static inline int64_t fwd_chunk(int64_t left) {
@@ -611,7 +674,7 @@ static inline int64_t fwd_chunk(int64_t left) {
     return (left + chunks - 1) / chunks;
 }
 
-DEFINE_CONV_POOL_CHUNK(conv_pool_chunk_f32, float, ldf, 0, put_f32)
+DEFINE_CONV_POOL_CHUNK(conv_pool_chunk_f32, float, ldf, ldr, 0, put_f32)
 
 /* The chunk's (C, LANES) scratch rows into the pooled row's (cols, C) block: pooled[j, c] = tb[c, 2j], and the
  * positions alike — with C a constant for the common channel counts (the compiler unrolls it into plain
@@ -647,7 +710,8 @@ static inline __attribute__((always_inline)) void put_block(const void *restrict
                          FWD_CASE(CHUNK, 5) FWD_CASE(CHUNK, 6) FWD_CASE(CHUNK, 7) FWD_CASE(CHUNK, 8)          \
                          FWD_CASE(CHUNK, 9) FWD_CASE(CHUNK, 10) FWD_CASE(CHUNK, 11) FWD_CASE(CHUNK, 12)
 #else
-#define FWD_CASES(CHUNK) FWD_CASE(CHUNK, 1) FWD_CASE(CHUNK, 2) FWD_CASE(CHUNK, 3)
+#define FWD_CASES(CHUNK) FWD_CASE(CHUNK, 1) FWD_CASE(CHUNK, 2) FWD_CASE(CHUNK, 3) FWD_CASE(CHUNK, 4)          \
+                         FWD_CASE(CHUNK, 5) FWD_CASE(CHUNK, 6)
 #endif
 
 /* conv_pool_forward: x (N, Ci, Hx, Wx) in T (channel planes, followed by at least LANES + KW values of
@@ -811,7 +875,7 @@ int cnnlab_conv_pool_forward_bf16(const uint16_t *xs, int64_t N, int64_t Hx, int
     return failed;
 }
 #else  /* bf16 without the dot-product instruction: the generic chunk, rounding in software */
-DEFINE_CONV_POOL_CHUNK(conv_pool_chunk_bf16, uint16_t, ldh, 1, put_bf16)
+DEFINE_CONV_POOL_CHUNK(conv_pool_chunk_bf16, uint16_t, ldh, ldrh, 1, put_bf16)
 DEFINE_CONV_POOL_FORWARD(cnnlab_conv_pool_forward_bf16, uint16_t, conv_pool_chunk_bf16)
 #endif
 
