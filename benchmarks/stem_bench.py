@@ -168,8 +168,8 @@ def main() -> None:
              f"| no stem{default[not pays]} | {n / statistics.median(s['off']):,.0f} |", "",
              f"Within each round the native stem was {ratio('off')} as fast as no stem and {ratio('torch forward')} "
              "as fast as the stem with torch's convolution forward (medians over the rounds). "
-             + ("It is the default on this CPU (AVX-512: `native.stem_pays`)." if pays else
-                "Without AVX-512 it is not the default (`native.stem_pays`): the rows above are why."), "", END]
+             + ("It is the default on this CPU (AVX2 or AVX-512: `native.stem_pays`)." if pays else
+                "Without AVX2 or AVX-512 it is not the default (`native.stem_pays`)."), "", END]
     publish("\n".join(lines) + "\n", a.write, START, END)
 
 

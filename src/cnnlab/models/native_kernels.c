@@ -516,7 +516,7 @@ int NAME(const float *xs, int64_t N, int64_t Hx, int64_t Wx, int64_t Ci, int64_t
  * x comes in channel planes (NCHW, copied so by native.py), so 16 neighbouring columns of one channel are one
  * load; each load feeds two rows × CB channels of multiply-adds with the weight broadcast from memory. CB (the
  * channels in registers at once) is a constant through the switch below: up to 12 with AVX-512's 32 vector
- * registers (2 rows × 12 accumulators), 3 with AVX2's 16 (a 16-lane vector is two registers there); more
+ * registers (2 rows × 12 accumulators), 6 with AVX2's 16 (8 columns at a time there, twice); more
  * channels go in several chunks. A chunk's lanes past the pooled columns read on into the next row (or the
  * padding native.py leaves after x) and are dropped. */
 #if defined(__AVX512F__)
@@ -703,8 +703,8 @@ static inline __attribute__((always_inline)) void put_block(const void *restrict
 }
 
 #define FWD_CASE(CHUNK, K) case K: CHUNK(p, plane_size, Wx, Ci, KH, KW, wl + c0 * KK, bias, c0, K, tb, kb); break;
-/* A case per chunk size fwd_chunk can give: 1–12 with AVX-512, 1–3 with AVX2 (compiling twelve there, each
- * with its vectors split over two registers, took GCC 12 over a minute for this one function). */
+/* A case per chunk size fwd_chunk can give: 1–12 with AVX-512, 1–6 with AVX2 (twelve there, as 16-lane
+ * vectors split over two registers, took GCC 12 over a minute to compile for this one function). */
 #if FWD_MAX_CHANNELS == 12
 #define FWD_CASES(CHUNK) FWD_CASE(CHUNK, 1) FWD_CASE(CHUNK, 2) FWD_CASE(CHUNK, 3) FWD_CASE(CHUNK, 4)          \
                          FWD_CASE(CHUNK, 5) FWD_CASE(CHUNK, 6) FWD_CASE(CHUNK, 7) FWD_CASE(CHUNK, 8)          \
