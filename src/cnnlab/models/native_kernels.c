@@ -528,7 +528,6 @@ int NAME(const float *xs, int64_t N, int64_t Hx, int64_t Wx, int64_t Ci, int64_t
 typedef uint32_t vu __attribute__((vector_size(4 * LANES)));
 typedef uint16_t vh __attribute__((vector_size(2 * LANES)));
 
-static inline vf ldh(const uint16_t *p) { vh h; memcpy(&h, p, sizeof h); return (vf)(__builtin_convertvector(h, vu) << 16); }
 typedef uint32_t ru __attribute__((vector_size(4 * VL)));
 typedef uint16_t rh __attribute__((vector_size(2 * VL)));
 static inline rf ldrh(const uint16_t *p) { rh h; memcpy(&h, p, sizeof h); return (rf)(__builtin_convertvector(h, ru) << 16); }
@@ -555,16 +554,19 @@ static inline vh to_bf16v(vf a) { return (vh)_mm512_cvtneps_pbh((__m512)a); }
 #if !(defined(__AVX512BF16__) && defined(__AVX512F__))
 DEFINE_BF16_ROUNDING(round_bf16v, to_bf16v, vf, vu, vh, pick)
 #endif
-#if VL != LANES
 DEFINE_BF16_ROUNDING(round_bf16r, to_bf16r, rf, ru, rh, pickr)
-#endif
 
 #if defined(__clang__)
 #define SWAP_PAIRS(v) __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14)
-#define SWAP_PAIRS_R(v) __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6)
+#define SWAP_PAIRS_8(v) __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6)
 #else
 #define SWAP_PAIRS(v) __builtin_shuffle(v, (vi){1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14})
-#define SWAP_PAIRS_R(v) __builtin_shuffle(v, (ri){1, 0, 3, 2, 5, 4, 7, 6})
+#define SWAP_PAIRS_8(v) __builtin_shuffle(v, (ri){1, 0, 3, 2, 5, 4, 7, 6})
+#endif
+#if VL == LANES
+#define SWAP_PAIRS_R SWAP_PAIRS
+#else
+#define SWAP_PAIRS_R SWAP_PAIRS_8
 #endif
 
 /* The window max of two rows y0, y1 (16 columns each) into 8 pooled columns, at m's and k's even lanes, as
@@ -584,60 +586,26 @@ DEFINE_BF16_ROUNDING(round_bf16r, to_bf16r, rf, ru, rh, pickr)
         *k = (t & (2 + (t1 & 1))) | (~t & (t0 & 1));  /* 0 top-left … 3 bottom-right */                 \
     }
 DEFINE_POOL_LANES(pool_lanes, vf, vi, pick, SWAP_PAIRS)
-#if VL != LANES
-DEFINE_POOL_LANES(pool_lanes_r, rf, ri, pickr, SWAP_PAIRS_R)  /* AVX2: the stem's pooling in one register */
-#endif
+DEFINE_POOL_LANES(pool_lanes_r, rf, ri, pickr, SWAP_PAIRS_R)  /* one register's width: the stem's chunks */
 
 /* A chunk's pooled values into a scratch row of LANES per channel: float as they are; bf16 values are already
  * rounded (round_bf16v), so their bf16 form is exact. */
-static inline void put_f32(float *p, vf m) { stf(p, m); }
 static inline void put_bf16(uint16_t *p, vf m) {
     const vh h = to_bf16v(m);
     memcpy(p, &h, sizeof h);
 }
-#if VL != LANES
 static inline void put_f32_r(float *p, rf m) { str(p, m); }
 static inline void put_bf16_r(uint16_t *p, rf m) {
     const rh h = to_bf16r(m);
     memcpy(p, &h, sizeof h);
 }
-#endif
 
 /* One chunk: 16 convolution columns (from p: x's planes at this pooled row's first input row and the chunk's
  * first column) × 2 rows × channels c0 … c0+CB−1, pooled into rows c0 … of tb (values) and kb (positions).
- * With AVX2 (VL = 8) the 16 columns are summed as two halves of register-wide vectors, each half's sums kept
- * and pooled in registers: as 16-lane vectors, GCC 12 kept AVX2's accumulators on the stack and pooled lane by
+ * In register-wide vectors: one pass with AVX-512 (VL = 16); with AVX2 (VL = 8) the 16 columns are summed and
+ * pooled as two halves — as 16-lane vectors, GCC 12 kept AVX2's accumulators on the stack and pooled lane by
  * lane, and the kernel ran 5× slower than torch's convolution (`benchmarks/stem_bench.py`). */
-#if VL == LANES
-#define DEFINE_CONV_POOL_CHUNK(NAME, T, LDV, LDR, ROUND, PUT)                                            \
-static inline __attribute__((always_inline)) void NAME(                                                  \
-        const T *restrict p, int64_t plane_size, int64_t Wx, int64_t Ci, int64_t KH, int64_t KW,         \
-        const float *restrict wc, const float *restrict bias, int64_t c0, const int CB,                  \
-        T *restrict tb, uint8_t *restrict kb) {                                                          \
-    vf a0[12], a1[12];  /* CB ≤ 12: the switch below */                                                  \
-    for (int c = 0; c < CB; c++) a0[c] = a1[c] = (vf){0} + bias[c0 + c];                                 \
-    for (int64_t ci = 0; ci < Ci; ci++)                                                                  \
-        for (int64_t kw = 0; kw < KW; kw++) {                                                            \
-            const T *q = p + ci * plane_size + kw;                                                       \
-            const float *w = wc + (ci * KW + kw) * KH * CB;  /* (KH, CB): kernel row r at w + r·CB */    \
-            for (int c = 0; c < CB; c++) a0[c] += LDV(q) * w[c];                                         \
-            for (int64_t r = 1; r < KH; r++) {                                                           \
-                const vf v = LDV(q + r * Wx);                                                            \
-                for (int c = 0; c < CB; c++) { a0[c] += v * w[r * CB + c]; a1[c] += v * w[(r - 1) * CB + c]; } \
-            }                                                                                            \
-            const vf v = LDV(q + KH * Wx);                                                               \
-            for (int c = 0; c < CB; c++) a1[c] += v * w[(KH - 1) * CB + c];                              \
-        }                                                                                                \
-    for (int c = 0; c < CB; c++) {                                                                       \
-        vf m;                                                                                            \
-        vi k;                                                                                            \
-        pool_lanes(ROUND ? round_bf16v(a0[c]) : a0[c], ROUND ? round_bf16v(a1[c]) : a1[c], &m, &k);      \
-        PUT(tb + (c0 + c) * LANES, m);                                                                   \
-        stb(kb + (c0 + c) * LANES, to_bytes(k));                                                         \
-    }                                                                                                    \
-}
-#else
-#define DEFINE_CONV_POOL_CHUNK(NAME, T, LDV, LDR, ROUND, PUT)                                            \
+#define DEFINE_CONV_POOL_CHUNK(NAME, T, LDR, ROUND, PUT)                                            \
 static inline __attribute__((always_inline)) void NAME(                                                  \
         const T *restrict p, int64_t plane_size, int64_t Wx, int64_t Ci, int64_t KH, int64_t KW,         \
         const float *restrict wc, const float *restrict bias, int64_t c0, const int CB,                  \
@@ -661,12 +629,11 @@ static inline __attribute__((always_inline)) void NAME(                         
             rf m;                                                                                        \
             ri k;                                                                                        \
             pool_lanes_r(ROUND ? round_bf16r(a0[c]) : a0[c], ROUND ? round_bf16r(a1[c]) : a1[c], &m, &k); \
-            PUT##_r(tb + (c0 + c) * LANES + h * VL, m);                                                  \
+            PUT(tb + (c0 + c) * LANES + h * VL, m);                                                        \
             strb(kb + (c0 + c) * LANES + h * VL, narrow(k));                                             \
         }                                                                                                \
     }                                                                                                    \
 }
-#endif
 
 /* The next channel chunk's size when `left` channels remain: chunks of even size (10 → 10, 14 → 7 + 7). */
 static inline int64_t fwd_chunk(int64_t left) {
@@ -674,7 +641,7 @@ static inline int64_t fwd_chunk(int64_t left) {
     return (left + chunks - 1) / chunks;
 }
 
-DEFINE_CONV_POOL_CHUNK(conv_pool_chunk_f32, float, ldf, ldr, 0, put_f32)
+DEFINE_CONV_POOL_CHUNK(conv_pool_chunk_f32, float, ldr, 0, put_f32_r)
 
 /* The chunk's (C, LANES) scratch rows into the pooled row's (cols, C) block: pooled[j, c] = tb[c, 2j], and the
  * positions alike — with C a constant for the common channel counts (the compiler unrolls it into plain
@@ -875,7 +842,7 @@ int cnnlab_conv_pool_forward_bf16(const uint16_t *xs, int64_t N, int64_t Hx, int
     return failed;
 }
 #else  /* bf16 without the dot-product instruction: the generic chunk, rounding in software */
-DEFINE_CONV_POOL_CHUNK(conv_pool_chunk_bf16, uint16_t, ldh, ldrh, 1, put_bf16)
+DEFINE_CONV_POOL_CHUNK(conv_pool_chunk_bf16, uint16_t, ldrh, 1, put_bf16_r)
 DEFINE_CONV_POOL_FORWARD(cnnlab_conv_pool_forward_bf16, uint16_t, conv_pool_chunk_bf16)
 #endif
 
