@@ -243,8 +243,8 @@ MAX_KERNEL_ROWS = 8
 def stem_pays(flags: frozenset[str] | set[str] | None = None) -> bool:
     """Whether the second paper's stem takes its one-pass kernels (conv_pool_forward, conv_pool_wgrad) by default:
     with AVX-512 or AVX2, where they were measured faster than torch's convolution with the native pool — on a
-    Zen 3 with AVX2 only, forward 4.0 against 6.3 ms a batch, weight gradient 1.75 against 22.9, cnnlab's loop
-    on the second net 1.42× faster (`benchmarks/stem_bench.py`, BENCHMARKS.md). Off on other CPUs (older x86,
+    Zen 3 with AVX2 only, forward 3.96 against 6.09 ms a batch, weight gradient 1.79 against 13.7, cnnlab's loop
+    on the second net 1.41× faster (`benchmarks/stem_bench.py`, BENCHMARKS.md). Off on other CPUs (older x86,
     ARM), where they are not measured; the native pool and its backward run there either way."""
     return bool({"avx512f", "avx2"} & set(cpu_flags() if flags is None else flags))
 
