@@ -109,19 +109,8 @@ static inline rb narrow(ri t) {
     memcpy(&out, &b, sizeof out);
     return out;
 }
-static inline vb to_bytes(vi t) {  /* the same for a LANES-lane vector (two AVX2 registers) */
-    __m256i lo, hi;
-    memcpy(&lo, &t, sizeof lo);
-    memcpy(&hi, (const char *)&t + sizeof lo, sizeof hi);
-    const __m256i w = _mm256_permute4x64_epi64(_mm256_packs_epi32(lo, hi), 0xD8);  /* 16 int16, in order */
-    const __m128i b = _mm_packs_epi16(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1));
-    vb out;
-    memcpy(&out, &b, sizeof out);
-    return out;
-}
 #else
 static inline rb narrow(ri t) { return __builtin_convertvector(t, rb); }
-static inline vb to_bytes(vi t) { return __builtin_convertvector(t, vb); }
 #endif
 
 /* Horizontal max of one row: out[wo, c] = max(r[2wo, c], r[2wo+1, c]), bit[wo, c] = 1 when the right one
@@ -534,68 +523,52 @@ static inline rf ldrh(const uint16_t *p) { rh h; memcpy(&h, p, sizeof h); return
 
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
 #include <immintrin.h>
-/* With AVX-512 BF16 one instruction rounds 16 floats to bf16 (nearest even; NaN stays NaN). */
+/* With AVX-512 BF16 one instruction rounds 16 floats to bf16 (nearest even; NaN stays NaN): the dp chunk's. */
 static inline vf round_bf16v(vf a) {
     const __m256i h = (__m256i)_mm512_cvtneps_pbh((__m512)a);
     return (vf)_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16);
 }
 static inline vh to_bf16v(vf a) { return (vh)_mm512_cvtneps_pbh((__m512)a); }
 #endif
-/* Each lane to bf16 (nearest even, as bf16_store) and back, NaN kept; and a rounded vector's bf16 form: its top
- * halves, NaN as bf16_store's quiet NaN. In software, for a 16-lane vector F (without AVX-512 BF16) and for a
- * register-wide one (AVX2's 8 lanes). */
-#define DEFINE_BF16_ROUNDING(ROUND, TO_BF16, F, U, H, PICK)                                              \
-    static inline F ROUND(F a) {                                                                         \
-        const U u = (U)a;                                                                                \
-        const U r = (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;                                      \
-        return PICK(a != a, a, (F)r);                                                                    \
-    }                                                                                                    \
-    static inline H TO_BF16(F a) { return __builtin_convertvector((U)PICK(a != a, (F)((U){0} + 0x7FC00000u), a) >> 16, H); }
-#if !(defined(__AVX512BF16__) && defined(__AVX512F__))
-DEFINE_BF16_ROUNDING(round_bf16v, to_bf16v, vf, vu, vh, pick)
-#endif
-DEFINE_BF16_ROUNDING(round_bf16r, to_bf16r, rf, ru, rh, pickr)
+/* Each lane of a register-wide vector to bf16 (nearest even, as bf16_store) and back, NaN kept, in software;
+ * and a rounded vector's bf16 form: its top halves, NaN as bf16_store's quiet NaN. */
+static inline rf round_bf16r(rf a) {
+    const ru u = (ru)a;
+    const ru r = (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
+    return pickr(a != a, a, (rf)r);
+}
+static inline rh to_bf16r(rf a) { return __builtin_convertvector((ru)pickr(a != a, (rf)((ru){0} + 0x7FC00000u), a) >> 16, rh); }
 
-#if defined(__clang__)
+#if VL == 16 && defined(__clang__)
 #define SWAP_PAIRS(v) __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14)
-#define SWAP_PAIRS_8(v) __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6)
+#elif VL == 16
+#define SWAP_PAIRS(v) __builtin_shuffle(v, (ri){1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14})
+#elif defined(__clang__)
+#define SWAP_PAIRS(v) __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6)
 #else
-#define SWAP_PAIRS(v) __builtin_shuffle(v, (vi){1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14})
-#define SWAP_PAIRS_8(v) __builtin_shuffle(v, (ri){1, 0, 3, 2, 5, 4, 7, 6})
-#endif
-#if VL == LANES
-#define SWAP_PAIRS_R SWAP_PAIRS
-#else
-#define SWAP_PAIRS_R SWAP_PAIRS_8
+#define SWAP_PAIRS(v) __builtin_shuffle(v, (ri){1, 0, 3, 2, 5, 4, 7, 6})
 #endif
 
-/* The window max of two rows y0, y1 (16 columns each) into 8 pooled columns, at m's and k's even lanes, as
- * pool_stats finds it wherever the max is > 0: the right column wins a row when greater or NaN, then the bottom
- * row; ReLU after the max (the same value: ReLU commutes with max; only where the whole window is ≤ 0 may the
- * position differ from pool_stats', which pools ReLU's zeros, and there the pooled value is 0 and gets no
- * gradient). */
-#define DEFINE_POOL_LANES(NAME, F, I, PICK, SWAP)                                                        \
-    static inline void NAME(F y0, F y1, F *m, I *k) {                                                    \
-        const F zero = {0};                                                                              \
-        const F r0 = SWAP(y0), r1 = SWAP(y1);  /* at the even lanes: the right neighbour */              \
-        const I t0 = (r0 > y0) | (r0 != r0), t1 = (r1 > y1) | (r1 != r1);                               \
-        const F h0 = PICK(t0, r0, y0), h1 = PICK(t1, r1, y1);                                            \
-        const I t = (h1 > h0) | (h1 != h1);                                                              \
-        const F v = PICK(t, h1, h0);                                                                     \
-        *m = PICK(v < zero, zero, v);  /* ReLU: NaN stays NaN */                                         \
-        *k = (t & (2 + (t1 & 1))) | (~t & (t0 & 1));  /* 0 top-left … 3 bottom-right */                 \
-    }
-DEFINE_POOL_LANES(pool_lanes, vf, vi, pick, SWAP_PAIRS)
-DEFINE_POOL_LANES(pool_lanes_r, rf, ri, pickr, SWAP_PAIRS_R)  /* one register's width: the stem's chunks */
+/* The window max of two rows y0, y1 (VL columns each, a register) into VL/2 pooled columns, at m's and k's even
+ * lanes, as pool_stats finds it wherever the max is > 0: the right column wins a row when greater or NaN, then
+ * the bottom row; ReLU after the max (the same value: ReLU commutes with max; only where the whole window is
+ * ≤ 0 may the position differ from pool_stats', which pools ReLU's zeros, and there the pooled value is 0 and
+ * gets no gradient). */
+static inline void pool_lanes(rf y0, rf y1, rf *m, ri *k) {
+    const rf zero = {0};
+    const rf r0 = SWAP_PAIRS(y0), r1 = SWAP_PAIRS(y1);  /* at the even lanes: the right neighbour */
+    const ri t0 = (r0 > y0) | (r0 != r0), t1 = (r1 > y1) | (r1 != r1);
+    const rf h0 = pickr(t0, r0, y0), h1 = pickr(t1, r1, y1);
+    const ri t = (h1 > h0) | (h1 != h1);
+    const rf v = pickr(t, h1, h0);
+    *m = pickr(v < zero, zero, v);  /* ReLU: NaN stays NaN */
+    *k = (t & (2 + (t1 & 1))) | (~t & (t0 & 1));  /* 0 top-left … 3 bottom-right */
+}
 
 /* A chunk's pooled values into a scratch row of LANES per channel: float as they are; bf16 values are already
- * rounded (round_bf16v), so their bf16 form is exact. */
-static inline void put_bf16(uint16_t *p, vf m) {
-    const vh h = to_bf16v(m);
-    memcpy(p, &h, sizeof h);
-}
-static inline void put_f32_r(float *p, rf m) { str(p, m); }
-static inline void put_bf16_r(uint16_t *p, rf m) {
+ * rounded (round_bf16r), so their bf16 form is exact. */
+static inline void put_f32(float *p, rf m) { str(p, m); }
+static inline void put_bf16(uint16_t *p, rf m) {
     const rh h = to_bf16r(m);
     memcpy(p, &h, sizeof h);
 }
@@ -628,7 +601,7 @@ static inline __attribute__((always_inline)) void NAME(                         
         for (int c = 0; c < CB; c++) {                                                                   \
             rf m;                                                                                        \
             ri k;                                                                                        \
-            pool_lanes_r(ROUND ? round_bf16r(a0[c]) : a0[c], ROUND ? round_bf16r(a1[c]) : a1[c], &m, &k); \
+            pool_lanes(ROUND ? round_bf16r(a0[c]) : a0[c], ROUND ? round_bf16r(a1[c]) : a1[c], &m, &k);   \
             PUT(tb + (c0 + c) * LANES + h * VL, m);                                                        \
             strb(kb + (c0 + c) * LANES + h * VL, narrow(k));                                             \
         }                                                                                                \
@@ -641,7 +614,7 @@ static inline int64_t fwd_chunk(int64_t left) {
     return (left + chunks - 1) / chunks;
 }
 
-DEFINE_CONV_POOL_CHUNK(conv_pool_chunk_f32, float, ldr, 0, put_f32_r)
+DEFINE_CONV_POOL_CHUNK(conv_pool_chunk_f32, float, ldr, 0, put_f32)
 
 /* The chunk's (C, LANES) scratch rows into the pooled row's (cols, C) block: pooled[j, c] = tb[c, 2j], and the
  * positions alike — with C a constant for the common channel counts (the compiler unrolls it into plain
@@ -764,12 +737,13 @@ static inline __attribute__((always_inline)) void conv_pool_chunk_dp(
                 for (int c = 0; c < CB; c++)
                     a1[c] = _mm512_dpbf16_ps(a1[c], v, (__m512bh)_mm512_set1_epi32((int)w[c - NP * CB]));
         }
-    for (int c = 0; c < CB; c++) {
-        vf m;
-        vi k;
+    for (int c = 0; c < CB; c++) {  /* VL = LANES = 16 here */
+        rf m;
+        ri k;
         pool_lanes(round_bf16v((vf)a0[c]), round_bf16v((vf)a1[c]), &m, &k);
-        put_bf16(tb + (c0 + c) * LANES, m);
-        stb(kb + (c0 + c) * LANES, to_bytes(k));
+        const vh h = to_bf16v(m);
+        memcpy(tb + (c0 + c) * LANES, &h, sizeof h);
+        strb(kb + (c0 + c) * LANES, narrow(k));
     }
 }
 
@@ -842,7 +816,7 @@ int cnnlab_conv_pool_forward_bf16(const uint16_t *xs, int64_t N, int64_t Hx, int
     return failed;
 }
 #else  /* bf16 without the dot-product instruction: the generic chunk, rounding in software */
-DEFINE_CONV_POOL_CHUNK(conv_pool_chunk_bf16, uint16_t, ldrh, 1, put_bf16_r)
+DEFINE_CONV_POOL_CHUNK(conv_pool_chunk_bf16, uint16_t, ldrh, 1, put_bf16)
 DEFINE_CONV_POOL_FORWARD(cnnlab_conv_pool_forward_bf16, uint16_t, conv_pool_chunk_bf16)
 #endif
 
