@@ -160,13 +160,103 @@ SMALL = {**HEAD, "data.image_size": 96, "data.max_per_class": 16, "data.batch_si
          "model.dropout": 0.0}
 
 
-def test_cached_features_give_the_same_training_as_the_frozen_network(tmp_path):
+@pytest.mark.parametrize("engine", ["torch", "onnxruntime"])
+def test_cached_features_give_the_same_training_as_the_frozen_network(tmp_path, engine):
     src = {"data.source": f"folder:{flowers()}"}
-    cached = fit_run({**SMALL, **src}, out=tmp_path / "cached")
+    cached = fit_run({**SMALL, **src, "train.feature_engine": engine}, out=tmp_path / "cached")
     full = fit_run({**SMALL, **src, "model.cache_features": False}, out=tmp_path / "full")
     for a, b in zip(cached.history, full.history):
         assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-4) and a["val_accuracy"] == b["val_accuracy"]
     assert cached.metrics["accuracy"] == full.metrics["accuracy"]
+    env = cached.env
+    assert env["feature_engine"] == engine and f"train.feature_engine={engine}" in env["defaults_because"]["feature_engine"]
+    assert "feature_engine" not in full.env  # the backbone ran in every epoch: no feature engine
+
+
+# --------------------------------------------------------------------------- the feature engine
+
+def _lite0_and_photos(size: int = 96, n: int = 16):
+    """EfficientNet-Lite0's ImageNet backbone and n real photos (two scikit-image photos, flipped and shifted)."""
+    from cnnlab.training import Runtime
+
+    model = create_model("efficientnet-lite0", 10, 3, size)
+    load_weights(model, "imagenet")
+    photos = torch.cat([_normalise(_photo(p, size), "efficientnet-lite0") for p in ("chelsea", "coffee")])
+    x = torch.cat([photos.roll(i, dims=-1).flip(-1) if i % 2 else photos.roll(i, dims=-2) for i in range(n // 2)])
+    return model.backbone.eval(), x, Runtime("cpu", "32", channels_last=False)
+
+
+def test_onnx_runtime_features_match_torch_and_the_graph_is_exported_once(monkeypatch, tmp_path):
+    from cnnlab import export
+    from cnnlab.data.dataset import cache_dir
+    from cnnlab.features import OnnxFeatures, TorchFeatures
+
+    monkeypatch.setenv("CNNLAB_CACHE", str(tmp_path))
+    backbone, x, runtime = _lite0_and_photos()
+    ref = TorchFeatures(backbone, runtime)(x)
+    got = OnnxFeatures(backbone, 3, 96, runtime.threads)(x)
+    assert got.shape == ref.shape == (16, 1280) and got.dtype == torch.float32
+    assert (got - ref).abs().max() <= 1e-4 * ref.abs().max()
+    assert len(list((cache_dir() / "onnx").glob("EfficientNetLiteFeatures-*.onnx"))) == 1
+
+    def no_export(*a, **k):
+        raise AssertionError("exported again")
+
+    monkeypatch.setattr(export, "to_onnx", no_export)
+    again = OnnxFeatures(backbone, 3, 96, runtime.threads)(x[:3])  # from the cached file; any batch size
+    assert torch.equal(again, got[:3]) or (again - got[:3]).abs().max() <= 1e-6 * ref.abs().max()
+    # other weights are another graph: exported, not taken from the cache
+    with torch.no_grad():
+        backbone._conv_stem.weight.mul_(0.5)
+    with pytest.raises(AssertionError, match="exported again"):
+        OnnxFeatures(backbone, 3, 96, runtime.threads)
+
+
+def test_the_feature_engine_decision_on_each_kind_of_answer(monkeypatch):
+    from cnnlab import export, features
+    from cnnlab.features import OnnxFeatures, choose_engine
+    from cnnlab.training import Runtime
+
+    backbone, x, fp32 = _lite0_and_photos()
+    n = 1000  # images in the run
+    # ONNX Runtime measured faster, or slower: the faster computes
+    monkeypatch.setattr(features, "_rate", lambda fn, _x: 300.0 if fn.name == "onnxruntime" else 100.0)
+    engine, why = choose_engine(backbone, x, n, fp32)
+    assert engine.name == "onnxruntime" and "ONNX Runtime 300 images/s, torch 100" in why
+    monkeypatch.setattr(features, "_rate", lambda fn, _x: 50.0 if fn.name == "onnxruntime" else 100.0)
+    engine, why = choose_engine(backbone, x, n, fp32)
+    assert engine.name == "torch" and "ONNX Runtime 50 images/s, torch 100" in why
+    # too few images for a probe; the user's choice taken as it is
+    assert choose_engine(backbone, x, 20, fp32)[0].name == "torch"
+    assert choose_engine(backbone, x, 20, fp32, "onnxruntime")[0].name == "onnxruntime"
+    assert choose_engine(backbone, x, n, fp32, "torch")[0].name == "torch"
+    # bf16-mixed: torch computes in bf16; ONNX Runtime asked for is an error, not a silent fp32
+    bf16 = Runtime("cpu", "bf16-mixed", channels_last=False)
+    engine, why = choose_engine(backbone, x, n, bf16)
+    assert engine.name == "torch" and "fp32" in why and "bf16-mixed" in why
+    with pytest.raises(RuntimeError, match="computes in fp32"):
+        choose_engine(backbone, x, n, bf16, "onnxruntime")
+    # a graph that disagrees with torch is never used
+    monkeypatch.setattr(OnnxFeatures, "__call__", lambda self, xb: torch.zeros(len(xb), 1280) + 1.0)
+    engine, why = choose_engine(backbone, x, n, fp32)
+    assert engine.name == "torch" and "differ from torch's" in why
+    with pytest.raises(RuntimeError, match="differ from torch's"):
+        choose_engine(backbone, x, n, fp32, "onnxruntime")
+    # onnxruntime not installed: auto takes torch and says why; asked for, one error with the pip command
+    real_require = export.require
+
+    def require(modules, what):
+        if "onnxruntime" in modules:
+            raise export.ExportError(f"{what} needs onnxruntime, not installed here: {export.INSTALL_HINT}")
+        return real_require(modules, what)
+
+    monkeypatch.setattr(export, "require", require)
+    engine, why = choose_engine(backbone, x, n, fp32)
+    assert engine.name == "torch" and "not installed" in why
+    with pytest.raises(RuntimeError, match=r"pip install 'cnnlab\[onnx\]'"):
+        choose_engine(backbone, x, n, fp32, "onnxruntime")
+    with pytest.raises(ValueError, match="train.feature_engine='tensorrt'"):
+        choose_engine(backbone, x, n, fp32, "tensorrt")
 
 
 def test_gradual_unfreezing_trains_the_backbone_only_after_its_epochs(tmp_path):

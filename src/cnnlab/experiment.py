@@ -207,7 +207,8 @@ def build_experiment(cfg: Config, log: ProgressLogger | None = None, dist=None) 
     if _use_feature_cache(cfg, log):
         from .features import feature_data
 
-        data, trained = feature_data(model, data, runtime, log=log.message), model.head
+        data = feature_data(model, data, runtime, t.feature_engine, log=log.message, progress=log.mode == "bar")
+        trained = model.head
     if dist is not None:
         from .training.distributed import ShardedLoader
 

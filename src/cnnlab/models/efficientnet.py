@@ -36,9 +36,9 @@ class SameConv2d(CpuConv2d):
     Symmetric padding (stride 1) goes to the convolution itself; only the asymmetric kind is a padded copy."""
 
     def _conv(self, x: torch.Tensor) -> torch.Tensor:
-        pads = []
-        for size, k, s in ((x.shape[-1], self.kernel_size[1], self.stride[1]),
-                           (x.shape[-2], self.kernel_size[0], self.stride[0])):
+        pads = []  # plain ints: a traced export (ONNX) gets constant pads for its fixed image size
+        for size, k, s in ((int(x.shape[-1]), self.kernel_size[1], self.stride[1]),
+                           (int(x.shape[-2]), self.kernel_size[0], self.stride[0])):
             total = max((math.ceil(size / s) - 1) * s + k - size, 0)
             pads += [total // 2, total - total // 2]
         if pads[0] == pads[1] and pads[2] == pads[3]:

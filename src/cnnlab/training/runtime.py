@@ -121,6 +121,7 @@ class Runtime:
         self.reuse_memory = reuse_memory and keep_freed_memory()
         # on the CPU by default, decided by native_for(model): only a model with fused blocks waits for the compile
         self.native: bool | None = False
+        self.feature_engine: str | None = None  # head-only runs: what computed the backbone's features (features.py)
         if self.fused:
             self.native = None if native is None and cpu else self._native(native, cpu)
         if not self.fused and native is None:
@@ -184,7 +185,7 @@ class Runtime:
     def describe(self) -> dict:
         d = {"device": str(self.device), "precision": str(self.precision), "threads": self.threads,
              "channels_last": self.channels_last, "fused": self.fused, "reuse_memory": self.reuse_memory,
-             "native": self.native,
+             "native": self.native, **({"feature_engine": self.feature_engine} if self.feature_engine else {}),
              "cpu_kind": capability(), "defaults_because": dict(self.reasons)}
         if self.device.type == "cuda":
             d["gpu"] = torch.cuda.get_device_name(self.device)
