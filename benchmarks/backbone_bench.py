@@ -125,7 +125,8 @@ def render(m: dict, rows: list[dict], head: dict | None, repeats: int) -> str:
         s, a = head["seconds"], head["accuracy"]
         lines += ["", f"Head-only EfficientNet-Lite0 on flowers12 (960 photos, 12 species; `cnnlab train transfer` "
                   "with the head alone, 15 epochs, `train.feature_engine=auto`), each run from an empty cache — "
-                  "decoding, the ONNX export where auto probes it, features, head and report — median of {len(s)} runs: **{statistics.median(s):.1f} s** wall "
+                  "decoding, the ONNX export where auto probes it, features, head and report — "
+                  f"median of {len(s)} runs: **{statistics.median(s):.1f} s** wall "
                   f"(runs: {', '.join(f'{v:.1f}' for v in s)}), test accuracy "
                   f"{', '.join(f'{v:.3f}' for v in a)}; the features computed by "
                   f"{', '.join(str(e) for e in head.get('engines', []))}. Target: ≥ 90 % in under 60 s on 2 cores."]

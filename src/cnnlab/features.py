@@ -72,8 +72,11 @@ def _key(backbone: nn.Module, loader: DeviceLoader, runtime: Runtime, engine: st
 
 
 ENGINES = ("auto", "torch", "onnxruntime")
-ORT_CHUNK = 16  # images per ONNX Runtime pass: Lite0 at 224 px on the Zen 3, 150 images/s at 8 or 16, 141 at 64
-PROBE_MIN_CHUNKS = 4  # fewer images than this many chunks: not worth a probe, torch computes them
+# images per ONNX Runtime pass: Lite0 at 224 px on the Zen 3, 122 images/s at 8 against 117 at 16 (medians of
+# 6 interleaved rounds; 4 to 96 are within the VM's noise of each other: smaller passes stay in cache)
+ORT_CHUNK = 8
+PROBE = 16  # images the probe times each engine on
+PROBE_MIN = 64  # fewer images in the run: not worth a probe, torch computes them
 AGREE = 1e-3  # largest |ONNX Runtime − torch| of a feature, relative to the largest feature (fp32: ~1e-6)
 
 
@@ -164,11 +167,11 @@ def choose_engine(backbone: nn.Module, sample: torch.Tensor, n_images: int, runt
         if wanted == "onnxruntime":
             raise RuntimeError(f"train.feature_engine=onnxruntime: {why} (train.feature_engine=auto or torch)")
         return torch_engine, f"torch: {why}"
-    if wanted == "auto" and n_images < PROBE_MIN_CHUNKS * ORT_CHUNK:
+    if wanted == "auto" and n_images < PROBE_MIN:
         return torch_engine, f"torch: {n_images} images, too few to be worth a probe"
     from .export import ExportError
 
-    x = sample[:ORT_CHUNK]
+    x = sample[:PROBE]
     try:
         onnx_engine = OnnxFeatures(backbone, x.shape[1], x.shape[-1], runtime.threads)
         a, b = onnx_engine(x), torch_engine(x)
