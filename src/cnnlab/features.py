@@ -72,9 +72,10 @@ def _key(backbone: nn.Module, loader: DeviceLoader, runtime: Runtime, engine: st
 
 
 ENGINES = ("auto", "torch", "onnxruntime")
-# images per ONNX Runtime pass: Lite0 at 224 px on the Zen 3, 122 images/s at 8 against 117 at 16 (medians of
-# 6 interleaved rounds; 4 to 96 are within the VM's noise of each other: smaller passes stay in cache)
-ORT_CHUNK = 8
+# images per ONNX Runtime pass: on the Zen 3, passes of 8, 16 and 32 are within the VM's noise of each other
+# (interleaved rounds: Lite0 at 224 px 158 / 157 / 156 images/s, 122 / 117 at 8 / 16 in another; Lite2 at
+# 260 px 56 / 59 / 68); 64 and more a little slower for Lite0
+ORT_CHUNK = 16
 PROBE = 16  # images the probe times each engine on
 PROBE_MIN = 64  # fewer images in the run: not worth a probe, torch computes them
 AGREE = 1e-3  # largest |ONNX Runtime − torch| of a feature, relative to the largest feature (fp32: ~1e-6)
