@@ -108,29 +108,40 @@ class OnnxFeatures:
     name = "onnxruntime"
 
     def __init__(self, backbone: nn.Module, in_channels: int, image_size: int, threads: int):
-        from .export import require
+        from .export import ExportError, require, session
 
-        (ort,) = require(("onnxruntime",), "train.feature_engine=onnxruntime")
-        data = onnx_backbone(backbone, in_channels, image_size)
-        so = ort.SessionOptions()
-        so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+        require(("onnxruntime",), "train.feature_engine=onnxruntime")
+        what = f"the exported {type(backbone).__name__}"
+        try:
+            self.session = session(onnx_backbone(backbone, in_channels, image_size), what, threads)
+        except ExportError:  # a damaged file in the cache: exported again, once
+            onnx_backbone(backbone, in_channels, image_size, forget=True)
+            self.session = session(onnx_backbone(backbone, in_channels, image_size), what, threads)
         self.input = self.session.get_inputs()[0].name
 
     def __call__(self, xb: torch.Tensor) -> torch.Tensor:
-        out = [self.session.run(None, {self.input: x.float().contiguous().numpy()})[0] for x in xb.split(ORT_CHUNK)]
+        from .export import ExportError, _reason
+
+        try:
+            out = [self.session.run(None, {self.input: x.float().contiguous().numpy()})[0]
+                   for x in xb.split(ORT_CHUNK)]
+        except Exception as e:  # onnxruntime's own exception types
+            raise ExportError(f"ONNX Runtime cannot run the exported backbone ({_reason(e)})") from None
         return torch.from_numpy(np.concatenate(out)).to(xb.device)
 
 
-def onnx_backbone(backbone: nn.Module, in_channels: int, image_size: int) -> bytes:
-    """The backbone as ONNX bytes (dynamic batch axis), exported once and kept under $CNNLAB_CACHE/onnx."""
+def onnx_backbone(backbone: nn.Module, in_channels: int, image_size: int, forget: bool = False) -> bytes | None:
+    """The backbone as ONNX bytes (dynamic batch axis), exported once and kept under $CNNLAB_CACHE/onnx
+    (forget: remove the cached file instead)."""
     from ._version import __version__
     from .export import to_onnx
 
     h = _weights_hash(backbone)
     h.update(repr((in_channels, image_size, __version__, torch.__version__)).encode())
     path = cache_dir() / "onnx" / f"{type(backbone).__name__}-{h.hexdigest()[:32]}.onnx"
+    if forget:
+        path.unlink(missing_ok=True)
+        return None
     if path.is_file():
         return path.read_bytes()
     proto, _ = to_onnx(backbone, in_channels, image_size, prefer="torchscript")
