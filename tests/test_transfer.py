@@ -161,8 +161,9 @@ SMALL = {**HEAD, "data.image_size": 96, "data.max_per_class": 16, "data.batch_si
 
 
 @pytest.mark.parametrize("engine", ["torch", "onnxruntime"])
-def test_cached_features_give_the_same_training_as_the_frozen_network(tmp_path, engine):
+def test_cached_features_give_the_same_training_as_the_frozen_network(tmp_path, engine, monkeypatch):
     src = {"data.source": f"folder:{flowers()}"}
+    monkeypatch.setenv("CNNLAB_CACHE", str(tmp_path / "cache"))  # features of this engine alone in it
     cached = fit_run({**SMALL, **src, "train.feature_engine": engine}, out=tmp_path / "cached")
     full = fit_run({**SMALL, **src, "model.cache_features": False}, out=tmp_path / "full")
     for a, b in zip(cached.history, full.history):
@@ -171,6 +172,10 @@ def test_cached_features_give_the_same_training_as_the_frozen_network(tmp_path, 
     env = cached.env
     assert env["feature_engine"] == engine and f"train.feature_engine={engine}" in env["defaults_because"]["feature_engine"]
     assert "feature_engine" not in full.env  # the backbone ran in every epoch: no feature engine
+    again = fit_run({**SMALL, **src}, out=tmp_path / "again")  # auto: takes either engine's cached features
+    untimed = [[{k: v for k, v in row.items() if k != "seconds"} for row in r.history] for r in (again, cached)]
+    assert again.env["feature_engine"] == engine and untimed[0] == untimed[1]
+    assert again.env["defaults_because"]["feature_engine"] == f"every split read from the cache (computed by {engine})"
 
 
 # --------------------------------------------------------------------------- the feature engine

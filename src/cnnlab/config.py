@@ -206,7 +206,7 @@ class TrainConfig:
     feature_engine: str = _opt(
         "auto", "what computes a frozen backbone's features once in the head-only mode: auto (on the CPU in fp32, "
                 "ONNX Runtime or torch, whichever a probe on the run's images measures faster — ONNX Runtime "
-                "2.3–3.3× on EfficientNet-Lite0 without native bf16; torch at bf16-mixed and on CUDA) | torch | "
+                "1.96× torch on EfficientNet-Lite0 on an AVX2 CPU; torch at bf16-mixed and on CUDA) | torch | "
                 "onnxruntime (the backbone exported once, cached; needs cnnlab[onnx])",
         choices=["auto", "torch", "onnxruntime"])
     reuse_memory: Optional[bool] = _opt(
