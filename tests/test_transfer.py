@@ -192,7 +192,7 @@ def _lite0_and_photos(size: int = 96, n: int = 16):
 
 
 def test_onnx_runtime_features_match_torch_and_the_graph_is_exported_once(monkeypatch, tmp_path):
-    from cnnlab import export
+    from cnnlab import features
     from cnnlab.data.dataset import cache_dir
     from cnnlab.features import OnnxFeatures, TorchFeatures
 
@@ -207,15 +207,15 @@ def test_onnx_runtime_features_match_torch_and_the_graph_is_exported_once(monkey
     def no_export(*a, **k):
         raise AssertionError("exported again")
 
-    real_to_onnx = export.to_onnx
-    monkeypatch.setattr(export, "to_onnx", no_export)
+    real_to_onnx = features.to_onnx
+    monkeypatch.setattr(features, "to_onnx", no_export)
     again = OnnxFeatures(backbone, 3, 96, runtime.threads)(x[:3])  # from the cached file; any batch size
     assert torch.equal(again, got[:3]) or (again - got[:3]).abs().max() <= 1e-6 * ref.abs().max()
     # a damaged file in the cache is exported again, not an error
-    monkeypatch.setattr(export, "to_onnx", real_to_onnx)
+    monkeypatch.setattr(features, "to_onnx", real_to_onnx)
     graph.write_bytes(graph.read_bytes()[:1000])
     assert torch.equal(OnnxFeatures(backbone, 3, 96, runtime.threads)(x), got) and graph.stat().st_size > 10**6
-    monkeypatch.setattr(export, "to_onnx", no_export)
+    monkeypatch.setattr(features, "to_onnx", no_export)
     # other weights are another graph: exported, not taken from the cache
     with torch.no_grad():
         backbone._conv_stem.weight.mul_(0.5)
@@ -261,7 +261,7 @@ def test_the_feature_engine_decision_on_each_kind_of_answer(monkeypatch):
             raise export.ExportError(f"{what} needs onnxruntime, not installed here: {export.INSTALL_HINT}")
         return real_require(modules, what)
 
-    monkeypatch.setattr(export, "require", require)
+    monkeypatch.setattr(features, "require", require)
     engine, why = choose_engine(backbone, x, n, fp32)
     assert engine.name == "torch" and "not installed" in why
     with pytest.raises(RuntimeError, match=r"pip install 'cnnlab\[onnx\]'"):

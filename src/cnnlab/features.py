@@ -26,8 +26,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from ._version import __version__
 from .data.dataset import cache_dir
 from .data.loader import DeviceLoader, Prepared
+from .export import ExportError, _reason, require, session, to_onnx
 from .fileio import atomic_write_bytes
 from .training import Runtime
 from .training.runtime import inference_chunk
@@ -72,9 +74,8 @@ def _key(weights, loader: DeviceLoader, runtime: Runtime) -> str:
 
 
 ENGINES = ("auto", "torch", "onnxruntime")
-# images per ONNX Runtime pass: on the Zen 3, passes of 8, 16 and 32 are within the VM's noise of each other
-# (interleaved rounds: Lite0 at 224 px 158 / 157 / 156 images/s, 122 / 117 at 8 / 16 in another; Lite2 at
-# 260 px 56 / 59 / 68); 64 and more a little slower for Lite0
+# images per ONNX Runtime pass: on the Zen 3, passes of 8, 16 and 32 measured within the VM's noise of each
+# other (Lite0, Lite2; interleaved rounds, not a bench), 64 and more a little slower for Lite0
 ORT_CHUNK = 16
 PROBE = 16  # images the probe times each engine on
 PROBE_MIN = 64  # fewer images in the run: not worth a probe, torch computes them
@@ -108,20 +109,16 @@ class OnnxFeatures:
     name = "onnxruntime"
 
     def __init__(self, backbone: nn.Module, in_channels: int, image_size: int, threads: int):
-        from .export import ExportError, require, session
-
-        require(("onnxruntime",), "train.feature_engine=onnxruntime")
+        require(("onnx", "onnxscript", "onnxruntime"), "train.feature_engine=onnxruntime")
         what = f"the exported {type(backbone).__name__}"
         try:
             self.session = session(onnx_backbone(backbone, in_channels, image_size), what, threads)
         except ExportError:  # a damaged file in the cache: exported again, once
-            onnx_backbone(backbone, in_channels, image_size, forget=True)
+            _onnx_path(backbone, in_channels, image_size).unlink(missing_ok=True)
             self.session = session(onnx_backbone(backbone, in_channels, image_size), what, threads)
         self.input = self.session.get_inputs()[0].name
 
     def __call__(self, xb: torch.Tensor) -> torch.Tensor:
-        from .export import ExportError, _reason
-
         try:
             out = [self.session.run(None, {self.input: x.float().contiguous().numpy()})[0]
                    for x in xb.split(ORT_CHUNK)]
@@ -130,18 +127,15 @@ class OnnxFeatures:
         return torch.from_numpy(np.concatenate(out)).to(xb.device)
 
 
-def onnx_backbone(backbone: nn.Module, in_channels: int, image_size: int, forget: bool = False) -> bytes | None:
-    """The backbone as ONNX bytes (dynamic batch axis), exported once and kept under $CNNLAB_CACHE/onnx
-    (forget: remove the cached file instead)."""
-    from ._version import __version__
-    from .export import to_onnx
-
+def _onnx_path(backbone: nn.Module, in_channels: int, image_size: int):
     h = _weights_hash(backbone)
     h.update(repr((in_channels, image_size, __version__, torch.__version__)).encode())
-    path = cache_dir() / "onnx" / f"{type(backbone).__name__}-{h.hexdigest()[:32]}.onnx"
-    if forget:
-        path.unlink(missing_ok=True)
-        return None
+    return cache_dir() / "onnx" / f"{type(backbone).__name__}-{h.hexdigest()[:32]}.onnx"
+
+
+def onnx_backbone(backbone: nn.Module, in_channels: int, image_size: int) -> bytes:
+    """The backbone as ONNX bytes (dynamic batch axis), exported once and kept under $CNNLAB_CACHE/onnx."""
+    path = _onnx_path(backbone, in_channels, image_size)
     if path.is_file():
         return path.read_bytes()
     proto, _ = to_onnx(backbone, in_channels, image_size, prefer="torchscript")
@@ -181,8 +175,6 @@ def choose_engine(backbone: nn.Module, sample: torch.Tensor, n_images: int, runt
         return torch_engine, f"torch: {why}"
     if wanted == "auto" and n_images < PROBE_MIN:
         return torch_engine, f"torch: {n_images} images, too few to be worth a probe"
-    from .export import ExportError
-
     x = sample[:PROBE]
     try:
         onnx_engine = OnnxFeatures(backbone, x.shape[1], x.shape[-1], runtime.threads)
