@@ -109,19 +109,9 @@ class _NativeReLUBatchNormMaxPool(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y, weight, bias, running_mean, running_var, momentum: float, eps: float):
         ctx.set_materialize_grads(False)
-        n, c, h, w = y.shape
-        m = n * h * w
-        pooled, idx, sums = native.pool_stats(y, relu=True, stats=True)
-        mean64 = sums[:c] / m
-        var64 = (sums[c:] / m - mean64 * mean64).clamp_(min=0.0)  # biased, as batch norm normalises with
-        if running_mean is not None:  # BatchNorm2d's update: the unbiased variance, momentum-weighted
-            running_mean.mul_(1.0 - momentum).add_(mean64.to(running_mean.dtype), alpha=momentum)
-            running_var.mul_(1.0 - momentum).add_((var64 * (m / max(m - 1, 1))).to(running_var.dtype),
-                                                  alpha=momentum)
-        mean, invstd = mean64.float(), (var64.float() + eps).rsqrt()
-        scale = weight * invstd
-        ctx.save_for_backward(y, pooled, idx, mean, invstd, weight)
-        return native.pool_affine(pooled, scale, bias - mean * scale)
+        out, saved = _native_bn_pool(y, weight, bias, running_mean, running_var, momentum, eps)
+        ctx.save_for_backward(y, *saved)
+        return out
 
     @staticmethod
     @once_differentiable
@@ -129,13 +119,68 @@ class _NativeReLUBatchNormMaxPool(torch.autograd.Function):
         y, pooled, idx, mean, invstd, weight = ctx.saved_tensors
         if grad is None:
             return None, None, None, None, None, None, None
-        n, c, h, w = y.shape
-        m = n * h * w
-        sum_g, sum_gp = native.pool_grad_sums(grad, pooled)
-        dbias = sum_g.float()
-        dweight = ((sum_gp - mean.double() * sum_g) * invstd.double()).float()  # Σ g·x̂
-        a, k, b = _bn_grad_terms(weight, invstd, mean, dweight, dbias, m)
+        a, k, b, dweight, dbias = _native_bn_pool_grads(y, grad, pooled, mean, invstd, weight)
         return native.pool_backward(y, idx, grad, a, k, b), dweight, dbias, None, None, None, None
+
+
+def _native_bn_pool(y, weight, bias, running_mean, running_var, momentum: float, eps: float):
+    """The native block's forward on the convolution output y: (its output, the tensors its backward needs
+    after y: pooled, idx, mean, invstd, weight); the running statistics updated as BatchNorm2d updates them."""
+    n, c, h, w = y.shape
+    m = n * h * w
+    pooled, idx, sums = native.pool_stats(y, relu=True, stats=True)
+    mean64 = sums[:c] / m
+    var64 = (sums[c:] / m - mean64 * mean64).clamp_(min=0.0)  # biased, as batch norm normalises with
+    if running_mean is not None:  # BatchNorm2d's update: the unbiased variance, momentum-weighted
+        running_mean.mul_(1.0 - momentum).add_(mean64.to(running_mean.dtype), alpha=momentum)
+        running_var.mul_(1.0 - momentum).add_((var64 * (m / max(m - 1, 1))).to(running_var.dtype),
+                                              alpha=momentum)
+    mean, invstd = mean64.float(), (var64.float() + eps).rsqrt()
+    scale = weight * invstd
+    return native.pool_affine(pooled, scale, bias - mean * scale), (pooled, idx, mean, invstd, weight)
+
+
+def _native_bn_pool_grads(y, grad, pooled, mean, invstd, weight):
+    """Batch norm's backward terms (a, k, b: see _bn_grad_terms) and its weight and bias gradients."""
+    n, c, h, w = y.shape
+    sum_g, sum_gp = native.pool_grad_sums(grad, pooled)
+    dbias = sum_g.float()
+    dweight = ((sum_gp - mean.double() * sum_g) * invstd.double()).float()  # Σ g·x̂
+    return (*_bn_grad_terms(weight, invstd, mean, dweight, dbias, n * h * w), dweight, dbias)
+
+
+class _NativeConvReLUBatchNormMaxPool(torch.autograd.Function):
+    """maxpool2(batchnorm_train(relu(conv2d(x)))) with γ > 0 for an input that needs no gradient (the image batch:
+    the first paper's net): torch's convolution and the native block forward; backward, the block's gradient
+    multiplied into the convolution's weight gradient row by row (native.pool_backward_wgrad), so neither
+    pool_backward's full-sized gradient nor torch's convolution backward, which reads it, runs."""
+
+    enabled: bool | None = None  # None: where native.stem_pays(); True / False: always / never (tests, benchmarks)
+
+    @staticmethod
+    def forward(ctx, x, cweight, cbias, padding, weight, bias, running_mean, running_var, momentum: float,
+                eps: float):
+        ctx.set_materialize_grads(False)
+        y = F.conv2d(x, cweight, cbias, padding=padding).contiguous(memory_format=torch.channels_last)
+        out, saved = _native_bn_pool(y, weight, bias, running_mean, running_var, momentum, eps)
+        ctx.save_for_backward(x, y, *saved)
+        ctx.padding, ctx.kernel_size = padding, tuple(cweight.shape[2:])
+        ctx.dtypes = (cweight.dtype, None if cbias is None else cbias.dtype)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        x, y, pooled, idx, mean, invstd, weight = ctx.saved_tensors
+        if grad is None:
+            return (None,) * 10
+        a, k, b, dweight, dbias = _native_bn_pool_grads(y, grad, pooled, mean, invstd, weight)
+        ph, pw = ctx.padding
+        xp = F.pad(x.detach().float(), (pw, pw, ph, ph)) if ph or pw else x.detach().float()
+        dw, db = native.pool_backward_wgrad(y, idx, grad, a, k, b, xp, ctx.kernel_size)
+        wdtype, bdtype = ctx.dtypes
+        return (None, dw.to(wdtype), None if bdtype is None else db.to(bdtype), None, dweight, dbias,
+                None, None, None, None)
 
 
 class _NativeMaxPoolReLU(torch.autograd.Function):
@@ -258,17 +303,69 @@ def relu_bn_maxpool(y: torch.Tensor, bn: nn.BatchNorm2d, use_native: bool = True
         return None
     if bool((bn.weight <= 0).any()):  # pooling before the affine needs an increasing affine (γ = 0: a tie
         return None                   # that the modules break by window position, which then gets γ's gradient)
-    momentum = 0.0 if bn.momentum is None else bn.momentum
-    if bn.track_running_stats:
-        bn.num_batches_tracked.add_(1)
-        if bn.momentum is None:  # cumulative average, as BatchNorm2d
-            momentum = 1.0 / float(bn.num_batches_tracked)
+    momentum = _momentum(bn)
     if go_native:
         return _NativeReLUBatchNormMaxPool.apply(y, bn.weight, bn.bias, bn.running_mean, bn.running_var,
                                                  momentum, bn.eps)
     out, _ = _ReLUBatchNormMaxPool.apply(y, bn.weight, bn.bias, bn.running_mean, bn.running_var,
                                          momentum, bn.eps)
     return out
+
+
+def _momentum(bn: nn.BatchNorm2d) -> float:
+    """This step's running-statistics momentum, counting the step as BatchNorm2d does (call once per step)."""
+    momentum = 0.0 if bn.momentum is None else bn.momentum
+    if bn.track_running_stats:
+        bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:  # cumulative average, as BatchNorm2d
+            momentum = 1.0 / float(bn.num_batches_tracked)
+    return momentum
+
+
+def _strided_channels_last(t: torch.Tensor) -> bool:
+    """`t` has channels-last strides — as torch's convolution reads its input and weights to choose its output's
+    layout; unlike is_channels_last, also for one channel (whose plain and channels-last strides both pass
+    is_contiguous, but only channels-last gives the channel dimension stride 1)."""
+    return t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and (t.stride(1) == 1 or t.numel() <= 1)
+
+
+def _symmetric_padding(conv: nn.Conv2d) -> tuple[int, int] | None:
+    """A stride-1, ungrouped, undilated zero-padded convolution's padding as (rows, columns), or None for
+    anything else (an even kernel's "same", other padding modes, strides…)."""
+    if not (type(conv) is nn.Conv2d and conv.groups == 1 and tuple(conv.stride) == (1, 1)
+            and tuple(conv.dilation) == (1, 1) and conv.padding_mode == "zeros"):
+        return None
+    if conv.padding == "valid":
+        return 0, 0
+    if conv.padding == "same":
+        kh, kw = conv.kernel_size
+        return ((kh - 1) // 2, (kw - 1) // 2) if kh % 2 and kw % 2 else None
+    return tuple(conv.padding)
+
+
+def conv_relu_bn_maxpool(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> torch.Tensor | None:
+    """maxpool2(batchnorm(relu(conv(x)))) as _NativeConvReLUBatchNormMaxPool, or None where it does not apply
+    now (then the convolution runs as a module and the block after it as relu_bn_maxpool): a CPU where the
+    native stems do not pay (native.stem_pays), x needs its own gradient (an explanation's saliency) or is not
+    a float32 CPU batch, the convolution's weight needs no gradient, a dtype the kernels do not compute in (fp16
+    autocast, half parameters), or what relu_bn_maxpool would refuse (eval mode, a γ ≤ 0…)."""
+    on = _NativeConvReLUBatchNormMaxPool.enabled
+    if not (_strided_channels_last(x) or _strided_channels_last(conv.weight)):
+        return None  # torch's convolution gives an NCHW output here: the model is not channels-last
+    padding = _symmetric_padding(conv)
+    dtype = _stem_dtype(conv.weight, conv.bias)
+    if not ((native.stem_pays() if on is None else on) and padding is not None and dtype is not None
+            and torch.is_grad_enabled() and not x.requires_grad and conv.weight.requires_grad
+            and x.device.type == "cpu" and x.dim() == 4 and x.dtype == torch.float32
+            and bn.training and bn.weight.dtype == torch.float32
+            and x.shape[2] + 2 * padding[0] - conv.kernel_size[0] + 1 >= 2
+            and x.shape[3] + 2 * padding[1] - conv.kernel_size[1] + 1 >= 2
+            and native.library() is not None):
+        return None
+    if bool((bn.weight <= 0).any()):  # as relu_bn_maxpool
+        return None
+    return _NativeConvReLUBatchNormMaxPool.apply(x, conv.weight, conv.bias, padding, bn.weight, bn.bias,
+                                                 bn.running_mean, bn.running_var, _momentum(bn), bn.eps)
 
 
 class FusedSequential(nn.Sequential):
@@ -289,6 +386,12 @@ class FusedSequential(nn.Sequential):
         use_native = self.native is not False
         i = 0
         while i < len(mods):
+            if (fuse and use_native and i + 3 < len(mods) and type(mods[i]) is nn.Conv2d
+                    and _fusable(*mods[i + 1:i + 4])):
+                out = conv_relu_bn_maxpool(x, mods[i], mods[i + 2])
+                if out is not None:
+                    x, i = out, i + 4
+                    continue
             if fuse and i + 2 < len(mods) and _fusable(*mods[i:i + 3]):
                 out = relu_bn_maxpool(x, mods[i + 1], use_native)
                 if out is not None:

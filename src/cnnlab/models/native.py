@@ -106,6 +106,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "pool_grad_sums": [p, p, i64, i64, i64, p, i32],
         "pool_backward": [p, p, p, p, p, p, p, i64, i64, i64, i64, i32],
         "pool_scatter": [p, p, p, p, i64, i64, i64, i64, i32],
+        "pool_backward_wgrad": [p, p, p, p, p, p, i64, i64, i64, i64, p, i64, i64, i64, p, i32],
         "conv_pool_wgrad": [p, i64, i64, i64, i64, i64, i64, p, p, p, i64, i64, i64, p, i32],
         "conv_pool_forward": [p, i64, i64, i64, i64, i64, i64, p, p, p, p, i64, i64, i64, i32],
     }
@@ -223,6 +224,30 @@ def pool_backward(y: torch.Tensor, idx: torch.Tensor, g: torch.Tensor, a: torch.
     _kernel("pool_backward", y.dtype)(y.data_ptr(), idx.data_ptr(), g.data_ptr(), a.data_ptr(), k.data_ptr(),
                                       b.data_ptr(), dy.data_ptr(), n, h, w, c, torch.get_num_threads())
     return dy
+
+
+def pool_backward_wgrad(y: torch.Tensor, idx: torch.Tensor, g: torch.Tensor, a: torch.Tensor, k: torch.Tensor,
+                        b: torch.Tensor, xp: torch.Tensor, kernel_size: tuple[int, int]
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weight (C, Ci, KH, KW) and bias (C,) gradients, float32, of a stride-1 convolution whose output y
+    went through ReLU → batch norm → max-pool: pool_backward's dy, row by row, multiplied straight into the
+    weight gradient without dy ever being written. xp: the convolution's input with its zero padding applied,
+    (N, Ci, H + KH − 1, W + KW − 1) float32, channels-last (or one channel)."""
+    n, c, h, w = y.shape
+    kh, kw = kernel_size
+    ci = xp.shape[1]
+    if xp.dtype != torch.float32 or tuple(xp.shape) != (n, ci, h + kh - 1, w + kw - 1):
+        raise ValueError(f"pool_backward_wgrad: padded input {tuple(xp.shape)} {xp.dtype} does not fit "
+                         f"a {kh}×{kw} convolution to {tuple(y.shape)}")
+    xp = _cl(xp)
+    g, a, k, b = _cl(g.to(y.dtype)), _vector(a), _vector(k), _vector(b)
+    kk = kh * kw * ci
+    dw = torch.empty((kk + 1, c), dtype=torch.float64)
+    _kernel("pool_backward_wgrad", y.dtype)(y.data_ptr(), idx.data_ptr(), g.data_ptr(), a.data_ptr(), k.data_ptr(),
+                                            b.data_ptr(), n, h, w, c, xp.data_ptr(), ci, kh, kw, dw.data_ptr(),
+                                            torch.get_num_threads())
+    weight = dw[:kk].reshape(kh, kw, ci, c).permute(3, 2, 0, 1).float().contiguous()
+    return weight, dw[kk].float()
 
 
 def pool_scatter(shape: torch.Size, idx: torch.Tensor, g: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:

@@ -380,6 +380,146 @@ int NAME(const T *y, const uint8_t *idx, const T *g, const float *a, const float
     return failed;                                                                                       \
 }
 
+/* pool_backward_wgrad: the weight and bias gradients of a first convolution (its input needs no gradient) that
+ * ReLU → batch norm → max-pool follows (the first paper's net): pool_backward's dy, row by row into a scratch row
+ * that stays in the cache, and at once into dw[c, t] += Σ_w dy[w, c]·x[h + kh, w + kw, ci] — instead of
+ * pool_backward writing the full-sized dy (the first paper's 128×32×28×28 floats a batch) for torch's
+ * convolution backward to read back (`benchmarks/stem_bench.py` times both). x is the convolution's input with
+ * its zero padding applied, (N, Hp, Wp, Ci) float32, Hp = H + KH − 1, Wp = W + KW − 1 (stride 1); the taps
+ * t = kh·KW·Ci + kw·Ci + ci. The row's product is a small matrix product: TB taps × 2 channel vectors of
+ * accumulators in registers (TB up to 6 with AVX2's 16 registers, 13 with AVX-512's 32), one broadcast input
+ * value per tap and position; dy's rows are laid out with C rounded up to whole vectors (zeros past C). */
+#if defined(__AVX512F__)
+#define WG_TAPS 13
+#else
+#define WG_TAPS 6
+#endif
+
+static inline __attribute__((always_inline)) void wgrad_taps(
+        const float *restrict d, int64_t H, int64_t W, int64_t CP, const float *restrict xi, int64_t WpCi,
+        int64_t Ci, const int64_t *restrict off, const int TB, int64_t c0, const int CV, float *restrict acc) {
+    rf a[WG_TAPS][2];
+    int64_t o[WG_TAPS];
+    for (int t = 0; t < TB; t++) {
+        o[t] = off[t];
+        for (int v = 0; v < CV; v++) a[t][v] = ldr(acc + t * CP + c0 + v * VL);
+    }
+    for (int64_t h = 0; h < H; h++) {
+        const float *dh = d + h * W * CP + c0, *xr = xi + h * WpCi;
+        for (int64_t w = 0; w < W; w++) {
+            const rf d0 = ldr(dh + w * CP), d1 = CV > 1 ? ldr(dh + w * CP + VL) : (rf){0};
+            const float *xw = xr + w * Ci;
+            for (int t = 0; t < TB; t++) {
+                const rf xv = xw[o[t]] - (rf){0};  /* a broadcast (x − 0 is x; 0 + x is not, for x = −0) */
+                a[t][0] += d0 * xv;
+                if (CV > 1) a[t][1] += d1 * xv;
+            }
+        }
+    }
+    for (int t = 0; t < TB; t++)
+        for (int v = 0; v < CV; v++) str(acc + t * CP + c0 + v * VL, a[t][v]);
+}
+
+#define WG_CASE(K) case K: { if (cv == 2) wgrad_taps(d, H, W, CP, xi, WpCi, Ci, off + t0, K, c0, 2, acc + t0 * CP); \
+                             else wgrad_taps(d, H, W, CP, xi, WpCi, Ci, off + t0, K, c0, 1, acc + t0 * CP); } break;
+#if WG_TAPS == 13
+#define WG_CASES WG_CASE(1) WG_CASE(2) WG_CASE(3) WG_CASE(4) WG_CASE(5) WG_CASE(6) WG_CASE(7) WG_CASE(8) \
+                 WG_CASE(9) WG_CASE(10) WG_CASE(11) WG_CASE(12) WG_CASE(13)
+#else
+#define WG_CASES WG_CASE(1) WG_CASE(2) WG_CASE(3) WG_CASE(4) WG_CASE(5) WG_CASE(6)
+#endif
+
+/* An image's dy (H × W × CP, CP = C rounded up to whole vectors) into the accumulators acc (KK + 1 rows of CP:
+ * the taps', then the bias's); xi is the image's padded input. */
+static void wgrad_dy_image(const float *restrict d, int64_t H, int64_t W, int64_t CP, const float *restrict xi,
+                           int64_t WpCi, int64_t Ci, const int64_t *restrict off, int64_t KK, float *restrict acc) {
+    const int64_t groups = (KK + WG_TAPS - 1) / WG_TAPS;
+    for (int64_t c0 = 0; c0 < CP; c0 += 2 * VL) {
+        const int cv = CP - c0 >= 2 * VL ? 2 : 1;
+        for (int64_t t0 = 0, g = 0; g < groups; g++) {
+            const int64_t tb = (KK - t0 + (groups - g) - 1) / (groups - g);  /* even groups: 25 → 5 × 5 */
+            switch (tb) { WG_CASES }
+            t0 += tb;
+        }
+    }
+    float *ab = acc + KK * CP;
+    for (int64_t c0 = 0; c0 < CP; c0 += VL) {
+        rf s = ldr(ab + c0);
+        for (int64_t j = 0; j < H * W; j++) s += ldr(d + j * CP + c0);
+        str(ab + c0, s);
+    }
+}
+
+/* pool_backward_wgrad: y, idx, g, a, k, b as pool_backward takes them (y: (N, H, W, C)); xp the padded input
+ * (N, Hp, Wp, Ci) float32; into dw (KK + 1, C) double: dw[t, c] the tap's weight gradient, dw[KK, c] the bias's.
+ * Image by image: its dy rows into a scratch image (C = 32 at 28 × 28: 100 KB, in the core's L2), then the
+ * products over the whole image with the accumulators in registers. Float sums within an image, double
+ * across images. */
+#define DEFINE_POOL_BACKWARD_WGRAD(NAME, T, LOAD)                                                        \
+int NAME(const T *y, const uint8_t *idx, const T *g, const float *a, const float *k, const float *b,   \
+          int64_t N, int64_t H, int64_t W, int64_t C, const float *xp, int64_t Ci, int64_t KH, int64_t KW, \
+          double *dw, int nthreads) {                                                                    \
+    const int64_t Ho = H / 2, WC = W * C, PC = (W / 2) * C, CP = (C + VL - 1) / VL * VL;                  \
+    const int64_t Wp = W + KW - 1, Hp = H + KH - 1, KWCi = KW * Ci, KK = KH * KWCi, nacc = (KK + 1) * CP; \
+    if (nthreads < 1) nthreads = 1;                                                                      \
+    int64_t *off = (int64_t *)malloc(sizeof(int64_t) * (size_t)KK);                                      \
+    double *part = (double *)calloc((size_t)nthreads * nacc, sizeof(double));                            \
+    int failed = !(off && part);                                                                         \
+    if (failed) { free(off); free(part); return 1; }                                                     \
+    for (int64_t t = 0; t < KK; t++) off[t] = (t / KWCi) * Wp * Ci + t % KWCi;                           \
+    _Pragma("omp parallel num_threads(nthreads)")                                                        \
+    {                                                                                                    \
+        double *mine = part + (size_t)omp_get_thread_num() * nacc;                                       \
+        float *sp = scratch(WC), *gp = scratch(PC), *aa = scratch(PC), *kk = scratch(WC), *bb = scratch(WC); \
+        float *yr = scratch(WC), *dimg = scratch(H * W * CP), *acc = scratch(nacc);                      \
+        uint8_t *kx = scratch_bytes(PC);                                                                 \
+        SCRATCH_READY(sp && gp && aa && kk && bb && yr && dimg && acc && kx);                            \
+        if (ok) {                                                                                        \
+            spread_channels(a, PC, C, aa);                                                               \
+            spread_channels(k, WC, C, kk);                                                               \
+            spread_channels(b, WC, C, bb);                                                               \
+        }                                                                                                \
+        _Pragma("omp for schedule(static)")                                                              \
+        for (int64_t n = 0; n < N; n++) {                                                                \
+            if (!ok) continue;                                                                           \
+            for (int64_t h = 0; h < H; h++) {                                                            \
+                const int64_t ho = h / 2;                                                                \
+                if (ho < Ho) {                                                                           \
+                    const T *gs = g + (n * Ho + ho) * PC;                                                \
+                    for (int64_t j = 0; j < PC; j++) gp[j] = LOAD(gs[j]) * aa[j];                        \
+                }                                                                                        \
+                float *d = dimg + h * W * CP;                                                            \
+                float *q = CP == C ? d : sp;  /* C a whole number of vectors: straight into the image */ \
+                spread_input_row(idx, gp, n, h, Ho, W, C, kx, q);                                        \
+                const T *p = y + (n * H + h) * WC;                                                       \
+                const float *yf = yr;  /* float rows of whole vectors are read in place */               \
+                if (sizeof(T) == sizeof(float) && WC % VL == 0) yf = (const float *)p;                   \
+                else for (int64_t j = 0; j < WC; j++) yr[j] = LOAD(p[j]);                                \
+                relu_affine_row(yf, kk, bb, q, WC);                                                      \
+                if (CP != C)  /* whole vectors per position, zeros past C */                             \
+                    for (int64_t w = 0; w < W; w++)                                                      \
+                        for (int64_t c = 0; c < CP; c++) d[w * CP + c] = c < C ? sp[w * C + c] : 0.0f;   \
+            }                                                                                            \
+            for (int64_t j = 0; j < nacc; j++) acc[j] = 0.0f;                                            \
+            wgrad_dy_image(dimg, H, W, CP, xp + n * Hp * Wp * Ci, Wp * Ci, Ci, off, KK, acc);            \
+            for (int64_t j = 0; j < nacc; j++) mine[j] += acc[j];                                        \
+        }                                                                                                \
+        free(sp); free(gp); free(aa); free(kk); free(bb); free(yr); free(dimg); free(acc); free(kx);     \
+    }                                                                                                    \
+    if (!failed) {                                                                                       \
+        double *sums = (double *)malloc(sizeof(double) * (size_t)nacc);                                  \
+        if (!sums) failed = 1;                                                                           \
+        else {                                                                                           \
+            sum_parts(part, nthreads, nacc, sums);                                                       \
+            for (int64_t t = 0; t <= KK; t++)                                                            \
+                for (int64_t c = 0; c < C; c++) dw[t * C + c] = sums[t * CP + c];                        \
+            free(sums);                                                                                  \
+        }                                                                                                \
+    }                                                                                                    \
+    free(off); free(part);                                                                               \
+    return failed;                                                                                       \
+}
+
 /* pool_scatter: the backward of relu(max-pool(y)): dy = g at each window's max where the pooled value is
  * > 0 (ReLU's mask), 0 elsewhere (odd edges included). */
 #define DEFINE_POOL_SCATTER(NAME, T, LOAD, STORE)                                                        \
@@ -706,6 +846,8 @@ DEFINE_POOL_STATS(cnnlab_pool_stats_f32, float, f32_load, f32_store)
 DEFINE_POOL_STATS(cnnlab_pool_stats_bf16, uint16_t, bf16_load, bf16_store)
 DEFINE_POOL_BACKWARD(cnnlab_pool_backward_f32, float, f32_load, f32_store)
 DEFINE_POOL_BACKWARD(cnnlab_pool_backward_bf16, uint16_t, bf16_load, bf16_store)
+DEFINE_POOL_BACKWARD_WGRAD(cnnlab_pool_backward_wgrad_f32, float, f32_load)
+DEFINE_POOL_BACKWARD_WGRAD(cnnlab_pool_backward_wgrad_bf16, uint16_t, bf16_load)
 DEFINE_POOL_SCATTER(cnnlab_pool_scatter_f32, float, f32_load, f32_store)
 DEFINE_POOL_SCATTER(cnnlab_pool_scatter_bf16, uint16_t, bf16_load, bf16_store)
 DEFINE_POOL_AFFINE(cnnlab_pool_affine_f32, float, f32_load, f32_store)
@@ -820,4 +962,4 @@ DEFINE_CONV_POOL_CHUNK(conv_pool_chunk_bf16, uint16_t, ldrh, 1, put_bf16)
 DEFINE_CONV_POOL_FORWARD(cnnlab_conv_pool_forward_bf16, uint16_t, conv_pool_chunk_bf16)
 #endif
 
-int cnnlab_native_version(void) { return 5; }
+int cnnlab_native_version(void) { return 6; }

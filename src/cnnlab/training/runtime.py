@@ -174,7 +174,7 @@ class Runtime:
             return False
         if wanted is None:
             self.reasons["native"] = (f"on: compiled for this CPU with {native.compiler_name()}" +
-                                      ("" if native.stem_pays() else "; the second paper's stem kernels off "
+                                      ("" if native.stem_pays() else "; the first-convolution (stem) kernels off "
                                        "(measured only on CPUs with AVX2 or AVX-512)"))
         return True
 
