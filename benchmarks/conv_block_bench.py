@@ -1,0 +1,150 @@
+"""The first paper's conv block: its convolution's weight gradient from the block's gradient, row by row (issue 14).
+
+    python benchmarks/conv_block_bench.py --write BENCHMARKS.md     # what `make bench-kernels` runs
+    python benchmarks/conv_block_bench.py --rounds 4                # a quicker look, table only
+
+The first paper's net starts conv 5×5 (1 → 32 channels, padding 2) → ReLU → batch norm → max-pool 2×2, and the
+image batch needs no gradient. cnnlab's native path (`_NativeConvReLUBatchNormMaxPool` in
+cnnlab/models/fused.py) runs torch's convolution and the native block forward; backward, `pool_backward_wgrad`
+(native_kernels.c) computes the block's gradient an image at a time into a scratch buffer that stays in the
+core's cache and multiplies it straight into the convolution's weight gradient — instead of `pool_backward`
+writing the full-sized gradient (128×32×28×28 floats a batch) for torch's convolution backward to read. Two
+measurements:
+
+  kernels   the backward alone at batch 128, 28×28×1 → 32, in the CPU default's precision, with freed memory
+            kept in the process as training keeps it: pool_backward + torch's convolution weight and bias
+            gradients (through autograd) against pool_backward_wgrad (with the input's zero padding it applies)
+  loop      cnnlab's training loop on the demo's task (animal-shapes, 28×28×1, batch 128, the CPU defaults,
+            augmentation off) with and without the one-pass backward, epochs interleaved in one process (the
+            order alternating each round): images/s and the per-round ratios' median and range. Off is a
+            benchmark-only switch (`_NativeConvReLUBatchNormMaxPool.enabled = False`: the convolution as a module,
+            then the native block).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from bench_common import machine, machine_line, markers, publish  # benchmarks/ is on sys.path
+from stem_bench import _median_ms
+
+START, END = markers("conv-block-bench")  # a section per CPU kind
+ROOT = Path(__file__).resolve().parent.parent
+TASK = ["recipes/demo.yaml", "data.augment=false"]
+
+
+def kernels(repeats: int, dtype_name: str) -> dict[str, float]:
+    """Median ms of the two backward paths at batch 128, 28×28×1 → 32."""
+    import torch
+    import torch.nn.functional as F
+
+    from cnnlab.models import native
+    from cnnlab.training.runtime import keep_freed_memory
+
+    if native.library() is None:
+        raise SystemExit(f"no native kernels here: {native.why_not()}")
+    keep_freed_memory()
+    dtype = getattr(torch, dtype_name)
+    cl = torch.channels_last
+    torch.manual_seed(0)
+    x = torch.randn(128, 1, 28, 28).contiguous(memory_format=cl)
+    # weights restrided as the model's are (`.contiguous(channels_last)` leaves a 1-channel tensor's plain
+    # strides, and torch's convolution then writes an NCHW output whose weight gradient took 4× as long here)
+    w = torch.nn.Conv2d(1, 32, 5, padding=2).weight.detach().to(memory_format=cl)
+    y = F.conv2d(x.to(dtype), w.to(dtype), padding=2).contiguous(memory_format=cl)
+    pooled, idx, _ = native.pool_stats(y, relu=True, stats=False)
+    g = torch.randn(pooled.shape).to(dtype).contiguous(memory_format=cl)
+    a, k, b = torch.rand(32) + 0.5, torch.randn(32) * 0.01, torch.randn(32) * 0.01
+    wp, bp = w.to(dtype).requires_grad_(), torch.zeros(32, dtype=dtype, requires_grad=True)
+    conv_out = F.conv2d(x.to(dtype), wp, bp, padding=2)  # its backward through autograd, as training runs it
+    assert conv_out.stride(1) == 1, "the convolution's output should be channels-last, as in training"
+
+    def torch_backward():
+        dy = native.pool_backward(y, idx, g, a, k, b)
+        torch.autograd.grad(conv_out, [wp, bp], dy, retain_graph=True)
+
+    def native_backward():
+        native.pool_backward_wgrad(y, idx, g, a, k, b, F.pad(x, (2, 2, 2, 2)), (5, 5))
+
+    return _median_ms({"torch backward": torch_backward, "native backward": native_backward}, repeats)
+
+
+def loop(rounds: int) -> dict:
+    """Epoch seconds of cnnlab's loop with and without the one-pass backward, interleaved (after warm-ups)."""
+    import cnnlab.models.fused as fused
+    from cnnlab.config import load_config
+    from cnnlab.experiment import build_experiment
+    from cnnlab.training.loop import train_one_epoch
+    from cnnlab.training.progress import ProgressLogger
+
+    b = build_experiment(load_config(str(ROOT / TASK[0]), TASK[1:]), ProgressLogger("none"))
+    function = fused._NativeConvReLUBatchNormMaxPool
+
+    def epoch(on: bool) -> float:
+        function.enabled = on  # on every CPU: both are timed
+        t = time.perf_counter()
+        train_one_epoch(b.model, b.data.train, b.optimizer, b.schedule, b.runtime)
+        return time.perf_counter() - t
+
+    epoch(True), epoch(False)  # warm-ups
+    seconds: dict[bool, list[float]] = {True: [], False: []}
+    try:
+        for i in range(rounds):
+            for on in ((True, False) if i % 2 == 0 else (False, True)):
+                seconds[on].append(epoch(on))
+    finally:
+        function.enabled = None
+    r = b.runtime.describe()
+    return {"images": b.data.train.num_samples, "seconds": seconds, "precision": r["precision"]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rounds", type=int, default=9, help="rounds of one epoch per path in the loop (default 9)")
+    p.add_argument("--repeats", type=int, default=30, help="timed calls per kernel path (default 30)")
+    p.add_argument("--write", help="put the Markdown section into this file (e.g. BENCHMARKS.md)")
+    a = p.parse_args()
+    import torch
+
+    from cnnlab.models.native import stem_pays
+
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    m = machine()
+    r = loop(a.rounds)
+    dtype = "bfloat16" if r["precision"].startswith("bf16") else "float32"
+    k = kernels(a.repeats, dtype)
+    s, n = r["seconds"], r["images"]
+    v = sorted(o / d for o, d in zip(s[False], s[True]))
+    pays = stem_pays()
+    default = {True: " (the default)" if pays else "", False: "" if pays else " (the default)"}
+    lines = [START, f"## The first paper's conv block: the convolution's weight gradient from the block's gradient "
+                    f"(issue 14) — {m['capability']}",
+             "", f"`python benchmarks/conv_block_bench.py --rounds {a.rounds} --repeats {a.repeats}` — measured "
+             f"{time.strftime('%Y-%m-%d')} on {machine_line(m)}; torch threads {torch.get_num_threads()}.", "",
+             f"The backward of conv 5×5 (1 → 32, padding 2) → ReLU → batch norm → max-pool 2×2 alone, batch 128 at "
+             f"28×28×1, {dtype} (median of {a.repeats} interleaved calls):", "",
+             "| path | ms |", "|---|---:|",
+             f"| native pool_backward writes the full-sized gradient, torch's convolution weight and bias gradients "
+             f"read it | {k['torch backward']:.2f} |",
+             f"| pool_backward_wgrad: the gradient an image at a time, multiplied into the weight gradient in cache "
+             f"| {k['native backward']:.2f} |",
+             "", f"cnnlab's training loop on the first paper's net (animal-shapes, 28×28×1, batch 128, the CPU "
+             f"defaults: {r['precision']}; augmentation off), {a.rounds} rounds of one epoch per path, interleaved "
+             "in one process:", "",
+             "| path | images/s (median epoch) |", "|---|---:|",
+             f"| the one-pass backward{default[True]} | {n / statistics.median(s[True]):,.0f} |",
+             f"| the convolution as a module, then the native block{default[False]} | "
+             f"{n / statistics.median(s[False]):,.0f} |", "",
+             f"Within each round the one-pass backward was **{statistics.median(v):.2f}×** (range {v[0]:.2f}–"
+             f"{v[-1]:.2f}×) as fast as without it (the median over the rounds). "
+             + ("It is the default on this CPU (AVX2 or AVX-512: `native.stem_pays`)." if pays else
+                "Without AVX2 or AVX-512 it is not the default (`native.stem_pays`)."), "", END]
+    publish("\n".join(lines) + "\n", a.write, START, END)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
