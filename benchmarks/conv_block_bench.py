@@ -23,14 +23,13 @@ measurements:
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
 from pathlib import Path
 
-from bench_common import machine, machine_line, markers, publish  # benchmarks/ is on sys.path
-from stem_bench import _median_ms
+from bench_common import machine_line, markers, publish  # benchmarks/ is on sys.path
+from stem_bench import _median_ms, measure
 
 START, END = markers("conv-block-bench")  # a section per CPU kind
 ROOT = Path(__file__).resolve().parent.parent
@@ -103,20 +102,12 @@ def loop(rounds: int) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rounds", type=int, default=9, help="rounds of one epoch per path in the loop (default 9)")
-    p.add_argument("--repeats", type=int, default=30, help="timed calls per kernel path (default 30)")
-    p.add_argument("--write", help="put the Markdown section into this file (e.g. BENCHMARKS.md)")
-    a = p.parse_args()
     import torch
 
     from cnnlab.models.native import stem_pays
 
-    torch.set_num_threads(min(2, torch.get_num_threads()))
-    m = machine()
-    r = loop(a.rounds)
+    a, m, r, k = measure(__doc__, loop, kernels)
     dtype = "bfloat16" if r["precision"].startswith("bf16") else "float32"
-    k = kernels(a.repeats, dtype)
     s, n = r["seconds"], r["images"]
     v = sorted(o / d for o, d in zip(s[False], s[True]))
     pays = stem_pays()

@@ -119,8 +119,10 @@ def loop(rounds: int) -> dict:
     return {"images": b.data.train.num_samples, "seconds": seconds, "precision": r["precision"]}
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def measure(doc: str, loop, kernels) -> tuple[argparse.Namespace, dict, dict, dict]:
+    """The command line (--rounds, --repeats, --write), then `loop(rounds)` and `kernels(repeats, dtype)` in the
+    loop's precision, on 2 threads: (the arguments, the machine, the loop's results, the kernels' ms)."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=9, help="rounds of one epoch per path in the loop (default 9)")
     p.add_argument("--repeats", type=int, default=30, help="timed calls per kernel path (default 30)")
     p.add_argument("--write", help="put the Markdown section into this file (e.g. BENCHMARKS.md)")
@@ -130,8 +132,14 @@ def main() -> None:
     torch.set_num_threads(min(2, torch.get_num_threads()))
     m = machine()
     r = loop(a.rounds)
+    return a, m, r, kernels(a.repeats, "bfloat16" if r["precision"].startswith("bf16") else "float32")
+
+
+def main() -> None:
+    import torch
+
+    a, m, r, k = measure(__doc__, loop, kernels)
     dtype = "bfloat16" if r["precision"].startswith("bf16") else "float32"
-    k = kernels(a.repeats, dtype)
     s, n = r["seconds"], r["images"]
 
     def ratio(slow: str) -> str:

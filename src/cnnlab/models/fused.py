@@ -1,8 +1,9 @@
 """Hand-written CPU training paths, each computing what the modules compute (tests/test_fused.py):
 ReLU → BatchNorm2d → MaxPool2d(2) as one autograd function (the papers' conv block, fused); ReLU → MaxPool2d(2)
 pooled first, and after a first convolution whose input needs no gradient, that convolution's weight gradient
-formed from the pooled gradient (_NativeConvMaxPoolReLU: the second paper's stem); depthwise convolutions
-trained in fp32 under bf16 autocast (CpuConv2d, below).
+formed from the pooled gradient (_NativeConvMaxPoolReLU: the second paper's stem) or, before ReLU → batch norm →
+max-pool, from the block's gradient without writing it in full (_NativeConvReLUBatchNormMaxPool: the first
+paper's); depthwise convolutions trained in fp32 under bf16 autocast (CpuConv2d, below).
 
 The fused block:
 
@@ -27,7 +28,8 @@ float32 or bf16 — the torch-op version below is for fp32 alone, because in bf1
 ops went through full-sized fp32 copies and made it slower than the modules.
 
 `FusedSequential` is an nn.Sequential (same children, same state-dict keys) that takes this path
-for each ReLU → BatchNorm2d → MaxPool2d(2) run when it applies (training-mode batch norm with affine
+for each ReLU → BatchNorm2d → MaxPool2d(2) run (with the convolution before it, when that is the first)
+when it applies (training-mode batch norm with affine
 weights all > 0, float32 4-D input — or bf16 channels-last for the native kernels —, gradients on; on the
 CPU unless asked for) and the modules' own path otherwise: evaluation, inference and saved models never see
 it. `set_fusion(model, False)` (config `train.fused=false`) turns it off; `set_fusion(model, True, False)`

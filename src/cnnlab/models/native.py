@@ -14,7 +14,10 @@ first convolution whose input needs no gradient (the second paper's stem), conv_
 convolution, ReLU and pool in one pass without writing the convolution's output (on AVX-512 BF16 CPUs in bf16
 with its dot-product instruction), and conv_pool_wgrad forms that convolution's weight gradient from the
 pooled gradient alone, where the ReLU → max-pool backward would write the full-sized gradient for torch's
-convolution backward to read (`benchmarks/stem_bench.py`).
+convolution backward to read (`benchmarks/stem_bench.py`). After the first paper's first convolution (ReLU →
+batch norm → max-pool after it) pool_backward_wgrad computes the block's gradient an image at a time into a
+scratch buffer that stays in the core's cache and multiplies it into the convolution's weight gradient there,
+instead of pool_backward writing it in full for torch's convolution backward (`benchmarks/conv_block_bench.py`).
 `benchmarks/switches_bench.py` measures the switch (`train.native`), BENCHMARKS.md has the figures.
 
 The C source is compiled with the machine's C compiler ($CC, else cc or gcc) at -O3 -march=native with
@@ -266,11 +269,14 @@ MAX_KERNEL_ROWS = 8
 
 
 def stem_pays(flags: frozenset[str] | set[str] | None = None) -> bool:
-    """Whether the second paper's stem takes its one-pass kernels (conv_pool_forward, conv_pool_wgrad) by default:
-    with AVX-512 or AVX2, where they were measured faster than torch's convolution with the native pool — on a
-    Zen 3 with AVX2 only, forward 3.96 against 6.09 ms a batch, weight gradient 1.79 against 13.7, cnnlab's loop
-    on the second net 1.41× faster (`benchmarks/stem_bench.py`, BENCHMARKS.md). Off on other CPUs (older x86,
-    ARM), where they are not measured; the native pool and its backward run there either way."""
+    """Whether the first convolutions whose input needs no gradient take their native kernels by default — the
+    second paper's stem (conv_pool_forward, conv_pool_wgrad) and the first paper's convolution before its
+    ReLU → batch norm → max-pool (pool_backward_wgrad): with AVX-512 or AVX2, where they were measured faster
+    than torch's convolution with the native block — on a Zen 3 with AVX2 only, the second net's stem forward
+    3.96 against 6.09 ms a batch, its weight gradient 1.79 against 13.7, cnnlab's loop on the second net 1.41×
+    faster (`benchmarks/stem_bench.py`) and on the first net 1.20× (`benchmarks/conv_block_bench.py`;
+    BENCHMARKS.md). Off on other CPUs (older x86, ARM), where they are not measured; the native blocks run there
+    either way."""
     return bool({"avx512f", "avx2"} & set(cpu_flags() if flags is None else flags))
 
 

@@ -339,14 +339,45 @@ static inline void relu_affine_row(const float *restrict y, const float *restric
     }
 }
 
+/* The block's backward terms spread over a row's positions: aa = a[c] over a pooled row, kk and bb = k[c] and b[c]
+ * over a full row (pool_backward's and pool_backward_wgrad's per-thread scratch rows). */
+static inline void block_grad_terms(const float *a, const float *k, const float *b, int64_t PC, int64_t WC,
+                                    int64_t C, float *aa, float *kk, float *bb) {
+    spread_channels(a, PC, C, aa);
+    spread_channels(k, WC, C, kk);
+    spread_channels(b, WC, C, bb);
+}
+
+/* One row of the block's gradient (pool_backward's formula below), row h of image n, into `out` (a padded scratch
+ * row of W·C floats): the pooled gradient row scaled by aa (into gp), spread to its windows' maxima, then batch
+ * norm's and ReLU's terms from y's row (read in place when it is float and whole vectors, else through yr). */
+#define DEFINE_BLOCK_GRAD_ROW(NAME, T, LOAD)                                                             \
+static inline void NAME(const T *y, const uint8_t *idx, const T *g, const float *aa, const float *kk,   \
+                        const float *bb, int64_t n, int64_t h, int64_t H, int64_t W, int64_t C, float *gp, \
+                        uint8_t *kx, float *yr, float *out) {                                           \
+    const int64_t Ho = H / 2, WC = W * C, PC = (W / 2) * C;                                              \
+    if (h / 2 < Ho) {                                                                                    \
+        const T *gs = g + (n * Ho + h / 2) * PC;                                                         \
+        for (int64_t j = 0; j < PC; j++) gp[j] = LOAD(gs[j]) * aa[j];                                    \
+    }                                                                                                    \
+    spread_input_row(idx, gp, n, h, Ho, W, C, kx, out);                                                  \
+    const T *p = y + (n * H + h) * WC;                                                                   \
+    const float *yf = yr;                                                                                \
+    if (sizeof(T) == sizeof(float) && WC % VL == 0) yf = (const float *)p;                               \
+    else for (int64_t j = 0; j < WC; j++) yr[j] = LOAD(p[j]);                                            \
+    relu_affine_row(yf, kk, bb, out, WC);                                                                \
+}
+DEFINE_BLOCK_GRAD_ROW(block_grad_row_f32, float, f32_load)
+DEFINE_BLOCK_GRAD_ROW(block_grad_row_bf16, uint16_t, bf16_load)
+
 /* pool_backward: the gradient of ReLU → batch norm → max-pool with respect to y, for every element of y:
  *   dy = 0 where not y > 0 (ReLU's mask, as torch's threshold_backward), else
  *   dy = k[c]·y + b[c] + (a[c]·g[n, h/2, w/2, c] where (h, w) is its window's max, else 0)
  * a, k and b carry batch norm's backward; g is the gradient of the block's output, (N, H/2, W/2, C). */
-#define DEFINE_POOL_BACKWARD(NAME, T, LOAD, STORE)                                                       \
+#define DEFINE_POOL_BACKWARD(NAME, T, STORE, ROW)                                                        \
 int NAME(const T *y, const uint8_t *idx, const T *g, const float *a, const float *k, const float *b,   \
           T *dy, int64_t N, int64_t H, int64_t W, int64_t C, int nthreads) {                             \
-    const int64_t Ho = H / 2, WC = W * C, PC = (W / 2) * C;                                              \
+    const int64_t WC = W * C, PC = (W / 2) * C;                                                          \
     if (nthreads < 1) nthreads = 1;                                                                      \
     int failed = 0;                                                                                      \
     _Pragma("omp parallel num_threads(nthreads)")                                                        \
@@ -355,24 +386,12 @@ int NAME(const T *y, const uint8_t *idx, const T *g, const float *a, const float
         float *yr = scratch(WC);                                                                         \
         uint8_t *kx = scratch_bytes(PC);                                                                 \
         SCRATCH_READY(sp && gp && aa && kk && bb && yr && kx);                                           \
-        if (ok) {                                                                                        \
-            spread_channels(a, PC, C, aa);                                                               \
-            spread_channels(k, WC, C, kk);                                                               \
-            spread_channels(b, WC, C, bb);                                                               \
-        }                                                                                                \
+        if (ok) block_grad_terms(a, k, b, PC, WC, C, aa, kk, bb);                                        \
         _Pragma("omp for schedule(static)")                                                              \
         for (int64_t row = 0; row < N * H; row++) {                                                      \
             if (!ok) continue;                                                                           \
-            const int64_t n = row / H, h = row % H, ho = h / 2;                                          \
-            if (ho < Ho) {                                                                               \
-                const T *gs = g + (n * Ho + ho) * PC;                                                    \
-                for (int64_t j = 0; j < PC; j++) gp[j] = LOAD(gs[j]) * aa[j];                            \
-            }                                                                                            \
-            spread_input_row(idx, gp, n, h, Ho, W, C, kx, sp);                                           \
-            const T *p = y + row * WC;                                                                   \
+            ROW(y, idx, g, aa, kk, bb, row / H, row % H, H, W, C, gp, kx, yr, sp);                       \
             T *q = dy + row * WC;                                                                        \
-            for (int64_t j = 0; j < WC; j++) yr[j] = LOAD(p[j]);                                         \
-            relu_affine_row(yr, kk, bb, sp, WC);                                                         \
             for (int64_t j = 0; j < WC; j++) q[j] = STORE(sp[j]);                                        \
         }                                                                                                \
         free(sp); free(gp); free(aa); free(kk); free(bb); free(yr); free(kx);                            \
@@ -455,11 +474,11 @@ static void wgrad_dy_image(const float *restrict d, int64_t H, int64_t W, int64_
  * Image by image: its dy rows into a scratch image (C = 32 at 28 × 28: 100 KB, in the core's L2), then the
  * products over the whole image with the accumulators in registers. Float sums within an image, double
  * across images. */
-#define DEFINE_POOL_BACKWARD_WGRAD(NAME, T, LOAD)                                                        \
+#define DEFINE_POOL_BACKWARD_WGRAD(NAME, T, ROW)                                                         \
 int NAME(const T *y, const uint8_t *idx, const T *g, const float *a, const float *k, const float *b,   \
           int64_t N, int64_t H, int64_t W, int64_t C, const float *xp, int64_t Ci, int64_t KH, int64_t KW, \
           double *dw, int nthreads) {                                                                    \
-    const int64_t Ho = H / 2, WC = W * C, PC = (W / 2) * C, CP = (C + VL - 1) / VL * VL;                  \
+    const int64_t WC = W * C, PC = (W / 2) * C, CP = (C + VL - 1) / VL * VL;                             \
     const int64_t Wp = W + KW - 1, Hp = H + KH - 1, KWCi = KW * Ci, KK = KH * KWCi, nacc = (KK + 1) * CP; \
     if (nthreads < 1) nthreads = 1;                                                                      \
     int64_t *off = (int64_t *)malloc(sizeof(int64_t) * (size_t)KK);                                      \
@@ -474,28 +493,13 @@ int NAME(const T *y, const uint8_t *idx, const T *g, const float *a, const float
         float *yr = scratch(WC), *dimg = scratch(H * W * CP), *acc = scratch(nacc);                      \
         uint8_t *kx = scratch_bytes(PC);                                                                 \
         SCRATCH_READY(sp && gp && aa && kk && bb && yr && dimg && acc && kx);                            \
-        if (ok) {                                                                                        \
-            spread_channels(a, PC, C, aa);                                                               \
-            spread_channels(k, WC, C, kk);                                                               \
-            spread_channels(b, WC, C, bb);                                                               \
-        }                                                                                                \
+        if (ok) block_grad_terms(a, k, b, PC, WC, C, aa, kk, bb);                                        \
         _Pragma("omp for schedule(static)")                                                              \
         for (int64_t n = 0; n < N; n++) {                                                                \
             if (!ok) continue;                                                                           \
             for (int64_t h = 0; h < H; h++) {                                                            \
-                const int64_t ho = h / 2;                                                                \
-                if (ho < Ho) {                                                                           \
-                    const T *gs = g + (n * Ho + ho) * PC;                                                \
-                    for (int64_t j = 0; j < PC; j++) gp[j] = LOAD(gs[j]) * aa[j];                        \
-                }                                                                                        \
                 float *d = dimg + h * W * CP;                                                            \
-                float *q = CP == C ? d : sp;  /* C a whole number of vectors: straight into the image */ \
-                spread_input_row(idx, gp, n, h, Ho, W, C, kx, q);                                        \
-                const T *p = y + (n * H + h) * WC;                                                       \
-                const float *yf = yr;  /* float rows of whole vectors are read in place */               \
-                if (sizeof(T) == sizeof(float) && WC % VL == 0) yf = (const float *)p;                   \
-                else for (int64_t j = 0; j < WC; j++) yr[j] = LOAD(p[j]);                                \
-                relu_affine_row(yf, kk, bb, q, WC);                                                      \
+                ROW(y, idx, g, aa, kk, bb, n, h, H, W, C, gp, kx, yr, CP == C ? d : sp);                 \
                 if (CP != C)  /* whole vectors per position, zeros past C */                             \
                     for (int64_t w = 0; w < W; w++)                                                      \
                         for (int64_t c = 0; c < CP; c++) d[w * CP + c] = c < C ? sp[w * C + c] : 0.0f;   \
@@ -844,10 +848,10 @@ int NAME(const T *xs, int64_t N, int64_t Hx, int64_t Wx, int64_t Ci, int64_t KH,
 
 DEFINE_POOL_STATS(cnnlab_pool_stats_f32, float, f32_load, f32_store)
 DEFINE_POOL_STATS(cnnlab_pool_stats_bf16, uint16_t, bf16_load, bf16_store)
-DEFINE_POOL_BACKWARD(cnnlab_pool_backward_f32, float, f32_load, f32_store)
-DEFINE_POOL_BACKWARD(cnnlab_pool_backward_bf16, uint16_t, bf16_load, bf16_store)
-DEFINE_POOL_BACKWARD_WGRAD(cnnlab_pool_backward_wgrad_f32, float, f32_load)
-DEFINE_POOL_BACKWARD_WGRAD(cnnlab_pool_backward_wgrad_bf16, uint16_t, bf16_load)
+DEFINE_POOL_BACKWARD(cnnlab_pool_backward_f32, float, f32_store, block_grad_row_f32)
+DEFINE_POOL_BACKWARD(cnnlab_pool_backward_bf16, uint16_t, bf16_store, block_grad_row_bf16)
+DEFINE_POOL_BACKWARD_WGRAD(cnnlab_pool_backward_wgrad_f32, float, block_grad_row_f32)
+DEFINE_POOL_BACKWARD_WGRAD(cnnlab_pool_backward_wgrad_bf16, uint16_t, block_grad_row_bf16)
 DEFINE_POOL_SCATTER(cnnlab_pool_scatter_f32, float, f32_load, f32_store)
 DEFINE_POOL_SCATTER(cnnlab_pool_scatter_bf16, uint16_t, bf16_load, bf16_store)
 DEFINE_POOL_AFFINE(cnnlab_pool_affine_f32, float, f32_load, f32_store)
