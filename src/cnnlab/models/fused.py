@@ -246,9 +246,7 @@ class _NativeConvMaxPoolReLU(torch.autograd.Function):
 
 def _stem(conv: nn.Module, relu: nn.Module, pool: nn.Module) -> bool:
     """A plain stride-1 unpadded convolution, then ReLU → max-pool 2×2: what _NativeConvMaxPoolReLU computes."""
-    return (type(conv) is nn.Conv2d and conv.groups == 1 and tuple(conv.stride) == (1, 1)
-            and tuple(conv.dilation) == (1, 1) and conv.padding in ((0, 0), "valid")
-            and conv.padding_mode == "zeros" and _pool_first(relu, pool))
+    return _symmetric_padding(conv) == (0, 0) and _pool_first(relu, pool)
 
 
 def conv_max_pool_relu(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor | None:
@@ -297,14 +295,11 @@ def relu_bn_maxpool(y: torch.Tensor, bn: nn.BatchNorm2d, use_native: bool = True
     """The fused block on `y` with `bn`'s parameters and statistics, or None when it does not apply
     now (then run the modules): batch norm in eval mode, a γ ≤ 0, no gradients, not 4-D float32 (or bf16
     channels-last for the native kernels, which `use_native` allows where they apply)."""
-    if not (bn.training and torch.is_grad_enabled() and y.dim() == 4 and bn.weight.dtype == torch.float32
-            and y.shape[2] >= 2 and y.shape[3] >= 2):
+    if not (_bn_trains(bn) and y.dim() == 4 and y.shape[2] >= 2 and y.shape[3] >= 2):
         return None  # (asked before native.applies, which compiles the kernels on a machine's first call)
     go_native = use_native and native.applies(y)
-    if not (y.dtype == torch.float32 or go_native):
+    if not (y.dtype == torch.float32 or go_native) or not _increasing(bn):
         return None
-    if bool((bn.weight <= 0).any()):  # pooling before the affine needs an increasing affine (γ = 0: a tie
-        return None                   # that the modules break by window position, which then gets γ's gradient)
     momentum = _momentum(bn)
     if go_native:
         return _NativeReLUBatchNormMaxPool.apply(y, bn.weight, bn.bias, bn.running_mean, bn.running_var,
@@ -312,6 +307,17 @@ def relu_bn_maxpool(y: torch.Tensor, bn: nn.BatchNorm2d, use_native: bool = True
     out, _ = _ReLUBatchNormMaxPool.apply(y, bn.weight, bn.bias, bn.running_mean, bn.running_var,
                                          momentum, bn.eps)
     return out
+
+
+def _bn_trains(bn: nn.BatchNorm2d) -> bool:
+    """Batch norm in training mode with float32 parameters, gradients on: what the fused blocks compute."""
+    return bn.training and torch.is_grad_enabled() and bn.weight.dtype == torch.float32
+
+
+def _increasing(bn: nn.BatchNorm2d) -> bool:
+    """Every γ > 0: pooling before the affine needs an increasing affine (γ = 0: a tie that the modules break by
+    window position, which then gets γ's gradient). A host sync: asked last."""
+    return not bool((bn.weight <= 0).any())
 
 
 def _momentum(bn: nn.BatchNorm2d) -> float:
@@ -357,14 +363,11 @@ def conv_relu_bn_maxpool(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -
     padding = _symmetric_padding(conv)
     dtype = _stem_dtype(conv.weight, conv.bias)
     if not ((native.stem_pays() if on is None else on) and padding is not None and dtype is not None
-            and torch.is_grad_enabled() and not x.requires_grad and conv.weight.requires_grad
+            and _bn_trains(bn) and not x.requires_grad and conv.weight.requires_grad
             and x.device.type == "cpu" and x.dim() == 4 and x.dtype == torch.float32
-            and bn.training and bn.weight.dtype == torch.float32
             and x.shape[2] + 2 * padding[0] - conv.kernel_size[0] + 1 >= 2
             and x.shape[3] + 2 * padding[1] - conv.kernel_size[1] + 1 >= 2
-            and native.library() is not None):
-        return None
-    if bool((bn.weight <= 0).any()):  # as relu_bn_maxpool
+            and native.library() is not None and _increasing(bn)):
         return None
     return _NativeConvReLUBatchNormMaxPool.apply(x, conv.weight, conv.bias, padding, bn.weight, bn.bias,
                                                  bn.running_mean, bn.running_var, _momentum(bn), bn.eps)
