@@ -107,7 +107,7 @@ def main() -> None:
     from cnnlab.models.native import stem_pays
 
     a, m, r, k = measure(__doc__, loop, kernels)
-    dtype = "bfloat16" if r["precision"].startswith("bf16") else "float32"
+    dtype = r["dtype"]
     s, n = r["seconds"], r["images"]
     v = sorted(o / d for o, d in zip(s[False], s[True]))
     pays = stem_pays()

@@ -121,7 +121,8 @@ def loop(rounds: int) -> dict:
 
 def measure(doc: str, loop, kernels) -> tuple[argparse.Namespace, dict, dict, dict]:
     """The command line (--rounds, --repeats, --write), then `loop(rounds)` and `kernels(repeats, dtype)` in the
-    loop's precision, on 2 threads: (the arguments, the machine, the loop's results, the kernels' ms)."""
+    loop's precision, on 2 threads: (the arguments, the machine, the loop's results with that precision's
+    dtype name, the kernels' ms)."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=9, help="rounds of one epoch per path in the loop (default 9)")
     p.add_argument("--repeats", type=int, default=30, help="timed calls per kernel path (default 30)")
@@ -132,14 +133,15 @@ def measure(doc: str, loop, kernels) -> tuple[argparse.Namespace, dict, dict, di
     torch.set_num_threads(min(2, torch.get_num_threads()))
     m = machine()
     r = loop(a.rounds)
-    return a, m, r, kernels(a.repeats, "bfloat16" if r["precision"].startswith("bf16") else "float32")
+    r["dtype"] = "bfloat16" if r["precision"].startswith("bf16") else "float32"
+    return a, m, r, kernels(a.repeats, r["dtype"])
 
 
 def main() -> None:
     import torch
 
     a, m, r, k = measure(__doc__, loop, kernels)
-    dtype = "bfloat16" if r["precision"].startswith("bf16") else "float32"
+    dtype = r["dtype"]
     s, n = r["seconds"], r["images"]
 
     def ratio(slow: str) -> str:

@@ -144,7 +144,7 @@ def _captured(log: list[str]):
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
-def _reason(e: BaseException) -> str:
+def one_line(e: BaseException) -> str:
     """An exporter's exception in one line: its summary, not its advice or its stack."""
     text = _ANSI.sub("", str(e))
     m = re.search(r"## Exception summary\s*\n\s*(\S.*)", text)
@@ -202,14 +202,14 @@ def to_onnx(model, in_channels: int, image_size: int, opset: int | None = None, 
         proto, info = order[0]()
         return proto, {**info, "exporter_fallback_reason": None}
     except Exception as e:  # torch.export / translation / optimisation failed: the exporter says why
-        first = _reason(e)
+        first = one_line(e)
     try:
         proto, info = order[1]()
     except Exception as e:
         name = getattr(model, "registry_name", type(model).__name__)
         said = {"dynamo": "torch.onnx.export(dynamo=True)", "torchscript": "the TorchScript exporter (dynamo=False)"}
         raise ExportError(f"cannot export {name} to ONNX: {said[order[0].__name__]} failed ({first}); "
-                          f"{said[order[1].__name__]} failed too ({_reason(e)})") from None
+                          f"{said[order[1].__name__]} failed too ({one_line(e)})") from None
     return proto, {**info, "exporter_fallback_reason": first}
 
 
@@ -273,7 +273,7 @@ def session(source, what: str = "the ONNX model", threads: int | None = None):
         return ort.InferenceSession(source if isinstance(source, bytes) else str(source), options,
                                     providers=["CPUExecutionProvider"])
     except Exception as e:
-        raise ExportError(f"{what}: ONNX Runtime cannot load it ({_reason(e)})") from None
+        raise ExportError(f"{what}: ONNX Runtime cannot load it ({one_line(e)})") from None
 
 
 def read_metadata(sess, what: str = "the ONNX model") -> dict:
@@ -347,7 +347,7 @@ def check_parity(run: Run, model, sess, meta: dict, tolerance: float = TOLERANCE
             lo = onnx_logits(sess, x).float()
         except Exception as e:  # onnxruntime's own exception types
             raise ExportError(f"ONNX Runtime cannot run the exported model on a batch of {len(x)} "
-                              f"({_reason(e)})") from None
+                              f"({one_line(e)})") from None
         if lo.shape != lt.shape:
             raise ExportError(f"the ONNX model's output has shape {tuple(lo.shape)}, PyTorch's {tuple(lt.shape)}")
         sizes.add(len(x))

@@ -29,7 +29,7 @@ from torch import nn
 from ._version import __version__
 from .data.dataset import cache_dir
 from .data.loader import DeviceLoader, Prepared
-from .export import ExportError, _reason, require, session, to_onnx
+from .export import ExportError, one_line, require, session, to_onnx
 from .fileio import atomic_write_bytes
 from .training import Runtime
 from .training.runtime import inference_chunk
@@ -123,7 +123,7 @@ class OnnxFeatures:
             out = [self.session.run(None, {self.input: x.float().contiguous().numpy()})[0]
                    for x in xb.split(ORT_CHUNK)]
         except Exception as e:  # onnxruntime's own exception types
-            raise ExportError(f"ONNX Runtime cannot run the exported backbone ({_reason(e)})") from None
+            raise ExportError(f"ONNX Runtime cannot run the exported backbone ({one_line(e)})") from None
         return torch.from_numpy(np.concatenate(out)).to(xb.device)
 
 
