@@ -366,6 +366,15 @@ def test_cli_help_for_each_command(command, capsys):
     assert text.startswith("usage: cnnlab " + command)
 
 
+@pytest.mark.parametrize("command", ["predict", "explain"])
+@pytest.mark.parametrize("k", ["0", "-2", "three"])
+def test_cli_top_k_must_be_a_positive_whole_number(command, k, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:  # argparse's usage error, before any run folder is read
+        cli.main([command, str(tmp_path / "no-run"), str(tmp_path / "a.png"), "--top-k", k])
+    assert e.value.code == 2
+    assert f"a whole number ≥ 1 is needed; got {k!r}" in capsys.readouterr().err
+
+
 def test_cli_top_level_help_and_version(capsys):
     assert cli.main([]) == 0  # no command: the help, not a traceback
     text = capsys.readouterr().out

@@ -341,6 +341,24 @@ def _executor_options(p: argparse.ArgumentParser) -> None:
                    help="with --executor ray: CPUs Ray reserves for each run, and its train.threads (default 1)")
 
 
+def _at_least_one(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"a whole number ≥ 1 is needed; got {text!r}")
+    return n
+
+
+def _run_and_images(p: argparse.ArgumentParser, json_help: str) -> None:
+    """The arguments `predict` and `explain` share: the run folder, the images, top-k and --json."""
+    p.add_argument("run", help="run folder")
+    p.add_argument("paths", nargs="+", help="image files or folders")
+    p.add_argument("-k", "--top-k", type=_at_least_one, default=3, help="how many classes to show per image (default 3)")
+    p.add_argument("--json", action="store_true", help=json_help)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from ._version import __version__
 
@@ -383,11 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("predict", help="classify image files or folders with a saved model",
                         description="Top-k classes with probabilities for each image; folders are searched "
                         "recursively. Unreadable files are reported, not fatal (exit code 1).")
-    pr.add_argument("run", help="run folder")
-    pr.add_argument("paths", nargs="+", help="image files or folders")
-    pr.add_argument("-k", "--top-k", type=int, default=3)
+    _run_and_images(pr, "print JSON instead of a table")
     pr.add_argument("--device", default="cpu")
-    pr.add_argument("--json", action="store_true", help="print JSON instead of a table")
     pr.add_argument("--onnx", nargs="?", const="", metavar="FILE", help="classify with ONNX Runtime from an "
                     "exported model (default RUN/model.onnx; see `cnnlab export`); put it after the paths")
     pr.set_defaults(fn=_cmd_predict)
@@ -412,12 +427,9 @@ def build_parser() -> argparse.ArgumentParser:
     x = sub.add_parser("explain", help="Grad-CAM heatmaps: where the model looked, for image files",
                        description="For each image: the top classes and a figure (the image, and the image under "
                        "the Grad-CAM heatmap of the predicted class, from the model's last convolution layer).")
-    x.add_argument("run", help="run folder")
-    x.add_argument("paths", nargs="+", help="image files or folders")
+    _run_and_images(x, "print JSON")
     x.add_argument("--out", help="folder for the figures (default RUN/explain)")
     x.add_argument("--class", dest="cls", metavar="NAME", help="explain this class instead of the predicted one")
-    x.add_argument("-k", "--top-k", type=int, default=3)
-    x.add_argument("--json", action="store_true", help="print JSON")
     x.set_defaults(fn=_cmd_explain)
 
     d = sub.add_parser("datasets", help="list the data sources, or inspect a folder before training",
