@@ -6,7 +6,10 @@
    against cnnlab's feature path (features.compute_features: channels-last, the run's precision), in fp32
    and, where the CPU has native bf16 (AVX-512 BF16 / AMX), in bf16-mixed, and its other engine, ONNX
    Runtime on the backbone exported once (fp32; the export timed apart, into an empty cache). Medians of
-   --repeats timed batches after a warm-up batch.
+   --repeats timed batches after a warm-up batch. The best engine's GFLOP/s (the forward's FLOPs counted by
+   torch's FlopCounterMode) is set against the machine's matrix-multiply rate in its precision, measured
+   right before and after each backbone's row (a 2048² product in fp32, 512² in bf16; a shared VM's speed
+   drifts within minutes): how far the figure is from the CPU's limit.
 2. `cnnlab train` head-only EfficientNet-Lite0 on ../shared/data/flowers12 (960 photos), from an empty
    cache (decode, features, head, report), medians of --runs runs: wall seconds and test accuracy.
 
@@ -26,18 +29,20 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import machine, machine_line, markers, publish  # noqa: E402
+from bench_common import machine, machine_line, markers, matmul_gflops, publish  # noqa: E402
 
 START, END = markers("backbone-bench")  # a section per CPU kind
 ROOT = Path(__file__).resolve().parents[1]
 FLOWERS = ROOT.parent / "shared" / "data" / "flowers12"
 
 
+FP32_N, BF16_N = 2048, 512  # the matrix products whose rate each row is set against (as train_bench's)
 TIMED_ANYWAY = ("resnet18", "resnet50")  # issue 14's other backbones, timed with or without weights
 
 
 def throughput(name: str, repeats: int, batch: int = 32) -> dict:
     import torch
+    from torch.utils.flop_counter import FlopCounterMode
 
     from cnnlab.data.loader import DeviceLoader, Normalizer
     from cnnlab.features import OnnxFeatures, compute_features
@@ -67,7 +72,11 @@ def throughput(name: str, repeats: int, batch: int = 32) -> dict:
         with torch.no_grad():
             backbone(norm(x))
 
-    out = {"model": name, "size": size, "weights": weights, "plain": timed(plain)}
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        backbone(norm(x[:1]))
+    rates = {"fp32": [matmul_gflops("fp32", FP32_N)], "bf16": [matmul_gflops("bf16", BF16_N)]}
+    out = {"model": name, "size": size, "weights": weights, "flops": fc.get_total_flops(), "rates": rates,
+           "plain": timed(plain)}
     backbone.to(memory_format=torch.channels_last)
     for precision in ("32", "bf16-mixed"):
         runtime = Runtime("cpu", precision=precision, channels_last=True)
@@ -84,6 +93,8 @@ def throughput(name: str, repeats: int, batch: int = 32) -> dict:
             os.environ.pop("CNNLAB_CACHE") if saved is None else os.environ.update(CNNLAB_CACHE=saved)
     out["onnxruntime"] = timed(lambda: compute_features(backbone, loader, runtime, engine))
     backbone.to(memory_format=torch.contiguous_format)
+    rates["fp32"].append(matmul_gflops("fp32", FP32_N))
+    rates["bf16"].append(matmul_gflops("bf16", BF16_N))
     return out
 
 
@@ -104,6 +115,11 @@ def head_only_run(runs: int) -> dict:
     return {"seconds": seconds, "accuracy": acc, "engines": engines}
 
 
+def best_engine(r: dict) -> tuple[str, float]:
+    """(precision, images/s) of the row's fastest cnnlab engine."""
+    return max((("bf16", r["bf16-mixed"]), ("fp32", r["32"]), ("fp32", r["onnxruntime"])), key=lambda e: e[1])
+
+
 def render(m: dict, rows: list[dict], head: dict | None, repeats: int) -> str:
     lines = [START, f"## Pretrained backbones on the CPU (issue 13) — {m['capability']}", "",
              f"Machine: {machine_line(m)}.", "",
@@ -112,15 +128,24 @@ def render(m: dict, rows: list[dict], head: dict | None, repeats: int) -> str:
              "`no_grad`; *cnnlab*: `features.compute_features` (channels-last) at train.precision 32 and "
              "bf16-mixed with torch (`train.feature_engine=torch`), and in fp32 with ONNX Runtime "
              "(`train.feature_engine=onnxruntime`: the backbone exported to ONNX once — the export's seconds, "
-             "into an empty cache, in brackets — and run by ONNX Runtime's CPU kernels).", "",
-             "| backbone | input | plain NCHW fp32 | cnnlab fp32, torch | cnnlab bf16-mixed, torch | "
-             "cnnlab fp32, ONNX Runtime (export) | best vs plain |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             "into an empty cache, in brackets — and run by ONNX Runtime's CPU kernels). *best's share*: the "
+             "fastest cnnlab engine's GFLOP/s (the forward's FLOPs per image, counted by torch's "
+             "FlopCounterMode, × its images/s) against the matrix-multiply rate in its precision: the mean of "
+             f"a {FP32_N}² fp32 product's (or a {BF16_N}² bf16 one's) GFLOP/s measured right before and after "
+             "the row, in brackets (a shared VM's speed drifts within minutes). Above 100 %: torch's matrix "
+             "multiply is not the CPU's limit.", "",
+             "| backbone | input | GFLOP / image | plain NCHW fp32 | cnnlab fp32, torch | cnnlab bf16-mixed, torch | "
+             "cnnlab fp32, ONNX Runtime (export) | best vs plain | best's share of the matmul rate |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        best = max(r["32"], r["bf16-mixed"], r["onnxruntime"])
+        precision, best = best_engine(r)
+        gflops = r["flops"] * best / 1e9
         name = r["model"] + ("" if r["weights"] else " (random weights)")
-        lines.append(f"| {name} | {r['size']} | {r['plain']:.1f} | {r['32']:.1f} | {r['bf16-mixed']:.1f} | "
-                     f"{r['onnxruntime']:.1f} ({r['onnx_export_s']:.1f} s) | {best / r['plain']:.2f}× |")
+        rate = r["rates"][precision]
+        lines.append(f"| {name} | {r['size']} | {r['flops'] / 1e9:.2f} | {r['plain']:.1f} | {r['32']:.1f} | "
+                     f"{r['bf16-mixed']:.1f} | {r['onnxruntime']:.1f} ({r['onnx_export_s']:.1f} s) | "
+                     f"{best / r['plain']:.2f}× | {gflops:,.0f} GFLOP/s, {gflops / statistics.mean(rate):.0%} of "
+                     f"{precision}'s ({' → '.join(f'{v:,.0f}' for v in rate)}) |")
     if head:
         s, a = head["seconds"], head["accuracy"]
         lines += ["", f"Head-only EfficientNet-Lite0 on flowers12 (960 photos, 12 species; `cnnlab train transfer` "

@@ -117,3 +117,12 @@ def median_ms(fn, repeats: int, warmup: int = 1) -> float:
         fn()
         times.append(time.perf_counter() - t)
     return statistics.median(times) * 1000
+
+
+def matmul_gflops(dtype_name: str = "fp32", n: int = 2048, repeats: int = 5) -> float:
+    """The machine's n×n matrix-multiply rate (torch.mm, its threads) in GFLOP/s: median of `repeats` after one."""
+    import torch
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    return 2 * n ** 3 / median_ms(lambda: torch.mm(a, b), repeats) * 1000 / 1e9

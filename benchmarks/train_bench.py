@@ -44,7 +44,7 @@ import time
 from pathlib import Path
 
 from cnnlab.hardware import capability  # noqa: E402
-from bench_common import (machine, machine_line, markers, peak_rss_mb, publish, spawn,  # benchmarks/ is on sys.path
+from bench_common import (machine, machine_line, markers, matmul_gflops, peak_rss_mb, publish, spawn,  # on sys.path
                           steady_median, synchronize)
 
 HERE = Path(__file__).resolve().parent
@@ -341,16 +341,8 @@ def roofline() -> dict:
     from cnnlab.models import create_model
 
     out = {}
-    for name, dtype, n in (("fp32", torch.float32, 2048), ("bf16", torch.bfloat16, 512)):
-        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-        torch.mm(a, b)
-        times = []
-        for _ in range(5):
-            t = time.perf_counter()
-            torch.mm(a, b)
-            times.append(time.perf_counter() - t)
-        out[f"matmul_{name}_gflops"] = 2 * n ** 3 / statistics.median(times) / 1e9
-        out[f"matmul_{name}_n"] = n
+    for name, n in (("fp32", 2048), ("bf16", 512)):
+        out[f"matmul_{name}_gflops"], out[f"matmul_{name}_n"] = matmul_gflops(name, n), n
     for task in TASKS:
         t = TASKS[task]
         model = create_model(t["model"], 10 if task == "harahap" else 5, t["channels"], t["size"])
