@@ -366,11 +366,14 @@ def test_cli_help_for_each_command(command, capsys):
     assert text.startswith("usage: cnnlab " + command)
 
 
-@pytest.mark.parametrize("command", ["predict", "explain"])
+@pytest.mark.parametrize("command", ["predict", "explain", "train"])
 @pytest.mark.parametrize("k", ["0", "-2", "three"])
-def test_cli_top_k_must_be_a_positive_whole_number(command, k, tmp_path, capsys):
-    with pytest.raises(SystemExit) as e:  # argparse's usage error, before any run folder is read
-        cli.main([command, str(tmp_path / "no-run"), str(tmp_path / "a.png"), "--top-k", k])
+def test_cli_top_k_and_nproc_must_be_positive_whole_numbers(command, k, tmp_path, capsys):
+    args = ([command, str(tmp_path / "no-run"), str(tmp_path / "a.png"), "--top-k", k] if command != "train" else
+            [command, "-", "--out", str(tmp_path / "never"), "--nproc", k])
+    with pytest.raises(SystemExit) as e:  # argparse's usage error, before any run folder is read or made
+        cli.main(args)
+    assert not (tmp_path / "never").exists()
     assert e.value.code == 2
     assert f"a whole number ≥ 1 is needed; got {k!r}" in capsys.readouterr().err
 

@@ -72,10 +72,6 @@ def _cmd_train(a) -> int:
     if a.nproc is not None:
         from .training.distributed import launched
 
-        if a.nproc < 1:
-            from .config import ConfigError
-
-            raise ConfigError(f"--nproc must be a positive integer; got {a.nproc}")
         if a.nproc > 1 and not launched():
             return _launch_processes(a)
 
@@ -385,7 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--force", action="append", default=[], metavar="KEYS",
                    help="with --resume: config keys allowed to differ, comma-separated (e.g. train.epochs), or all")
     t.add_argument("--no-report", action="store_true", help="skip plots/ and report.html (`cnnlab report` later)")
-    t.add_argument("--nproc", type=int, metavar="N", help="train this one run with N processes (data parallel, "
+    t.add_argument("--nproc", type=_at_least_one, metavar="N", help="train this one run with N processes (data parallel, "
                    "torchrun: gloo on the CPU, one GPU each on CUDA); data.batch_size is the global batch")
     t.set_defaults(fn=_cmd_train)
 
