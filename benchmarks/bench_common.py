@@ -126,3 +126,16 @@ def matmul_gflops(dtype_name: str = "fp32", n: int = 2048, repeats: int = 5) -> 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     return 2 * n ** 3 / median_ms(lambda: torch.mm(a, b), repeats) * 1000 / 1e9
+
+
+def interleaved_median_ms(fns: dict, repeats: int) -> dict[str, float]:
+    """Median ms per function, calls interleaved (after one warm-up call each)."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for f in fns.values():
+        f()
+    for _ in range(repeats):
+        for name, f in fns.items():
+            t = time.perf_counter()
+            f()
+            times[name].append((time.perf_counter() - t) * 1e3)
+    return {name: statistics.median(v) for name, v in times.items()}

@@ -28,8 +28,8 @@ import sys
 import time
 from pathlib import Path
 
-from bench_common import machine_line, markers, publish  # benchmarks/ is on sys.path
-from stem_bench import _median_ms, measure
+from bench_common import interleaved_median_ms, machine_line, markers, publish  # on sys.path
+from stem_bench import measure
 
 START, END = markers("conv-block-bench")  # a section per CPU kind
 ROOT = Path(__file__).resolve().parent.parent
@@ -69,7 +69,7 @@ def kernels(repeats: int, dtype_name: str) -> dict[str, float]:
     def native_backward():
         native.pool_backward_wgrad(y, idx, g, a, k, b, F.pad(x, (2, 2, 2, 2)), (5, 5))
 
-    return _median_ms({"torch backward": torch_backward, "native backward": native_backward}, repeats)
+    return interleaved_median_ms({"torch backward": torch_backward, "native backward": native_backward}, repeats)
 
 
 def loop(rounds: int) -> dict:

@@ -30,26 +30,13 @@ import sys
 import time
 from pathlib import Path
 
-from bench_common import machine, machine_line, markers, publish  # benchmarks/ is on sys.path
+from bench_common import interleaved_median_ms, machine, machine_line, markers, publish  # on sys.path
 
 START, END = markers("stem-bench")  # a section per CPU kind
 ROOT = Path(__file__).resolve().parent.parent
 TASK = ["recipes/demo.yaml", "data.source=animal-shapes-5", "data.image_size=64", "data.channels=3",
         "model.name=alkhairi-cnn", "data.augment=false"]
 PATHS = ("native", "torch forward", "off")
-
-
-def _median_ms(fns: dict, repeats: int) -> dict[str, float]:
-    """Median ms per function, calls interleaved (after one warm-up call each)."""
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for f in fns.values():
-        f()
-    for _ in range(repeats):
-        for name, f in fns.items():
-            t = time.perf_counter()
-            f()
-            times[name].append((time.perf_counter() - t) * 1e3)
-    return {name: statistics.median(v) for name, v in times.items()}
 
 
 def kernels(repeats: int, dtype_name: str) -> dict[str, float]:
@@ -82,9 +69,9 @@ def kernels(repeats: int, dtype_name: str) -> dict[str, float]:
         torch.ops.aten.convolution_backward(dy, xd, wd, [10], [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
                                             [False, True, True])
 
-    got = _median_ms({"torch forward": torch_forward,
+    got = interleaved_median_ms({"torch forward": torch_forward,
                       "native forward": lambda: native.conv_pool_forward(x, w, b, dtype)}, repeats)
-    got.update(_median_ms({"torch backward": torch_backward,
+    got.update(interleaved_median_ms({"torch backward": torch_backward,
                            "native backward": lambda: native.conv_pool_wgrad(x, (3, 3), idx, g, pooled)}, repeats))
     return got
 
