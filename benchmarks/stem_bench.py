@@ -16,10 +16,11 @@ full-sized gradient (`pool_scatter`) for torch's convolution backward to read. T
             conv_pool_wgrad
   loop      cnnlab's training loop on the bench's task (animal-shapes-5 at 64×64×3, batch 128, the CPU
             defaults) on three paths, epochs interleaved in one process (the order rotating each round) so the
-            machine's slower minutes fall on all three: the default; the stem with torch's convolution forward
-            (its backward only); no stem (the native ReLU → max-pool and torch's convolution backward). Images/s
-            and the per-round ratios' median and range. The other two paths are benchmark-only switches (this
-            script replaces fused.conv_max_pool_relu, or sets _NativeConvMaxPoolReLU.native_forward, for the epoch).
+            machine's slower minutes fall on all three: the native stem both ways; the stem with torch's
+            convolution forward (its backward only; the default in bf16 on AMX CPUs, native.stem_forward_pays);
+            no stem (the native ReLU → max-pool and torch's convolution backward). Images/s and the per-round
+            ratios' median and range. The script replaces fused.conv_max_pool_relu, and sets
+            _NativeConvMaxPoolReLU.native_forward, for each epoch.
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ def loop(rounds: int) -> dict:
             for path in PATHS[i % 3:] + PATHS[:i % 3]:
                 seconds[path].append(epoch(path))
     finally:
-        fused.conv_max_pool_relu, function.native_forward, function.enabled = stem, True, None
+        fused.conv_max_pool_relu, function.native_forward, function.enabled = stem, None, None
     r = b.runtime.describe()
     return {"images": b.data.train.num_samples, "seconds": seconds, "precision": r["precision"]}
 
@@ -135,10 +136,14 @@ def main() -> None:
         v = sorted(o / d for o, d in zip(s[slow], s["native"]))
         return f"**{statistics.median(v):.2f}×** (range {v[0]:.2f}–{v[-1]:.2f}×)"
 
-    from cnnlab.models.native import stem_pays
+    from cnnlab.models.native import stem_forward_pays, stem_pays
 
-    default = {True: " (the default)", False: ""}
-    pays = stem_pays()
+    default_path = ("off" if not stem_pays() else
+                    "native" if stem_forward_pays(getattr(torch, dtype)) else "torch forward")
+
+    def row(path: str, what: str) -> str:
+        mark = " (the default)" if path == default_path else ""
+        return f"| {what}{mark} | {n / statistics.median(s[path]):,.0f} |"
 
     title = (f"## The second paper's stem: one native pass forward, its weight gradient from the pooled one "
              f"(issue 14) — {m['capability']}")
@@ -159,14 +164,16 @@ def main() -> None:
              "", f"cnnlab's training loop on the second paper's net (animal-shapes-5, 64×64×3, batch 128, the CPU "
              f"defaults: {r['precision']}), {a.rounds} rounds of one epoch per path, interleaved in one process:", "",
              "| path | images/s (median epoch) |", "|---|---:|",
-             f"| the native stem, both directions{default[pays]} | {n / statistics.median(s['native']):,.0f} |",
-             f"| the stem's backward only (torch's convolution forward) | "
-             f"{n / statistics.median(s['torch forward']):,.0f} |",
-             f"| no stem{default[not pays]} | {n / statistics.median(s['off']):,.0f} |", "",
+             row("native", "the native stem, both directions"),
+             row("torch forward", "the stem's backward only (torch's convolution forward)"),
+             row("off", "no stem"), "",
              f"Within each round the native stem was {ratio('off')} as fast as no stem and {ratio('torch forward')} "
              "as fast as the stem with torch's convolution forward (medians over the rounds). "
-             + ("It is the default on this CPU (AVX2 or AVX-512: `native.stem_pays`)." if pays else
-                "Without AVX2 or AVX-512 it is not the default (`native.stem_pays`)."), "", END]
+             + {"native": "It is the default on this CPU (AVX2 or AVX-512: `native.stem_pays`).",
+                "torch forward": f"In {dtype} on this CPU with AMX the default takes torch's convolution forward "
+                                 "(oneDNN's AMX kernels) with the native backward (`native.stem_forward_pays`).",
+                "off": "Without AVX2 or AVX-512 it is not the default (`native.stem_pays`)."}[default_path],
+             "", END]
     publish("\n".join(lines) + "\n", a.write, START, END)
 
 

@@ -36,6 +36,13 @@ def test_the_stem_kernels_are_taken_by_default_only_where_measured():
     assert native.stem_pays({"avx2", "fma", "avx512f", "avx512bw"}) is True
     assert native.stem_pays({"avx2", "fma"}) is True
     assert native.stem_pays({"sse4_2"}) is False and native.stem_pays({"asimd", "fp"}) is False
+    # the one-pass forward: wherever the stem pays, except bf16 with AMX (oneDNN's tile kernels measured faster)
+    amx = {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}
+    assert native.stem_forward_pays(torch.bfloat16, amx) is False
+    assert native.stem_forward_pays(torch.float32, amx) is True
+    assert native.stem_forward_pays(torch.bfloat16, {"avx2", "avx512f", "avx512_bf16"}) is True
+    assert native.stem_forward_pays(torch.bfloat16, {"avx2"}) is True
+    assert native.stem_forward_pays(torch.float32, {"sse4_2"}) is False
     conv = nn.Conv2d(3, 8, 3)
     x = torch.rand(2, 3, 12, 12).contiguous(memory_format=torch.channels_last)
     seq = FusedSequential(conv, nn.ReLU(inplace=True), nn.MaxPool2d(2)).to(memory_format=torch.channels_last)
@@ -299,9 +306,32 @@ def test_stem_weight_gradient_from_the_pooled_one_is_the_modules(shape):
     try:
         out = s(x)
     finally:
-        _NativeConvMaxPoolReLU.native_forward = True
+        _NativeConvMaxPoolReLU.native_forward = None
     assert type(out.grad_fn).__name__ == "_NativeConvMaxPoolReLUBackward"
     assert torch.equal(out, got[False][0])
+
+
+@pytest.mark.parametrize("one_pass", [True, False])
+def test_the_stem_forward_follows_the_cpus_decision(monkeypatch, one_pass):
+    """With native_forward unset the stem's forward is the one native pass exactly where
+    native.stem_forward_pays says so for the dtype it computes in, else torch's convolution and the native pool;
+    the backward is the native one either way, and both forwards give the same values (fp32 to 1e-6)."""
+    seq = FusedSequential(nn.Conv2d(3, 8, 3), nn.ReLU(inplace=True), nn.MaxPool2d(2))
+    seq = seq.to(memory_format=torch.channels_last)
+    x = torch.rand(2, 3, 14, 14).contiguous(memory_format=torch.channels_last)
+    asked, calls = [], []
+    real = native.conv_pool_forward
+    monkeypatch.setattr(native, "stem_forward_pays", lambda dtype, flags=None: asked.append(dtype) or one_pass)
+    monkeypatch.setattr(native, "conv_pool_forward", lambda *a: calls.append(a) or real(*a))
+    assert _NativeConvMaxPoolReLU.native_forward is None
+    out = seq(x)
+    assert asked == [torch.float32] and len(calls) == int(one_pass)
+    assert type(out.grad_fn).__name__ == "_NativeConvMaxPoolReLUBackward"
+    with torch.no_grad():
+        ref = F.max_pool2d(seq[0](x), 2).relu_()
+    assert _rel(out.detach(), ref) < 1e-6
+    out.sum().backward()
+    assert seq[0].weight.grad is not None
 
 
 def _conv_pool_reference(x, conv, dtype):

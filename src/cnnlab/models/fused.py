@@ -214,18 +214,22 @@ def _stem_dtype(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.dtype 
 
 class _NativeConvMaxPoolReLU(torch.autograd.Function):
     """relu(max_pool2d(conv2d(x, weight, bias), 2)) for an input that needs no gradient (the image batch): forward
-    in one native pass that never writes the convolution's output (native.conv_pool_forward), and a backward
+    in one native pass that never writes the convolution's output (native.conv_pool_forward; in bf16 on a CPU
+    with AMX torch's convolution and the native pool, measured faster there: native.stem_forward_pays), and a backward
     that forms the weights' gradient from the pooled gradient alone (native.conv_pool_wgrad) — neither
     pool_scatter's full-sized gradient nor torch's convolution backward, which reads it, runs. The input is read
     in float32, so in bf16-mixed training the weights' gradient is summed from unrounded pixels."""
 
-    native_forward = True  # False: torch's convolution, then the native pool (benchmarks/stem_bench.py times both)
+    # None: the one pass where native.stem_forward_pays for the dtype (not in bf16 with AMX), else torch's
+    # convolution, then the native pool; True / False: always / never (benchmarks/stem_bench.py times both)
+    native_forward: bool | None = None
     enabled: bool | None = None  # None: where native.stem_pays(); True / False: always / never (tests, benchmarks)
 
     @staticmethod
     def forward(ctx, x, weight, bias):
-        if _NativeConvMaxPoolReLU.native_forward:
-            pooled, idx = native.conv_pool_forward(x, weight, bias, _stem_dtype(weight, bias))
+        dtype, one_pass = _stem_dtype(weight, bias), _NativeConvMaxPoolReLU.native_forward
+        if native.stem_forward_pays(dtype) if one_pass is None else one_pass:
+            pooled, idx = native.conv_pool_forward(x, weight, bias, dtype)
         else:
             y = F.conv2d(x, weight, bias).contiguous(memory_format=torch.channels_last)
             pooled, idx, _ = native.pool_stats(y, relu=True, stats=False)

@@ -12,7 +12,8 @@ each, and batch norm's statistics together), the backward one read and one write
 runs on the 4× smaller pooled tensor (see fused.py for why pooling first is exact when γ > 0). After a
 first convolution whose input needs no gradient (the second paper's stem), conv_pool_forward computes the
 convolution, ReLU and pool in one pass without writing the convolution's output (on AVX-512 BF16 CPUs in bf16
-with its dot-product instruction), and conv_pool_wgrad forms that convolution's weight gradient from the
+with its dot-product instruction; not in bf16 where the CPU has AMX, whose tiles make torch's convolution
+faster: stem_forward_pays), and conv_pool_wgrad forms that convolution's weight gradient from the
 pooled gradient alone, where the ReLU → max-pool backward would write the full-sized gradient for torch's
 convolution backward to read (`benchmarks/stem_bench.py`). After the first paper's first convolution (ReLU →
 batch norm → max-pool after it) pool_backward_wgrad computes the block's gradient an image at a time into a
@@ -278,6 +279,17 @@ def stem_pays(flags: frozenset[str] | set[str] | None = None) -> bool:
     BENCHMARKS.md). Off on other CPUs (older x86, ARM), where they are not measured; the native blocks run there
     either way."""
     return bool({"avx512f", "avx2"} & set(cpu_flags() if flags is None else flags))
+
+
+def stem_forward_pays(dtype: torch.dtype, flags: frozenset[str] | set[str] | None = None) -> bool:
+    """Whether the second paper's stem computes its forward in one native pass (conv_pool_forward) by default, or
+    through torch's convolution and the native pool (its backward, conv_pool_wgrad, is native either way): where
+    stem_pays, except in bf16 on a CPU with AMX, whose tile unit torch's oneDNN convolution uses — on an Intel
+    Xeon with AVX-512 BF16 + AMX that forward took 3.20 against the one pass's 3.59 ms a batch, and cnnlab's loop
+    ran 0.95× as fast with the one pass (`benchmarks/stem_bench.py`); on the AMD EPYC with AVX-512 BF16 and no
+    AMX the one pass was 2.50 against 4.00 ms, the loop 1.10× (BENCHMARKS.md)."""
+    flags = set(cpu_flags() if flags is None else flags)
+    return stem_pays(flags) and not (dtype == torch.bfloat16 and "amx_bf16" in flags)
 
 
 def conv_pool_wgrad_applies(x: torch.Tensor, kernel_size: tuple[int, int]) -> bool:

@@ -173,9 +173,13 @@ class Runtime:
             self.reasons["native"] = f"off: {native.why_not()}; the fused blocks use torch's ops"
             return False
         if wanted is None:
+            bf16 = str(self.precision).startswith("bf16")
             self.reasons["native"] = (f"on: compiled for this CPU with {native.compiler_name()}" +
-                                      ("" if native.stem_pays() else "; the first-convolution (stem) kernels off "
-                                       "(measured only on CPUs with AVX2 or AVX-512)"))
+                                      ("; the first-convolution (stem) kernels off (measured only on CPUs with "
+                                       "AVX2 or AVX-512)" if not native.stem_pays() else
+                                       "; the second paper's stem forward through torch's convolution (oneDNN's "
+                                       "AMX kernels, measured faster in bf16)"
+                                       if bf16 and not native.stem_forward_pays(torch.bfloat16) else ""))
         return True
 
     def autocast(self):
