@@ -64,6 +64,11 @@ def test_the_stem_kernels_are_taken_by_default_only_where_measured():
     assert r.native_for(seq) is True
     reason = r.reasons["native"]
     assert reason.startswith("on:") and ("stem kernels off" in reason) == (not native.stem_pays())
+    assert "AMX" not in reason  # fp32: the one-pass stem forward wherever the stem kernels run
+    r = Runtime("cpu", precision="bf16-mixed")
+    assert r.native_for(seq) is True
+    amx_says = "stem forward through torch's convolution (oneDNN's AMX kernels" in r.reasons["native"]
+    assert amx_says == (native.stem_pays() and not native.stem_forward_pays(torch.bfloat16))
 
 
 @pytest.fixture

@@ -285,9 +285,9 @@ def stem_forward_pays(dtype: torch.dtype, flags: frozenset[str] | set[str] | Non
     """Whether the second paper's stem computes its forward in one native pass (conv_pool_forward) by default, or
     through torch's convolution and the native pool (its backward, conv_pool_wgrad, is native either way): where
     stem_pays, except in bf16 on a CPU with AMX, whose tile unit torch's oneDNN convolution uses — on an Intel
-    Xeon with AVX-512 BF16 + AMX that forward took 3.20 against the one pass's 3.59 ms a batch, and cnnlab's loop
-    ran 0.95× as fast with the one pass (`benchmarks/stem_bench.py`); on the AMD EPYC with AVX-512 BF16 and no
-    AMX the one pass was 2.50 against 4.00 ms, the loop 1.10× (BENCHMARKS.md)."""
+    Xeon with AVX-512 BF16 + AMX that forward took 3.06–3.20 against the one pass's 3.59–3.78 ms a batch, and
+    cnnlab's loop ran 0.93–0.95× as fast with the one pass (two runs of `benchmarks/stem_bench.py`); on the AMD
+    EPYC with AVX-512 BF16 and no AMX the one pass was 2.50 against 4.00 ms, the loop 1.10× (BENCHMARKS.md)."""
     flags = set(cpu_flags() if flags is None else flags)
     return stem_pays(flags) and not (dtype == torch.bfloat16 and "amx_bf16" in flags)
 

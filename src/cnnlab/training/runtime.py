@@ -174,12 +174,14 @@ class Runtime:
             return False
         if wanted is None:
             bf16 = str(self.precision).startswith("bf16")
-            self.reasons["native"] = (f"on: compiled for this CPU with {native.compiler_name()}" +
-                                      ("; the first-convolution (stem) kernels off (measured only on CPUs with "
-                                       "AVX2 or AVX-512)" if not native.stem_pays() else
-                                       "; the second paper's stem forward through torch's convolution (oneDNN's "
-                                       "AMX kernels, measured faster in bf16)"
-                                       if bf16 and not native.stem_forward_pays(torch.bfloat16) else ""))
+            if not native.stem_pays():
+                stem = "; the stem kernels off (the first convolutions': measured only on CPUs with AVX2 or AVX-512)"
+            elif bf16 and not native.stem_forward_pays(torch.bfloat16):
+                stem = ("; the second paper's stem forward through torch's convolution (oneDNN's AMX kernels, "
+                        "measured faster in bf16)")
+            else:
+                stem = ""
+            self.reasons["native"] = f"on: compiled for this CPU with {native.compiler_name()}{stem}"
         return True
 
     def autocast(self):
