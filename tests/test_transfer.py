@@ -385,6 +385,53 @@ def test_grad_cam_points_at_the_evidence():
     assert probs.shape == (4, 2)
 
 
+def _grad_cam_the_long_way(model, x, t):
+    """Grad-CAM with the gradient taken down to the image (A's gradient by a tensor hook): the reference."""
+    import torch.nn.functional as F
+
+    from cnnlab.explain import last_conv
+
+    store = {}
+
+    def keep(module, inputs, output):
+        store["a"] = output
+        output.register_hook(lambda g: store.__setitem__("g", g))
+
+    handle = last_conv(model).register_forward_hook(keep)
+    try:
+        logits = model(x.clone().requires_grad_(True)).float()
+        logits.gather(1, t.view(-1, 1)).sum().backward()
+    finally:
+        handle.remove()
+    a, g = store["a"].detach().float(), store["g"].float()
+    cam = F.interpolate(F.relu((g.mean((2, 3), keepdim=True) * a).sum(1, keepdim=True)), size=x.shape[-2:],
+                        mode="bilinear", align_corners=False)[:, 0]
+    return cam / cam.flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1), logits.detach().softmax(1)
+
+
+@pytest.mark.parametrize("name, channels, size", [("harahap-cnn", 1, 28), ("alkhairi-cnn", 3, 32),
+                                                  ("resnet18", 3, 64), ("efficientnet-lite0", 3, 64)])
+def test_grad_cam_stops_at_the_last_convolution_with_the_same_maps(name, channels, size):
+    """The backward stops at the last convolution's output (the layers before it build no graph): the maps and
+    probabilities are those of the gradient taken down to the image — with an in-place ReLU right after that
+    convolution (the papers' nets, channels-last as cnnlab trains them: the map takes the rectified values, as
+    the hook on the output tensor saw them) and a residual add after it (ResNet)."""
+    from cnnlab.explain import grad_cam
+
+    torch.manual_seed(0)
+    model = create_model(name, 5, channels, size).eval()
+    if name.endswith("cnn"):
+        model = model.to(memory_format=torch.channels_last)
+    x = torch.randn(6, channels, size, size)
+    t = torch.tensor([0, 1, 2, 3, 4, 0])
+    cams, probs = grad_cam(model, x, t, batch_size=4)
+    assert all(p.grad is None for p in model.parameters()) and torch.is_grad_enabled()
+    ref_cams, ref_probs = _grad_cam_the_long_way(model, x, t)
+    assert torch.allclose(probs, ref_probs, atol=1e-6)
+    assert (cams - ref_cams).abs().max() < 1e-4
+    assert (cams.flatten(1).amax(1) > 0.99).sum() >= 3  # maps, not zeros (a random net's may be all ≤ 0)
+
+
 def test_cli_explain_writes_a_figure_per_image(tmp_path, capsys):
     from cnnlab import cli
 

@@ -3,7 +3,9 @@
 The last convolution layer is found by itself (the last nn.Conv2d the model registers: the paper nets'
 only conv, VGG's last, ResNet's layer4, EfficientNet-Lite's head conv); its activations A (B, C, h, w) and
 their gradients for the predicted (or a given) class give weights α_c = mean over (h, w) of ∂y/∂A_c, and
-the map is ReLU(Σ_c α_c A_c), upsampled to the image and scaled to [0, 1]. Whole batches at once.
+the map is ReLU(Σ_c α_c A_c), upsampled to the image and scaled to [0, 1]. Whole batches at once. Only
+∂y/∂A is needed, so the layers before A run without a graph and the backward stops at A: for a head-only
+EfficientNet-Lite0 on flowers12 the report's heatmaps took 8.7 s when the backward ran down to the image.
 
 Used by the report (heatmaps over its prediction grid and most-confident mistakes) and by
 `cnnlab explain RUN IMAGE…`.
@@ -38,20 +40,30 @@ def grad_cam(model: nn.Module, x: torch.Tensor, target: torch.Tensor | None = No
     store: dict = {}
 
     def keep(module, inputs, output):
-        store["a"] = output
-        output.register_hook(lambda g: store.__setitem__("g", g))
+        # A as a leaf that needs a gradient (whether or not the weights do): the backward stops here. From here
+        # on the forward records a graph (grad mode, off for the layers before A, is switched on for the rest
+        # of this forward; the no_grad block below restores it). The next layers get a copy: the map takes its
+        # values as they leave it (an in-place ReLU right after the convolution, as in the papers' nets,
+        # rectifies them), the gradient is the one arriving at the convolution's output.
+        a = output.detach().requires_grad_(True)
+        torch.set_grad_enabled(True)
+        store["a"], store["out"] = a, a.clone()
+        return store["out"]
 
     handle = layer.register_forward_hook(keep)
     cams, probs = [], []
     try:
         for s in range(0, len(x), batch_size):
-            xb = x[s:s + batch_size].detach().clone().requires_grad_(True)  # gradients reach A even when frozen
-            with torch.enable_grad():
-                logits = model(xb).float()
+            store.clear()
+            with torch.no_grad():
+                logits = model(x[s:s + batch_size]).float()
+                if "a" not in store:
+                    raise RuntimeError(f"Grad-CAM: the model's forward did not run its last convolution "
+                                       f"({type(layer).__name__}) as a module")
                 t = logits.argmax(1) if target is None else target[s:s + batch_size].to(logits.device)
                 model.zero_grad(set_to_none=True)
                 logits.gather(1, t.view(-1, 1)).sum().backward()
-            a, g = store["a"].detach().float(), store["g"].detach().float()
+            a, g = store["out"].detach().float(), store["a"].grad.float()
             cam = F.relu((g.mean((2, 3), keepdim=True) * a).sum(1, keepdim=True))
             cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
             peak = cam.flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1)
