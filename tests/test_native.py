@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import os
+import platform
 import stat
 
 import pytest
@@ -13,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cnnlab.hardware import cpu_flags
 from cnnlab.models import native, set_fusion
 from cnnlab.models.fused import FusedSequential, _NativeConvMaxPoolReLU, _NativeConvReLUBatchNormMaxPool
 from cnnlab.training.runtime import Runtime
@@ -82,6 +84,43 @@ def elsewhere(tmp_path, monkeypatch):
     assert native.library() is not None
 
 
+# native_kernels.c has a code path per x86 CPU kind: AVX2 (8 lanes, narrowing by packs, 6 taps and 6 channels in
+# registers), AVX-512 (16 lanes, 13 taps, 12 channels; bf16 rounded in software) and AVX-512 BF16 (its conversion
+# and dot-product instructions). `-march=native` builds only this CPU's, so the correctness tests below also run on
+# each build for a smaller kind that this CPU can execute: an AVX-512 BF16 machine checks the AVX2 path and the
+# AVX-512 path of CPUs without BF16 (Intel's Skylake / Cascade Lake servers), which no machine of ours has.
+BUILDS = {
+    "avx2": ("x86-64-v3", {"avx2", "fma", "bmi1", "bmi2", "f16c", "movbe", "abm"}),
+    "avx512-no-bf16": ("skylake-avx512", {"avx2", "fma", "bmi1", "bmi2", "f16c", "movbe", "abm", "avx512f",
+                                          "avx512cd", "avx512bw", "avx512dq", "avx512vl"}),
+}
+
+
+@pytest.fixture(params=["native", *BUILDS])
+def build(request):
+    """The kernels built with -march=native, or for the CPU kind named (skipped where this CPU cannot run it);
+    the native build is loaded again afterwards."""
+    if request.param == "native":
+        yield native.FLAGS
+        return
+    march, needs = BUILDS[request.param]
+    if platform.machine() not in ("x86_64", "AMD64") or not needs <= cpu_flags():
+        pytest.skip(f"this CPU cannot run code built for {request.param} (-march={march})")
+    flags = native.FLAGS
+    native.FLAGS = [f"-march={march}" if f.startswith("-march=") else f for f in flags]
+    native.reset()
+    try:
+        assert native.library() is not None, native.why_not()
+        yield native.FLAGS
+    finally:
+        native.FLAGS = flags
+        native.reset()
+        assert native.library() is not None
+
+
+every_build = pytest.mark.usefixtures("build")
+
+
 SHAPES = [(4, 32, 28, 28), (3, 10, 9, 7), (2, 1, 6, 6), (2, 20, 8, 10), (2, 37, 5, 4)]  # C < 16, = 2×16, > 16…
 
 
@@ -91,6 +130,7 @@ def _grid(shape, dtype, seed=0):
     return (torch.randint(-6, 7, shape, generator=g).float() / 4).contiguous(memory_format=torch.channels_last).to(dtype)
 
 
+@every_build
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_relu_maxpool_is_torchs_bit_for_bit(shape, dtype):
@@ -133,6 +173,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
+@every_build
 @pytest.mark.parametrize("shape", SHAPES)
 def test_relu_batchnorm_maxpool_float32_matches_the_modules(shape):
     x = torch.randn(shape).contiguous(memory_format=torch.channels_last)
@@ -144,6 +185,7 @@ def test_relu_batchnorm_maxpool_float32_matches_the_modules(shape):
         assert _rel(a, b) < 1e-5, name
 
 
+@every_build
 @pytest.mark.parametrize("shape", SHAPES)
 def test_relu_batchnorm_maxpool_bf16_is_closer_to_float32_than_torchs_bf16(shape):
     """Under bf16 autocast the native block computes its statistics, affine and gradients in float from the
@@ -162,6 +204,7 @@ def test_relu_batchnorm_maxpool_bf16_is_closer_to_float32_than_torchs_bf16(shape
         assert ours <= 1.5 * theirs + 1e-3, (name, ours, theirs)
 
 
+@every_build
 def test_odd_sizes_count_in_the_statistics_and_get_no_pooled_gradient():
     x = torch.randn(2, 5, 7, 9).contiguous(memory_format=torch.channels_last)
     g = torch.randn(2, 5, 3, 4)
@@ -250,6 +293,7 @@ def test_switches_reach_the_model_and_env(tmp_path):
         assert built.model.backbone.native is (want if want is False else True)
 
 
+@every_build
 def test_a_training_step_under_bf16_reaches_the_same_loss_as_float32():
     """The first paper's net on the built-in silhouettes: ten steps of Adam in bf16-mixed through the native
     kernels end at the loss the float32 modules reach, within bf16's rounding."""
@@ -285,6 +329,7 @@ STEMS = [  # (batch, input channels, height, width, output channels, kernel): KW
     (1, 3, 9, 9, 10, 3), (2, 1, 12, 11, 32, 5), (3, 4, 10, 13, 5, 4), (2, 2, 15, 12, 17, 8), (4, 3, 16, 16, 20, 5)]
 
 
+@every_build
 @pytest.mark.parametrize("shape", STEMS)
 def test_stem_weight_gradient_from_the_pooled_one_is_the_modules(shape):
     """conv → ReLU → max-pool with an input that needs no gradient: the weights' and bias's gradients from
@@ -347,6 +392,7 @@ def _conv_pool_reference(x, conv, dtype):
     return pooled, idx
 
 
+@every_build
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", STEMS + [(2, 3, 21, 40, 13, 3), (1, 1, 34, 35, 1, 2), (2, 3, 18, 19, 26, 3)])
 def test_stem_forward_without_the_convolution_output_is_torchs(shape, dtype):
@@ -372,6 +418,7 @@ def test_stem_forward_without_the_convolution_output_is_torchs(shape, dtype):
     assert torch.equal(ours_idx[same & (theirs > 0)], theirs_idx[same & (theirs > 0)])
 
 
+@every_build
 def test_stem_forward_keeps_nan_and_relu():
     """A NaN pixel makes NaN of every pooled value whose window's convolution reads it (as torch's); windows whose
     convolution is all negative give 0."""
@@ -443,6 +490,7 @@ def _conv_run(seq, x, g, native_on: bool, bf16: bool = False, steps: int = 2):
     return out, type(out.grad_fn).__name__, grads, seq[2].running_mean, seq[2].running_var
 
 
+@every_build
 @pytest.mark.parametrize("shape", CONV_BLOCKS)
 def test_first_conv_block_weight_gradient_without_the_full_sized_one_is_the_modules(shape):
     """conv → ReLU → batch norm → max-pool on an image batch (the first paper's net): the block's gradient,
@@ -468,6 +516,7 @@ def test_first_conv_block_weight_gradient_without_the_full_sized_one_is_the_modu
         assert _rel(a, e) < 1e-5 and _rel(a, e) <= 2 * _rel(b, e) + 1e-7, (name, _rel(a, e), _rel(b, e))
 
 
+@every_build
 def test_first_conv_block_under_bf16_autocast_is_as_close_to_float32_as_torchs_bf16():
     """Under bf16 autocast torch's convolution gives a bf16 output; the block's statistics, gradient and the
     weight gradient's sums are float from there. The output and batch norm's gradients stay within 1 % of the
