@@ -399,3 +399,75 @@ def test_same_padding_is_tensorflows_on_any_size():
             got = conv(x)
             assert got.shape[-1] == math.ceil(size / s)
             assert torch.allclose(got, want, atol=1e-5), (k, s, size)
+
+
+def _lite_with_statistics(seed: int = 0) -> nn.Module:
+    """EfficientNet-Lite0 whose batch norms hold statistics and affines far from a fresh layer's (where folding
+    would change next to nothing)."""
+    torch.manual_seed(seed)
+    m = create_model("efficientnet-lite0", num_classes=5, in_channels=3, image_size=64)
+    with torch.no_grad():
+        for bn in (mod for mod in m.modules() if isinstance(mod, nn.BatchNorm2d)):
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.5, 2)
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.5, 0.5)
+    return m
+
+
+def test_batch_norm_folds_into_the_convolution_at_inference_only():
+    """EfficientNet-Lite in eval mode: each convolution runs with its batch norm folded into its weight and bias,
+    and the batch norm modules are not called; the output and the gradients of the input, a convolution's weight
+    and a batch norm's γ and β are the two modules' (fp32, 1e-5; a frozen backbone under a training head, and
+    gradual unfreezing, take gradients in eval mode). Training mode, `train.fused=false` (set_fusion) and
+    unfolded_batch_norm run the two modules; the state dict is unchanged."""
+    from cnnlab.models.fused import unfolded_batch_norm
+
+    m = _lite_with_statistics().eval()
+    keys = list(m.state_dict())
+    bns = [mod for mod in m.modules() if isinstance(mod, nn.BatchNorm2d)]
+    calls = []
+    for bn in bns:
+        bn.register_forward_hook(lambda *a: calls.append(1))
+    block = m.backbone._blocks[3]
+    params = [block._depthwise_conv.weight, block._bn1.weight, block._bn1.bias, m.backbone._conv_stem.weight]
+    x = torch.randn(3, 3, 64, 64, requires_grad=True)
+
+    def run():
+        calls.clear()
+        out = m(x)
+        return out, torch.autograd.grad(out.square().sum(), [x, *params]), len(calls)
+
+    folded, grads, n = run()
+    assert n == 0
+    with unfolded_batch_norm():
+        plain, plain_grads, n = run()
+    assert n == len(bns) > 30
+    assert ((folded - plain).norm() / plain.norm()) < 1e-5
+    for a, b in zip(grads, plain_grads):
+        assert ((a - b).norm() / b.norm()) < 1e-5
+    set_fusion(m, False)
+    assert run()[2] == len(bns)
+    set_fusion(m, None)
+    with unfolded_batch_norm(m.backbone._conv_head):  # one convolution unfolded, the others folded
+        assert run()[2] == 1
+    m.train()
+    assert run()[2] == len(bns)
+    assert list(m.state_dict()) == keys
+
+
+def test_folded_batch_norm_under_bf16_autocast_stays_as_close_to_float32():
+    """At inference under bf16 autocast (a CPU with native bf16) the folded network's features are within 1 % of
+    the fp32 network's, as the unfolded bf16 network's are (measured: 0.25 % and 0.19 % at 224 px)."""
+    from cnnlab.models.fused import unfolded_batch_norm
+
+    m = _lite_with_statistics(1).eval().to(memory_format=torch.channels_last)
+    x = torch.randn(4, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        exact = m.backbone(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            folded = m.backbone(x).float()
+            with unfolded_batch_norm():
+                plain = m.backbone(x).float()
+    rel = lambda a: ((a - exact).norm() / exact.norm()).item()  # noqa: E731
+    assert rel(folded) < 0.01 and rel(plain) < 0.01, (rel(folded), rel(plain))

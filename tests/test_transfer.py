@@ -390,6 +390,7 @@ def _grad_cam_the_long_way(model, x, t):
     import torch.nn.functional as F
 
     from cnnlab.explain import last_conv
+    from cnnlab.models.fused import unfolded_batch_norm
 
     store = {}
 
@@ -397,9 +398,11 @@ def _grad_cam_the_long_way(model, x, t):
         store["a"] = output
         output.register_hook(lambda g: store.__setitem__("g", g))
 
-    handle = last_conv(model).register_forward_hook(keep)
+    layer = last_conv(model)
+    handle = layer.register_forward_hook(keep)
     try:
-        logits = model(x.clone().requires_grad_(True)).float()
+        with unfolded_batch_norm(layer):  # Grad-CAM's A: that convolution's own output
+            logits = model(x.clone().requires_grad_(True)).float()
         logits.gather(1, t.view(-1, 1)).sum().backward()
     finally:
         handle.remove()
@@ -415,11 +418,15 @@ def test_grad_cam_stops_at_the_last_convolution_with_the_same_maps(name, channel
     """The backward stops at the last convolution's output (the layers before it build no graph): the maps and
     probabilities are those of the gradient taken down to the image — with an in-place ReLU right after that
     convolution (the papers' nets, channels-last as cnnlab trains them: the map takes the rectified values, as
-    the hook on the output tensor saw them) and a residual add after it (ResNet)."""
+    the hook on the output tensor saw them), a residual add after it (ResNet) and batch norm folded into the
+    convolutions before it (EfficientNet-Lite; batch norms with statistics far from a fresh layer's)."""
     from cnnlab.explain import grad_cam
 
     torch.manual_seed(0)
     model = create_model(name, 5, channels, size).eval()
+    with torch.no_grad():
+        for bn in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+            bn.running_mean.uniform_(-0.5, 0.5), bn.running_var.uniform_(0.5, 2), bn.weight.uniform_(0.5, 1.5)
     if name.endswith("cnn"):
         model = model.to(memory_format=torch.channels_last)
     x = torch.randn(6, channels, size, size)

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .models.fused import unfolded_batch_norm
+
 
 def last_conv(model: nn.Module) -> nn.Conv2d | None:
     """The model's last registered convolution (None for a model with none, such as the MLP)."""
@@ -53,22 +55,23 @@ def grad_cam(model: nn.Module, x: torch.Tensor, target: torch.Tensor | None = No
     handle = layer.register_forward_hook(keep)
     cams, probs = [], []
     try:
-        for s in range(0, len(x), batch_size):
-            store.clear()
-            with torch.no_grad():
-                logits = model(x[s:s + batch_size]).float()
-                if "a" not in store:
-                    raise RuntimeError(f"Grad-CAM: the model's forward did not run its last convolution "
-                                       f"({type(layer).__name__}) as a module")
-                t = logits.argmax(1) if target is None else target[s:s + batch_size].to(logits.device)
-                model.zero_grad(set_to_none=True)
-                logits.gather(1, t.view(-1, 1)).sum().backward()
-            a, g = store["out"].detach().float(), store["a"].grad.float()
-            cam = F.relu((g.mean((2, 3), keepdim=True) * a).sum(1, keepdim=True))
-            cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
-            peak = cam.flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1)
-            cams.append((cam / peak).cpu())
-            probs.append(logits.detach().softmax(1).cpu())
+        with unfolded_batch_norm(layer):  # the layer's own output, not batch norm folded into it
+            for s in range(0, len(x), batch_size):
+                store.clear()
+                with torch.no_grad():
+                    logits = model(x[s:s + batch_size]).float()
+                    if "a" not in store:
+                        raise RuntimeError(f"Grad-CAM: the model's forward did not run its last convolution "
+                                           f"({type(layer).__name__}) as a module")
+                    t = logits.argmax(1) if target is None else target[s:s + batch_size].to(logits.device)
+                    model.zero_grad(set_to_none=True)
+                    logits.gather(1, t.view(-1, 1)).sum().backward()
+                a, g = store["out"].detach().float(), store["a"].grad.float()
+                cam = F.relu((g.mean((2, 3), keepdim=True) * a).sum(1, keepdim=True))
+                cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+                peak = cam.flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1)
+                cams.append((cam / peak).cpu())
+                probs.append(logits.detach().softmax(1).cpu())
     finally:
         handle.remove()
         model.zero_grad(set_to_none=True)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fused import CpuConv2d
+from .fused import CpuConv2d, conv_bn
 from .papers import Classifier
 from .registry import MODELS
 
@@ -35,15 +35,15 @@ class SameConv2d(CpuConv2d):
     """A convolution with TensorFlow's "same" padding for any input size (output side = ceil(side / stride)).
     Symmetric padding (stride 1) goes to the convolution itself; only the asymmetric kind is a padded copy."""
 
-    def _conv(self, x: torch.Tensor) -> torch.Tensor:
+    def _conv(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         pads = []  # plain ints: a traced export (ONNX) gets constant pads for its fixed image size
         for size, k, s in ((int(x.shape[-1]), self.kernel_size[1], self.stride[1]),
                            (int(x.shape[-2]), self.kernel_size[0], self.stride[0])):
             total = max((math.ceil(size / s) - 1) * s + k - size, 0)
             pads += [total // 2, total - total // 2]
         if pads[0] == pads[1] and pads[2] == pads[3]:
-            return F.conv2d(x, self.weight, self.bias, self.stride, (pads[2], pads[0]), self.dilation, self.groups)
-        return F.conv2d(F.pad(x, pads), self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+            return F.conv2d(x, weight, bias, self.stride, (pads[2], pads[0]), self.dilation, self.groups)
+        return F.conv2d(F.pad(x, pads), weight, bias, self.stride, 0, self.dilation, self.groups)
 
 
 def _bn(c: int) -> nn.BatchNorm2d:
@@ -69,9 +69,9 @@ class MBConv(nn.Module):
         self.drop_path = drop_path
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.relu6(self._bn0(self._expand_conv(x))) if self.expand else x
-        y = F.relu6(self._bn1(self._depthwise_conv(y)))
-        y = self._bn2(self._project_conv(y))
+        y = F.relu6(conv_bn(self._expand_conv, self._bn0, x)) if self.expand else x
+        y = F.relu6(conv_bn(self._depthwise_conv, self._bn1, y))
+        y = conv_bn(self._project_conv, self._bn2, y)
         if not self.residual:
             return y
         if self.training and self.drop_path > 0:
@@ -109,10 +109,10 @@ class EfficientNetLiteFeatures(nn.Module):
         self.out_features = 1280
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu6(self._bn0(self._conv_stem(x)))
+        x = F.relu6(conv_bn(self._conv_stem, self._bn0, x))
         for block in self._blocks:
             x = block(x)
-        x = F.relu6(self._bn1(self._conv_head(x)))
+        x = F.relu6(conv_bn(self._conv_head, self._bn1, x))
         return x.mean((2, 3))  # global average pool
 
 

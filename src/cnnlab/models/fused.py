@@ -451,14 +451,60 @@ class CpuConv2d(nn.Conv2d):
 
     fuse: bool | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, bn: nn.BatchNorm2d | None = None) -> torch.Tensor:
+        """The convolution of x; with `bn` (the batch norm after it, in eval mode), batch norm folded in: see
+        conv_bn."""
+        weight, bias = (self.weight, self.bias) if bn is None else _folded(self.weight, self.bias, bn)
         if self.fuse is not False and _slow_bf16_depthwise(self, x):
             with torch.autocast("cpu", enabled=False):
-                return self._conv(x.float())
-        return self._conv(x)
+                return self._conv(x.float(), weight, bias)
+        return self._conv(x, weight, bias)
 
-    def _conv(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(x, self.weight, self.bias)
+    def _conv(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return self._conv_forward(x, weight, bias)
+
+
+_UNFOLDED: list = []  # convolutions conv_bn runs unfolded (True: all), innermost last
+
+
+class unfolded_batch_norm:
+    """Within it, conv_bn runs `conv` (None: every convolution) and its batch norm as two modules: Grad-CAM's
+    hook must see its layer's own output."""
+
+    def __init__(self, conv: nn.Module | None = None):
+        self.conv = True if conv is None else conv
+
+    def __enter__(self):
+        _UNFOLDED.append(self.conv)
+
+    def __exit__(self, *exc):
+        _UNFOLDED.pop()
+
+
+def _folded(weight: torch.Tensor, bias: torch.Tensor | None, bn: nn.BatchNorm2d):
+    """The weight and bias of a convolution followed by batch norm in eval mode, as one convolution (fp32,
+    differentiable in every parameter): w·s, (b − μ)·s + β with s = γ / √(σ² + ε)."""
+    scale = bn.running_var.float().add(bn.eps).rsqrt()
+    if bn.weight is not None:
+        scale = scale * bn.weight.float()
+    shift = -bn.running_mean.float() * scale if bias is None else (bias.float() - bn.running_mean.float()) * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias.float()
+    return weight * scale.view(-1, *[1] * (weight.dim() - 1)).to(weight.dtype), shift.to(weight.dtype)
+
+
+def conv_bn(conv: CpuConv2d, bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
+    """bn(conv(x)). At inference — batch norm in eval mode with its running statistics, the fused path on
+    (`train.fused`, CpuConv2d.fuse not False) — one convolution with batch norm folded into its weight and bias
+    (`_folded`, a few small tensors a pass): a walk over the activation fewer, written and read back. On
+    EfficientNet-Lite0 at 224 px, batch 32, 2 threads (an Intel Xeon with AVX-512 BF16 + AMX): 101 → 130–144
+    images/s in bf16 channels-last, and 46 → 60 in fp32 with torch's kernels held to AVX2 (a one-off timing);
+    the features move by rounding only (fp32: 1.5e-7 relative; bf16: 0.3 %, as far from fp32's as unfolded
+    bf16's 0.2 %). Training (batch statistics) and `unfolded_batch_norm` run the two modules."""
+    if (not any(u is True or u is conv for u in _UNFOLDED) and not bn.training and bn.running_var is not None and conv.fuse is not False
+            and isinstance(conv, CpuConv2d)):
+        return conv(x, bn)
+    return bn(conv(x))
 
 
 def use_cpu_depthwise(model: nn.Module) -> int:
