@@ -197,8 +197,8 @@ class TrainConfig:
                                 "on the CPU, after a long first compile; needs a C++ compiler)")
     fused: Optional[bool] = _opt(
         None, "fused kernels: the optimiser's fused step (sgd, adam, adamw) and the papers' nets' fused "
-              "ReLU → batch norm → max-pool in training, EfficientNet-Lite's batch norms folded into their "
-              "convolutions at inference (null: on for the CPU, where they measured faster; off on CUDA)")
+              "ReLU → batch norm → max-pool in training, the pretrained families' batch norms folded into "
+              "their convolutions at inference (null: on for the CPU, where they measured faster; off on CUDA)")
     native: Optional[bool] = _opt(
         None, "cnnlab's native CPU kernels for the papers' conv blocks (ReLU → batch norm → max-pool, ReLU → "
               "max-pool; channels-last fp32 or bf16), compiled once per machine with its C compiler (null: on "

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fused import CpuConv2d, conv_bn
+from .fused import CpuConv2d, pair_conv_bn
 from .papers import Classifier
 from .registry import MODELS
 
@@ -67,11 +67,15 @@ class MBConv(nn.Module):
         self._bn2 = _bn(cout)
         self.residual = stride == 1 and cin == cout
         self.drop_path = drop_path
+        if self.expand:
+            pair_conv_bn(self._expand_conv, self._bn0)  # each batch norm folded into its convolution at inference
+        pair_conv_bn(self._depthwise_conv, self._bn1)
+        pair_conv_bn(self._project_conv, self._bn2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.relu6(conv_bn(self._expand_conv, self._bn0, x)) if self.expand else x
-        y = F.relu6(conv_bn(self._depthwise_conv, self._bn1, y))
-        y = conv_bn(self._project_conv, self._bn2, y)
+        y = F.relu6(self._bn0(self._expand_conv(x))) if self.expand else x
+        y = F.relu6(self._bn1(self._depthwise_conv(y)))
+        y = self._bn2(self._project_conv(y))
         if not self.residual:
             return y
         if self.training and self.drop_path > 0:
@@ -107,12 +111,14 @@ class EfficientNetLiteFeatures(nn.Module):
         self._conv_head = SameConv2d(specs[-1][1], 1280, 1, bias=False)
         self._bn1 = _bn(1280)
         self.out_features = 1280
+        pair_conv_bn(self._conv_stem, self._bn0)
+        pair_conv_bn(self._conv_head, self._bn1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu6(conv_bn(self._conv_stem, self._bn0, x))
+        x = F.relu6(self._bn0(self._conv_stem(x)))
         for block in self._blocks:
             x = block(x)
-        x = F.relu6(conv_bn(self._conv_head, self._bn1, x))
+        x = F.relu6(self._bn1(self._conv_head(x)))
         return x.mean((2, 3))  # global average pool
 
 

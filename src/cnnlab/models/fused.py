@@ -451,10 +451,10 @@ class CpuConv2d(nn.Conv2d):
 
     fuse: bool | None = None
 
-    def forward(self, x: torch.Tensor, bn: nn.BatchNorm2d | None = None) -> torch.Tensor:
-        """The convolution of x; with `bn` (the batch norm after it, in eval mode), batch norm folded in: see
-        conv_bn."""
-        weight, bias = (self.weight, self.bias) if bn is None else _folded(self.weight, self.bias, bn)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bn = self.__dict__.get("_fold_with")  # the batch norm after it (pair_conv_bn), folded in at inference
+        weight, bias = _folded(self.weight, self.bias, bn) if bn is not None and _folds(self, bn) else \
+            (self.weight, self.bias)
         if self.fuse is not False and _slow_bf16_depthwise(self, x):
             with torch.autocast("cpu", enabled=False):
                 return self._conv(x.float(), weight, bias)
@@ -464,12 +464,23 @@ class CpuConv2d(nn.Conv2d):
         return self._conv_forward(x, weight, bias)
 
 
-_UNFOLDED: list = []  # convolutions conv_bn runs unfolded (True: all), innermost last
+class FoldableBatchNorm2d(nn.BatchNorm2d):
+    """nn.BatchNorm2d (same parameters, same state-dict keys) that passes its input through when the
+    convolution before it has folded it in (pair_conv_bn)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        conv = self.__dict__.get("_folded_into")
+        if conv is not None and _folds(conv, self):
+            return x
+        return super().forward(x)
+
+
+_UNFOLDED: list = []  # convolutions that run unfolded (True: all), innermost last
 
 
 class unfolded_batch_norm:
-    """Within it, conv_bn runs `conv` (None: every convolution) and its batch norm as two modules: Grad-CAM's
-    hook must see its layer's own output."""
+    """Within it, `conv` (None: every convolution) and its batch norm run as two modules: Grad-CAM's hook must
+    see its layer's own output."""
 
     def __init__(self, conv: nn.Module | None = None):
         self.conv = True if conv is None else conv
@@ -481,30 +492,64 @@ class unfolded_batch_norm:
         _UNFOLDED.pop()
 
 
+def _folds(conv: nn.Module, bn: nn.BatchNorm2d) -> bool:
+    """Whether `bn` is folded into `conv` now: batch norm in eval mode with running statistics, the fused path
+    on (`train.fused`, set_fusion), not within unfolded_batch_norm for this convolution."""
+    return (not bn.training and bn.running_var is not None and conv.fuse is not False
+            and not any(u is True or u is conv for u in _UNFOLDED))
+
+
 def _folded(weight: torch.Tensor, bias: torch.Tensor | None, bn: nn.BatchNorm2d):
-    """The weight and bias of a convolution followed by batch norm in eval mode, as one convolution (fp32,
-    differentiable in every parameter): w·s, (b − μ)·s + β with s = γ / √(σ² + ε)."""
-    scale = bn.running_var.float().add(bn.eps).rsqrt()
+    """The weight and bias of a convolution followed by batch norm in eval mode, as one convolution (computed in
+    fp32 or the weight's wider type, differentiable in every parameter): w·s, (b − μ)·s + β with
+    s = γ / √(σ² + ε)."""
+    dt = torch.promote_types(weight.dtype, torch.float32)
+    scale = bn.running_var.to(dt).add(bn.eps).rsqrt()
     if bn.weight is not None:
-        scale = scale * bn.weight.float()
-    shift = -bn.running_mean.float() * scale if bias is None else (bias.float() - bn.running_mean.float()) * scale
+        scale = scale * bn.weight.to(dt)
+    mean = bn.running_mean.to(dt)
+    shift = -mean * scale if bias is None else (bias.to(dt) - mean) * scale
     if bn.bias is not None:
-        shift = shift + bn.bias.float()
-    return weight * scale.view(-1, *[1] * (weight.dim() - 1)).to(weight.dtype), shift.to(weight.dtype)
+        shift = shift + bn.bias.to(dt)
+    return (weight.to(dt) * scale.view(-1, *[1] * (weight.dim() - 1))).to(weight.dtype), shift.to(weight.dtype)
 
 
-def conv_bn(conv: CpuConv2d, bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
-    """bn(conv(x)). At inference — batch norm in eval mode with its running statistics, the fused path on
-    (`train.fused`, CpuConv2d.fuse not False) — one convolution with batch norm folded into its weight and bias
-    (`_folded`, a few small tensors a pass): a walk over the activation fewer, written and read back. On
-    EfficientNet-Lite0 at 224 px, batch 32, 2 threads (an Intel Xeon with AVX-512 BF16 + AMX): 101 → 130–144
-    images/s in bf16 channels-last, and 46 → 60 in fp32 with torch's kernels held to AVX2 (a one-off timing);
-    the features move by rounding only (fp32: 1.5e-7 relative; bf16: 0.3 %, as far from fp32's as unfolded
-    bf16's 0.2 %). Training (batch statistics) and `unfolded_batch_norm` run the two modules."""
-    if (not any(u is True or u is conv for u in _UNFOLDED) and not bn.training and bn.running_var is not None and conv.fuse is not False
-            and isinstance(conv, CpuConv2d)):
-        return conv(x, bn)
-    return bn(conv(x))
+def pair_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
+    """Fold `bn` into `conv` at inference, for a forward that applies bn right after conv: one convolution with
+    batch norm folded into its weight and bias (a few small tensors a pass), and the batch norm passes its input
+    through — a walk over the activation fewer, written and read back. Training (batch statistics),
+    `train.fused=false` and unfolded_batch_norm run the two modules. The modules keep their parameters and
+    state-dict keys (their classes become CpuConv2d and FoldableBatchNorm2d; the pair is not a submodule).
+    On EfficientNet-Lite0 at 224 px, batch 32, 2 threads (an Intel Xeon with AVX-512 BF16 + AMX): 97 → 128–146
+    images/s in bf16 channels-last, 47 → 61 in fp32 (a one-off A/B); the features move by rounding only
+    (fp32: 1.5e-7 relative; bf16: 0.3 %, as far from fp32's as unfolded bf16's 0.2 %)."""
+    if type(conv) is nn.Conv2d:
+        conv.__class__ = CpuConv2d
+    if type(bn) is nn.BatchNorm2d:
+        bn.__class__ = FoldableBatchNorm2d
+    if not isinstance(conv, CpuConv2d) or not isinstance(bn, FoldableBatchNorm2d):
+        raise TypeError(f"cannot fold {type(bn).__name__} into {type(conv).__name__}")
+    conv.__dict__["_fold_with"], bn.__dict__["_folded_into"] = bn, conv
+
+
+def fold_batch_norms(model: nn.Module) -> int:
+    """pair_conv_bn for every batch norm that follows its convolution in torchvision's layouts: a convolution
+    then a batch norm in a Sequential (VGG-BN, MobileNetV3's Conv2dNormActivation, ResNet's downsample), and a
+    module's convN / bnN (ResNet's stem and blocks, whose forward applies bnN to convN's output). Returns how
+    many it paired (the papers' fused blocks, ReLU between, are left alone)."""
+    pairs = []
+    for m in model.modules():
+        if isinstance(m, nn.Sequential) and not isinstance(m, FusedSequential):
+            kids = list(m.children())
+            pairs += list(zip(kids, kids[1:]))
+        pairs += [(getattr(m, f"conv{i}", None), getattr(m, f"bn{i}", None)) for i in (1, 2, 3)]
+    n = 0
+    for conv, bn in pairs:
+        if (isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) and conv.out_channels == bn.num_features
+                and "_fold_with" not in conv.__dict__ and "_folded_into" not in bn.__dict__):
+            pair_conv_bn(conv, bn)
+            n += 1
+    return n
 
 
 def use_cpu_depthwise(model: nn.Module) -> int:

@@ -7,7 +7,7 @@ import inspect
 from torch import nn
 
 from ..registry import Registry
-from .fused import use_cpu_depthwise
+from .fused import fold_batch_norms, use_cpu_depthwise
 from .init import init_weights
 
 MODELS: Registry[nn.Module] = Registry("model")
@@ -41,6 +41,7 @@ def create_model(name: str, num_classes: int, in_channels: int = 1, image_size: 
                           image_size=image_size, **opts)
     init_weights(model, init)
     use_cpu_depthwise(model)  # depthwise convolutions: fp32 training under CPU bf16 autocast (fused.CpuConv2d)
+    fold_batch_norms(model)  # torchvision's conv → batch norm pairs: one convolution at inference
     model.registry_name = name
     return model
 
