@@ -485,3 +485,38 @@ def test_folded_batch_norm_under_bf16_autocast_stays_as_close_to_float32():
                 plain = m.backbone(x).float()
     rel = lambda a: ((a - exact).norm() / exact.norm()).item()  # noqa: E731
     assert rel(folded) < 0.01 and rel(plain) < 0.01, (rel(folded), rel(plain))
+
+
+def test_only_a_batch_norm_known_to_follow_its_convolution_is_folded():
+    """fold_batch_norms pairs a convolution and a batch norm in a Sequential that runs in order, and torchvision's
+    ResNet blocks' convN / bnN; another module's conv1 / bn1 (here a pre-activation block, bn1 before conv1) or a
+    Sequential with its own forward is left as it is, and computes what it did."""
+    from cnnlab.models.fused import FoldableBatchNorm2d, fold_batch_norms
+
+    class PreAct(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn1, self.conv1 = nn.BatchNorm2d(4), nn.Conv2d(4, 4, 3, padding=1)
+
+        def forward(self, x):
+            return self.conv1(F.relu(self.bn1(x)))
+
+    class Reversed(nn.Sequential):
+        def forward(self, x):
+            for m in reversed(self):
+                x = m(x)
+            return x
+
+    torch.manual_seed(0)
+    model = nn.Sequential(PreAct(), Reversed(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)), nn.Conv2d(4, 6, 1),
+                          nn.BatchNorm2d(6))
+    for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
+        bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2)
+    x = torch.randn(2, 4, 8, 8)
+    model.eval()
+    with torch.no_grad():
+        before = model(x)
+        assert fold_batch_norms(model) == 1
+        assert [type(m) is FoldableBatchNorm2d for m in model.modules() if isinstance(m, nn.BatchNorm2d)] == \
+            [False, False, True]
+        assert torch.allclose(model(x), before, atol=1e-5)
