@@ -89,10 +89,10 @@ def elsewhere(tmp_path, monkeypatch):
 # and dot-product instructions). `-march=native` builds only this CPU's, so the correctness tests below also run on
 # each build for a smaller kind that this CPU can execute: an AVX-512 BF16 machine checks the AVX2 path and the
 # AVX-512 path of CPUs without BF16 (Intel's Skylake / Cascade Lake servers), which no machine of ours has.
+X86_64_V3 = {"avx2", "fma", "bmi1", "bmi2", "f16c", "movbe", "abm"}  # the flags -march=x86-64-v3 code needs
 BUILDS = {
-    "avx2": ("x86-64-v3", {"avx2", "fma", "bmi1", "bmi2", "f16c", "movbe", "abm"}),
-    "avx512-no-bf16": ("skylake-avx512", {"avx2", "fma", "bmi1", "bmi2", "f16c", "movbe", "abm", "avx512f",
-                                          "avx512cd", "avx512bw", "avx512dq", "avx512vl"}),
+    "avx2": ("x86-64-v3", X86_64_V3),
+    "avx512-no-bf16": ("skylake-avx512", X86_64_V3 | {"avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl"}),
 }
 
 
@@ -106,11 +106,12 @@ def build(request):
     march, needs = BUILDS[request.param]
     if platform.machine() not in ("x86_64", "AMD64") or not needs <= cpu_flags():
         pytest.skip(f"this CPU cannot run code built for {request.param} (-march={march})")
-    flags = native.FLAGS
+    flags, own = native.FLAGS, native.library()._name
     native.FLAGS = [f"-march={march}" if f.startswith("-march=") else f for f in flags]
     native.reset()
     try:
         assert native.library() is not None, native.why_not()
+        assert native.library()._name != own  # a build of its own, not the native one again
         yield native.FLAGS
     finally:
         native.FLAGS = flags
