@@ -65,3 +65,46 @@ def test_cores_each_shares_the_cores_out_and_never_gives_zero(monkeypatch):
 
     monkeypatch.setattr(hw, "cpu_cores", lambda: 8)
     assert [hw.cores_each(n) for n in (1, 2, 3, 8, 16)] == [8, 4, 2, 1, 1]
+
+
+def test_a_onednn_limit_takes_away_what_torch_may_not_use():
+    from cnnlab.hardware import torch_limits
+
+    assert torch_limits({}) == (set(), None)
+    assert torch_limits({"ONEDNN_MAX_CPU_ISA": "ALL"}) == (set(), None)
+    dropped, why = torch_limits({"ONEDNN_MAX_CPU_ISA": "avx2"})
+    assert why == "ONEDNN_MAX_CPU_ISA=AVX2" and {"avx512f", "avx512_bf16", "amx_bf16"} <= dropped
+    assert capability(SAPPHIRE - dropped) == "AVX2" and not native_bf16(SAPPHIRE - dropped)
+    dropped, _ = torch_limits({"DNNL_MAX_CPU_ISA": "AVX512_CORE_BF16"})
+    assert capability(SAPPHIRE - dropped) == "AVX-512 BF16" and native_bf16(SAPPHIRE - dropped)
+    dropped, _ = torch_limits({"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_AMX"})
+    assert capability(SAPPHIRE - dropped) == "AVX-512 BF16 + AMX"
+    # ONEDNN_ wins over DNNL_, as in oneDNN
+    assert torch_limits({"ONEDNN_MAX_CPU_ISA": "AVX2", "DNNL_MAX_CPU_ISA": "ALL"})[1] == "ONEDNN_MAX_CPU_ISA=AVX2"
+
+
+def test_auto_precision_follows_a_onednn_limit_on_this_cpu(tmp_path):
+    """In a fresh process with ONEDNN_MAX_CPU_ISA=AVX2, torch's bf16 products lose the CPU's bf16 units (a 512²
+    one measured 600× slower on an AMX CPU): auto must pick fp32 there and say why, whatever the chip has."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    code = ("import json, torch\nfrom cnnlab.training.runtime import Runtime\n"
+            "from cnnlab.models import native\n"
+            "d = Runtime('cpu', 'auto').describe()\n"
+            "d['stem_one_pass_in_bf16'] = native.stem_forward_pays(torch.bfloat16)\n"
+            "print(json.dumps(d))")
+    env = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    d = json.loads(out.stdout.strip().splitlines()[-1])
+    assert d["precision"] == "32"
+    if native_bf16(cpu_flags()):  # a chip with bf16 units, held below them
+        assert "ONEDNN_MAX_CPU_ISA=AVX2" in d["defaults_because"]["precision"]
+    if "avx2" in cpu_flags():
+        assert d["torch_cpu_limit"] == "ONEDNN_MAX_CPU_ISA=AVX2: AVX2"
+    # the stem's one native pass stands aside for oneDNN's convolution only where that may use AMX
+    from cnnlab.models.native import stem_pays
+
+    assert d["stem_one_pass_in_bf16"] == stem_pays()

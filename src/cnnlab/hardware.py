@@ -37,9 +37,48 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
+# oneDNN's instruction-set limits (ONEDNN_MAX_CPU_ISA, DNNL_MAX_CPU_ISA), lowest first, with the flags each
+# level allows beyond the one before: a limit drops every flag allowed only above it. Names from oneDNN's
+# dnnl_cpu_isa_t (AVX10_1_512 is its newer name for AVX512_CORE_FP16, AVX10_1_512_AMX for AVX512_CORE_AMX).
+_ONEDNN_LEVELS = (
+    ("SSE41", set()), ("AVX", set()), ("AVX2", set()), ("AVX2_VNNI", set()), ("AVX2_VNNI_2", set()),
+    ("AVX512_CORE", {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512cd"}),
+    ("AVX512_CORE_VNNI", {"avx512_vnni"}), ("AVX512_CORE_BF16", {"avx512_bf16"}),
+    ("AVX512_CORE_FP16", {"avx512_fp16"}), ("AVX10_1_512", set()),
+    ("AVX512_CORE_AMX", {"amx_bf16", "amx_tile", "amx_int8"}), ("AVX10_1_512_AMX", set()),
+    ("AVX512_CORE_AMX_FP16", {"amx_fp16"}), ("AVX10_1_512_AMX_FP16", set()),
+)
+
+
+def torch_limits(env=None) -> tuple[set[str], str | None]:
+    """The CPU flags torch's oneDNN has been told not to use (ONEDNN_MAX_CPU_ISA, or DNNL_MAX_CPU_ISA where that
+    is unset: oneDNN runs torch's convolutions and bf16 products), and the setting that says so. Measured on an
+    Intel Xeon with AMX (2 threads, a 512² product): bf16 1,441 GFLOP/s, 235 with ONEDNN_MAX_CPU_ISA=
+    AVX512_CORE_BF16 (no AMX), 2.4 with =AVX2 — where fp32 stayed at ~380. So the defaults follow what oneDNN may
+    use, not what the chip has. (ATEN_CPU_CAPABILITY changes ATen's elementwise kernels only: bf16 products kept
+    their speed under =avx2.)"""
+    env = os.environ if env is None else env
+    names = [name for name, _ in _ONEDNN_LEVELS]
+    for var in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
+        value = env.get(var, "").strip().upper()
+        if value:
+            if value in names:
+                return {f for _, extra in _ONEDNN_LEVELS[names.index(value) + 1:] for f in extra}, f"{var}={value}"
+            return set(), None  # ALL / DEFAULT, or a name oneDNN does not know either: no limit
+    return set(), None
+
+
+@lru_cache(maxsize=1)
+def usable_flags() -> frozenset[str]:
+    """The CPU's flags less those torch has been told not to use (torch_limits): what torch's maths runs on.
+    cnnlab's own compiled kernels (models/native.py) are built for the CPU itself and use cpu_flags()."""
+    return cpu_flags() - torch_limits()[0]
+
+
 def native_bf16(flags: frozenset[str] | set[str] | None = None) -> bool:
-    """Whether the CPU computes bf16 in hardware (AVX-512 BF16 dot products or AMX tiles)."""
-    flags = cpu_flags() if flags is None else flags
+    """Whether bf16 is computed in hardware (AVX-512 BF16 dot products or AMX tiles) — by default, by torch on
+    this CPU: its flags less any limit torch was given (usable_flags)."""
+    flags = usable_flags() if flags is None else flags
     return bool({"avx512_bf16", "amx_bf16"} & set(flags))
 
 

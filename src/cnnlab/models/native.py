@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 
 from ..data.dataset import cache_dir
-from ..hardware import cpu_flags
+from ..hardware import cpu_flags, usable_flags
 
 SOURCE = Path(__file__).with_name("native_kernels.c")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-std=gnu11", "-shared", "-fPIC"]
@@ -288,7 +288,9 @@ def stem_forward_pays(dtype: torch.dtype, flags: frozenset[str] | set[str] | Non
     Xeon with AVX-512 BF16 + AMX that forward took 3.06–3.20 against the one pass's 3.59–3.78 ms a batch, and
     cnnlab's loop ran 0.93–0.95× as fast with the one pass (two runs of `benchmarks/stem_bench.py`); on the AMD
     EPYC with AVX-512 BF16 and no AMX the one pass was 2.50 against 4.00 ms, the loop 1.10× (BENCHMARKS.md)."""
-    flags = set(cpu_flags() if flags is None else flags)
+    if flags is None:  # AMX counts where torch's oneDNN may use it (hardware.usable_flags)
+        return stem_pays() and not (dtype == torch.bfloat16 and "amx_bf16" in usable_flags())
+    flags = set(flags)
     return stem_pays(flags) and not (dtype == torch.bfloat16 and "amx_bf16" in flags)
 
 

@@ -11,7 +11,7 @@ import weakref
 import numpy as np
 import torch
 
-from ..hardware import capability, cpu_cores, native_bf16
+from ..hardware import capability, cpu_cores, cpu_flags, native_bf16, torch_limits, usable_flags
 
 
 MAX_THREADS_PER_CORE = 4  # more only adds switching; far more crashes the OpenMP runtime
@@ -79,6 +79,14 @@ def auto_precision(device: torch.device, flags=None) -> tuple[str, str]:
             return "bf16-mixed", f"{torch.cuda.get_device_name(device)} computes bf16 natively"
         return "32", "this GPU has no native bf16"
     kind = capability(flags)
+    if flags is None:  # this machine: what torch may use of it (ONEDNN_MAX_CPU_ISA can hold it below the chip)
+        dropped, limit = torch_limits()
+        if limit and native_bf16(cpu_flags()) and not native_bf16():
+            return "32", (f"the CPU has {kind}, but {limit} holds torch's oneDNN below its bf16 units: bf16 would "
+                          "be emulated (a 512² bf16 product measured 600× slower than with them)")
+        if limit and dropped & cpu_flags():
+            kind = f"{kind} ({limit}: {capability(usable_flags())} for torch)"
+        flags = usable_flags()
     if native_bf16(flags):
         return "bf16-mixed", f"the CPU has {kind}: bf16 in hardware (faster than fp32 there)"
     return "32", f"the CPU has {kind}, no AVX-512 BF16 / AMX: bf16 would be emulated (measured 9–20× slower)"
@@ -193,6 +201,8 @@ class Runtime:
              "channels_last": self.channels_last, "fused": self.fused, "reuse_memory": self.reuse_memory,
              "native": self.native, **({"feature_engine": self.feature_engine} if self.feature_engine else {}),
              "cpu_kind": capability(), "defaults_because": dict(self.reasons)}
+        if torch_limits()[1]:  # the chip's kind, and the one torch's oneDNN was held to
+            d["torch_cpu_limit"] = f"{torch_limits()[1]}: {capability(usable_flags())}"
         if self.device.type == "cuda":
             d["gpu"] = torch.cuda.get_device_name(self.device)
         return d
