@@ -9,6 +9,10 @@ convolution (cnnlab's default at inference: `fused.pair_conv_bn`) against `unfol
 convolution and the batch norm as two modules, as torch runs them). The two are timed interleaved, call by call
 (a shared VM's speed drifts within minutes); medians of --repeats calls after a warm-up call each. Also each
 path's features' relative distance from the fp32 two-module forward's (rounding only).
+
+Then EfficientNet-Lite0 at cnnlab's own images per pass: its ReLU6s written into the stride-2 depthwise layers'
+padded inputs and in place (`efficientnet.SameConv2d.relu6_input`, the default at inference) against
+F.relu6 + F.pad, interleaved the same way (4 × --repeats calls).
 """
 
 from __future__ import annotations
@@ -52,6 +56,44 @@ def measure(name: str, precision: str, repeats: int) -> dict:
             "diff": (rel(a), rel(b))}
 
 
+def measure_padded_relu6(precision: str, repeats: int) -> dict:
+    """EfficientNet-Lite0 at cnnlab's own pass size (`inference_chunk`, freed memory kept as a run keeps it):
+    each MBConv's ReLU6 written into its stride-2 depthwise layer's padded input and the others in place
+    (`SameConv2d.relu6_input`, the default at inference) against F.relu6 + F.pad's zero-filled copy, the two
+    interleaved call by call; both with batch norm folded."""
+    import torch
+
+    import cnnlab.models.efficientnet as lite
+    from cnnlab.models import create_model
+    from cnnlab.training import Runtime
+    from cnnlab.training.runtime import inference_chunk
+
+    runtime = Runtime("cpu", precision=precision, channels_last=True)
+    net = create_model("efficientnet-lite0", 10, 3, SIZE).backbone.eval().to(memory_format=torch.channels_last)
+    x = torch.randn(BATCH, 3, SIZE, SIZE).contiguous(memory_format=torch.channels_last)
+    x = x[:inference_chunk(net, x, runtime)].contiguous(memory_format=torch.channels_last)
+    eager = lite._eager_inference
+
+    def run():
+        with torch.no_grad(), runtime.autocast():
+            return net(x)
+
+    def padded():
+        lite._eager_inference = eager
+        return run()
+
+    def plain():
+        lite._eager_inference = lambda: False
+        try:
+            return run()
+        finally:
+            lite._eager_inference = eager
+
+    ms = interleaved_median_ms({"padded": padded, "plain": plain}, repeats)
+    return {"n": len(x), "padded": len(x) / ms["padded"] * 1e3, "plain": len(x) / ms["plain"] * 1e3,
+            "same": bool(torch.equal(padded(), plain()))}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeats", type=int, default=9, help="timed calls per path (default 9)")
@@ -71,6 +113,11 @@ def main() -> None:
         r = measure(name, precision, a.repeats)
         rows.append(f"| {name} | {precision} | {r['unfolded']:.1f} | {r['folded']:.1f} | "
                     f"**{r['folded'] / r['unfolded']:.2f}×** | {r['diff'][0]:.1e} / {r['diff'][1]:.1e} |")
+    pads = []
+    for precision in tqdm(precisions, desc="padded ReLU6"):
+        r = measure_padded_relu6(precision, 4 * a.repeats)
+        pads.append(f"| {precision} | {r['n']} | {r['plain']:.1f} | {r['padded']:.1f} | "
+                    f"**{r['padded'] / r['plain']:.2f}×** | {'yes' if r['same'] else 'no'} |")
     lines = [START, f"## Batch norm folded into its convolution at inference (issue 14) — {m['capability']}", "",
              f"`python benchmarks/fold_bench.py --repeats {a.repeats}` — measured {time.strftime('%Y-%m-%d')} on "
              f"{machine_line(m)}; torch threads {torch.get_num_threads()}.", "",
@@ -81,7 +128,14 @@ def main() -> None:
              "The last column is the features' relative distance (‖a − b‖ / ‖b‖) from the fp32 two-module "
              "forward: rounding only (fp32: ~1e-7); in bf16, folded and unfolded are about as far from fp32 "
              "(random weights: bf16's error grows through a random net's blocks). A test checks that the two "
-             "paths are the same function in float64 for every family (`tests/test_fused.py`).", END]
+             "paths are the same function in float64 for every family (`tests/test_fused.py`).", "",
+             "EfficientNet-Lite0's ReLU6s at inference, both paths folded, at the images per pass cnnlab picks "
+             f"(`inference_chunk`), images/s (median of {4 * a.repeats} calls, interleaved): each block's ReLU6 "
+             "written straight into its stride-2 depthwise layer's zero-bordered padded input and the others in "
+             "place (`SameConv2d.relu6_input`, the default) against `F.relu6` then `F.pad`, which fills a new "
+             "tensor with zeros and copies the input in:", "",
+             "| precision | images per pass | F.relu6 + F.pad | ReLU6 into the padded input (default) | gain | "
+             "the same features |", "|---|---:|---:|---:|---:|---|", *pads, END]
     if not native_bf16():
         lines.insert(-1, "\nNo bf16 rows: this CPU has no native bf16 (AVX-512 BF16 or AMX), where cnnlab "
                          "computes in fp32.")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import os
 import json
+import re
 import statistics
 import subprocess
 import sys
@@ -399,6 +400,54 @@ def test_same_padding_is_tensorflows_on_any_size():
             got = conv(x)
             assert got.shape[-1] == math.ceil(size / s)
             assert torch.allclose(got, want, atol=1e-5), (k, s, size)
+
+
+@pytest.mark.parametrize("channels_last,autocast", [(True, False), (True, True), (False, False)])
+def test_lite_inference_writes_relu6_into_the_padded_input_with_the_same_values(channels_last, autocast):
+    """At inference (no autograd) an MBConv writes its expand ReLU6 straight into the stride-2 depthwise layer's
+    zero-bordered padded input where that padding is asymmetric, and runs its other ReLU6s in place: the
+    backbone's features are bit for bit those of the path autograd takes (F.relu6, then F.pad's copy), in fp32
+    and under bf16 autocast, NCHW or channels-last, on even sides (every stride-2 layer padded asymmetrically)
+    and odd ones (a 3×3 stride-2 layer pads an odd side symmetrically) — and no padded buffer is left on a
+    layer after the pass. A traced export takes the plain path (its graph has no in-place or out= writes)."""
+    from cnnlab.models.efficientnet import SameConv2d
+
+    net = _with_statistics().backbone.eval().requires_grad_(False)  # frozen: grad mode runs the same bf16 kernels
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    calls = []
+    original = SameConv2d._conv
+
+    def spy(self, xin, weight, bias):
+        calls.append(self.__dict__.get("_prepadded", (None,))[0] is xin)
+        return original(self, xin, weight, bias)
+
+    def features(x: torch.Tensor, grad: bool) -> torch.Tensor:
+        with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            return net(x.clone()).float()
+
+    for (h, w), prepadded in (((64, 96), 4), ((70, 66), 1)):
+        x = torch.randn(3, 3, h, w)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        SameConv2d._conv = spy
+        try:
+            calls.clear()
+            want = features(x, grad=True)
+            assert not any(calls)
+            got = features(x, grad=False)
+        finally:
+            SameConv2d._conv = original
+        assert sum(calls) == prepadded, (h, w)  # all four stride-2 depthwise layers; on 70×66 only the one at 18×17
+        assert torch.equal(got, want), (h, w)
+        assert not any("_prepadded" in m.__dict__ for m in net.modules())
+    with torch.no_grad():
+        traced = torch.jit.trace(net, x)
+    ops = re.findall(r"aten::\w+", str(traced.inlined_graph))
+    assert ops.count("aten::relu6") == 33 and ops.count("aten::pad") == prepadded + 1 and "aten::clamp" not in ops \
+        and not any(op.endswith("_") for op in ops), sorted(set(ops))  # the stem pads too
+    with torch.no_grad():  # the trace is fp32 (autocast is not traced)
+        assert torch.equal(traced(x), net(x.clone()))
 
 
 def _with_statistics(name: str = "efficientnet-lite0", seed: int = 0) -> nn.Module:
