@@ -403,7 +403,7 @@ def test_same_padding_is_tensorflows_on_any_size():
 
 
 @pytest.mark.parametrize("channels_last,autocast", [(True, False), (True, True), (False, False)])
-def test_lite_inference_writes_relu6_into_the_padded_input_with_the_same_values(channels_last, autocast):
+def test_lite_inference_writes_relu6_into_the_padded_input_with_the_same_values(channels_last, autocast, monkeypatch):
     """At inference (no autograd) an MBConv writes its expand ReLU6 straight into the stride-2 depthwise layer's
     zero-bordered padded input where that padding is asymmetric, and runs its other ReLU6s in place: the
     backbone's features are bit for bit those of the path autograd takes (F.relu6, then F.pad's copy), in fp32
@@ -415,12 +415,14 @@ def test_lite_inference_writes_relu6_into_the_padded_input_with_the_same_values(
     net = _with_statistics().backbone.eval().requires_grad_(False)  # frozen: grad mode runs the same bf16 kernels
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
-    calls = []
+    calls = []  # per convolution: whether it took a prepadded input
     original = SameConv2d._conv
 
     def spy(self, xin, weight, bias):
         calls.append(self.__dict__.get("_prepadded", (None,))[0] is xin)
         return original(self, xin, weight, bias)
+
+    monkeypatch.setattr(SameConv2d, "_conv", spy)
 
     def features(x: torch.Tensor, grad: bool) -> torch.Tensor:
         with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
@@ -430,14 +432,10 @@ def test_lite_inference_writes_relu6_into_the_padded_input_with_the_same_values(
         x = torch.randn(3, 3, h, w)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        SameConv2d._conv = spy
-        try:
-            calls.clear()
-            want = features(x, grad=True)
-            assert not any(calls)
-            got = features(x, grad=False)
-        finally:
-            SameConv2d._conv = original
+        calls.clear()
+        want = features(x, grad=True)
+        assert not any(calls)
+        got = features(x, grad=False)
         assert sum(calls) == prepadded, (h, w)  # all four stride-2 depthwise layers; on 70×66 only the one at 18×17
         assert torch.equal(got, want), (h, w)
         assert not any("_prepadded" in m.__dict__ for m in net.modules())
