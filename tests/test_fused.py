@@ -409,7 +409,8 @@ def test_lite_inference_writes_relu6_into_the_padded_input_with_the_same_values(
     backbone's features are bit for bit those of the path autograd takes (F.relu6, then F.pad's copy), in fp32
     and under bf16 autocast, NCHW or channels-last, on even sides (every stride-2 layer padded asymmetrically)
     and odd ones (a 3×3 stride-2 layer pads an odd side symmetrically) — and no padded buffer is left on a
-    layer after the pass. A traced export takes the plain path (its graph has no in-place or out= writes)."""
+    layer after the pass; train.fused=false (set_fusion) turns it off. A traced export takes the plain path (its
+    graph has no in-place or out= writes)."""
     from cnnlab.models.efficientnet import SameConv2d
 
     net = _with_statistics().backbone.eval().requires_grad_(False)  # frozen: grad mode runs the same bf16 kernels
@@ -439,6 +440,11 @@ def test_lite_inference_writes_relu6_into_the_padded_input_with_the_same_values(
         assert sum(calls) == prepadded, (h, w)  # all four stride-2 depthwise layers; on 70×66 only the one at 18×17
         assert torch.equal(got, want), (h, w)
         assert not any("_prepadded" in m.__dict__ for m in net.modules())
+    set_fusion(net, False)  # train.fused=false: torch's way, F.relu6 then F.pad
+    calls.clear()
+    features(x, grad=False)
+    assert calls and not any(calls)
+    set_fusion(net, None)
     with torch.no_grad():
         traced = torch.jit.trace(net, x)
     ops = re.findall(r"aten::\w+", str(traced.inlined_graph))

@@ -41,12 +41,11 @@ class SameConv2d(CpuConv2d):
     """A convolution with TensorFlow's "same" padding for any input size (output side = ceil(side / stride)).
     Symmetric padding (stride 1) goes to the convolution itself; only the asymmetric kind is a padded copy.
 
-    At inference the block before it can write its ReLU6 straight into that padded copy (`relu6_input`):
-    torch's `F.pad` fills the whole new tensor with zeros, then copies the input in, and ReLU6 had written
-    that input as a tensor of its own — for Lite0's first stride-2 layer (96×113² an image) 7.3 ms of a ~70 ms
-    pass of 12 images in bf16 against 3.8 for ReLU6 into a buffer whose border alone is zeroed (a one-off
-    timing on the AMD Zen 4); Lite0's whole pass 1.07× faster in fp32, 1.03× in bf16 (`benchmarks/fold_bench.py`,
-    BENCHMARKS.md)."""
+    At inference the block before it can write its ReLU6 straight into that padded copy (`relu6_input`), where
+    torch's `F.pad` fills a whole new tensor with zeros, then copies in the input ReLU6 had written as a tensor
+    of its own: Lite0's pass 1.07× faster in fp32, 1.03× in bf16 on the AMD Zen 4 (`benchmarks/fold_bench.py`,
+    BENCHMARKS.md). Like batch norm's folding it is part of the fused path: `train.fused=false` (set_fusion)
+    keeps F.relu6 + F.pad."""
 
     def _pads(self, x: torch.Tensor) -> list[int]:
         pads = []  # plain ints: a traced export (ONNX) gets constant pads for its fixed image size
@@ -59,8 +58,9 @@ class SameConv2d(CpuConv2d):
     def relu6_input(self, y: torch.Tensor) -> torch.Tensor:
         """F.relu6(y), to be this convolution's input. At inference, where the padding is asymmetric, written
         into the interior of a zero-bordered padded buffer (returned as a view of it) that `_conv` then takes
-        as it is; elsewhere in place (y is the fresh output of the layers before). Under autograd: F.relu6(y)."""
-        if not _eager_inference():
+        as it is; elsewhere in place (y is the fresh output of the layers before). Under autograd or with the
+        fused path off (`train.fused=false`): F.relu6(y)."""
+        if self.fuse is False or not _eager_inference():
             return F.relu6(y)
         left, right, top, bottom = self._pads(y)
         if left == right and top == bottom:
