@@ -7,6 +7,7 @@ Plain: torchvision per-sample transforms (PIL → ToTensor → Normalize) in a D
 from __future__ import annotations
 
 import copy
+import os
 import math
 
 import pytest
@@ -192,6 +193,8 @@ def test_compiled_model_computes_what_the_eager_one_does_and_trains(shapes, tmp_
     # a whole run with train.compile: it learns, and its saved model is the eager module's state
     run = fit_run(dict(TINY, **{"train.compile": True}), out=tmp_path / "compiled")
     assert run.metrics["accuracy"] > 0.6
+    folder = run.env["defaults_because"]["compile_cache"].split(": ")[0]  # its code kept apart per instruction set
+    assert os.path.isdir(folder) and os.environ["TORCHINDUCTOR_CACHE_DIR"] == folder
     from cnnlab.runs import load_run
 
     again = load_run(run.path)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from cnnlab.hardware import capability, cpu_cores, cpu_flags, native_bf16
@@ -108,3 +110,29 @@ def test_auto_precision_follows_a_onednn_limit_on_this_cpu(tmp_path):
     from cnnlab.models.native import stem_pays
 
     assert d["stem_one_pass_in_bf16"] == stem_pays()
+
+
+def test_each_instruction_set_setting_compiles_into_a_cache_of_its_own(monkeypatch, tmp_path):
+    """torch.compile's cache folder: one per CPU flags, ATen capability and oneDNN limit (torch's own cache reuses
+    code compiled for another instruction set: hardware.compile_cache), unless the user named one."""
+    import subprocess
+    import sys
+
+    from cnnlab.hardware import compile_cache
+
+    assert compile_cache({"TORCHINDUCTOR_CACHE_DIR": "/srv/inductor"}) == ("/srv/inductor",
+                                                                            "TORCHINDUCTOR_CACHE_DIR, as set")
+    here, why = compile_cache({})
+    assert "torchinductor_" in here and capability() in why
+    assert compile_cache({}) == (here, why)  # the same setting: the same folder, so its code is reused
+    limited, why_limited = compile_cache({"ONEDNN_MAX_CPU_ISA": "AVX2"})
+    assert limited != here and "ONEDNN_MAX_CPU_ISA=AVX2" in why_limited
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
+    assert compile_cache({})[0] not in (here, limited)
+    # a real process with ATen's vector kernels turned off: its own folder, under its temporary directory
+    env = {k: v for k, v in os.environ.items() if k not in ("TORCHINDUCTOR_CACHE_DIR", "ATEN_CPU_CAPABILITY")}
+    code = "from cnnlab.hardware import compile_cache; print(compile_cache()[0])"
+    folders = [subprocess.run([sys.executable, "-c", code], env=dict(env, TMPDIR=str(tmp_path), **extra),
+                              capture_output=True, text=True, check=True).stdout.strip()
+               for extra in ({}, {"ATEN_CPU_CAPABILITY": "default"})]
+    assert folders[0] != folders[1] and all(os.path.dirname(f) == str(tmp_path) for f in folders)

@@ -27,6 +27,7 @@ from .data import DataError, Dataset, Split, load_data, prepare, stratified_spli
 from .data.loader import Normalizer, Prepared, add_policy, balance_sampling, balanced_class_weights, class_counts
 from .data.policies import mix_batch
 from .data.stream import default_memory_budget, fits_in_memory, parse_bytes, prepare_streaming
+from .hardware import compile_cache
 from .models import MODELS, create_model, freeze_backbone, load_weights, set_fusion
 from .models.weights import check_imagenet_weights
 from .training import EarlyStopper, LRSchedule, Runtime, build_optimizer
@@ -202,6 +203,9 @@ def build_experiment(cfg: Config, log: ProgressLogger | None = None, dist=None) 
     fuse = runtime.fused and not t.compile  # compile fuses by itself
     set_fusion(model, fuse, runtime.native_for(model, fuse))
     if t.compile:
+        folder, why = compile_cache()  # torch's own cache mixes instruction sets up (hardware.compile_cache)
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = folder
+        runtime.reasons["compile_cache"] = f"{folder}: {why}"
         model.compile()  # in place: state_dict keys (checkpoints, saved models) stay the eager module's
     trained = model
     if _use_feature_cache(cfg, log):

@@ -10,6 +10,10 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 
+# Whether the user chose torch.compile's cache folder: read once, at import, because torch sets the variable
+# itself (to its default) the first time it compiles anything in the process.
+_USER_INDUCTOR_DIR = os.environ.get("TORCHINDUCTOR_CACHE_DIR") or None
+
 
 def cpu_cores() -> int:
     """Cores this process may run on (its affinity mask: a container's or taskset's limit), at least 1."""
@@ -88,3 +92,38 @@ def capability(flags: frozenset[str] | set[str] | None = None) -> str:
     name = ("AVX-512 BF16" if "avx512_bf16" in flags else "AVX-512" if "avx512f" in flags
             else "AVX2" if "avx2" in flags else "below AVX2" if flags else "unknown")
     return name + (" + AMX" if "amx_bf16" in flags else "")
+
+
+def compile_cache(env=None) -> tuple[str, str]:
+    """(the folder torch.compile keeps its compiled code in for this process, why): one per CPU and instruction-set
+    setting, unless the user's TORCHINDUCTOR_CACHE_DIR names one (then that; `env`: a given environment's).
+
+    torch 2.14's inductor keys its on-disk cache without the instruction set it compiled for. On an AVX-512 CPU,
+    harahap-cnn compiled under ATEN_CPU_CAPABILITY=avx2 and run again without it aborted ("free(): invalid
+    pointer"); the other way round, its logits came out ~1e34; compiled without the setting and run again
+    under ATEN_CPU_CAPABILITY=default, the cached source no longer built (each reproduced by hand in fresh
+    processes sharing one cache folder; tests/test_hardware.py checks that each setting gets its own). Machines that share a cache folder but not a CPU kind meet the same. So
+    torch's default folder (under the temporary directory) gets a sibling per torch version, machine, CPU
+    flags, ATen capability (this process's) and oneDNN limit: each setting compiles once into its own."""
+    import getpass
+    import hashlib
+    import platform
+    import tempfile
+
+    import torch
+
+    chosen = _USER_INDUCTOR_DIR if env is None else env.get("TORCHINDUCTOR_CACHE_DIR")
+    if chosen:
+        return chosen, "TORCHINDUCTOR_CACHE_DIR, as set"
+    env = os.environ if env is None else env
+    aten = torch.backends.cpu.get_cpu_capability()
+    limit = torch_limits(env)[1] or "no oneDNN limit"
+    key = hashlib.sha256("\0".join([torch.__version__, platform.machine(), " ".join(sorted(cpu_flags())), aten,
+                                    limit]).encode()).hexdigest()[:16]
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = f"uid_{os.getuid()}" if hasattr(os, "getuid") else "user"
+    folder = os.path.join(tempfile.gettempdir(), f"torchinductor_{user}_cnnlab_{key}")
+    return folder, (f"its own for this CPU ({capability()}), ATen's {aten} kernels and {limit}: torch's cache "
+                    "does not tell code compiled for one instruction set from another's")
