@@ -136,3 +136,24 @@ def test_each_instruction_set_setting_compiles_into_a_cache_of_its_own(monkeypat
                               capture_output=True, text=True, check=True).stdout.strip()
                for extra in ({}, {"ATEN_CPU_CAPABILITY": "default"})]
     assert folders[0] != folders[1] and all(os.path.dirname(f) == str(tmp_path) for f in folders)
+
+
+def test_threads_count_logical_cpus_and_say_so_where_cores_have_smt(monkeypatch, request):
+    """The default threads: one per logical CPU of the affinity mask; env.json's reason says when those are SMT
+    threads of fewer physical cores (torch's own default counts physical cores)."""
+    import cnnlab.training.runtime as runtime_mod
+    from cnnlab.hardware import physical_cores
+
+    request.addfinalizer(lambda threads=torch.get_num_threads(): torch.set_num_threads(threads))
+    n = physical_cores()
+    assert n is None or 1 <= n <= cpu_cores()
+    why = Runtime("cpu", "32").describe()["defaults_because"]["threads"]
+    assert why.startswith(f"one per logical CPU this process may use ({cpu_cores()})")
+    assert ("SMT" in why) == (n is not None and n < cpu_cores())
+    monkeypatch.setattr(runtime_mod, "cpu_cores", lambda: 4)
+    monkeypatch.setattr(runtime_mod, "physical_cores", lambda: 2)
+    r = Runtime("cpu", "32")
+    assert r.threads == 4 and "SMT threads of 2 physical cores" in r.describe()["defaults_because"]["threads"]
+    monkeypatch.setattr(runtime_mod, "physical_cores", lambda: None)  # no topology to read: said nothing of it
+    why = Runtime("cpu", "32").describe()["defaults_because"]["threads"]
+    assert why == "one per logical CPU this process may use (4)"

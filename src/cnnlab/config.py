@@ -212,7 +212,7 @@ class TrainConfig:
     reuse_memory: Optional[bool] = _opt(
         None, "keep freed tensor memory in the process instead of re-faulting it from the OS every step "
               "(glibc; null: on for the CPU, where it measured faster; process-wide once on)")
-    threads: Optional[int] = _opt(None, "CPU threads (null: one per core)", min=1)
+    threads: Optional[int] = _opt(None, "CPU threads (null: one per logical CPU this process may use)", min=1)
     dist_timeout: float = _opt(120.0, "with several processes (--nproc, torchrun): seconds a collective waits "
                                "for a peer before the run stops with an error (a dead or hung process)", gt=0.0)
     checkpoint_every_steps: Optional[int] = _opt(

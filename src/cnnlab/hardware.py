@@ -16,11 +16,32 @@ _USER_INDUCTOR_DIR = os.environ.get("TORCHINDUCTOR_CACHE_DIR") or None
 
 
 def cpu_cores() -> int:
-    """Cores this process may run on (its affinity mask: a container's or taskset's limit), at least 1."""
+    """Logical CPUs this process may run on (its affinity mask: a container's or taskset's limit; a core's SMT
+    threads each count: physical_cores), at least 1."""
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # macOS, Windows
         return os.cpu_count() or 1
+
+
+def physical_cores() -> int | None:
+    """Physical cores among the CPUs this process may run on (Linux sysfs: a core's SMT hardware threads
+    count once), or None where the topology cannot be read."""
+    try:
+        cpus = os.sched_getaffinity(0)
+    except AttributeError:
+        return None
+    cores = set()
+    for n in cpus:
+        try:
+            with open(f"/sys/devices/system/cpu/cpu{n}/topology/core_id", encoding="ascii") as f:
+                core = f.read().strip()
+            with open(f"/sys/devices/system/cpu/cpu{n}/topology/physical_package_id", encoding="ascii") as f:
+                package = f.read().strip()
+        except OSError:
+            return None
+        cores.add((package, core))
+    return len(cores) or None
 
 
 def cores_each(processes: int) -> int:
@@ -102,9 +123,10 @@ def compile_cache(env=None) -> tuple[str, str]:
     harahap-cnn compiled under ATEN_CPU_CAPABILITY=avx2 and run again without it aborted ("free(): invalid
     pointer"); the other way round, its logits came out ~1e34; compiled without the setting and run again
     under ATEN_CPU_CAPABILITY=default, the cached source no longer built (each reproduced by hand in fresh
-    processes sharing one cache folder; tests/test_hardware.py checks that each setting gets its own). Machines that share a cache folder but not a CPU kind meet the same. So
-    torch's default folder (under the temporary directory) gets a sibling per torch version, machine, CPU
-    flags, ATen capability (this process's) and oneDNN limit: each setting compiles once into its own."""
+    processes sharing one cache folder; tests/test_hardware.py checks that each setting gets its own).
+    Machines that share a cache folder but not a CPU kind meet the same. So torch's default folder (under the
+    temporary directory) gets a sibling per torch version, machine, CPU flags, ATen capability (this
+    process's) and oneDNN limit: each setting compiles once into its own."""
     import getpass
     import hashlib
     import platform

@@ -11,7 +11,7 @@ import weakref
 import numpy as np
 import torch
 
-from ..hardware import capability, cpu_cores, cpu_flags, native_bf16, torch_limits, usable_flags
+from ..hardware import capability, cpu_cores, cpu_flags, native_bf16, physical_cores, torch_limits, usable_flags
 
 
 MAX_THREADS_PER_CORE = 4  # more only adds switching; far more crashes the OpenMP runtime
@@ -138,10 +138,15 @@ class Runtime:
             cores = cpu_cores()
             if threads is not None and threads > MAX_THREADS_PER_CORE * cores:  # OpenMP segfaults at ~100,000
                 raise ValueError(f"train.threads={threads}: at most {MAX_THREADS_PER_CORE} per core, "
-                                 f"{MAX_THREADS_PER_CORE * cores} on the {cores} core(s) here (null: one per core)")
+                                 f"{MAX_THREADS_PER_CORE * cores} on the {cores} logical CPU(s) here "
+                                 "(null: one per logical CPU)")
             torch.set_num_threads(threads or cores)
             if threads is None:
-                self.reasons["threads"] = f"one per core this process may use ({cores})"
+                physical = physical_cores()
+                smt = ("" if physical is None or physical >= cores else
+                       f"; SMT threads of {physical} physical cores — torch's own default counts physical "
+                       "cores only; not measured on such a CPU: set train.threads to compare")
+                self.reasons["threads"] = f"one per logical CPU this process may use ({cores}){smt}"
         self.threads = torch.get_num_threads()
 
     def native_for(self, model: torch.nn.Module, fused: bool = True) -> bool:
