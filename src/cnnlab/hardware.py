@@ -122,8 +122,10 @@ def compile_cache(env=None) -> tuple[str, str]:
     torch 2.14's inductor keys its on-disk cache without the instruction set it compiled for. On an AVX-512 CPU,
     harahap-cnn compiled under ATEN_CPU_CAPABILITY=avx2 and run again without it aborted ("free(): invalid
     pointer"); the other way round, its logits came out ~1e34; compiled without the setting and run again
-    under ATEN_CPU_CAPABILITY=default, the cached source no longer built (each reproduced by hand in fresh
-    processes sharing one cache folder; tests/test_hardware.py checks that each setting gets its own).
+    under ATEN_CPU_CAPABILITY=default, the cached source no longer built. To see it: with one fresh folder in
+    TORCHINDUCTOR_CACHE_DIR, run `torch.compile(create_model("harahap-cnn", 10, 1, 28).eval())` on a batch in
+    a process with ATEN_CPU_CAPABILITY=avx2, then in one without, and compare with the eager logits
+    (tests/test_hardware.py checks that each setting gets a folder of its own).
     Machines that share a cache folder but not a CPU kind meet the same. So torch's default folder (under the
     temporary directory) gets a sibling per torch version, machine, CPU flags, ATen capability (this
     process's) and oneDNN limit: each setting compiles once into its own."""
