@@ -57,12 +57,14 @@ bench-finetune: $(STAMP)
 # depthwise gradients bf16 vs fp32, CpuConv2d on/off, inference pass sizes (a CPU with native bf16 only);
 # the papers' conv blocks alone: torch's modules, fused on torch's ops, cnnlab's native kernels;
 # the second paper's stem with and without its native weight gradient; the first paper's conv block with and
-# without its one-pass backward; the pretrained backbones with batch norm folded into their convolutions or not
+# without its one-pass backward; the second paper's 10 → 20-channel convolution with bf16 dot products or torch's
+# (AVX-512 BF16 CPUs only); the pretrained backbones with batch norm folded into their convolutions or not
 bench-kernels: $(STAMP)
 	$(BIN)/python benchmarks/cpu_kernels_bench.py --repeats 5 --write BENCHMARKS.md
 	$(BIN)/python benchmarks/block_bench.py --repeats 30 --write BENCHMARKS.md
 	$(BIN)/python benchmarks/stem_bench.py --write BENCHMARKS.md
 	$(BIN)/python benchmarks/conv_block_bench.py --write BENCHMARKS.md
+	$(BIN)/python benchmarks/dot_conv_bench.py --write BENCHMARKS.md
 	$(BIN)/python benchmarks/fold_bench.py --write BENCHMARKS.md
 
 # study throughput: local pool vs Ray; one training on 1 vs 2 processes (DDP)

@@ -16,7 +16,7 @@ from torch import nn
 
 from cnnlab.hardware import cpu_flags
 from cnnlab.models import native, set_fusion
-from cnnlab.models.fused import FusedSequential, _NativeConvMaxPoolReLU, _NativeConvReLUBatchNormMaxPool
+from cnnlab.models.fused import FusedSequential, _NativeConvMaxPoolReLU, _NativeConvReLU, _NativeConvReLUBatchNormMaxPool
 from cnnlab.training.runtime import Runtime
 
 
@@ -570,12 +570,155 @@ def test_first_conv_block_path_only_where_it_computes_the_same(case):
         assert (a is None) == (b is None) and (a is None or _rel(a, b) < 1e-5)
 
 
+@pytest.fixture
+def dot_conv():
+    """The bf16 dot-product convolution: built wherever the CPU has AVX-512 BF16 (and then it must be there)."""
+    if "avx512_bf16" not in cpu_flags():
+        pytest.skip("the bf16 dot-product convolution needs AVX-512 BF16, which this CPU does not have")
+    assert native.dot_conv_available(), "AVX-512 BF16 here, but the library has no conv_relu kernels"
+    _NativeConvReLU.enabled = True
+    yield
+    _NativeConvReLU.enabled = None
+
+
+def test_the_dot_product_convolution_is_taken_by_default_only_where_measured():
+    """AVX-512 BF16 without AMX: measured faster than oneDNN's bf16 convolution there (dot_conv_bench); with AMX
+    oneDNN has its tile kernels, which it was not measured against; without AVX-512 BF16 it is not built."""
+    assert native.dot_conv_pays({"avx2", "avx512f", "avx512_bf16"}) is True
+    assert native.dot_conv_pays({"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}) is False
+    assert native.dot_conv_pays({"avx2", "avx512f", "avx512bw"}) is False and native.dot_conv_pays({"avx2"}) is False
+    assert native.dot_conv_available() == ("avx512_bf16" in cpu_flags())
+    r = Runtime("cpu", precision="bf16-mixed")
+    assert r.native_for(FusedSequential(nn.Conv2d(3, 8, 3), nn.ReLU(inplace=True))) is True
+    said = "bf16 dot-product kernel" in r.reasons["native"]
+    assert said == (native.dot_conv_pays() and native.dot_conv_available())
+    r = Runtime("cpu", precision="32")
+    assert r.native_for(FusedSequential(nn.Conv2d(3, 8, 3), nn.ReLU(inplace=True))) is True
+    assert "dot-product" not in r.reasons["native"]  # a bf16 kernel
+
+
+DOT_CONVS = [  # (batch, input channels, height, width, output channels, KH, KW): the second paper's (its 64×64
+    # images); odd channel counts; rows of several 16- and 32-column chunks; kernels wider than a block of 5
+    # columns; the most channels taken (12 in, 24 out); a 1×1 kernel; a single image
+    (4, 10, 31, 31, 20, 5, 5), (3, 3, 12, 40, 7, 3, 3), (2, 11, 9, 9, 24, 7, 6), (2, 1, 5, 70, 2, 2, 3),
+    (1, 12, 6, 6, 1, 1, 1), (2, 5, 20, 35, 13, 4, 2)]
+
+
+def _bf16_reference(n, ci, h, w, co, kh, kw, seed=0):
+    """x (channels-last bf16), weights and bias (float32), and relu(conv) with its gradients in float64 from the
+    bf16-rounded values — what an exact bf16 convolution computes."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, ci, h, w, generator=g).bfloat16().contiguous(memory_format=torch.channels_last)
+    wt, b = torch.randn(co, ci, kh, kw, generator=g) * 0.3, torch.randn(co, generator=g) * 0.3
+    xr = x.double().requires_grad_()
+    wr, br = wt.bfloat16().double().requires_grad_(), b.bfloat16().double().requires_grad_()
+    y = F.conv2d(xr, wr, br).relu()
+    gy = torch.randn(y.shape, generator=g).bfloat16()
+    y.backward(gy.double())
+    return x, wt, b, gy, y.detach(), xr.grad, wr.grad, br.grad
+
+
+def _max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
+
+
+@pytest.mark.parametrize("shape", DOT_CONVS)
+def test_dot_product_convolution_is_an_exact_bf16_convolution(dot_conv, shape):
+    """relu(conv2d) forward and its three gradients against float64 on the same bf16 values: the output and the
+    input gradient within their one bf16 rounding, the weight and bias gradients (summed in float, returned in
+    float32) to 1e-5."""
+    x, wt, b, gy, y, dx, dw, db = _bf16_reference(*shape)
+    got = native.conv_relu_forward(x, wt, b)
+    assert got.dtype == torch.bfloat16 and got.is_contiguous()  # (N, C, H, W): the order a dense layer reads
+    assert _max_rel(got, y) < 2 ** -8
+    assert torch.equal(got > 0, y.bfloat16() > 0)  # ReLU where the exact output is ≤ 0, and only there
+    gx, gw, gb = native.conv_relu_backward(gy, got, x, wt, True, True)
+    assert gx.dtype == torch.bfloat16 and gx.is_contiguous(memory_format=torch.channels_last)
+    assert _max_rel(gx, dx) < 2 ** -7
+    assert gw.dtype == torch.float32 and _max_rel(gw, dw) < 1e-5 and _max_rel(gb, db) < 1e-5
+    none_x, gw2, none_b = native.conv_relu_backward(gy, got, x, wt, False, False)
+    assert none_x is None and none_b is None and torch.equal(gw2, gw)
+
+
+def test_dot_product_convolution_keeps_nan_and_passes_its_gradient(dot_conv):
+    """A NaN pixel makes every output over it NaN (ReLU keeps NaN, as torch's), and ReLU's backward passes the
+    gradient there (threshold_backward's y ≤ 0 test is false for NaN)."""
+    x, wt, b, *_ = _bf16_reference(2, 4, 10, 10, 6, 3, 3)
+    x[1, 2, 4, 5] = float("nan")
+    y = native.conv_relu_forward(x, wt, b)
+    nan = torch.zeros(2, 6, 8, 8, dtype=torch.bool)
+    nan[1, :, 2:5, 3:6] = True
+    assert torch.equal(y.isnan(), nan)
+    gy = torch.zeros(y.shape, dtype=torch.bfloat16)
+    gy[1, 0, 3, 4] = 1
+    _, dw, db = native.conv_relu_backward(gy, y, x, wt, True, True)
+    assert db[0] == 1 and db[1:].eq(0).all() and dw[0].isnan().any()
+
+
+@pytest.mark.parametrize("batch_norm", [False, True])
+def test_second_papers_net_trains_through_the_dot_product_convolution(dot_conv, batch_norm):
+    """The second paper's net under bf16 autocast: its 10 → 20-channel convolution + ReLU is taken (not with
+    batch norm after it), the dense layer reads its NCHW output as it is, and ten Adam steps on the built-in
+    silhouettes end at torch's bf16 loss (and learn)."""
+    from cnnlab.data import load_source
+    from cnnlab.models import create_model
+
+    ds = load_source("animal-shapes-5", max_per_class=32, image_size=32, channels=3)
+    x = ((torch.as_tensor(ds.images[:160]).float() / 255 - 0.3) / 0.4).contiguous(memory_format=torch.channels_last)
+    y = torch.as_tensor(ds.labels[:160])
+    torch.manual_seed(0)
+    m0 = create_model("alkhairi-cnn", num_classes=5, in_channels=3, image_size=32, dropout=0.0, batch_norm=batch_norm)
+    m0 = m0.to(memory_format=torch.channels_last)
+    losses = {}
+    for on in (True, False):
+        _NativeConvReLU.enabled = on
+        m = copy.deepcopy(m0)
+        opt = torch.optim.Adam(m.parameters(), lr=1e-3)
+        for _ in range(10):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                features = m.backbone(x)
+                loss = F.cross_entropy(m.head(features).float(), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        taken = type(features.grad_fn).__name__ == "_NativeConvReLUBackward"
+        assert taken == (on and not batch_norm)
+        assert features.is_contiguous() == taken  # torch's convolution leaves it channels-last
+        losses[on] = loss.item()
+    assert losses[True] == pytest.approx(losses[False], rel=0.03, abs=0.01)
+    assert losses[True] < 1.4  # it learned: ln 5 = 1.61 at the start
+
+
+@pytest.mark.parametrize("case", ["taken", "float32", "no gradients", "padded", "strided", "16 input channels",
+                                  "not the last", "fp16 autocast", "switched off"])
+def test_dot_product_convolution_only_where_it_computes_the_same(dot_conv, case):
+    """Only a stride-1 unpadded few-channel convolution + ReLU ending the block, in bf16 autocast with gradients."""
+    ci = 16 if case == "16 input channels" else 6
+    conv = nn.Conv2d(ci, 8, 3, padding=1 if case == "padded" else 0, stride=2 if case == "strided" else 1)
+    mods = [conv, nn.ReLU(inplace=True)] + ([nn.Conv2d(8, 8, 1)] if case == "not the last" else [])
+    seq = FusedSequential(*mods).to(memory_format=torch.channels_last)
+    x = torch.randn(2, ci, 12, 12).contiguous(memory_format=torch.channels_last)
+    _NativeConvReLU.enabled = case != "switched off"
+    dtype = torch.float16 if case == "fp16 autocast" else torch.bfloat16
+    with torch.autocast("cpu", dtype=dtype, enabled=case != "float32"), torch.set_grad_enabled(case != "no gradients"):
+        out = seq(x)
+    taken = out.grad_fn is not None and type(out.grad_fn).__name__ == "_NativeConvReLUBackward"
+    assert taken == (case == "taken")
+    if taken:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ref = F.relu(conv(x))
+        assert _max_rel(out, ref) < 2 ** -7
+
+
 @pytest.mark.parametrize("kernel,dtype", [("pool_stats", torch.float32), ("conv_pool_wgrad", torch.float32),
                                           ("pool_backward_wgrad", torch.float32), ("pool_backward_wgrad", torch.bfloat16),
-                                          ("conv_pool_forward", torch.float32), ("conv_pool_forward", torch.bfloat16)])
+                                          ("conv_pool_forward", torch.float32), ("conv_pool_forward", torch.bfloat16),
+                                          ("conv_relu_forward", torch.bfloat16), ("conv_relu_backward", torch.bfloat16)])
 def test_a_kernel_without_memory_for_its_scratch_raises_memory_error(kernel, dtype):
     """Asked for rows of 2⁴⁰ positions (and no images, so nothing is read), the kernels' scratch allocation
     fails: they skip their work and say so, and the call raises MemoryError instead of crashing."""
+    if kernel.startswith("conv_relu") and not native.dot_conv_available():
+        pytest.skip("the bf16 dot-product convolution is built only for CPUs with AVX-512 BF16")
     buf = torch.zeros(64)
     p = buf.data_ptr()
     with pytest.raises(MemoryError, match=kernel):
@@ -585,6 +728,10 @@ def test_a_kernel_without_memory_for_its_scratch_raises_memory_error(kernel, dty
             native._kernel(kernel, torch.float32)(p, 0, 3, 3, 3, 3, 3, p, p, p, 1, 1 << 40, 10, p, 2)
         elif kernel == "pool_backward_wgrad":  # 2⁴⁰ channels: its accumulators
             native._kernel(kernel, dtype)(p, p, p, p, p, p, 0, 2, 2, 1 << 40, p, 1, 1, 1, p, 2)
+        elif kernel == "conv_relu_forward":  # 2⁴⁰ output channels: its weights' scratch
+            native._kernel(kernel, dtype)(p, 0, 3, 3, 2, p, p, 1 << 40, 1, 1, p, 2)
+        elif kernel == "conv_relu_backward":  # 2⁴⁰ output channels: its weight-gradient lanes
+            native._kernel(kernel, dtype)(p, p, p, 0, 3, 3, 2, p, 1 << 40, 1, 1, p, p, p, 2)
         else:  # 2⁴⁰ output channels: its weights' scratch
             native._kernel(kernel, dtype)(p, 0, 3, 3, 3, 3, 3, p, p, p, p, 1, 1, 1 << 40, 2)  # bf16: its own code
     out = torch.zeros(1, 16, 1, 1)  # and the library still works afterwards

@@ -267,6 +267,43 @@ def conv_max_pool_relu(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor | None:
     return _NativeConvMaxPoolReLU.apply(x, conv.weight, conv.bias)
 
 
+class _NativeConvReLU(torch.autograd.Function):
+    """relu(conv2d(x, weight, bias)) in bf16 through the native dot-product kernels (native.conv_relu_forward /
+    conv_relu_backward): few channels (the second paper's 10 → 20-channel 5×5 convolution), output in plain NCHW
+    order, which the dense layer after the block flattens without a copy (torch's channels-last output needed one
+    each way). The weights' and bias's gradients are summed in float and returned in float32."""
+
+    enabled: bool | None = None  # None: where native.dot_conv_pays(); True / False: always / never (tests, benchmarks)
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        y = native.conv_relu_forward(x, weight, bias)
+        ctx.save_for_backward(x, y, weight)
+        ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        x, y, weight = ctx.saved_tensors
+        xdtype, wdtype, bdtype = ctx.dtypes
+        dx, dw, db = native.conv_relu_backward(grad, y, x, weight, ctx.needs_input_grad[0],
+                                               bdtype is not None and ctx.needs_input_grad[2])
+        return (None if dx is None else dx.to(xdtype)), dw.to(wdtype), (None if db is None else db.to(bdtype))
+
+
+def conv_relu(x: torch.Tensor, conv: nn.Module) -> torch.Tensor | None:
+    """relu(conv(x)) through _NativeConvReLU, or None where it does not apply now: a CPU where it does not pay
+    (native.dot_conv_pays: AVX-512 BF16 without AMX), no gradients, not bf16 autocast, not a plain stride-1
+    unpadded nn.Conv2d with few channels (native.conv_relu_applies)."""
+    on = _NativeConvReLU.enabled
+    if not ((native.dot_conv_pays() if on is None else on) and torch.is_grad_enabled() and type(conv) is nn.Conv2d
+            and _symmetric_padding(conv) == (0, 0) and _stem_dtype(conv.weight, conv.bias) == torch.bfloat16
+            and native.conv_relu_applies(x, conv.weight)):
+        return None
+    return _NativeConvReLU.apply(x, conv.weight, conv.bias)
+
+
 def max_pool_relu(x: torch.Tensor, use_native: bool = True) -> torch.Tensor:
     """relu(max_pool2d(x, 2)): the native kernels where they apply, else torch's."""
     if use_native and native.applies(x):
@@ -410,6 +447,12 @@ class FusedSequential(nn.Sequential):
                 out = conv_max_pool_relu(x, mods[i])
                 if out is not None:
                     x, i = out, i + 3
+                    continue
+            if (fuse and use_native and i + 2 == len(mods) and type(mods[i]) is nn.Conv2d
+                    and type(mods[i + 1]) is nn.ReLU):  # the block's last convolution, before the dense layers
+                out = conv_relu(x, mods[i])
+                if out is not None:
+                    x, i = out, i + 2
                     continue
             if fuse and i + 1 < len(mods) and _pool_first(*mods[i:i + 2]):
                 x, i = max_pool_relu(x, use_native), i + 2

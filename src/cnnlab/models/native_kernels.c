@@ -966,4 +966,303 @@ DEFINE_CONV_POOL_CHUNK(conv_pool_chunk_bf16, uint16_t, ldrh, 1, put_bf16)
 DEFINE_CONV_POOL_FORWARD(cnnlab_conv_pool_forward_bf16, uint16_t, conv_pool_chunk_bf16)
 #endif
 
-int cnnlab_native_version(void) { return 6; }
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+/* A convolution with few channels, then ReLU, in bf16 with the dot-product instruction — the second paper's
+ * 10 → 20-channel 5×5 one, whose output the dense layer reads in (C, H, W) order. torch's oneDNN kernels keep
+ * channels as the vector lanes, and 10 or 20 channels fill 62.5 % of their 16- or 32-channel blocks; here the
+ * lanes are 16 output columns and the dot product's pairs are two input channels, so every lane but the last
+ * chunk's tail of a row does work. Stride 1, no padding, groups 1.
+ *
+ * Forward: x (N, H, W, Ci) bf16 channels-last, weights (Co, Ci, KH, KW) and bias float32 (rounded to bf16 here,
+ * as autocast rounds them), y = relu(conv) (N, Co, Ho, Wo) bf16 in plain NCHW order, each value rounded once
+ * from its float sum. Each image is first laid out as pair rows, pp[h, j, w] = (x[h, w, 2j], x[h, w, 2j + 1]),
+ * so that 16 columns of a channel pair are one load. Backward: g (N, Co, Ho, Wo) bf16, NCHW; g' = g where
+ * ReLU passed (y > 0 or NaN, as threshold_backward); the input gradient is a valid convolution of g' padded by
+ * KH − 1, KW − 1 with the flipped weights (the same loop as the forward, pairs of output channels), only over
+ * the kernel rows that meet g's rows; the weight gradient pairs two columns: lane l of a product is
+ * g'[y, 2l]·x[ci, y + ky, 2l + kx] + g'[y, 2l + 1]·x[ci, y + ky, 2l + 1 + kx], so 32 columns of g' and of x's
+ * channel plane, shifted by kx, are one load each, and a block of 4 output channels × 5 kernel columns sums in
+ * registers down all rows of an image. */
+
+/* Sums into acc[k][c] (lane l: column 16k + l of the output row) over kernel rows ky0..KH−1, channel pairs and
+ * kernel columns: pair rows pp (row ky·NP + j, PW pairs each), weight pairs wp (KH, KW, NP, CS) at channel c. */
+static inline __attribute__((always_inline)) void dot_rows(
+        const uint32_t *restrict pp, int64_t PW, int64_t NP, int64_t ky0, int64_t KH, int64_t KW,
+        const uint32_t *restrict wp, int64_t CS, const int CB, const int NC, __m512 acc[2][24]) {
+    for (int64_t ky = ky0; ky < KH; ky++)
+        for (int64_t j = 0; j < NP; j++)
+            for (int64_t kx = 0; kx < KW; kx++) {
+                const uint32_t *p = pp + (ky * NP + j) * PW + kx;
+                const __m512bh v0 = (__m512bh)_mm512_loadu_si512(p);
+                const __m512bh v1 = NC > 1 ? (__m512bh)_mm512_loadu_si512(p + LANES) : v0;
+                const uint32_t *w = wp + ((ky * KW + kx) * NP + j) * CS;
+                _Pragma("GCC unroll 24") for (int c = 0; c < CB; c++) {
+                    const __m512bh b = (__m512bh)_mm512_set1_epi32((int)w[c]);
+                    acc[0][c] = _mm512_dpbf16_ps(acc[0][c], v0, b);
+                    if (NC > 1) acc[1][c] = _mm512_dpbf16_ps(acc[1][c], v1, b);
+                }
+            }
+}
+
+/* Weights (Co, Ci, KH, KW) float32 → bf16 pairs (KH, KW, NP, S): pairs of input channels for each output
+ * channel (S = Co), or with `flip` the input gradient's — kernel rows and columns reversed, pairs of output
+ * channels for each input channel (S = Ci). An odd count's last pair has a zero top half. */
+static uint32_t *dot_weights(const float *wt, int64_t Co, int64_t Ci, int64_t KH, int64_t KW, int flip) {
+    const int64_t A = flip ? Co : Ci, S = flip ? Ci : Co, NP = (A + 1) / 2, n = KH * KW * NP * S;
+    uint32_t *wp = (uint32_t *)aligned_alloc(64, (size_t)((n + 16) / 16 * 16) * sizeof(uint32_t));
+    if (!wp) return NULL;
+    for (int64_t ky = 0; ky < KH; ky++)
+        for (int64_t kx = 0; kx < KW; kx++)
+            for (int64_t j = 0; j < NP; j++)
+                for (int64_t s = 0; s < S; s++) {
+                    uint32_t pair = 0;
+                    for (int64_t half = 0; half < 2 && 2 * j + half < A; half++) {
+                        const int64_t a = 2 * j + half, co = flip ? a : s, ci = flip ? s : a;
+                        const int64_t y = flip ? KH - 1 - ky : ky, x = flip ? KW - 1 - kx : kx;
+                        pair |= (uint32_t)bf16_store(wt[((co * Ci + ci) * KH + y) * KW + x]) << (16 * half);
+                    }
+                    wp[((ky * KW + kx) * NP + j) * S + s] = pair;
+                }
+    return wp;
+}
+
+#define DOT_CASES(M) M(1) M(2) M(3) M(4) M(5) M(6) M(7) M(8) M(9) M(10) M(11) M(12) \
+                     M(13) M(14) M(15) M(16) M(17) M(18) M(19) M(20) M(21) M(22) M(23) M(24)
+
+int cnnlab_conv_relu_forward_bf16(const uint16_t *x, int64_t N, int64_t H, int64_t W, int64_t Ci, const float *wt,
+                                  const float *bias, int64_t Co, int64_t KH, int64_t KW, uint16_t *y, int nthreads) {
+    const int64_t Ho = H - KH + 1, Wo = W - KW + 1, NP = (Ci + 1) / 2;
+    const int64_t PW = ((Wo + LANES - 1) / LANES * LANES + KW - 1 + LANES - 1) / LANES * LANES;
+    if (nthreads < 1) nthreads = 1;
+    uint32_t *wp = dot_weights(wt, Co, Ci, KH, KW, 0);
+    float *bb = scratch(Co);
+    int failed = !(wp && bb);
+    if (!failed)
+        for (int64_t c = 0; c < Co; c++) bb[c] = bias ? bf16_load(bf16_store(bias[c])) : 0.0f;
+    if (!failed) _Pragma("omp parallel num_threads(nthreads)")
+    {
+        const size_t ppn = (size_t)(H * NP * PW + 16);
+        uint32_t *pp = (uint32_t *)aligned_alloc(64, (ppn + 15) / 16 * 16 * sizeof(uint32_t));
+        SCRATCH_READY(pp != NULL);
+        if (ok) memset(pp, 0, ppn * sizeof(uint32_t));  /* columns past W stay zero */
+        int64_t image = -1;
+        _Pragma("omp for schedule(static)")
+        for (int64_t row = 0; row < N * Ho; row++) {
+            if (!ok) continue;
+            const int64_t n = row / Ho, ho = row % Ho;
+            if (n != image) {  /* the image's pair rows */
+                const uint16_t *xi = x + n * H * W * Ci;
+                for (int64_t h = 0; h < H; h++)
+                    for (int64_t j = 0; j < NP; j++) {
+                        uint32_t *d = pp + (h * NP + j) * PW;
+                        const uint16_t *s = xi + h * W * Ci + 2 * j;
+                        if (2 * j + 1 < Ci)
+                            for (int64_t w = 0; w < W; w++) d[w] = s[w * Ci] | (uint32_t)s[w * Ci + 1] << 16;
+                        else
+                            for (int64_t w = 0; w < W; w++) d[w] = s[w * Ci];
+                    }
+                image = n;
+            }
+            for (int64_t x0 = 0; x0 < Wo; x0 += LANES) {
+                const __mmask16 m = Wo - x0 >= LANES ? (__mmask16)0xFFFF : (__mmask16)((1u << (Wo - x0)) - 1);
+                for (int64_t c0 = 0, cb; c0 < Co; c0 += cb) {
+                    cb = Co - c0 > 24 ? 24 : Co - c0;
+                    __m512 acc[2][24];
+                    for (int c = 0; c < cb; c++) acc[0][c] = _mm512_set1_ps(bb[c0 + c]);
+                    switch (cb) {
+#define DOT_FWD_CASE(K) case K: dot_rows(pp + ho * NP * PW + x0, PW, NP, 0, KH, KW, wp + c0, Co, K, 1, acc); break;
+                        DOT_CASES(DOT_FWD_CASE)
+#undef DOT_FWD_CASE
+                    }
+                    uint16_t *o = y + ((n * Co + c0) * Ho + ho) * Wo + x0;
+                    for (int c = 0; c < cb; c++)  /* ReLU, then one rounding: max_ps(0, v) is v where v is NaN */
+                        _mm256_mask_storeu_epi16(o + c * Ho * Wo, m, (__m256i)_mm512_cvtneps_pbh(
+                            _mm512_max_ps(_mm512_setzero_ps(), acc[0][c])));
+                }
+            }
+        }
+        free(pp);
+    }
+    free(wp);
+    free(bb);
+    return failed;
+}
+
+/* The weight gradient's block: CB output channels × KB kernel columns of accumulators A (CB, KB, 16 lanes),
+ * summed down an image's Ho rows; xp: x's plane row ky, shifted by the block's first kernel column; gq: g' at the
+ * block's first output channel (planes HW apart, rows GW apart). */
+static inline __attribute__((always_inline)) void dot_wgrad_block(
+        const uint16_t *restrict xp, int64_t XW, const uint16_t *restrict gq, int64_t GW, int64_t HW, int64_t Ho,
+        const int CB, const int KB, float *restrict A) {
+    __m512 acc[4][5];
+    for (int c = 0; c < CB; c++)
+        for (int k = 0; k < KB; k++) acc[c][k] = _mm512_load_ps(A + (c * KB + k) * LANES);
+    for (int64_t r = 0; r < Ho; r++) {
+        __m512bh xs[5];
+        for (int k = 0; k < KB; k++) xs[k] = (__m512bh)_mm512_loadu_si512(xp + r * XW + k);
+        for (int c = 0; c < CB; c++) {
+            const __m512bh gv = (__m512bh)_mm512_load_si512(gq + c * HW + r * GW);
+            for (int k = 0; k < KB; k++) acc[c][k] = _mm512_dpbf16_ps(acc[c][k], gv, xs[k]);
+        }
+    }
+    for (int c = 0; c < CB; c++)
+        for (int k = 0; k < KB; k++) _mm512_store_ps(A + (c * KB + k) * LANES, acc[c][k]);
+}
+
+/* dx (N, H, W, Ci) bf16 channels-last (skipped when NULL), dw (Co, Ci, KH, KW) and db (Co) float32 (db skipped
+ * when NULL), from g and the forward's y, both (N, Co, Ho, Wo) bf16. */
+int cnnlab_conv_relu_backward_bf16(const uint16_t *g, const uint16_t *y, const uint16_t *x, int64_t N, int64_t H,
+                                   int64_t W, int64_t Ci, const float *wt, int64_t Co, int64_t KH, int64_t KW,
+                                   uint16_t *dx, float *dw, float *db, int nthreads) {
+    const int64_t Ho = H - KH + 1, Wo = W - KW + 1, NQ = (Co + 1) / 2, PH = Ho + 2 * (KH - 1);
+    const int64_t PW = ((W + LANES - 1) / LANES * LANES + KW - 1 + LANES - 1) / LANES * LANES;  /* g' pair rows */
+    const int64_t GW = (Wo + 31) / 32 * 32, XW = (GW + KW - 1 + 31) / 32 * 32;  /* g' and x channel planes */
+    const int64_t asz = Ci * KH * Co * KW * LANES;  /* a thread's weight-gradient lanes */
+    if (nthreads < 1) nthreads = 1;
+    uint32_t *wp = dx ? dot_weights(wt, Co, Ci, KH, KW, 1) : NULL;
+    float *parts = scratch(asz * nthreads);
+    double *dbp = (double *)calloc((size_t)(Co * nthreads + 1), sizeof(double));
+    int failed = !(parts && dbp && (wp || !dx));
+    if (!failed) _Pragma("omp parallel num_threads(nthreads)")
+    {
+        const int t = omp_get_thread_num();
+        float *A = parts + asz * t;
+        double *dbt = dbp + Co * t;
+        const size_t gpn = (size_t)(PH * NQ * PW + 16), gqn = (size_t)(Co * Ho * GW + 64), xqn = (size_t)(Ci * H * XW + 64);
+        uint32_t *gp = (uint32_t *)aligned_alloc(64, (gpn + 15) / 16 * 16 * sizeof(uint32_t));
+        uint16_t *gq = (uint16_t *)aligned_alloc(64, (gqn + 31) / 32 * 32 * sizeof(uint16_t));
+        uint16_t *xq = (uint16_t *)aligned_alloc(64, (xqn + 31) / 32 * 32 * sizeof(uint16_t));
+        uint16_t *tb = (uint16_t *)aligned_alloc(64, sizeof(uint16_t) * LANES * 24);
+        SCRATCH_READY(gp && gq && xq && tb);
+        if (ok) {  /* the padding (g's border, columns past Wo or W) stays zero */
+            memset(gp, 0, gpn * sizeof(uint32_t));
+            memset(gq, 0, gqn * sizeof(uint16_t));
+            memset(xq, 0, xqn * sizeof(uint16_t));
+        }
+        _Pragma("omp for schedule(static)")
+        for (int64_t n = 0; n < N; n++) {
+            if (!ok) continue;
+            const uint16_t *gn = g + n * Co * Ho * Wo, *yn = y + n * Co * Ho * Wo, *xn = x + n * H * W * Ci;
+            /* g' into 32-column planes (gq) and padded pair rows (gp), 32 columns a step; the bias gradient */
+            for (int64_t j = 0; j < NQ; j++) {
+                __m512 s[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+                for (int64_t r = 0; r < Ho; r++)
+                    for (int64_t w = 0; w < Wo; w += 32) {
+                        __m512i half[2][2] = {{_mm512_setzero_si512(), _mm512_setzero_si512()},
+                                              {_mm512_setzero_si512(), _mm512_setzero_si512()}};
+                        const __mmask32 m = Wo - w >= 32 ? (__mmask32)0xFFFFFFFFu : (__mmask32)((1u << (Wo - w)) - 1);
+                        for (int h2 = 0; h2 < 2 && 2 * j + h2 < Co; h2++) {
+                            const int64_t at = ((2 * j + h2) * Ho + r) * Wo + w;
+                            const __m512i gv = _mm512_maskz_loadu_epi16(m, gn + at), yv = _mm512_maskz_loadu_epi16(m, yn + at);
+                            const __mmask32 pass = _mm512_cmpgt_epi16_mask(yv, _mm512_setzero_si512())
+                                | _mm512_cmpgt_epi16_mask(_mm512_and_si512(yv, _mm512_set1_epi16(0x7FFF)), _mm512_set1_epi16(0x7F80));
+                            const __m512i gm = _mm512_maskz_mov_epi16(pass, gv);
+                            _mm512_store_si512(gq + ((2 * j + h2) * Ho + r) * GW + w, gm);
+                            const __m512i a = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(gm)), 16);
+                            const __m512i b = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(gm, 1)), 16);
+                            s[h2] = _mm512_add_ps(s[h2], _mm512_add_ps(_mm512_castsi512_ps(a), _mm512_castsi512_ps(b)));
+                            half[h2][0] = h2 ? a : _mm512_srli_epi32(a, 16);
+                            half[h2][1] = h2 ? b : _mm512_srli_epi32(b, 16);
+                        }
+                        uint32_t *pr = gp + ((r + KH - 1) * NQ + j) * PW + KW - 1 + w;
+                        for (int64_t k = 0; k < 2 && w + LANES * k < Wo; k++) {
+                            const int64_t left = Wo - w - LANES * k;
+                            const __mmask16 mk = left >= LANES ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+                            _mm512_mask_storeu_epi32(pr + LANES * k, mk, _mm512_or_si512(half[0][k], half[1][k]));
+                        }
+                    }
+                dbt[2 * j] += _mm512_reduce_add_ps(s[0]);
+                if (2 * j + 1 < Co) dbt[2 * j + 1] += _mm512_reduce_add_ps(s[1]);
+            }
+            for (int64_t h = 0; h < H; h++)  /* x's channel planes */
+                for (int64_t ci = 0; ci < Ci; ci++) {
+                    uint16_t *d = xq + (ci * H + h) * XW;
+                    const uint16_t *src = xn + h * W * Ci + ci;
+                    for (int64_t w = 0; w < W; w++) d[w] = src[w * Ci];
+                }
+            /* the weight gradient: blocks of 4 output channels × 5 kernel columns, A laid out block after block */
+            for (int64_t ci = 0; ci < Ci; ci++)
+                for (int64_t ky = 0; ky < KH; ky++)
+                    for (int64_t co = 0; co < Co; co += 4) {
+                        const int cb = Co - co < 4 ? (int)(Co - co) : 4;
+                        for (int64_t kx = 0; kx < KW; kx += 5) {
+                            const int kb = KW - kx < 5 ? (int)(KW - kx) : 5;
+                            float *Ab = A + (((ci * KH + ky) * Co + co) * KW + kx * cb) * LANES;
+                            for (int64_t xc = 0; xc < GW; xc += 32) {
+                                const uint16_t *xs = xq + (ci * H + ky) * XW + kx + xc, *gs = gq + co * Ho * GW + xc;
+                                switch (cb * 8 + kb) {
+#define DOT_WG_CASE(C, K) case C * 8 + K: dot_wgrad_block(xs, XW, gs, GW, Ho * GW, Ho, C, K, Ab); break;
+                                    DOT_WG_CASE(1, 1) DOT_WG_CASE(1, 2) DOT_WG_CASE(1, 3) DOT_WG_CASE(1, 4) DOT_WG_CASE(1, 5)
+                                    DOT_WG_CASE(2, 1) DOT_WG_CASE(2, 2) DOT_WG_CASE(2, 3) DOT_WG_CASE(2, 4) DOT_WG_CASE(2, 5)
+                                    DOT_WG_CASE(3, 1) DOT_WG_CASE(3, 2) DOT_WG_CASE(3, 3) DOT_WG_CASE(3, 4) DOT_WG_CASE(3, 5)
+                                    DOT_WG_CASE(4, 1) DOT_WG_CASE(4, 2) DOT_WG_CASE(4, 3) DOT_WG_CASE(4, 4) DOT_WG_CASE(4, 5)
+#undef DOT_WG_CASE
+                                }
+                            }
+                        }
+                    }
+            if (!dx) continue;
+            /* the input gradient, two 16-column chunks of a row at a time, then into channels-last order */
+            for (int64_t h = 0; h < H; h++)
+                for (int64_t x0 = 0; x0 < W; x0 += 2 * LANES) {
+                    const int two = W - x0 > LANES;
+                    const int64_t a0 = KH - 1 - h > 0 ? KH - 1 - h : 0, a1 = KH - 1 - h + Ho < KH ? KH - 1 - h + Ho : KH;
+                    const uint32_t *pr = gp + h * NQ * PW + x0;
+                    for (int64_t c0 = 0, cb; c0 < Ci; c0 += cb) {
+                        cb = Ci - c0 > 12 ? 12 : Ci - c0;
+                        __m512 acc[2][24];
+                        for (int c = 0; c < cb; c++) acc[0][c] = acc[1][c] = _mm512_setzero_ps();
+                        if (two) switch (cb) {
+#define DOT_DG_CASE(K) case K: dot_rows(pr, PW, NQ, a0, a1, KW, wp + c0, Ci, K, 2, acc); break;
+                            DOT_DG_CASE(1) DOT_DG_CASE(2) DOT_DG_CASE(3) DOT_DG_CASE(4) DOT_DG_CASE(5) DOT_DG_CASE(6)
+                            DOT_DG_CASE(7) DOT_DG_CASE(8) DOT_DG_CASE(9) DOT_DG_CASE(10) DOT_DG_CASE(11) DOT_DG_CASE(12)
+#undef DOT_DG_CASE
+                        } else switch (cb) {
+#define DOT_DG_CASE(K) case K: dot_rows(pr, PW, NQ, a0, a1, KW, wp + c0, Ci, K, 1, acc); break;
+                            DOT_DG_CASE(1) DOT_DG_CASE(2) DOT_DG_CASE(3) DOT_DG_CASE(4) DOT_DG_CASE(5) DOT_DG_CASE(6)
+                            DOT_DG_CASE(7) DOT_DG_CASE(8) DOT_DG_CASE(9) DOT_DG_CASE(10) DOT_DG_CASE(11) DOT_DG_CASE(12)
+#undef DOT_DG_CASE
+                        }
+                        for (int k = 0; k <= two; k++) {
+                            for (int c = 0; c < cb; c++)
+                                _mm256_store_si256((__m256i *)(tb + c * LANES), (__m256i)_mm512_cvtneps_pbh(acc[k][c]));
+                            const int64_t w0 = x0 + k * LANES, nw = W - w0 < LANES ? W - w0 : LANES;
+                            uint16_t *o = dx + ((n * H + h) * W + w0) * Ci + c0;
+                            for (int64_t l = 0; l < nw; l++)
+                                for (int c = 0; c < cb; c++) o[l * Ci + c] = tb[c * LANES + l];
+                        }
+                    }
+                }
+        }
+        free(gp); free(gq); free(xq); free(tb);
+    }
+    if (!failed) {  /* the threads' parts and the 16 lanes, in double, into dw's (Co, Ci, KH, KW) order */
+        for (int64_t ci = 0; ci < Ci; ci++)
+            for (int64_t ky = 0; ky < KH; ky++)
+                for (int64_t co = 0; co < Co; co += 4) {
+                    const int64_t cb = Co - co < 4 ? Co - co : 4;
+                    for (int64_t kx = 0; kx < KW; kx += 5) {
+                        const int64_t kb = KW - kx < 5 ? KW - kx : 5;
+                        const float *Ab = parts + (((ci * KH + ky) * Co + co) * KW + kx * cb) * LANES;
+                        for (int64_t c = 0; c < cb; c++)
+                            for (int64_t k = 0; k < kb; k++) {
+                                double sum = 0;
+                                for (int t = 0; t < nthreads; t++)
+                                    for (int l = 0; l < LANES; l++) sum += Ab[asz * t + (c * kb + k) * LANES + l];
+                                dw[(((co + c) * Ci + ci) * KH + ky) * KW + kx + k] = (float)sum;
+                            }
+                    }
+                }
+        if (db)
+            for (int64_t co = 0; co < Co; co++) {
+                double sum = 0;
+                for (int t = 0; t < nthreads; t++) sum += dbp[Co * t + co];
+                db[co] = (float)sum;
+            }
+    }
+    free(parts); free(dbp); free(wp);
+    return failed;
+}
+#endif
+
+int cnnlab_native_version(void) { return 7; }

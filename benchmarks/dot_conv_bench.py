@@ -1,0 +1,166 @@
+"""A few-channel convolution + ReLU in bf16 with the dot-product instruction, against torch's oneDNN (issue 14).
+
+    python benchmarks/dot_conv_bench.py --write BENCHMARKS.md     # what `make bench-kernels` runs
+    python benchmarks/dot_conv_bench.py --rounds 4                # a quicker look, table only
+
+The second paper's net ends conv 5×5 (10 → 20 channels, unpadded) → ReLU → flatten → dense. torch's oneDNN bf16
+kernels keep channels as the vector lanes, and 10 or 20 channels fill 62.5 % of their 16- or 32-channel blocks;
+its channels-last output must then be copied into the dense layer's (C, H, W) order, and the gradient back.
+cnnlab's native kernels (`conv_relu_forward` / `conv_relu_backward` in native_kernels.c, `_NativeConvReLU` in
+cnnlab/models/fused.py; built where the CPU has AVX-512 BF16, taken by default there unless it has AMX:
+`native.dot_conv_pays`) put 16 output columns in the lanes and two input channels in each dot-product pair, and
+write the output in (C, H, W) order. Two measurements:
+
+  kernels   forward and backward alone at batch 128 for the second paper's shape and seven others with few
+            channels, bf16: torch's convolution + ReLU (+ the copy to (C, H, W) order forward; the copy of the
+            gradient back to channels-last, ReLU's backward and the convolution's backward) against the native
+            pair; median of interleaved calls
+  loop      cnnlab's training loop on the second paper's net (animal-shapes-5 at 64×64×3, batch 128, the CPU
+            defaults: bf16-mixed) with and without it, epochs interleaved in one process (the order alternating
+            each round) so the machine's slower minutes fall on both; the per-round ratios' median and range.
+            The script sets _NativeConvReLU.enabled for each epoch.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from bench_common import interleaved_median_ms, machine_line, markers, publish  # on sys.path
+from stem_bench import measure
+
+START, END = markers("dot-conv-bench")  # a section per CPU kind
+ROOT = Path(__file__).resolve().parent.parent
+TASK = ["recipes/demo.yaml", "data.source=animal-shapes-5", "data.image_size=64", "data.channels=3",
+        "model.name=alkhairi-cnn", "data.augment=false"]
+# (input channels, output channels, input side, kernel): the second paper's first; the paper's at 32×32 images;
+# a LeNet-like one; more channels, up to and past where it stops paying (16 input channels: not taken)
+SHAPES = [(10, 20, 31, 5), (10, 20, 13, 5), (6, 16, 14, 5), (8, 8, 31, 5), (3, 16, 32, 3), (12, 24, 16, 3),
+          (16, 32, 16, 3), (32, 64, 16, 3)]
+
+
+def kernels(repeats: int, dtype_name: str) -> list[dict]:
+    """Median ms of each direction's two paths at batch 128 for each of SHAPES."""
+    import torch
+    import torch.nn.functional as F
+
+    from cnnlab.models import native
+
+    cl, rows = torch.channels_last, []
+    for ci, co, side, k in SHAPES:
+        torch.manual_seed(0)
+        n, out = 128, side - k + 1
+        x = torch.randn(n, ci, side, side).bfloat16().contiguous(memory_format=cl)
+        w, b = torch.randn(co, ci, k, k) * 0.1, torch.randn(co) * 0.1
+        g = torch.randn(n, co * out * out).bfloat16()  # the dense layer's gradient, (C, H, W) order
+        kept = {}
+
+        def torch_forward():
+            wb = w.bfloat16().contiguous(memory_format=cl)
+            y = F.conv2d(x, wb, b.bfloat16()).relu_()
+            kept["y"], kept["w"] = y, wb
+            return y.reshape(n, -1)  # a copy: channels-last into (C, H, W) order
+
+        def torch_backward():
+            y, wb = kept["y"], kept["w"]
+            gy = g.reshape(y.shape).contiguous(memory_format=cl)
+            gy = torch.ops.aten.threshold_backward(gy, y, 0)
+            torch.ops.aten.convolution_backward(gy, x, wb, [co], [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
+                                                [True, True, True])
+
+        y = native.conv_relu_forward(x, w, b)
+        torch_forward()
+        got = interleaved_median_ms({"torch forward": torch_forward,
+                                     "native forward": lambda: native.conv_relu_forward(x, w, b),
+                                     "torch backward": torch_backward,
+                                     "native backward": lambda: native.conv_relu_backward(g, y, x, w, True, True)},
+                                    repeats)
+        rows.append({"shape": (ci, co, side, k), **got})
+    return rows
+
+
+def loop(rounds: int) -> dict:
+    """Epoch seconds of cnnlab's loop with and without the dot-product convolution, interleaved."""
+    import cnnlab.models.fused as fused
+    from cnnlab.config import load_config
+    from cnnlab.experiment import build_experiment
+    from cnnlab.training.loop import train_one_epoch
+    from cnnlab.training.progress import ProgressLogger
+
+    b = build_experiment(load_config(str(ROOT / TASK[0]), TASK[1:]), ProgressLogger("none"))
+    function = fused._NativeConvReLU
+
+    def epoch(on: bool) -> float:
+        function.enabled = on
+        t = time.perf_counter()
+        train_one_epoch(b.model, b.data.train, b.optimizer, b.schedule, b.runtime)
+        return time.perf_counter() - t
+
+    epoch(True), epoch(False)  # warm-up
+    seconds: dict[bool, list[float]] = {True: [], False: []}
+    try:
+        for i in range(rounds):
+            for on in ((True, False) if i % 2 == 0 else (False, True)):
+                seconds[on].append(epoch(on))
+    finally:
+        function.enabled = None
+    r = b.runtime.describe()
+    return {"images": b.data.train.num_samples, "seconds": seconds, "precision": r["precision"]}
+
+
+def main() -> None:
+    import torch
+
+    from cnnlab.models.native import DOT_CONV_MAX_IN, DOT_CONV_MAX_OUT, dot_conv_available, dot_conv_pays, why_not
+
+    def available_loop(rounds: int) -> dict:
+        if not dot_conv_available():  # not an error: `make bench-kernels` goes on with the next bench
+            print("dot_conv_bench: nothing to measure here — the bf16 dot-product convolution needs AVX-512 BF16 "
+                  f"({why_not() or 'this CPU does not have it'})", file=sys.stderr)
+            raise SystemExit(0)
+        return loop(rounds)
+
+    a, m, r, k = measure(__doc__, available_loop, kernels)
+    s, n = r["seconds"], r["images"]
+    v = sorted(off / on for on, off in zip(s[True], s[False]))
+    taken = dot_conv_pays()
+
+    def row(x: dict) -> str:
+        ci, co, side, kk = x["shape"]
+        where = "taken" if ci <= DOT_CONV_MAX_IN and co <= DOT_CONV_MAX_OUT else "not taken"
+        t, nat = x["torch forward"] + x["torch backward"], x["native forward"] + x["native backward"]
+        return (f"| {ci} → {co}, {side}×{side}, {kk}×{kk} ({where}) | {x['torch forward']:.2f} | "
+                f"{x['native forward']:.2f} | {x['torch backward']:.2f} | {x['native backward']:.2f} | "
+                f"{t / nat:.2f}× |")
+
+    title = f"## A few-channel convolution + ReLU with bf16 dot products (issue 14) — {m['capability']}"
+    lines = [START, title,
+             "", f"`python benchmarks/dot_conv_bench.py --rounds {a.rounds} --repeats {a.repeats}` — measured "
+             f"{time.strftime('%Y-%m-%d')} on {machine_line(m)}; torch threads {torch.get_num_threads()}.", "",
+             f"Convolution (stride 1, unpadded) → ReLU alone, batch 128, bf16, ms (median of {a.repeats} interleaved "
+             "calls). torch: oneDNN's channels-last convolution + ReLU and the copy into the dense layer's (C, H, W) "
+             "order forward; the gradient's copy back to channels-last, ReLU's backward and the convolution's "
+             "backward (input, weights, bias). native: conv_relu_forward / conv_relu_backward.", "",
+             "| channels, input, kernel | torch forward | native forward | torch backward | native backward | "
+             "native is faster |", "|---|---:|---:|---:|---:|---:|",
+             *[row(x) for x in k], "",
+             f"cnnlab's training loop on the second paper's net (animal-shapes-5, 64×64×3, batch 128, the CPU "
+             f"defaults: {r['precision']}), {a.rounds} rounds of one epoch each way, interleaved in one process:", "",
+             "| path | images/s (median epoch) |", "|---|---:|",
+             f"| the native dot-product convolution{' (the default)' if taken else ''} | "
+             f"{n / statistics.median(s[True]):,.0f} |",
+             f"| torch's convolution{'' if taken else ' (the default)'} | {n / statistics.median(s[False]):,.0f} |",
+             "", f"Within each round the native convolution made the loop **{statistics.median(v):.2f}×** as fast "
+             f"(range {v[0]:.2f}–{v[-1]:.2f}×). "
+             + ("It is the default on this CPU (AVX-512 BF16 without AMX: `native.dot_conv_pays`), for convolutions "
+                f"with ≤ {DOT_CONV_MAX_IN} input and ≤ {DOT_CONV_MAX_OUT} output channels."
+                if taken else "It is not the default on this CPU: with AMX torch's oneDNN has its tile kernels "
+                "(`native.dot_conv_pays`)."),
+             "", END]
+    publish("\n".join(lines) + "\n", a.write, START, END)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
