@@ -575,7 +575,10 @@ def dot_conv():
     """The bf16 dot-product convolution: built wherever the CPU has AVX-512 BF16 (and then it must be there)."""
     if "avx512_bf16" not in cpu_flags():
         pytest.skip("the bf16 dot-product convolution needs AVX-512 BF16, which this CPU does not have")
-    assert native.dot_conv_available(), "AVX-512 BF16 here, but the library has no conv_relu kernels"
+    if not native.dot_conv_available():  # a compiler too old for AVX-512 BF16's intrinsics (GCC < 10)
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"AVX-512 BF16 here, but the library built by {native.compiler_name()} has no conv_relu kernels")
+        pytest.skip(f"AVX-512 BF16 here, but {native.compiler_name()} did not build the dot-product kernels")
     _NativeConvReLU.enabled = True
     yield
     _NativeConvReLU.enabled = None
@@ -587,7 +590,7 @@ def test_the_dot_product_convolution_is_taken_by_default_only_where_measured():
     assert native.dot_conv_pays({"avx2", "avx512f", "avx512_bf16"}) is True
     assert native.dot_conv_pays({"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}) is False
     assert native.dot_conv_pays({"avx2", "avx512f", "avx512bw"}) is False and native.dot_conv_pays({"avx2"}) is False
-    assert native.dot_conv_available() == ("avx512_bf16" in cpu_flags())
+    assert native.dot_conv_available() <= ("avx512_bf16" in cpu_flags())  # built only where the CPU has it
     r = Runtime("cpu", precision="bf16-mixed")
     assert r.native_for(FusedSequential(nn.Conv2d(3, 8, 3), nn.ReLU(inplace=True))) is True
     said = "bf16 dot-product kernel" in r.reasons["native"]

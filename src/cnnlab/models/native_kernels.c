@@ -966,7 +966,7 @@ DEFINE_CONV_POOL_CHUNK(conv_pool_chunk_bf16, uint16_t, ldrh, 1, put_bf16)
 DEFINE_CONV_POOL_FORWARD(cnnlab_conv_pool_forward_bf16, uint16_t, conv_pool_chunk_bf16)
 #endif
 
-#if defined(__AVX512BF16__) && defined(__AVX512F__)
+#if defined(__AVX512BF16__) && defined(__AVX512F__) && defined(__AVX512BW__)  /* BW: the 16-bit masks and compares */
 /* A convolution with few channels, then ReLU, in bf16 with the dot-product instruction — the second paper's
  * 10 → 20-channel 5×5 one, whose output the dense layer reads in (C, H, W) order. torch's oneDNN kernels keep
  * channels as the vector lanes, and 10 or 20 channels fill 62.5 % of their 16- or 32-channel blocks; here the
