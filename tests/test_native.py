@@ -604,7 +604,8 @@ DOT_CONVS = [  # (batch, input channels, height, width, output channels, KH, KW)
     # images); odd channel counts; rows of several 16- and 32-column chunks; kernels wider than a block of 5
     # columns; the most channels taken (12 in, 24 out); a 1×1 kernel; a single image
     (4, 10, 31, 31, 20, 5, 5), (3, 3, 12, 40, 7, 3, 3), (2, 11, 9, 9, 24, 7, 6), (2, 1, 5, 70, 2, 2, 3),
-    (1, 12, 6, 6, 1, 1, 1), (2, 5, 20, 35, 13, 4, 2)]
+    (1, 12, 6, 6, 1, 1, 1), (2, 5, 20, 35, 13, 4, 2),
+    (2, 4, 20, 36, 6, 5, 5), (2, 4, 36, 32, 6, 5, 5), (1, 2, 8, 48, 3, 3, 1)]  # rows of exactly 32, 16 or 48 columns
 
 
 def _bf16_reference(n, ci, h, w, co, kh, kw, seed=0):
@@ -656,6 +657,13 @@ def test_dot_product_convolution_keeps_nan_and_passes_its_gradient(dot_conv):
     gy[1, 0, 3, 4] = 1
     _, dw, db = native.conv_relu_backward(gy, y, x, wt, True, True)
     assert db[0] == 1 and db[1:].eq(0).all() and dw[0].isnan().any()
+    # an infinite pixel in the last column: torch forms its products with the gradient only at the last kernel
+    # column, so the others stay finite (no 0 · Inf from the lanes past the output's width)
+    x, wt, b, *_ = _bf16_reference(2, 4, 10, 10, 6, 3, 3)
+    x[0, 1, 5, 9] = float("inf")
+    y = native.conv_relu_forward(x, wt, b)
+    _, dw, _ = native.conv_relu_backward(torch.ones(y.shape, dtype=torch.bfloat16), y, x, wt, False, True)
+    assert dw[:, :, :, :2].isfinite().all() and dw[:, [0, 2, 3]].isfinite().all()
 
 
 @pytest.mark.parametrize("batch_norm", [False, True])
@@ -693,7 +701,7 @@ def test_second_papers_net_trains_through_the_dot_product_convolution(dot_conv, 
 
 
 @pytest.mark.parametrize("case", ["taken", "float32", "no gradients", "padded", "strided", "16 input channels",
-                                  "not the last", "fp16 autocast", "switched off"])
+                                  "not the last", "fp16 autocast", "switched off", "a forward hook"])
 def test_dot_product_convolution_only_where_it_computes_the_same(dot_conv, case):
     """Only a stride-1 unpadded few-channel convolution + ReLU ending the block, in bf16 autocast with gradients."""
     ci = 16 if case == "16 input channels" else 6
@@ -701,12 +709,16 @@ def test_dot_product_convolution_only_where_it_computes_the_same(dot_conv, case)
     mods = [conv, nn.ReLU(inplace=True)] + ([nn.Conv2d(8, 8, 1)] if case == "not the last" else [])
     seq = FusedSequential(*mods).to(memory_format=torch.channels_last)
     x = torch.randn(2, ci, 12, 12).contiguous(memory_format=torch.channels_last)
+    seen = []
+    if case == "a forward hook":  # a hook on the convolution must see it run (Grad-CAM, weight_norm…)
+        conv.register_forward_hook(lambda mod, args, out: seen.append(out.shape))
     _NativeConvReLU.enabled = case != "switched off"
     dtype = torch.float16 if case == "fp16 autocast" else torch.bfloat16
     with torch.autocast("cpu", dtype=dtype, enabled=case != "float32"), torch.set_grad_enabled(case != "no gradients"):
         out = seq(x)
     taken = out.grad_fn is not None and type(out.grad_fn).__name__ == "_NativeConvReLUBackward"
     assert taken == (case == "taken")
+    assert len(seen) == (case == "a forward hook")
     if taken:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             ref = F.relu(conv(x))

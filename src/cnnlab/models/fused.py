@@ -292,12 +292,22 @@ class _NativeConvReLU(torch.autograd.Function):
         return (None if dx is None else dx.to(xdtype)), dw.to(wdtype), (None if db is None else db.to(bdtype))
 
 
-def conv_relu(x: torch.Tensor, conv: nn.Module) -> torch.Tensor | None:
+def _hooked(*mods: nn.Module) -> bool:
+    """Whether calling these modules would run forward hooks (theirs or global ones), which a fused path skips."""
+    from torch.nn.modules import module as m
+
+    return bool(m._global_forward_hooks or m._global_forward_pre_hooks
+                or any(mod._forward_hooks or mod._forward_pre_hooks for mod in mods))
+
+
+def conv_relu(x: torch.Tensor, conv: nn.Module, relu: nn.Module | None = None) -> torch.Tensor | None:
     """relu(conv(x)) through _NativeConvReLU, or None where it does not apply now: a CPU where it does not pay
     (native.dot_conv_pays: AVX-512 BF16 without AMX), no gradients, not bf16 autocast, not a plain stride-1
-    unpadded nn.Conv2d with few channels (native.conv_relu_applies)."""
+    unpadded nn.Conv2d with few channels (native.conv_relu_applies), or forward hooks on the modules (or global
+    ones), which it would skip. Its output is plain NCHW, the order of the flatten that follows the papers' blocks."""
     on = _NativeConvReLU.enabled
     if not ((native.dot_conv_pays() if on is None else on) and torch.is_grad_enabled() and type(conv) is nn.Conv2d
+            and not _hooked(conv, *([relu] if relu is not None else []))
             and _symmetric_padding(conv) == (0, 0) and _stem_dtype(conv.weight, conv.bias) == torch.bfloat16
             and native.conv_relu_applies(x, conv.weight)):
         return None
@@ -450,7 +460,7 @@ class FusedSequential(nn.Sequential):
                     continue
             if (fuse and use_native and i + 2 == len(mods) and type(mods[i]) is nn.Conv2d
                     and type(mods[i + 1]) is nn.ReLU):  # the block's last convolution, before the dense layers
-                out = conv_relu(x, mods[i])
+                out = conv_relu(x, mods[i], mods[i + 1])
                 if out is not None:
                     x, i = out, i + 2
                     continue

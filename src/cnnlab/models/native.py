@@ -353,7 +353,10 @@ def conv_pool_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     return pooled, idx
 
 
-DOT_CONV_MAX_IN, DOT_CONV_MAX_OUT = 12, 24  # the channel counts where conv_relu_forward/backward were measured faster
+# the channel counts conv_relu_forward/backward are taken for: a register block of them (24 output channels forward,
+# 12 input channels in the input gradient), and where dot_conv_bench measured them clearly faster than oneDNN (at 16
+# → 32 channels about even, at 32 → 64 slower)
+DOT_CONV_MAX_IN, DOT_CONV_MAX_OUT = 12, 24
 
 
 def dot_conv_available() -> bool:
@@ -365,10 +368,11 @@ def dot_conv_pays(flags: frozenset[str] | set[str] | None = None) -> bool:
     """Whether a few-channel convolution followed by ReLU (the second paper's 10 → 20-channel 5×5 one) runs in bf16
     through conv_relu_forward/backward by default: on CPUs with AVX-512 BF16 and no AMX. Measured on an AMD EPYC
     Zen 4 (AVX-512 BF16, no AMX) against torch's oneDNN bf16 channels-last convolution with ReLU (and the copies
-    to and from the dense layer's (C, H, W) order it needs): that convolution 1.5× as fast forward and backward,
-    and 1.0–3.2× on six other shapes with ≤ 12 input and ≤ 24 output channels, 0.35–1.08× with 16 or more input
-    channels (`benchmarks/dot_conv_bench.py`, BENCHMARKS.md). Where the CPU has AMX torch's oneDNN uses its tile
-    unit, which this kernel was not measured against: torch's convolution stays there."""
+    to and from the dense layer's (C, H, W) order it needs): that convolution 1.50× as fast, forward and backward
+    together (1.36× and 1.57×), 1.10–2.46× on five other shapes with ≤ 12 input and ≤ 24 output channels, 0.97×
+    at 16 → 32 and 0.78× at 32 → 64 channels (`benchmarks/dot_conv_bench.py`, BENCHMARKS.md). Where the CPU has
+    AMX torch's oneDNN uses its tile unit, which this kernel was not measured against: torch's convolution stays
+    there."""
     if flags is None:  # AMX counts where torch's oneDNN may use it (hardware.usable_flags)
         return "avx512_bf16" in cpu_flags() and "amx_bf16" not in usable_flags()
     return "avx512_bf16" in flags and "amx_bf16" not in flags
@@ -404,7 +408,7 @@ def conv_relu_backward(g: torch.Tensor, y: torch.Tensor, x: torch.Tensor, weight
     """(x's gradient in bf16 channels-last or None, the weights' (Co, Ci, KH, KW) and the bias's gradients in
     float32) of conv_relu_forward's y = relu(conv2d(x, weight, bias)), from y's gradient g: ReLU's mask from y,
     the input gradient as a convolution of the padded gradient with the flipped weights, the weight gradient
-    summed in float per image (lanes and images then in double)."""
+    summed in float over each thread's images (its 16 lanes and the threads' parts then in double)."""
     n, ci, h, w = x.shape
     co, _, kh, kw = weight.shape
     x = _cl(x.detach().to(torch.bfloat16))

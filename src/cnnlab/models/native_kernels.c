@@ -966,7 +966,7 @@ DEFINE_CONV_POOL_CHUNK(conv_pool_chunk_bf16, uint16_t, ldrh, 1, put_bf16)
 DEFINE_CONV_POOL_FORWARD(cnnlab_conv_pool_forward_bf16, uint16_t, conv_pool_chunk_bf16)
 #endif
 
-#if defined(__AVX512BF16__) && defined(__AVX512F__) && defined(__AVX512BW__)  /* BW: the 16-bit masks and compares */
+#if defined(__AVX512BF16__) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)  /* BW, VL: 16-bit masks */
 /* A convolution with few channels, then ReLU, in bf16 with the dot-product instruction — the second paper's
  * 10 → 20-channel 5×5 one, whose output the dense layer reads in (C, H, W) order. torch's oneDNN kernels keep
  * channels as the vector lanes, and 10 or 20 channels fill 62.5 % of their 16- or 32-channel blocks; here the
@@ -1090,16 +1090,17 @@ int cnnlab_conv_relu_forward_bf16(const uint16_t *x, int64_t N, int64_t H, int64
 
 /* The weight gradient's block: CB output channels × KB kernel columns of accumulators A (CB, KB, 16 lanes),
  * summed down an image's Ho rows; xp: x's plane row ky, shifted by the block's first kernel column; gq: g' at the
- * block's first output channel (planes HW apart, rows GW apart). */
+ * block's first output channel (planes HW apart, rows GW apart); xm: the columns where g' may be non-zero, the only
+ * ones of x read (a non-finite x past them would make 0 · Inf = NaN where torch forms no product). */
 static inline __attribute__((always_inline)) void dot_wgrad_block(
         const uint16_t *restrict xp, int64_t XW, const uint16_t *restrict gq, int64_t GW, int64_t HW, int64_t Ho,
-        const int CB, const int KB, float *restrict A) {
+        __mmask32 xm, const int CB, const int KB, float *restrict A) {
     __m512 acc[4][5];
     for (int c = 0; c < CB; c++)
         for (int k = 0; k < KB; k++) acc[c][k] = _mm512_load_ps(A + (c * KB + k) * LANES);
     for (int64_t r = 0; r < Ho; r++) {
         __m512bh xs[5];
-        for (int k = 0; k < KB; k++) xs[k] = (__m512bh)_mm512_loadu_si512(xp + r * XW + k);
+        for (int k = 0; k < KB; k++) xs[k] = (__m512bh)_mm512_maskz_loadu_epi16(xm, xp + r * XW + k);
         for (int c = 0; c < CB; c++) {
             const __m512bh gv = (__m512bh)_mm512_load_si512(gq + c * HW + r * GW);
             for (int k = 0; k < KB; k++) acc[c][k] = _mm512_dpbf16_ps(acc[c][k], gv, xs[k]);
@@ -1190,8 +1191,10 @@ int cnnlab_conv_relu_backward_bf16(const uint16_t *g, const uint16_t *y, const u
                             float *Ab = A + (((ci * KH + ky) * Co + co) * KW + kx * cb) * LANES;
                             for (int64_t xc = 0; xc < GW; xc += 32) {
                                 const uint16_t *xs = xq + (ci * H + ky) * XW + kx + xc, *gs = gq + co * Ho * GW + xc;
+                                const __mmask32 xm = Wo - xc >= 32 ? (__mmask32)0xFFFFFFFFu
+                                                                   : (__mmask32)((1u << (Wo - xc)) - 1);
                                 switch (cb * 8 + kb) {
-#define DOT_WG_CASE(C, K) case C * 8 + K: dot_wgrad_block(xs, XW, gs, GW, Ho * GW, Ho, C, K, Ab); break;
+#define DOT_WG_CASE(C, K) case C * 8 + K: dot_wgrad_block(xs, XW, gs, GW, Ho * GW, Ho, xm, C, K, Ab); break;
                                     DOT_WG_CASE(1, 1) DOT_WG_CASE(1, 2) DOT_WG_CASE(1, 3) DOT_WG_CASE(1, 4) DOT_WG_CASE(1, 5)
                                     DOT_WG_CASE(2, 1) DOT_WG_CASE(2, 2) DOT_WG_CASE(2, 3) DOT_WG_CASE(2, 4) DOT_WG_CASE(2, 5)
                                     DOT_WG_CASE(3, 1) DOT_WG_CASE(3, 2) DOT_WG_CASE(3, 3) DOT_WG_CASE(3, 4) DOT_WG_CASE(3, 5)

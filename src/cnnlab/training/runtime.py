@@ -195,8 +195,8 @@ class Runtime:
             else:
                 stem = ""
             if bf16 and native.dot_conv_pays() and native.dot_conv_available():
-                stem += ("; a few-channel convolution + ReLU before the dense layers (the second paper's 10 → 20) "
-                         "through the bf16 dot-product kernel (AVX-512 BF16, no AMX)")
+                stem += ("; where a few-channel convolution + ReLU ends the conv block (the second paper's 10 → 20), "
+                         "the bf16 dot-product kernel (AVX-512 BF16, no AMX)")
             self.reasons["native"] = f"on: compiled for this CPU with {native.compiler_name()}{stem}"
         return True
 
