@@ -139,3 +139,32 @@ def interleaved_median_ms(fns: dict, repeats: int) -> dict[str, float]:
             f()
             times[name].append((time.perf_counter() - t) * 1e3)
     return {name: statistics.median(v) for name, v in times.items()}
+
+
+def switched_epochs(config: list[str], switch, rounds: int) -> dict:
+    """cnnlab's training loop on `config` (a recipe path, then overrides) with `switch.enabled` True and False,
+    epochs interleaved in one process (the order alternating each round, after a warm-up epoch each) so the
+    machine's slower minutes fall on both: {images, seconds: {True: [...], False: [...]}, precision}.
+    `switch.enabled` is None (the CPU's default) afterwards."""
+    from cnnlab.config import load_config
+    from cnnlab.experiment import build_experiment
+    from cnnlab.training.loop import train_one_epoch
+    from cnnlab.training.progress import ProgressLogger
+
+    b = build_experiment(load_config(config[0], config[1:]), ProgressLogger("none"))
+
+    def epoch(on: bool) -> float:
+        switch.enabled = on  # on every CPU: both are timed
+        t = time.perf_counter()
+        train_one_epoch(b.model, b.data.train, b.optimizer, b.schedule, b.runtime)
+        return time.perf_counter() - t
+
+    seconds: dict[bool, list[float]] = {True: [], False: []}
+    try:
+        epoch(True), epoch(False)  # warm-ups
+        for i in range(rounds):
+            for on in ((True, False) if i % 2 == 0 else (False, True)):
+                seconds[on].append(epoch(on))
+    finally:
+        switch.enabled = None
+    return {"images": b.data.train.num_samples, "seconds": seconds, "precision": b.runtime.describe()["precision"]}

@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench_common import interleaved_median_ms, machine_line, markers, publish  # on sys.path
+from bench_common import interleaved_median_ms, machine_line, markers, publish, switched_epochs  # on sys.path
 from stem_bench import measure
 
 START, END = markers("conv-block-bench")  # a section per CPU kind
@@ -75,30 +75,8 @@ def kernels(repeats: int, dtype_name: str) -> dict[str, float]:
 def loop(rounds: int) -> dict:
     """Epoch seconds of cnnlab's loop with and without the one-pass backward, interleaved (after warm-ups)."""
     import cnnlab.models.fused as fused
-    from cnnlab.config import load_config
-    from cnnlab.experiment import build_experiment
-    from cnnlab.training.loop import train_one_epoch
-    from cnnlab.training.progress import ProgressLogger
 
-    b = build_experiment(load_config(str(ROOT / TASK[0]), TASK[1:]), ProgressLogger("none"))
-    function = fused._NativeConvReLUBatchNormMaxPool
-
-    def epoch(on: bool) -> float:
-        function.enabled = on  # on every CPU: both are timed
-        t = time.perf_counter()
-        train_one_epoch(b.model, b.data.train, b.optimizer, b.schedule, b.runtime)
-        return time.perf_counter() - t
-
-    epoch(True), epoch(False)  # warm-ups
-    seconds: dict[bool, list[float]] = {True: [], False: []}
-    try:
-        for i in range(rounds):
-            for on in ((True, False) if i % 2 == 0 else (False, True)):
-                seconds[on].append(epoch(on))
-    finally:
-        function.enabled = None
-    r = b.runtime.describe()
-    return {"images": b.data.train.num_samples, "seconds": seconds, "precision": r["precision"]}
+    return switched_epochs([str(ROOT / TASK[0]), *TASK[1:]], fused._NativeConvReLUBatchNormMaxPool, rounds)
 
 
 def main() -> None:
