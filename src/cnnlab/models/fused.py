@@ -3,7 +3,9 @@ ReLU → BatchNorm2d → MaxPool2d(2) as one autograd function (the papers' conv
 pooled first, and after a first convolution whose input needs no gradient, that convolution's weight gradient
 formed from the pooled gradient (_NativeConvMaxPoolReLU: the second paper's stem) or, before ReLU → batch norm →
 max-pool, from the block's gradient without writing it in full (_NativeConvReLUBatchNormMaxPool: the first
-paper's); depthwise convolutions trained in fp32 under bf16 autocast (CpuConv2d, below).
+paper's); a few-channel last convolution + ReLU in bf16 with AVX-512 BF16's dot products, its output in the dense
+layer's (C, H, W) order (_NativeConvReLU: the second paper's 10 → 20); depthwise convolutions trained in fp32 under
+bf16 autocast (CpuConv2d, below).
 
 The fused block:
 
@@ -300,14 +302,14 @@ def _hooked(*mods: nn.Module) -> bool:
                 or any(mod._forward_hooks or mod._forward_pre_hooks for mod in mods))
 
 
-def conv_relu(x: torch.Tensor, conv: nn.Module, relu: nn.Module | None = None) -> torch.Tensor | None:
+def conv_relu(x: torch.Tensor, conv: nn.Module, relu: nn.Module) -> torch.Tensor | None:
     """relu(conv(x)) through _NativeConvReLU, or None where it does not apply now: a CPU where it does not pay
     (native.dot_conv_pays: AVX-512 BF16 without AMX), no gradients, not bf16 autocast, not a plain stride-1
     unpadded nn.Conv2d with few channels (native.conv_relu_applies), or forward hooks on the modules (or global
     ones), which it would skip. Its output is plain NCHW, the order of the flatten that follows the papers' blocks."""
     on = _NativeConvReLU.enabled
     if not ((native.dot_conv_pays() if on is None else on) and torch.is_grad_enabled() and type(conv) is nn.Conv2d
-            and not _hooked(conv, *([relu] if relu is not None else []))
+            and not _hooked(conv, relu)
             and _symmetric_padding(conv) == (0, 0) and _stem_dtype(conv.weight, conv.bias) == torch.bfloat16
             and native.conv_relu_applies(x, conv.weight)):
         return None
