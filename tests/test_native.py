@@ -623,6 +623,7 @@ def _bf16_reference(n, ci, h, w, co, kh, kw, seed=0):
 
 
 def _max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """The largest element's error against the largest value (_rel's norm would let a few values be far off)."""
     return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
 
 
