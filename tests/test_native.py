@@ -729,12 +729,15 @@ def test_dot_product_convolution_only_where_it_computes_the_same(dot_conv, case)
 @pytest.mark.parametrize("kernel,dtype", [("pool_stats", torch.float32), ("conv_pool_wgrad", torch.float32),
                                           ("pool_backward_wgrad", torch.float32), ("pool_backward_wgrad", torch.bfloat16),
                                           ("conv_pool_forward", torch.float32), ("conv_pool_forward", torch.bfloat16),
+                                          ("conv_pool_forward_cl", torch.bfloat16),
                                           ("conv_relu_forward", torch.bfloat16), ("conv_relu_backward", torch.bfloat16)])
 def test_a_kernel_without_memory_for_its_scratch_raises_memory_error(kernel, dtype):
     """Asked for rows of 2⁴⁰ positions (and no images, so nothing is read), the kernels' scratch allocation
     fails: they skip their work and say so, and the call raises MemoryError instead of crashing."""
     if kernel.startswith("conv_relu") and not native.dot_conv_available():
         pytest.skip("the bf16 dot-product convolution is built only for CPUs with AVX-512 BF16")
+    if kernel == "conv_pool_forward_cl" and not hasattr(native.library(), "cnnlab_conv_pool_forward_cl_bf16"):
+        pytest.skip("the stem forward from float32 channels-last is built only for CPUs with AVX-512 BF16")
     buf = torch.zeros(64)
     p = buf.data_ptr()
     with pytest.raises(MemoryError, match=kernel):

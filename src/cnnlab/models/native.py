@@ -123,7 +123,8 @@ def _declare(lib: ctypes.CDLL) -> None:
             f.argtypes, f.restype = args, ctypes.c_int
     # built only for CPUs with AVX-512 BF16 (the dot-product instruction): dot_conv_available()
     for name, args in {"conv_relu_forward": [p, i64, i64, i64, i64, p, p, i64, i64, i64, p, i32],
-                       "conv_relu_backward": [p, p, p, i64, i64, i64, i64, p, i64, i64, i64, p, p, p, i32]}.items():
+                       "conv_relu_backward": [p, p, p, i64, i64, i64, i64, p, i64, i64, i64, p, p, p, i32],
+                       "conv_pool_forward_cl": signatures["conv_pool_forward"]}.items():
         f = getattr(lib, f"cnnlab_{name}_bf16", None)
         if f is not None:
             f.argtypes, f.restype = args, ctypes.c_int
@@ -336,7 +337,9 @@ def conv_pool_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     sums in float, in the kernel's own order (so a float32 output may differ from torch's in its last bits, a
     bf16 one by a rounding step where a sum lies on a rounding boundary), and where a window is all ≤ 0 its
     position may differ from pool_stats' (its pooled value is 0 and gets no gradient). For the convolutions
-    conv_pool_wgrad_applies to (KW·Ci ≤ 16, KH ≤ 8)."""
+    conv_pool_wgrad_applies to (KW·Ci ≤ 16, KH ≤ 8). In bf16 on a CPU with AVX-512 BF16 a float32 x is read as it
+    is (its channels-last order; the kernel rounds it with the dot-product instruction's), elsewhere copied into
+    channel planes in the convolution's dtype first."""
     n, ci, hx, wx = x.shape
     c, _, kh, kw = weight.shape
     ho, wo = (hx - kh + 1) // 2, (wx - kw + 1) // 2
@@ -346,11 +349,16 @@ def conv_pool_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
         return (t.to(torch.bfloat16) if dtype == torch.bfloat16 else t).float()
     wt = prepared(weight).permute(1, 2, 3, 0).contiguous()  # (Ci, KH, KW, C)
     b = prepared(bias).contiguous() if bias is not None else torch.zeros(c)
+    pooled = torch.empty((n, c, ho, wo), dtype=dtype, memory_format=torch.channels_last)
+    idx = torch.empty((n, c, ho, wo), dtype=torch.uint8, memory_format=torch.channels_last)
+    if dtype == torch.bfloat16 and x.dtype == torch.float32 and hasattr(_LIB, "cnnlab_conv_pool_forward_cl_bf16"):
+        x = _cl(x.detach())  # AVX-512 BF16: x read as the loop gives it, no copies
+        _kernel("conv_pool_forward_cl", dtype)(x.data_ptr(), n, hx, wx, ci, kh, kw, wt.data_ptr(), b.data_ptr(),
+                                               pooled.data_ptr(), idx.data_ptr(), ho, wo, c, torch.get_num_threads())
+        return pooled, idx
     planes = torch.empty(x.numel() + 2 * LANES + kw, dtype=dtype)  # NCHW, with room for a chunk's read past it
     planes[:x.numel()].view(x.shape).copy_(x.detach().to(dtype))  # the cast first: a mixed-dtype transposing
                                                                    # copy_ took 2.5× as long
-    pooled = torch.empty((n, c, ho, wo), dtype=dtype, memory_format=torch.channels_last)
-    idx = torch.empty((n, c, ho, wo), dtype=torch.uint8, memory_format=torch.channels_last)
     _kernel("conv_pool_forward", dtype)(planes.data_ptr(), n, hx, wx, ci, kh, kw, wt.data_ptr(), b.data_ptr(),
                                         pooled.data_ptr(), idx.data_ptr(), ho, wo, c, torch.get_num_threads())
     return pooled, idx

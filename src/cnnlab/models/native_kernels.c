@@ -571,11 +571,28 @@ static inline __attribute__((always_inline)) void wgrad_row(
     enum { H = LANES / VL };  /* registers per chunk: 1 with AVX-512, 2 with AVX2 */
     for (int64_t c = 0; c < C; c++) {
         float *restrict ac = acc + c * stride;
-        rf a[8 * H];  /* register-wide: as 16-lane vectors, GCC 12 kept AVX2's accumulators on the stack */
+        /* register-wide: as 16-lane vectors, GCC 12 kept AVX2's accumulators on the stack. Two sets, even and odd
+         * columns, summed at the end: with one, each multiply-add waited for the last (its latency, not the
+         * arithmetic, set the pace: about twice the time in a one-off perf profile) */
+        rf a[8 * H], b[8 * H];
         for (int kh = 0; kh < KH; kh++)
-            for (int h = 0; h < H; h++) a[kh * H + h] = ldr(ac + kh * LANES + h * VL);
-        float bs = 0.0f;
-        for (int64_t wo = 0; wo < Wo; wo++) {
+            for (int h = 0; h < H; h++) a[kh * H + h] = ldr(ac + kh * LANES + h * VL), b[kh * H + h] = (rf){0};
+        float bs = 0.0f, bt = 0.0f;
+        int64_t wo = 0;
+        for (; wo + 1 < Wo; wo += 2) {
+            const int64_t j = wo * C + c, i = j + C;
+            const float gv = gp[j], gw = gp[i];
+            const float *p = x + (ks[j] >> 1) * WxCi + (2 * wo + (ks[j] & 1)) * Ci;
+            const float *q = x + (ks[i] >> 1) * WxCi + (2 * wo + 2 + (ks[i] & 1)) * Ci;
+            for (int kh = 0; kh < KH; kh++)
+                for (int h = 0; h < H; h++) {
+                    a[kh * H + h] += ldr(p + kh * WxCi + h * VL) * gv;
+                    b[kh * H + h] += ldr(q + kh * WxCi + h * VL) * gw;
+                }
+            bs += gv;
+            bt += gw;
+        }
+        if (wo < Wo) {
             const int64_t j = wo * C + c;
             const float gv = gp[j];
             const float *p = x + (ks[j] >> 1) * WxCi + (2 * wo + (ks[j] & 1)) * Ci;
@@ -584,8 +601,8 @@ static inline __attribute__((always_inline)) void wgrad_row(
             bs += gv;
         }
         for (int kh = 0; kh < KH; kh++)
-            for (int h = 0; h < H; h++) str(ac + kh * LANES + h * VL, a[kh * H + h]);
-        ac[KH * LANES] += bs;
+            for (int h = 0; h < H; h++) str(ac + kh * LANES + h * VL, a[kh * H + h] + b[kh * H + h]);
+        ac[KH * LANES] += bs + bt;
     }
 }
 
@@ -760,30 +777,30 @@ static inline int64_t fwd_chunk(int64_t left) {
 
 DEFINE_CONV_POOL_CHUNK(conv_pool_chunk_f32, float, ldr, 0, put_f32)
 
-/* The chunk's (C, LANES) scratch rows into the pooled row's (cols, C) block: pooled[j, c] = tb[c, 2j], and the
- * positions alike — with C a constant for the common channel counts (the compiler unrolls it into plain
+/* The chunk's (C, LANES) scratch rows into the pooled row's (cols, C) block: pooled[j, c] = tb[c, step·j] (step 2:
+ * a chunk pooled at its even lanes; 1: at every lane), and the positions alike — with C a constant for the common channel counts (the compiler unrolls it into plain
  * moves; a loop over a variable C cost about a tenth of the kernel in a one-off profile). */
 static inline __attribute__((always_inline)) void transpose_const(
         const void *restrict tb, const uint8_t *restrict kb, int64_t cols, const int64_t C, void *restrict dst,
-        uint8_t *restrict dix, const size_t size) {
+        uint8_t *restrict dix, const size_t size, const int step) {
     for (int64_t j = 0; j < cols; j++)
         for (int64_t c = 0; c < C; c++) {
-            memcpy((char *)dst + (j * C + c) * size, (const char *)tb + (c * LANES + 2 * j) * size, size);
-            dix[j * C + c] = kb[c * LANES + 2 * j];
+            memcpy((char *)dst + (j * C + c) * size, (const char *)tb + (c * LANES + step * j) * size, size);
+            dix[j * C + c] = kb[c * LANES + step * j];
         }
 }
 
-#define TRANSPOSE_CASE(K) case K: transpose_const(tb, kb, cols, K, dst, dix, size); break;
+#define TRANSPOSE_CASE(K) case K: transpose_const(tb, kb, cols, K, dst, dix, size, step); break;
 
 /* transpose_const for a pooled row's block in T (size = sizeof(T), made a constant by each caller's inlining). */
 static inline __attribute__((always_inline)) void put_block(const void *restrict tb, const uint8_t *restrict kb,
                                                             int64_t cols, int64_t C, void *restrict dst,
-                                                            uint8_t *restrict dix, const size_t size) {
+                                                            uint8_t *restrict dix, const size_t size, const int step) {
     switch (C) { TRANSPOSE_CASE(1) TRANSPOSE_CASE(2) TRANSPOSE_CASE(3) TRANSPOSE_CASE(4) TRANSPOSE_CASE(5)
                  TRANSPOSE_CASE(6) TRANSPOSE_CASE(7) TRANSPOSE_CASE(8) TRANSPOSE_CASE(9) TRANSPOSE_CASE(10)
                  TRANSPOSE_CASE(11) TRANSPOSE_CASE(12) TRANSPOSE_CASE(16) TRANSPOSE_CASE(20) TRANSPOSE_CASE(24)
                  TRANSPOSE_CASE(32)
-                 default: transpose_const(tb, kb, cols, C, dst, dix, size); }  /* C as a variable */
+                 default: transpose_const(tb, kb, cols, C, dst, dix, size, step); }  /* C as a variable */
 }
 
 #define FWD_CASE(CHUNK, K) case K: CHUNK(p, plane_size, Wx, Ci, KH, KW, wl + c0 * KK, bias, c0, K, tb, kb); break;
@@ -837,7 +854,7 @@ int NAME(const T *xs, int64_t N, int64_t Hx, int64_t Wx, int64_t Ci, int64_t KH,
                 const int64_t cols = Wo - x0 / 2 < 8 ? Wo - x0 / 2 : 8;                                  \
                 T *dst = pooled + row * PC + x0 / 2 * C;                                                 \
                 uint8_t *dix = idx + row * PC + x0 / 2 * C;                                              \
-                put_block(tb, kb, cols, C, dst, dix, sizeof(T));                                         \
+                put_block(tb, kb, cols, C, dst, dix, sizeof(T), 2);                                         \
             }                                                                                            \
         }                                                                                                \
         free(tb); free(kb);                                                                              \
@@ -862,48 +879,128 @@ DEFINE_CONV_POOL_WGRAD(cnnlab_conv_pool_wgrad_f32, float, f32_load)
 DEFINE_CONV_POOL_WGRAD(cnnlab_conv_pool_wgrad_bf16, uint16_t, bf16_load)
 DEFINE_CONV_POOL_FORWARD(cnnlab_conv_pool_forward_f32, float, conv_pool_chunk_f32)
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
-/* bf16 with AVX-512 BF16: the dot-product instruction multiplies pairs of bf16 values and adds both products to a
- * float lane, twice the multiply-adds of an FMA. The pairs run along the kernel row's Ci·KW values (k = ci·KW +
- * kw; an odd count's last pair takes a zero): each image is first laid out as pair rows, pp[h, j, w] = (x[ci_2j,
- * h, w + kw_2j], x[ci_2j+1, h, w + kw_2j+1]) as two bf16 in 32 bits, so 16 columns of pair j are one load; the
- * weights likewise, (KH, pairs, CB) per channel chunk. The 3 × 3 × 3 stem: 5 instructions per kernel row and
- * channel instead of 9. */
-static inline __attribute__((always_inline)) void conv_pool_chunk_dp(
-        const uint32_t *restrict pp, int64_t PW, int64_t NP, int64_t KH, const uint32_t *restrict wc,
+/* bf16 with AVX-512 BF16, read straight from the float32 channels-last image batch the training loop gives the
+ * stem (native.py takes it where it is built; the generic one below needs x as bf16 channel planes: two copies
+ * in native.py, the cast, then the transpose). The dot-product instruction multiplies pairs of bf16 values and
+ * adds both products to a float lane, twice the multiply-adds of an FMA. The pairs run along the kernel row's
+ * Ci·KW values (k = ci·KW + kw; an odd count's last pair takes a zero; the 3 × 3 × 3 stem: 5 instructions per
+ * kernel row and channel instead of 9): each image row is rounded to bf16 (nearest even, as x.to(bf16); the
+ * instruction reads a subnormal float as zero), laid out as channel planes in a scratch row, then as pair rows
+ * split by output column parity, pe[h, j, u] = (x[ci_2j, h, 2u + kw_2j], x[ci_2j+1, h, 2u + kw_2j+1]) and po[h,
+ * j, u] the same at column 2u + 1, two bf16 in 32 bits; the weights as (KH, pairs, CB) per channel chunk. A chunk
+ * sums 16 even and 16 odd convolution columns of two rows (4 accumulators per channel, EO_MAX_CHANNELS channels
+ * at once), so the 2 × 2 window of pooled column u is lane u of the four: the max, its position, ReLU and the
+ * bf16 store are each one instruction for 16 pooled columns. (The version before pooled pairs of neighbouring
+ * lanes, half of each instruction's lanes wasted, from bf16 planes copied by native.py: with the copies 1.5×
+ * this one's time in a one-off single-thread timing, `benchmarks/stem_bench.py` has the measured figures.) */
+#define EO_MAX_CHANNELS 6
+
+static inline int64_t eo_chunk(int64_t left) {  /* as fwd_chunk: even sizes (10 → 5 + 5, 20 → 5 × 4) */
+    const int64_t chunks = (left + EO_MAX_CHANNELS - 1) / EO_MAX_CHANNELS;
+    return (left + chunks - 1) / chunks;
+}
+
+/* One chunk: pooled columns u0 … u0 + 15 of a pooled row (pp at its first input row: rows of NP pairs × 2
+ * parities × PU columns) for channels c0 … c0 + CB − 1, into tb / kb rows c0 … (LANES values each). */
+static inline __attribute__((always_inline)) void conv_pool_chunk_eo(
+        const uint32_t *restrict pp, int64_t PU, int64_t NP, int64_t KH, const uint32_t *restrict wc,
         const float *restrict bias, int64_t c0, const int CB, uint16_t *restrict tb, uint8_t *restrict kb) {
-    __m512 a0[12], a1[12];  /* CB ≤ 12: the switch below */
-    for (int c = 0; c < CB; c++) a0[c] = a1[c] = _mm512_set1_ps(bias[c0 + c]);
+    __m512 e0[EO_MAX_CHANNELS], o0[EO_MAX_CHANNELS], e1[EO_MAX_CHANNELS], o1[EO_MAX_CHANNELS];
+    for (int c = 0; c < CB; c++) e0[c] = o0[c] = e1[c] = o1[c] = _mm512_set1_ps(bias[c0 + c]);
     for (int64_t r = 0; r <= KH; r++)
         for (int64_t j = 0; j < NP; j++) {
-            const __m512bh v = (__m512bh)_mm512_loadu_si512(pp + (r * NP + j) * PW);
+            const uint32_t *q = pp + (r * NP + j) * 2 * PU;
+            const __m512bh ve = (__m512bh)_mm512_loadu_si512(q), vo = (__m512bh)_mm512_loadu_si512(q + PU);
             const uint32_t *w = wc + (r * NP + j) * CB;  /* kernel row r for the top row, r − 1 for the bottom */
             if (r < KH)
-                for (int c = 0; c < CB; c++) a0[c] = _mm512_dpbf16_ps(a0[c], v, (__m512bh)_mm512_set1_epi32((int)w[c]));
+                for (int c = 0; c < CB; c++) {
+                    const __m512bh b = (__m512bh)_mm512_set1_epi32((int)w[c]);
+                    e0[c] = _mm512_dpbf16_ps(e0[c], ve, b);
+                    o0[c] = _mm512_dpbf16_ps(o0[c], vo, b);
+                }
             if (r > 0)
-                for (int c = 0; c < CB; c++)
-                    a1[c] = _mm512_dpbf16_ps(a1[c], v, (__m512bh)_mm512_set1_epi32((int)w[c - NP * CB]));
+                for (int c = 0; c < CB; c++) {
+                    const __m512bh b = (__m512bh)_mm512_set1_epi32((int)w[c - NP * CB]);
+                    e1[c] = _mm512_dpbf16_ps(e1[c], ve, b);
+                    o1[c] = _mm512_dpbf16_ps(o1[c], vo, b);
+                }
         }
-    for (int c = 0; c < CB; c++) {  /* VL = LANES = 16 here */
-        rf m;
-        ri k;
-        pool_lanes(round_bf16v((vf)a0[c]), round_bf16v((vf)a1[c]), &m, &k);
-        const vh h = to_bf16v(m);
-        memcpy(tb + (c0 + c) * LANES, &h, sizeof h);
-        strb(kb + (c0 + c) * LANES, narrow(k));
+    const __m512i one = _mm512_set1_epi32(1), two = _mm512_set1_epi32(2);
+    for (int c = 0; c < CB; c++) {  /* pool_lanes' rule: the right column wins a row when greater or NaN, then the
+                                     * bottom row; ReLU after (max_ps(0, v) is v where v is NaN) */
+        const __m512 a = (__m512)round_bf16v((vf)e0[c]), b = (__m512)round_bf16v((vf)o0[c]);
+        const __m512 d = (__m512)round_bf16v((vf)e1[c]), f = (__m512)round_bf16v((vf)o1[c]);
+        const __mmask16 t0 = _mm512_cmp_ps_mask(b, a, _CMP_GT_OQ) | _mm512_cmp_ps_mask(b, b, _CMP_UNORD_Q);
+        const __mmask16 t1 = _mm512_cmp_ps_mask(f, d, _CMP_GT_OQ) | _mm512_cmp_ps_mask(f, f, _CMP_UNORD_Q);
+        const __m512 h0 = _mm512_mask_blend_ps(t0, a, b), h1 = _mm512_mask_blend_ps(t1, d, f);
+        const __mmask16 t = _mm512_cmp_ps_mask(h1, h0, _CMP_GT_OQ) | _mm512_cmp_ps_mask(h1, h1, _CMP_UNORD_Q);
+        const __m512 m = _mm512_max_ps(_mm512_setzero_ps(), _mm512_mask_blend_ps(t, h0, h1));
+        const __m512i k = _mm512_mask_blend_epi32(t, _mm512_maskz_mov_epi32(t0, one),
+                                                  _mm512_mask_add_epi32(two, t1, two, one));  /* 0 … 3 */
+        _mm256_store_si256((__m256i *)(tb + (c0 + c) * LANES), (__m256i)_mm512_cvtneps_pbh(m));
+        _mm_store_si128((__m128i *)(kb + (c0 + c) * LANES), _mm512_cvtepi32_epi8(k));
     }
 }
 
-#define DP_CASE(K) case K: conv_pool_chunk_dp(pp + 2 * ho * NP * PW + x0, PW, NP, KH, wl + c0 * KH * NP, bias, c0, K, tb, kb); break;
+/* put_block for a chunk pooled at every lane, two channels per move where C is even: the values of channels 2p and
+ * 2p + 1 packed into 32 bits (tp) and their positions into 16 (kp), so the copy out moves C/2 of each per column
+ * — the moves, one per value and position, were about a seventh of this kernel in a one-off perf profile. */
+static inline __attribute__((always_inline)) void pairs_const(
+        const uint32_t *restrict tp, const uint16_t *restrict kp, int64_t cols, const int64_t C2,
+        uint16_t *restrict dst, uint8_t *restrict dix) {
+    for (int64_t j = 0; j < cols; j++)
+        for (int64_t p = 0; p < C2; p++) {
+            memcpy(dst + (j * C2 + p) * 2, tp + p * LANES + j, sizeof(uint32_t));
+            memcpy(dix + (j * C2 + p) * 2, kp + p * LANES + j, sizeof(uint16_t));
+        }
+}
 
-int cnnlab_conv_pool_forward_bf16(const uint16_t *xs, int64_t N, int64_t Hx, int64_t Wx, int64_t Ci, int64_t KH,
-                                  int64_t KW, const float *wt, const float *bias, uint16_t *pooled, uint8_t *idx,
-                                  int64_t Ho, int64_t Wo, int64_t C, int nthreads) {
-    const int64_t K = Ci * KW, NP = (K + 1) / 2, PW = (Wx + LANES - 1) / LANES * LANES, PC = Wo * C;
+#define PAIRS_CASE(K) case K: pairs_const(tp, kp, cols, K, dst, dix); break;
+
+static inline void put_pairs(const uint16_t *restrict tb, const uint8_t *restrict kb, uint32_t *restrict tp,
+                             uint16_t *restrict kp, int64_t cols, int64_t C, uint16_t *restrict dst,
+                             uint8_t *restrict dix) {
+    if (C % 2) {
+        put_block(tb, kb, cols, C, dst, dix, sizeof(uint16_t), 1);
+        return;
+    }
+    for (int64_t p = 0; p < C / 2; p++) {
+        const __m512i lo = _mm512_cvtepu16_epi32(_mm256_load_si256((const __m256i *)(tb + 2 * p * LANES)));
+        const __m512i hi = _mm512_cvtepu16_epi32(_mm256_load_si256((const __m256i *)(tb + (2 * p + 1) * LANES)));
+        _mm512_store_si512(tp + p * LANES, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+        const __m256i kl = _mm256_cvtepu8_epi16(_mm_load_si128((const __m128i *)(kb + 2 * p * LANES)));
+        const __m256i kh = _mm256_cvtepu8_epi16(_mm_load_si128((const __m128i *)(kb + (2 * p + 1) * LANES)));
+        _mm256_store_si256((__m256i *)(kp + p * LANES), _mm256_or_si256(kl, _mm256_slli_epi16(kh, 8)));
+    }
+    switch (C / 2) { PAIRS_CASE(1) PAIRS_CASE(2) PAIRS_CASE(3) PAIRS_CASE(4) PAIRS_CASE(5) PAIRS_CASE(6)
+                     PAIRS_CASE(8) PAIRS_CASE(10) PAIRS_CASE(12) PAIRS_CASE(16)
+                     default: pairs_const(tp, kp, cols, C / 2, dst, dix); }
+}
+
+/* A bf16 channels-last row (Wx, Ci) into channel planes RW apart, Ci a constant for the common counts (the compiler
+ * vectorises the strided reads; the loop over a variable Ci was about a tenth of this kernel in a one-off profile). */
+static inline __attribute__((always_inline)) void to_planes(const uint16_t *restrict xr, int64_t Wx, const int64_t Ci,
+                                                            uint16_t *restrict planes, int64_t RW) {
+    for (int64_t ci = 0; ci < Ci; ci++)
+        for (int64_t w = 0; w < Wx; w++) planes[ci * RW + w] = xr[w * Ci + ci];
+}
+
+#define PLANES_CASE(K) case K: to_planes(xr, Wx, K, planes, RW); break;
+
+#define EO_CASE(K) case K: conv_pool_chunk_eo(pp + 2 * ho * NP * 2 * PU + u0, PU, NP, KH, wl + c0 * KH * NP, bias, c0, K, tb, kb); break;
+
+/* conv_pool_forward_cl: x (N, Hx, Wx, Ci) float32 channels-last; the rest as conv_pool_forward's (bf16). */
+int cnnlab_conv_pool_forward_cl_bf16(const float *xs, int64_t N, int64_t Hx, int64_t Wx, int64_t Ci, int64_t KH,
+                                     int64_t KW, const float *wt, const float *bias, uint16_t *pooled, uint8_t *idx,
+                                     int64_t Ho, int64_t Wo, int64_t C, int nthreads) {
+    const int64_t K = Ci * KW, NP = (K + 1) / 2, PU = (Wo + LANES - 1) / LANES * LANES, PC = Wo * C;
+    /* a channel plane row: a pair row's last load reads 32 values from column 2(PU − 16) + KW − 1 + 1 on */
+    const int64_t RW = (2 * PU + KW + 64 + 31) / 32 * 32, XR = Wx * Ci;
     if (nthreads < 1) nthreads = 1;
     uint32_t *wl = (uint32_t *)aligned_alloc(64, sizeof(uint32_t) * (size_t)(KH * NP * C + 64));
     if (!wl) return 1;
     for (int64_t c0 = 0, cb; c0 < C; c0 += cb) {  /* each chunk's weights as (KH, NP, CB) pairs, at wl + c0·KH·NP */
-        cb = fwd_chunk(C - c0);
+        cb = eo_chunk(C - c0);
         for (int64_t ky = 0; ky < KH; ky++)
             for (int64_t j = 0; j < NP; j++)
                 for (int64_t c = 0; c < cb; c++) {
@@ -920,51 +1017,65 @@ int cnnlab_conv_pool_forward_bf16(const uint16_t *xs, int64_t N, int64_t Hx, int
     {
         uint16_t *tb = (uint16_t *)aligned_alloc(64, sizeof(uint16_t) * (size_t)(C * LANES + 64));
         uint8_t *kb = scratch_bytes(C * LANES);
-        uint32_t *pp = (uint32_t *)aligned_alloc(64, sizeof(uint32_t) * (size_t)(Hx * NP * PW + 64));
-        SCRATCH_READY(tb && kb && pp);
+        uint32_t *pp = (uint32_t *)aligned_alloc(64, sizeof(uint32_t) * (size_t)(Hx * NP * 2 * PU + 64));
+        uint32_t *tp = (uint32_t *)aligned_alloc(64, sizeof(uint32_t) * (size_t)(C / 2 * LANES + 64));
+        uint16_t *kp = (uint16_t *)aligned_alloc(64, sizeof(uint16_t) * (size_t)(C / 2 * LANES + 64));
+        uint16_t *xr = (uint16_t *)aligned_alloc(64, sizeof(uint16_t) * (size_t)((XR + 31) / 32 * 32));
+        uint16_t *planes = (uint16_t *)aligned_alloc(64, sizeof(uint16_t) * (size_t)(Ci * RW));
+        SCRATCH_READY(tb && kb && pp && tp && kp && xr && planes);
+        if (ok) memset(planes, 0, sizeof(uint16_t) * (size_t)(Ci * RW));  /* columns past Wx stay zero */
         int64_t image = -1;
         _Pragma("omp for schedule(static)")
         for (int64_t row = 0; row < N * Ho; row++) {
             if (!ok) continue;
             const int64_t n = row / Ho, ho = row % Ho;
-            if (n != image) {  /* the image's pair rows (reads past a row's end land in dropped columns) */
-                for (int64_t h = 0; h < Hx; h++)
-                    for (int64_t j = 0; j < NP; j++) {
-                        const int64_t ka = 2 * j, kb_ = 2 * j + 1;
-                        const uint16_t *sa = xs + ((n * Ci + ka / KW) * Hx + h) * Wx + ka % KW;
-                        const uint16_t *sb = kb_ < K ? xs + ((n * Ci + kb_ / KW) * Hx + h) * Wx + kb_ % KW : NULL;
-                        uint32_t *d = pp + (h * NP + j) * PW;
-                        for (int64_t w = 0; w < PW; w += LANES) {
-                            vh lo, hi = {0};
-                            memcpy(&lo, sa + w, sizeof lo);
-                            if (sb) memcpy(&hi, sb + w, sizeof hi);
-                            const vu v = __builtin_convertvector(lo, vu) | (__builtin_convertvector(hi, vu) << 16);
-                            memcpy(d + w, &v, sizeof v);
-                        }
+            if (n != image) {  /* the image's pair rows */
+                for (int64_t h = 0; h < Hx; h++) {
+                    const float *s = xs + (n * Hx + h) * XR;
+                    for (int64_t i = 0; i < XR; i += LANES) {  /* the row to bf16, 16 values at a time */
+                        const __mmask16 m = XR - i >= LANES ? (__mmask16)0xFFFF : (__mmask16)((1u << (XR - i)) - 1);
+                        _mm256_storeu_si256((__m256i *)(xr + i),
+                                            (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, s + i)));
                     }
+                    switch (Ci) { PLANES_CASE(1) PLANES_CASE(2) PLANES_CASE(3) PLANES_CASE(4)
+                                  default: to_planes(xr, Wx, Ci, planes, RW); }
+                    for (int64_t j = 0; j < NP; j++)
+                        for (int64_t par = 0; par < 2; par++) {
+                            /* lane u: the pair's two values at convolution column 2u + par (+ each one's kernel
+                             * column); a 32-bit load at column 2u + … holds it in its low half */
+                            const int64_t ka = 2 * j, kb2 = 2 * j + 1;
+                            const uint16_t *sa = planes + ka / KW * RW + ka % KW + par;
+                            const uint16_t *sb = kb2 < K ? planes + kb2 / KW * RW + kb2 % KW + par : NULL;
+                            uint32_t *d = pp + ((h * NP + j) * 2 + par) * PU;
+                            const __m512i low = _mm512_set1_epi32(0xFFFF);
+                            for (int64_t u = 0; u < PU; u += LANES) {
+                                __m512i v = _mm512_and_si512(_mm512_loadu_si512(sa + 2 * u), low);
+                                if (sb) v = _mm512_or_si512(v, _mm512_slli_epi32(_mm512_loadu_si512(sb + 2 * u), 16));
+                                _mm512_storeu_si512(d + u, v);
+                            }
+                        }
+                }
                 image = n;
             }
-            for (int64_t x0 = 0; x0 < 2 * Wo; x0 += LANES) {
+            for (int64_t u0 = 0; u0 < Wo; u0 += LANES) {
                 for (int64_t c0 = 0, cb; c0 < C; c0 += cb) {
-                    cb = fwd_chunk(C - c0);
-                    switch (cb) { DP_CASE(1) DP_CASE(2) DP_CASE(3) DP_CASE(4) DP_CASE(5) DP_CASE(6) DP_CASE(7)
-                                  DP_CASE(8) DP_CASE(9) DP_CASE(10) DP_CASE(11) DP_CASE(12) }
+                    cb = eo_chunk(C - c0);
+                    switch (cb) { EO_CASE(1) EO_CASE(2) EO_CASE(3) EO_CASE(4) EO_CASE(5) EO_CASE(6) }
                 }
-                const int64_t cols = Wo - x0 / 2 < 8 ? Wo - x0 / 2 : 8;
-                uint16_t *dst = pooled + row * PC + x0 / 2 * C;
-                uint8_t *dix = idx + row * PC + x0 / 2 * C;
-                put_block(tb, kb, cols, C, dst, dix, sizeof(uint16_t));
+                const int64_t cols = Wo - u0 < LANES ? Wo - u0 : LANES;
+                put_pairs(tb, kb, tp, kp, cols, C, pooled + row * PC + u0 * C, idx + row * PC + u0 * C);
             }
         }
-        free(tb); free(kb); free(pp);
+        free(tb); free(kb); free(pp); free(tp); free(kp); free(xr); free(planes);
     }
     free(wl);
     return failed;
 }
-#else  /* bf16 without the dot-product instruction: the generic chunk, rounding in software */
+#endif
+/* bf16 from channel planes, the generic chunk, rounding in software (without the dot-product instruction; with it,
+ * for an input that is not float32) */
 DEFINE_CONV_POOL_CHUNK(conv_pool_chunk_bf16, uint16_t, ldrh, 1, put_bf16)
 DEFINE_CONV_POOL_FORWARD(cnnlab_conv_pool_forward_bf16, uint16_t, conv_pool_chunk_bf16)
-#endif
 
 #if defined(__AVX512BF16__) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)  /* BW, VL: 16-bit masks */
 /* A convolution with few channels, then ReLU, in bf16 with the dot-product instruction — the second paper's
