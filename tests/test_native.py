@@ -395,7 +395,8 @@ def _conv_pool_reference(x, conv, dtype):
 
 @every_build
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape", STEMS + [(2, 3, 21, 40, 13, 3), (1, 1, 34, 35, 1, 2), (2, 3, 18, 19, 26, 3)])
+@pytest.mark.parametrize("shape", STEMS + [(2, 3, 21, 40, 13, 3), (1, 1, 34, 35, 1, 2), (2, 3, 18, 19, 26, 3),
+                                   (1, 2, 12, 37, 33, 3), (1, 3, 10, 11, 40, 3)])
 def test_stem_forward_without_the_convolution_output_is_torchs(shape, dtype):
     """conv_pool_forward against torch's convolution + pool_stats: float32 to 1e-6 (its own summing order); bf16
     the same values but where a sum lies on a rounding boundary (then one bf16 step apart, rarely); the same
@@ -408,6 +409,8 @@ def test_stem_forward_without_the_convolution_output_is_torchs(shape, dtype):
     x = _grid((n, ci, h, w), torch.float32)
     ours, ours_idx = native.conv_pool_forward(x, conv.weight, conv.bias, dtype)
     theirs, theirs_idx = _conv_pool_reference(x, conv, dtype)
+    plain = native.conv_pool_forward(x.contiguous(), conv.weight, conv.bias, dtype)  # NCHW x: the same, bit for bit
+    assert torch.equal(plain[0], ours) and torch.equal(plain[1], ours_idx)
     assert ours.dtype == dtype and ours.shape == theirs.shape and ours.is_contiguous(memory_format=torch.channels_last)
     same = ours == theirs
     if dtype == torch.float32:

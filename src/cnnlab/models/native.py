@@ -337,9 +337,10 @@ def conv_pool_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     sums in float, in the kernel's own order (so a float32 output may differ from torch's in its last bits, a
     bf16 one by a rounding step where a sum lies on a rounding boundary), and where a window is all ≤ 0 its
     position may differ from pool_stats' (its pooled value is 0 and gets no gradient). For the convolutions
-    conv_pool_wgrad_applies to (KW·Ci ≤ 16, KH ≤ 8). In bf16 on a CPU with AVX-512 BF16 a float32 x is read as it
-    is (its channels-last order; the kernel rounds it with the dot-product instruction's), elsewhere copied into
-    channel planes in the convolution's dtype first."""
+    conv_pool_wgrad_applies to (KW·Ci ≤ 16, KH ≤ 8). In bf16 on a CPU with AVX-512 BF16 a float32 x is read in its
+    channels-last order (copied into it if it is not) and rounded by the kernel with vcvtneps2bf16, which flushes
+    subnormal floats to zero (torch rounds the largest up to 2^-126); elsewhere x is copied into channel planes in
+    the convolution's dtype first."""
     n, ci, hx, wx = x.shape
     c, _, kh, kw = weight.shape
     ho, wo = (hx - kh + 1) // 2, (wx - kw + 1) // 2
@@ -351,8 +352,9 @@ def conv_pool_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     b = prepared(bias).contiguous() if bias is not None else torch.zeros(c)
     pooled = torch.empty((n, c, ho, wo), dtype=dtype, memory_format=torch.channels_last)
     idx = torch.empty((n, c, ho, wo), dtype=torch.uint8, memory_format=torch.channels_last)
-    if dtype == torch.bfloat16 and x.dtype == torch.float32 and hasattr(_LIB, "cnnlab_conv_pool_forward_cl_bf16"):
-        x = _cl(x.detach())  # AVX-512 BF16: x read as the loop gives it, no copies
+    if (dtype == torch.bfloat16 and x.dtype in (torch.float32, torch.bfloat16)
+            and hasattr(_LIB, "cnnlab_conv_pool_forward_cl_bf16")):
+        x = _cl(x.detach().float())  # AVX-512 BF16: x read as the loop gives it, no copies (bf16: exact in float)
         _kernel("conv_pool_forward_cl", dtype)(x.data_ptr(), n, hx, wx, ci, kh, kw, wt.data_ptr(), b.data_ptr(),
                                                pooled.data_ptr(), idx.data_ptr(), ho, wo, c, torch.get_num_threads())
         return pooled, idx

@@ -572,14 +572,16 @@ static inline __attribute__((always_inline)) void wgrad_row(
     for (int64_t c = 0; c < C; c++) {
         float *restrict ac = acc + c * stride;
         /* register-wide: as 16-lane vectors, GCC 12 kept AVX2's accumulators on the stack. Two sets, even and odd
-         * columns, summed at the end: with one, each multiply-add waited for the last (its latency, not the
-         * arithmetic, set the pace: about twice the time in a one-off perf profile) */
+         * columns, summed at the end: with one, each multiply-add waits for the one before it (perf put most of the
+         * loop's samples just after them); two were about 10 % faster in a one-off single-thread timing */
         rf a[8 * H], b[8 * H];
         for (int kh = 0; kh < KH; kh++)
             for (int h = 0; h < H; h++) a[kh * H + h] = ldr(ac + kh * LANES + h * VL), b[kh * H + h] = (rf){0};
         float bs = 0.0f, bt = 0.0f;
         int64_t wo = 0;
-        for (; wo + 1 < Wo; wo += 2) {
+        /* the second set only where both fit in registers (AVX2's 16 hold them for KH ≤ 3; GCC 12 put KH = 5's on
+         * the stack); KH is a constant here (the switch below) */
+        if (2 * KH * H <= 12) for (; wo + 1 < Wo; wo += 2) {
             const int64_t j = wo * C + c, i = j + C;
             const float gv = gp[j], gw = gp[i];
             const float *p = x + (ks[j] >> 1) * WxCi + (2 * wo + (ks[j] & 1)) * Ci;
@@ -592,7 +594,7 @@ static inline __attribute__((always_inline)) void wgrad_row(
             bs += gv;
             bt += gw;
         }
-        if (wo < Wo) {
+        for (; wo < Wo; wo++) {
             const int64_t j = wo * C + c;
             const float gv = gp[j];
             const float *p = x + (ks[j] >> 1) * WxCi + (2 * wo + (ks[j] & 1)) * Ci;
@@ -778,8 +780,9 @@ static inline int64_t fwd_chunk(int64_t left) {
 DEFINE_CONV_POOL_CHUNK(conv_pool_chunk_f32, float, ldr, 0, put_f32)
 
 /* The chunk's (C, LANES) scratch rows into the pooled row's (cols, C) block: pooled[j, c] = tb[c, step·j] (step 2:
- * a chunk pooled at its even lanes; 1: at every lane), and the positions alike — with C a constant for the common channel counts (the compiler unrolls it into plain
- * moves; a loop over a variable C cost about a tenth of the kernel in a one-off profile). */
+ * a chunk pooled at its even lanes; 1: at every lane), and the positions alike — with C a constant for the common
+ * channel counts (the compiler unrolls it into plain moves; a loop over a variable C cost about a tenth of the
+ * kernel in a one-off profile). */
 static inline __attribute__((always_inline)) void transpose_const(
         const void *restrict tb, const uint8_t *restrict kb, int64_t cols, const int64_t C, void *restrict dst,
         uint8_t *restrict dix, const size_t size, const int step) {
@@ -854,7 +857,7 @@ int NAME(const T *xs, int64_t N, int64_t Hx, int64_t Wx, int64_t Ci, int64_t KH,
                 const int64_t cols = Wo - x0 / 2 < 8 ? Wo - x0 / 2 : 8;                                  \
                 T *dst = pooled + row * PC + x0 / 2 * C;                                                 \
                 uint8_t *dix = idx + row * PC + x0 / 2 * C;                                              \
-                put_block(tb, kb, cols, C, dst, dix, sizeof(T), 2);                                         \
+                put_block(tb, kb, cols, C, dst, dix, sizeof(T), 2);                                      \
             }                                                                                            \
         }                                                                                                \
         free(tb); free(kb);                                                                              \
@@ -884,15 +887,17 @@ DEFINE_CONV_POOL_FORWARD(cnnlab_conv_pool_forward_f32, float, conv_pool_chunk_f3
  * in native.py, the cast, then the transpose). The dot-product instruction multiplies pairs of bf16 values and
  * adds both products to a float lane, twice the multiply-adds of an FMA. The pairs run along the kernel row's
  * Ci·KW values (k = ci·KW + kw; an odd count's last pair takes a zero; the 3 × 3 × 3 stem: 5 instructions per
- * kernel row and channel instead of 9): each image row is rounded to bf16 (nearest even, as x.to(bf16); the
- * instruction reads a subnormal float as zero), laid out as channel planes in a scratch row, then as pair rows
+ * kernel row and channel instead of 9): each image row is rounded to bf16 by vcvtneps2bf16 (nearest even, as
+ * x.to(bf16), except that it flushes subnormal floats to zero — torch rounds the largest up to 2^-126 — and keeps a
+ * NaN's sign and payload), laid out as channel planes in a scratch row, then as pair rows
  * split by output column parity, pe[h, j, u] = (x[ci_2j, h, 2u + kw_2j], x[ci_2j+1, h, 2u + kw_2j+1]) and po[h,
  * j, u] the same at column 2u + 1, two bf16 in 32 bits; the weights as (KH, pairs, CB) per channel chunk. A chunk
  * sums 16 even and 16 odd convolution columns of two rows (4 accumulators per channel, EO_MAX_CHANNELS channels
  * at once), so the 2 × 2 window of pooled column u is lane u of the four: the max, its position, ReLU and the
  * bf16 store are each one instruction for 16 pooled columns. (The version before pooled pairs of neighbouring
  * lanes, half of each instruction's lanes wasted, from bf16 planes copied by native.py: with the copies 1.5×
- * this one's time in a one-off single-thread timing, `benchmarks/stem_bench.py` has the measured figures.) */
+ * this one's time in a one-off single-thread timing; its outputs and positions were the same bit for bit but for
+ * NaN's bits; not yet re-measured with `benchmarks/stem_bench.py`.) */
 #define EO_MAX_CHANNELS 6
 
 static inline int64_t eo_chunk(int64_t left) {  /* as fwd_chunk: even sizes (10 → 5 + 5, 20 → 5 × 4) */
@@ -994,7 +999,8 @@ int cnnlab_conv_pool_forward_cl_bf16(const float *xs, int64_t N, int64_t Hx, int
                                      int64_t KW, const float *wt, const float *bias, uint16_t *pooled, uint8_t *idx,
                                      int64_t Ho, int64_t Wo, int64_t C, int nthreads) {
     const int64_t K = Ci * KW, NP = (K + 1) / 2, PU = (Wo + LANES - 1) / LANES * LANES, PC = Wo * C;
-    /* a channel plane row: a pair row's last load reads 32 values from column 2(PU − 16) + KW − 1 + 1 on */
+    /* a channel plane row: a pair row's last load reads 32 values from column 2(PU − 16) + KW − 1 + 1 on (the + 64
+     * is slack) */
     const int64_t RW = (2 * PU + KW + 64 + 31) / 32 * 32, XR = Wx * Ci;
     if (nthreads < 1) nthreads = 1;
     uint32_t *wl = (uint32_t *)aligned_alloc(64, sizeof(uint32_t) * (size_t)(KH * NP * C + 64));
