@@ -296,8 +296,10 @@ def stem_forward_pays(dtype: torch.dtype, flags: frozenset[str] | set[str] | Non
     through torch's convolution and the native pool (its backward, conv_pool_wgrad, is native either way): where
     stem_pays, except in bf16 on a CPU with AMX, whose tile unit torch's oneDNN convolution uses — on an Intel
     Xeon with AVX-512 BF16 + AMX that forward took 3.06–3.20 against the one pass's 3.59–3.78 ms a batch, and
-    cnnlab's loop ran 0.93–0.95× as fast with the one pass (two runs of `benchmarks/stem_bench.py`); on the AMD
-    EPYC with AVX-512 BF16 and no AMX the one pass was 2.50 against 4.00 ms, the loop 1.10× (BENCHMARKS.md)."""
+    cnnlab's loop ran 0.93–0.95× as fast with the one pass (two runs of `benchmarks/stem_bench.py`, with the
+    kernel before conv_pool_forward_cl_bf16: not yet re-measured with it on an AMX CPU); on the AMD EPYC Zen 4
+    with AVX-512 BF16 and no AMX the channels-last one pass was 2.18 (1.66) against 3.31 (3.55) ms, the loop
+    1.09× in two runs (BENCHMARKS.md)."""
     if flags is None:  # AMX counts where torch's oneDNN may use it (hardware.usable_flags)
         return stem_pays() and not (dtype == torch.bfloat16 and "amx_bf16" in usable_flags())
     flags = set(flags)
