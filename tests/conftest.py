@@ -125,6 +125,19 @@ def tiny_run(tmp_path_factory, cnnlab_cache):
     return train(None, dict(TINY_RUN_OVERRIDES, name="tiny"), out=out, quiet=True)
 
 
+# --------------------------------------------------------------------------- a tiny study
+
+@pytest.fixture(scope="session")
+def tiny_study(tmp_path_factory, cnnlab_cache):
+    """recipes/tiny-study.yaml (2 variants × 2 seeds) run once by the local executor, 2 runs at once. Shared by
+    test_compare (which reruns some of its runs: they end the same, bit for bit) and test_ray (the Ray executor
+    must give the same runs)."""
+    from cnnlab.study import run_study
+
+    out = tmp_path_factory.mktemp("studies") / "tiny"
+    return run_study(RECIPES / "tiny-study.yaml", jobs=2, out=out, quiet=True)
+
+
 # --------------------------------------------------------------------------- a PostgreSQL server
 
 @pytest.fixture(scope="session")

@@ -133,10 +133,7 @@ def test_the_alkhairi_recipe_is_valid():
 
 # --------------------------------------------------------------------------- a tiny real study
 
-@pytest.fixture(scope="module")
-def tiny_study(tmp_path_factory, cnnlab_cache):
-    out = tmp_path_factory.mktemp("studies") / "tiny"
-    return run_study(TINY, jobs=2, out=out, quiet=True)
+# tiny_study (conftest.py): recipes/tiny-study.yaml run once for the session with run_study(jobs=2)
 
 
 def _metrics(run_dir: Path) -> dict:

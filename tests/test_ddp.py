@@ -30,6 +30,23 @@ def train(cnnlab_bin, *args, timeout=300, **kw) -> subprocess.CompletedProcess:
     return p
 
 
+def start_training(cnnlab_bin, *args, **kw) -> subprocess.Popen:
+    """`cnnlab train DEMO ARGS` started, not waited for: independent runs go at once, their start-ups overlapping
+    (the results do not depend on it: each run's threads are its own, fixed by its config and --nproc)."""
+    return subprocess.Popen([str(cnnlab_bin), "train", DEMO, *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+def finished(proc: subprocess.Popen, timeout=300) -> subprocess.CompletedProcess:
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
 def weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(run_dir / "model.safetensors")
 
@@ -37,8 +54,9 @@ def weights(run_dir: Path) -> dict[str, torch.Tensor]:
 def test_two_processes_with_global_batch_b_take_the_steps_of_one_with_batch_b(tmp_path, cnnlab_bin):
     # 220 training images: 4 steps an epoch; 40 validation images in 3 batches, split 1 + 2 between the ranks
     opts = [*SMALL, *PLAIN_NET, "train.epochs=3", "data.batch_size=64", "data.eval_batch_size=16"]
-    one = train(cnnlab_bin, *opts, "--out", tmp_path / "one")
-    two = train(cnnlab_bin, *opts, "--out", tmp_path / "two", "--nproc", 2)
+    procs = [start_training(cnnlab_bin, *opts, "--out", tmp_path / "one"),
+             start_training(cnnlab_bin, *opts, "--out", tmp_path / "two", "--nproc", 2)]
+    one, two = (finished(p) for p in procs)
     assert one.returncode == 0, one.stderr
     assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-3000:]
     a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
@@ -91,8 +109,7 @@ def test_crash_then_resume_on_two_processes_is_exact(tmp_path, cnnlab_bin):
     """Batch norm, dropout and augmentation on: killed after its first epoch, resumed with --nproc 2, it ends
     where the uninterrupted two-process run ends, bit for bit."""
     opts = [*SMALL, "train.epochs=4", "data.batch_size=32"]
-    whole = train(cnnlab_bin, *opts, "--out", tmp_path / "whole", "--nproc", 2)
-    assert whole.returncode == 0, whole.stderr[-3000:]
+    reference = start_training(cnnlab_bin, *opts, "--out", tmp_path / "whole", "--nproc", 2)  # alongside the cut run
     run = tmp_path / "cut"
     proc = subprocess.Popen([str(cnnlab_bin), "train", DEMO, *opts, "--out", str(run), "--nproc", "2"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -107,6 +124,8 @@ def test_crash_then_resume_on_two_processes_is_exact(tmp_path, cnnlab_bin):
         assert time.time() - t0 < 60, "the training processes outlived their launcher"
         time.sleep(0.05)
     assert not (run / "metrics.json").exists()
+    whole = finished(reference)
+    assert whole.returncode == 0, whole.stderr[-3000:]
     p = subprocess.run([str(cnnlab_bin), "train", "--resume", str(run), "--nproc", "2", "--no-report"],
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]

@@ -132,9 +132,14 @@ def test_each_instruction_set_setting_compiles_into_a_cache_of_its_own(monkeypat
     # a real process with ATen's vector kernels turned off: its own folder, under its temporary directory
     env = {k: v for k, v in os.environ.items() if k not in ("TORCHINDUCTOR_CACHE_DIR", "ATEN_CPU_CAPABILITY")}
     code = "from cnnlab.hardware import compile_cache; print(compile_cache()[0])"
-    folders = [subprocess.run([sys.executable, "-c", code], env=dict(env, TMPDIR=str(tmp_path), **extra),
-                              capture_output=True, text=True, check=True).stdout.strip()
-               for extra in ({}, {"ATEN_CPU_CAPABILITY": "default"})]
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=dict(env, TMPDIR=str(tmp_path), **extra),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for extra in ({}, {"ATEN_CPU_CAPABILITY": "default"})]  # at once: each is its start-up
+    folders = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err[-2000:]
+        folders.append(out.strip())
     assert folders[0] != folders[1] and all(os.path.dirname(f) == str(tmp_path) for f in folders)
 
 

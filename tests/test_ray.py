@@ -154,24 +154,18 @@ def _run_dirs(study_dir: Path) -> list[Path]:
     return sorted(d for d in study_dir.glob("runs/*/seed-*") if d.is_dir())
 
 
-def test_a_study_through_ray_gives_the_same_runs_as_the_local_executor(ray_head, cnnlab_bin, tmp_path):
+def test_a_study_through_ray_gives_the_same_runs_as_the_local_executor(ray_head, cnnlab_bin, tmp_path, tiny_study):
+    """The session's tiny study (conftest.py: the local executor, 2 runs at once) again through Ray, each run with
+    the threads the local executor gave it (results depend on them): the same run folders, bit for bit."""
     from safetensors.numpy import load_file
 
-    study = RECIPES / "tiny-study.yaml"
-    a, b = tmp_path / "A", tmp_path / "B"  # the same threads per run in both: results depend on them
-    ray_cmd = ["compare", study, "train.threads=1", "--executor", "ray", "--address", ray_head, "--out", a]
-    local_cmd = ["compare", study, "train.threads=1", "--jobs", "2", "--out", b]
-    procs = [subprocess.Popen([str(cnnlab_bin), *map(str, cmd)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for cmd in (ray_cmd, local_cmd)]  # at once: the serial parts overlap
-    try:
-        (oa, ea), (ob, eb) = (p.communicate(timeout=300) for p in procs)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    assert procs[0].returncode == 0, oa[-3000:] + ea[-3000:]
-    assert procs[1].returncode == 0, ob[-3000:] + eb[-3000:]
-    assert "4 to run, 2 at a time" in oa  # the cluster's 2 CPUs / 1 CPU a run
+    a, b = tmp_path / "A", tiny_study
+    threads = {read_json(r / "env.json")["threads"] for r in _run_dirs(b)}
+    assert len(threads) == 1
+    p = cnnlab(cnnlab_bin, "compare", RECIPES / "tiny-study.yaml", f"train.threads={threads.pop()}",
+               "--executor", "ray", "--address", ray_head, "--out", a)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "4 to run, 2 at a time" in p.stdout  # the cluster's 2 CPUs / 1 CPU a run
     runs = _run_dirs(a)
     assert [r.relative_to(a) for r in runs] == [r.relative_to(b) for r in _run_dirs(b)] and len(runs) == 4
     for ra in runs:

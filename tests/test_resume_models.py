@@ -1,16 +1,23 @@
 """Resume is bit-identical for every registered model family, gray and RGB, with the fused CPU path on and off.
 
-A run is stopped right after a mid-epoch checkpoint (as SIGKILL would leave it: the checkpoint on
-disk, nothing after it), resumed from that checkpoint in a fresh model and optimiser, and compared
-with an uninterrupted run: final weights, the last training state and the history must be equal.
+The uninterrupted run's folder is copied right after a mid-epoch checkpoint (what SIGKILL at that
+moment would leave: the checkpoint on disk, nothing after it), that copy is resumed from its checkpoint in
+a fresh model and optimiser, and compared with the uninterrupted run: final weights, the last training
+state and the history must be equal. (The copy stands for a second run killed there: it is the same
+seeded run up to that checkpoint, without training it a second time.)
 The one-conv grayscale net alone could not catch layout bugs: its conv has one input channel, so
 its weight is the same in memory whether contiguous or channels-last.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 import cnnlab.api as api
@@ -20,26 +27,33 @@ from conftest import fit_run
 # 24 px, not 16: at 16 px MobileNetV3's 5×5 depthwise convs see 1×1 maps, where torch 2.14's bf16 channels-last
 # backward reads uninitialised memory (NaN or 1e34 gradients now and then; found by this test under bf16)
 BASE = {"data.source": "random", "data.random_samples": 60, "data.random_classes": 3, "data.image_size": 24,
-        "data.batch_size": 8, "train.epochs": 2, "train.checkpoint_every_steps": 4, "optim.name": "adam",
+        "data.batch_size": 8, "train.epochs": 2, "train.checkpoint_every_steps": 8, "optim.name": "adam",
         "optim.lr": 0.003, "data.augment": True, "train.seed": 3}
-STOP_AT = 3  # checkpoints (6 steps an epoch): epoch 1 step 4, its end, epoch 2 step 2 (global step 8): stop there
+STOP_AT = 2  # checkpoints (6 steps an epoch): the end of epoch 1, epoch 2 step 2 (global step 8): stop there
 
 
-class _Killed(BaseException):
-    """Stands for SIGKILL right after a checkpoint write (BaseException: nothing may catch it)."""
-
-
-def _stop_after_checkpoint(monkeypatch, n: int) -> None:
+def _copy_after_checkpoint(monkeypatch, n: int, to) -> None:
+    """Copy the run folder right after its n-th checkpoint write: the folder a SIGKILL there would leave.
+    Hard links, not copies of the (vgg16: ~200 MB) files: the run replaces its files by renaming new ones
+    over them, never writing into them, so the linked ones keep this moment's contents (the test checks
+    the copy's checkpoint is still this one's)."""
     real, calls = api.save_checkpoint, []
 
-    def save_then_die(*args, **kw):
+    def save_then_copy(*args, **kw):
         path = real(*args, **kw)
         calls.append(path)
         if len(calls) == n:
-            raise _Killed
+            shutil.copytree(path.parent, to, copy_function=os.link)
         return path
 
-    monkeypatch.setattr(api, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(api, "save_checkpoint", save_then_copy)
+
+
+def _checkpoint_step(run_dir) -> tuple[int, int]:
+    """(epochs done, steps into the next) of the run folder's checkpoint."""
+    with safe_open(str(run_dir / "checkpoint.safetensors"), "pt") as f:
+        meta = json.loads(f.metadata()["cnnlab_checkpoint"])
+    return meta["epoch"], meta["step_in_epoch"]
 
 
 def _last_state(run_dir) -> dict:
@@ -66,12 +80,11 @@ def one_per_family() -> list[str]:
 @pytest.mark.parametrize("model", one_per_family())
 def test_resume_is_bit_identical(model, channels, fused, tmp_path, monkeypatch):
     over = dict(BASE, **{"model.name": model, "data.channels": channels, "train.fused": fused})
-    ref = fit_run(over, out=tmp_path / "ref")
     with monkeypatch.context() as m:
-        _stop_after_checkpoint(m, STOP_AT)
-        with pytest.raises(_Killed):
-            fit_run(over, out=tmp_path / "run")
-    assert not (tmp_path / "run" / "metrics.json").exists()
+        _copy_after_checkpoint(m, STOP_AT, tmp_path / "run")
+        ref = fit_run(over, out=tmp_path / "ref")
+    assert (tmp_path / "run" / "checkpoint.safetensors").is_file() and not (tmp_path / "run" / "metrics.json").exists()
+    assert len(ref.history) == 2 and _checkpoint_step(tmp_path / "run") == (1, 2)  # mid-way through epoch 2
     resumed = fit_run(None, resume=tmp_path / "run")
     assert [{k: v for k, v in r.items() if k != "seconds"} for r in resumed.history] == \
         [{k: v for k, v in r.items() if k != "seconds"} for r in ref.history]

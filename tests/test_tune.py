@@ -205,7 +205,18 @@ def test_sigkill_then_rerun_keeps_finished_trials_and_reruns_the_interrupted_one
     first = [r for r in trials_of_journal(spec, out)]
     assert [r.state.name for r in first] == ["COMPLETE", "RUNNING"]  # killed: trial 1 left running
 
-    p = run(tune_cmd(cnnlab_bin, spec, "--out", out))
+    # an uninterrupted run of the interrupted trial's config (written before it started), trained alongside the rerun
+    cfg = out / "trials" / "trial-0001.yaml"
+    fresh = tmp_path / "fresh"
+    uninterrupted = subprocess.Popen([str(cnnlab_bin), "train", str(cfg), "--out", str(fresh), "--no-report",
+                                      "--progress", "none"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        p = run(tune_cmd(cnnlab_bin, spec, "--out", out))
+        _, q_err = uninterrupted.communicate(timeout=600)
+    finally:
+        if uninterrupted.poll() is None:
+            uninterrupted.kill()
+            uninterrupted.wait()
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert "trial 1 was interrupted" in p.stdout
     rows = trials_of(out)
@@ -220,10 +231,7 @@ def test_sigkill_then_rerun_keeps_finished_trials_and_reruns_the_interrupted_one
     assert "Resuming" in (out / "trials" / "trial-0001.log").read_text(encoding="utf-8")
     assert training_pid(out / "trials" / "trial-0001") is None
     # the resumed trial is bit-identical to an uninterrupted run of the same config
-    cfg = out / "trials" / "trial-0001.yaml"
-    fresh = tmp_path / "fresh"
-    q = run([str(cnnlab_bin), "train", str(cfg), "--out", str(fresh), "--no-report", "--progress", "none"])
-    assert q.returncode == 0, q.stderr
+    assert uninterrupted.returncode == 0, q_err
     assert read_json(fresh / "metrics.json")["accuracy"] == retry["value"]
 
 
