@@ -110,21 +110,23 @@ def test_crash_then_resume_on_two_processes_is_exact(tmp_path, cnnlab_bin):
     where the uninterrupted two-process run ends, bit for bit."""
     opts = [*SMALL, "train.epochs=4", "data.batch_size=32"]
     reference = start_training(cnnlab_bin, *opts, "--out", tmp_path / "whole", "--nproc", 2)  # alongside the cut run
-    run = tmp_path / "cut"
-    proc = subprocess.Popen([str(cnnlab_bin), "train", DEMO, *opts, "--out", str(run), "--nproc", "2"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    t0 = time.time()
-    while not (run / "checkpoint.safetensors").exists():
-        assert proc.poll() is None and time.time() - t0 < 120
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and torchrun: the workers get SIGTERM from the kernel
-    proc.wait()
-    t0 = time.time()
-    while training_pid(run) is not None:  # they stop at the next step, with a checkpoint
-        assert time.time() - t0 < 60, "the training processes outlived their launcher"
-        time.sleep(0.05)
-    assert not (run / "metrics.json").exists()
-    whole = finished(reference)
+    try:
+        run = tmp_path / "cut"
+        proc = subprocess.Popen([str(cnnlab_bin), "train", DEMO, *opts, "--out", str(run), "--nproc", "2"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        t0 = time.time()
+        while not (run / "checkpoint.safetensors").exists():
+            assert proc.poll() is None and time.time() - t0 < 120
+            time.sleep(0.02)
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and torchrun: the workers get SIGTERM from the kernel
+        proc.wait()
+        t0 = time.time()
+        while training_pid(run) is not None:  # they stop at the next step, with a checkpoint
+            assert time.time() - t0 < 60, "the training processes outlived their launcher"
+            time.sleep(0.05)
+        assert not (run / "metrics.json").exists()
+    finally:
+        whole = finished(reference)  # waited for (or killed) whatever happened above
     assert whole.returncode == 0, whole.stderr[-3000:]
     p = subprocess.run([str(cnnlab_bin), "train", "--resume", str(run), "--nproc", "2", "--no-report"],
                        capture_output=True, text=True, timeout=300)
