@@ -7,6 +7,7 @@ whole suite stays within a few minutes on two CPU cores.
 from __future__ import annotations
 
 import inspect
+import subprocess
 import sys
 from pathlib import Path
 
@@ -123,6 +124,18 @@ def tiny_run(tmp_path_factory, cnnlab_cache):
 
     out = tmp_path_factory.mktemp("runs") / "tiny"
     return train(None, dict(TINY_RUN_OVERRIDES, name="tiny"), out=out, quiet=True)
+
+
+def finished(proc: subprocess.Popen, timeout: float = 300) -> subprocess.CompletedProcess:
+    """A started process (stdout and stderr piped) waited for, killed if it outlives `timeout` or the wait is
+    interrupted; its output as subprocess.run gives it. Lets a test start independent processes at once."""
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 # --------------------------------------------------------------------------- a tiny study

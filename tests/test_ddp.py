@@ -17,17 +17,12 @@ import torch
 from safetensors.torch import load_file
 
 from cnnlab.runs import read_history, read_json, training_pid
+from conftest import finished
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 DEMO = str(RECIPES / "demo.yaml")
 SMALL = ["data.max_per_class=30", "--no-report", "--progress", "plain"]
 PLAIN_NET = ["model.batch_norm=false", "model.dropout=0", "data.augment=false", "train.precision=32"]
-
-
-def train(cnnlab_bin, *args, timeout=300, **kw) -> subprocess.CompletedProcess:
-    p = subprocess.run([str(cnnlab_bin), "train", DEMO, *map(str, args)], capture_output=True, text=True,
-                       timeout=timeout, **kw)
-    return p
 
 
 def start_training(cnnlab_bin, *args, **kw) -> subprocess.Popen:
@@ -37,14 +32,8 @@ def start_training(cnnlab_bin, *args, **kw) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True, **kw)
 
 
-def finished(proc: subprocess.Popen, timeout=300) -> subprocess.CompletedProcess:
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+def train(cnnlab_bin, *args, timeout=300, **kw) -> subprocess.CompletedProcess:
+    return finished(start_training(cnnlab_bin, *args, **kw), timeout)
 
 
 def weights(run_dir: Path) -> dict[str, torch.Tensor]:

@@ -119,6 +119,7 @@ def test_each_instruction_set_setting_compiles_into_a_cache_of_its_own(monkeypat
     import sys
 
     from cnnlab.hardware import compile_cache
+    from conftest import finished
 
     assert compile_cache({"TORCHINDUCTOR_CACHE_DIR": "/srv/inductor"}) == ("/srv/inductor",
                                                                             "TORCHINDUCTOR_CACHE_DIR, as set")
@@ -135,11 +136,9 @@ def test_each_instruction_set_setting_compiles_into_a_cache_of_its_own(monkeypat
     procs = [subprocess.Popen([sys.executable, "-c", code], env=dict(env, TMPDIR=str(tmp_path), **extra),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for extra in ({}, {"ATEN_CPU_CAPABILITY": "default"})]  # at once: each is its start-up
-    folders = []
-    for proc in procs:
-        out, err = proc.communicate(timeout=120)
-        assert proc.returncode == 0, err[-2000:]
-        folders.append(out.strip())
+    done = [finished(proc, 120) for proc in procs]
+    assert all(p.returncode == 0 for p in done), [p.stderr[-2000:] for p in done]
+    folders = [p.stdout.strip() for p in done]
     assert folders[0] != folders[1] and all(os.path.dirname(f) == str(tmp_path) for f in folders)
 
 

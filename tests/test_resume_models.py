@@ -11,16 +11,15 @@ its weight is the same in memory whether contiguous or channels-last.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file
 
 import cnnlab.api as api
+from cnnlab.training.checkpoint import read_checkpoint
 from cnnlab.models import list_models
 from conftest import fit_run
 
@@ -34,8 +33,8 @@ STOP_AT = 2  # checkpoints (6 steps an epoch): the end of epoch 1, epoch 2 step 
 
 def _copy_after_checkpoint(monkeypatch, n: int, to) -> None:
     """Copy the run folder right after its n-th checkpoint write: the folder a SIGKILL there would leave.
-    Hard links, not copies of the (vgg16: ~200 MB) files: the run replaces its files by renaming new ones
-    over them, never writing into them, so the linked ones keep this moment's contents (the test checks
+    Hard links, not copies of the (for the VGGs, large) files: the run replaces its files by renaming new
+    ones over them, never writing into them, so the linked ones keep this moment's contents (the test checks
     the copy's checkpoint is still this one's)."""
     real, calls = api.save_checkpoint, []
 
@@ -50,9 +49,8 @@ def _copy_after_checkpoint(monkeypatch, n: int, to) -> None:
 
 
 def _checkpoint_step(run_dir) -> tuple[int, int]:
-    """(epochs done, steps into the next) of the run folder's checkpoint."""
-    with safe_open(str(run_dir / "checkpoint.safetensors"), "pt") as f:
-        meta = json.loads(f.metadata()["cnnlab_checkpoint"])
+    """(epochs done, steps into the next) of the run folder's checkpoint, read as a resume reads it."""
+    meta = read_checkpoint(run_dir)[1]
     return meta["epoch"], meta["step_in_epoch"]
 
 

@@ -22,7 +22,7 @@ from cnnlab.runs import read_csv, read_json, training_pid  # noqa: E402
 from cnnlab.tune.search import SUPERSEDED  # noqa: E402
 from cnnlab.tune.runner import run_tune  # noqa: E402
 from cnnlab.tune.spec import TuneError, load_tune  # noqa: E402
-from conftest import write_spec  # noqa: E402
+from conftest import finished, write_spec  # noqa: E402
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 TINY = RECIPES / "tune-tiny.yaml"
@@ -212,11 +212,8 @@ def test_sigkill_then_rerun_keeps_finished_trials_and_reruns_the_interrupted_one
                                       "--progress", "none"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         p = run(tune_cmd(cnnlab_bin, spec, "--out", out))
-        _, q_err = uninterrupted.communicate(timeout=600)
     finally:
-        if uninterrupted.poll() is None:
-            uninterrupted.kill()
-            uninterrupted.wait()
+        q = finished(uninterrupted, 600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert "trial 1 was interrupted" in p.stdout
     rows = trials_of(out)
@@ -231,7 +228,7 @@ def test_sigkill_then_rerun_keeps_finished_trials_and_reruns_the_interrupted_one
     assert "Resuming" in (out / "trials" / "trial-0001.log").read_text(encoding="utf-8")
     assert training_pid(out / "trials" / "trial-0001") is None
     # the resumed trial is bit-identical to an uninterrupted run of the same config
-    assert uninterrupted.returncode == 0, q_err
+    assert q.returncode == 0, q.stderr
     assert read_json(fresh / "metrics.json")["accuracy"] == retry["value"]
 
 

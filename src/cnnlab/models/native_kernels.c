@@ -573,7 +573,7 @@ static inline __attribute__((always_inline)) void wgrad_row(
         float *restrict ac = acc + c * stride;
         /* register-wide: as 16-lane vectors, GCC 12 kept AVX2's accumulators on the stack. Two sets, even and odd
          * columns, summed at the end: with one, each multiply-add waits for the one before it (perf put most of the
-         * loop's samples just after them); two were about 10 % faster in a one-off single-thread timing */
+         * loop's samples just after them); `benchmarks/stem_bench.py` times the kernel */
         rf a[8 * H], b[8 * H];
         for (int kh = 0; kh < KH; kh++)
             for (int h = 0; h < H; h++) a[kh * H + h] = ldr(ac + kh * LANES + h * VL), b[kh * H + h] = (rf){0};
@@ -895,9 +895,9 @@ DEFINE_CONV_POOL_FORWARD(cnnlab_conv_pool_forward_f32, float, conv_pool_chunk_f3
  * sums 16 even and 16 odd convolution columns of two rows (4 accumulators per channel, EO_MAX_CHANNELS channels
  * at once), so the 2 × 2 window of pooled column u is lane u of the four: the max, its position, ReLU and the
  * bf16 store are each one instruction for 16 pooled columns. (The version before pooled pairs of neighbouring
- * lanes, half of each instruction's lanes wasted, from bf16 planes copied by native.py: with the copies 1.5×
- * this one's time in a one-off single-thread timing; its outputs and positions were the same bit for bit but for
- * NaN's bits; not yet re-measured with `benchmarks/stem_bench.py`.) */
+ * lanes, half of each instruction's lanes wasted, from bf16 planes copied by native.py; its outputs and positions
+ * were the same bit for bit but for NaN's bits. `benchmarks/stem_bench.py` times this one against torch's
+ * convolution.) */
 #define EO_MAX_CHANNELS 6
 
 static inline int64_t eo_chunk(int64_t left) {  /* as fwd_chunk: even sizes (10 → 5 + 5, 20 → 5 × 4) */
