@@ -19,6 +19,9 @@ measurements:
             order alternating each round): images/s and the per-round ratios' median and range. Off is a
             benchmark-only switch (`_NativeConvReLUBatchNormMaxPool.enabled = False`: the convolution as a module,
             then the native block).
+
+Where the loop runs in bf16 and the CPU has AVX-512 BF16, both measurements also time pool_backward_wgrad's
+products in bf16 dot products against float32 FMAs (`native.wgrad_dot_pays`; the switch `fused.WgradDot`).
 """
 
 from __future__ import annotations
@@ -66,23 +69,43 @@ def kernels(repeats: int, dtype_name: str) -> dict[str, float]:
         dy = native.pool_backward(y, idx, g, a, k, b)
         torch.autograd.grad(conv_out, [wp, bp], dy, retain_graph=True)
 
-    def native_backward():
-        native.pool_backward_wgrad(y, idx, g, a, k, b, F.pad(x, (2, 2, 2, 2)), (5, 5))
+    def native_backward(dot: bool):
+        native.pool_backward_wgrad(y, idx, g, a, k, b, F.pad(x, (2, 2, 2, 2)), (5, 5), dot=dot)
 
-    return interleaved_median_ms({"torch backward": torch_backward, "native backward": native_backward}, repeats)
+    paths = {"torch backward": torch_backward, "native backward": lambda: native_backward(False)}
+    if dots(dtype_name):
+        paths["native backward, dot products"] = lambda: native_backward(True)
+    return interleaved_median_ms(paths, repeats)
+
+
+def dots(dtype_name: str) -> bool:
+    """Whether the bf16 dot products are measured here: a bf16 loop, and the library has them."""
+    from cnnlab.models.native import wgrad_dot_available
+
+    return dtype_name == "bfloat16" and wgrad_dot_available()
 
 
 def loop(rounds: int) -> dict:
-    """Epoch seconds of cnnlab's loop with and without the one-pass backward, interleaved (after warm-ups)."""
+    """Epoch seconds of cnnlab's loop with and without the one-pass backward, interleaved (after warm-ups); in
+    bf16 where the library has them, also with and without the weight gradient's dot products (the one-pass
+    backward on)."""
     import cnnlab.models.fused as fused
 
-    return switched_epochs([str(ROOT / TASK[0]), *TASK[1:]], fused._NativeConvReLUBatchNormMaxPool, rounds)
+    config = [str(ROOT / TASK[0]), *TASK[1:]]
+    r = switched_epochs(config, fused._NativeConvReLUBatchNormMaxPool, rounds)
+    if dots("bfloat16" if r["precision"].startswith("bf16") else "float32"):
+        fused._NativeConvReLUBatchNormMaxPool.enabled = True
+        try:
+            r["dot"] = switched_epochs(config, fused.WgradDot, rounds)
+        finally:
+            fused._NativeConvReLUBatchNormMaxPool.enabled = None
+    return r
 
 
 def main() -> None:
     import torch
 
-    from cnnlab.models.native import stem_pays
+    from cnnlab.models.native import stem_pays, wgrad_dot_pays
 
     a, m, r, k = measure(__doc__, loop, kernels)
     dtype = r["dtype"]
@@ -100,7 +123,12 @@ def main() -> None:
              f"| native pool_backward writes the full-sized gradient, torch's convolution weight and bias gradients "
              f"read it | {k['torch backward']:.2f} |",
              f"| pool_backward_wgrad: the gradient an image at a time, multiplied into the weight gradient in cache "
-             f"| {k['native backward']:.2f} |",
+             f"(float32 FMAs) "
+             f"| {k['native backward']:.2f} |"]
+    if "native backward, dot products" in k:
+        lines.append(f"| pool_backward_wgrad, the products in bf16 dot products (two positions each) "
+                     f"| {k['native backward, dot products']:.2f} |")
+    lines += [
              "", f"cnnlab's training loop on the first paper's net (animal-shapes, 28×28×1, batch 128, the CPU "
              f"defaults: {r['precision']}; augmentation off), {a.rounds} rounds of one epoch per path, interleaved "
              "in one process:", "",
@@ -111,7 +139,22 @@ def main() -> None:
              f"Within each round the one-pass backward was **{statistics.median(v):.2f}×** (range {v[0]:.2f}–"
              f"{v[-1]:.2f}×) as fast as without it (the median over the rounds). "
              + ("It is the default on this CPU (AVX2 or AVX-512: `native.stem_pays`)." if pays else
-                "Without AVX2 or AVX-512 it is not the default (`native.stem_pays`)."), "", END]
+                "Without AVX2 or AVX-512 it is not the default (`native.stem_pays`).")]
+    if "dot" in r:
+        d = r["dot"]["seconds"]
+        w = sorted(o / q for o, q in zip(d[False], d[True]))
+        mark = {True: " (the default)" if wgrad_dot_pays() else "", False: "" if wgrad_dot_pays() else " (the default)"}
+        lines += ["", f"The same loop with the one-pass backward, its products in bf16 dot products against float32 "
+                      f"FMAs, {a.rounds} rounds interleaved:", "",
+                  "| path | images/s (median epoch) |", "|---|---:|",
+                  f"| bf16 dot products{mark[True]} | {n / statistics.median(d[True]):,.0f} |",
+                  f"| float32 FMAs{mark[False]} | {n / statistics.median(d[False]):,.0f} |", "",
+                  f"Within each round the dot products were **{statistics.median(w):.2f}×** (range {w[0]:.2f}–"
+                  f"{w[-1]:.2f}×) as fast. "
+                  + ("They are the default on this CPU (AVX-512 BF16 without AMX: `native.wgrad_dot_pays`)."
+                     if wgrad_dot_pays() else "They are not the default on this CPU (`native.wgrad_dot_pays`: "
+                     "AVX-512 BF16 without AMX).")]
+    lines += ["", END]
     publish("\n".join(lines) + "\n", a.write, START, END)
 
 

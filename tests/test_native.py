@@ -540,6 +540,62 @@ def test_first_conv_block_under_bf16_autocast_is_as_close_to_float32_as_torchs_b
         assert _rel(a, b) <= 1.1 * _rel(t, b) + 1e-3, (name, _rel(a, b), _rel(t, b))
 
 
+@pytest.mark.parametrize("shape", CONV_BLOCKS)
+def test_first_conv_block_weight_gradient_in_bf16_dot_products_is_exact_on_the_rounded_values(shape):
+    """pool_backward_wgrad's bf16 dot products (dot=True; the default in bf16 where wgrad_dot_pays) round dy and
+    the input to bf16 as torch's bf16 convolution backward does, and sum their exact products in float32: the
+    weight gradient is within 1e-5 of float64's over the same rounded values (pool_backward's bf16 dy, the bf16
+    input) — pairs of columns across odd widths, channels short of a vector, an even kernel, batch 1 — and the
+    bias's, summed from the unrounded rows, is the float32 path's."""
+    if not native.wgrad_dot_available():
+        if "avx512_bf16" in cpu_flags() and os.environ.get("CI") == "true":
+            pytest.fail(f"AVX-512 BF16 here, but {native.compiler_name()} built no dot products for pool_backward_wgrad")
+        pytest.skip("pool_backward_wgrad's dot products are built only for CPUs with AVX-512 BF16")
+    n, ci, h, w, c, k, padding = shape
+    seq = _conv_block(ci, c, k, padding)
+    conv = seq[0]
+    ph, pw = conv.padding if isinstance(conv.padding, tuple) else (0, 0)
+    if padding == "same":  # an odd kernel's "same": k // 2 on each side
+        ph = pw = k // 2
+    x = torch.randn(n, ci, h, w).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        y = F.conv2d(x.bfloat16(), conv.weight.bfloat16(), conv.bias.bfloat16(), padding=(ph, pw))
+    y = y.contiguous(memory_format=torch.channels_last)
+    pooled, idx, _ = native.pool_stats(y, relu=True, stats=False)
+    g = torch.randn(pooled.shape).bfloat16().contiguous(memory_format=torch.channels_last)
+    a, kk, b = torch.rand(c) + 0.5, torch.randn(c) * 0.1, torch.randn(c) * 0.1
+    xp = F.pad(x, (pw, pw, ph, ph))
+    dw, db = native.pool_backward_wgrad(y, idx, g, a, kk, b, xp, (k, k), dot=True)
+    dw32, db32 = native.pool_backward_wgrad(y, idx, g, a, kk, b, xp, (k, k), dot=False)
+    dy = native.pool_backward(y, idx, g, a, kk, b)  # bf16: rounded as the dot products round it
+    exact = torch.ops.aten.convolution_backward(dy.double(), x.bfloat16().double(), conv.weight.double(), [c],
+                                                [1, 1], [ph, pw], [1, 1], False, [0, 0], 1, [False, True, False])[1]
+    assert dw.dtype == torch.float32 and dw.shape == conv.weight.shape
+    assert _rel(dw, exact) < 1e-5, _rel(dw, exact)
+    assert torch.equal(db, db32) and _rel(dw, dw32) < 0.02  # float32's: dy and x unrounded
+    default = native.pool_backward_wgrad(y, idx, g, a, kk, b, xp, (k, k))
+    assert torch.equal(default[0], dw if native.wgrad_dot_pays() else dw32)
+
+
+def test_the_weight_gradients_dot_products_are_taken_by_default_only_where_measured():
+    """AVX-512 BF16 without AMX, for a bf16 block (measured faster there: conv_block_bench); never for float32,
+    where the float32 FMAs keep the unrounded values; asked for where they are not built, a clear error."""
+    assert native.wgrad_dot_pays({"avx2", "avx512f", "avx512_bf16"}) is True
+    assert native.wgrad_dot_pays({"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}) is False
+    assert native.wgrad_dot_pays({"avx2", "avx512f", "avx512bw"}) is False
+    assert native.wgrad_dot_available() <= ("avx512_bf16" in cpu_flags())
+    r = Runtime("cpu", precision="bf16-mixed")
+    assert r.native_for(FusedSequential(nn.Conv2d(1, 8, 3), nn.ReLU(inplace=True))) is True
+    said = "weight gradient before ReLU → batch norm → max-pool" in r.reasons["native"]
+    assert said == (native.stem_pays() and native.wgrad_dot_pays() and native.wgrad_dot_available())
+    if not native.wgrad_dot_available():
+        y = torch.zeros(1, 16, 4, 4, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+        pooled, idx, _ = native.pool_stats(y, relu=True, stats=False)
+        with pytest.raises(ValueError, match="AVX-512 BF16"):
+            native.pool_backward_wgrad(y, idx, pooled, torch.ones(16), torch.ones(16), torch.ones(16),
+                                       torch.zeros(1, 1, 6, 6), (3, 3), dot=True)
+
+
 @pytest.mark.parametrize("case", ["input needs its gradient", "frozen convolution", "no bias", "stride 2",
                                   "eval mode", "a γ below zero", "NCHW model", "fp16 autocast"])
 def test_first_conv_block_path_only_where_it_computes_the_same(case):
@@ -749,7 +805,7 @@ def test_a_kernel_without_memory_for_its_scratch_raises_memory_error(kernel, dty
         elif kernel == "conv_pool_wgrad":
             native._kernel(kernel, torch.float32)(p, 0, 3, 3, 3, 3, 3, p, p, p, 1, 1 << 40, 10, p, 2)
         elif kernel == "pool_backward_wgrad":  # 2⁴⁰ channels: its accumulators
-            native._kernel(kernel, dtype)(p, p, p, p, p, p, 0, 2, 2, 1 << 40, p, 1, 1, 1, p, 2)
+            native._kernel(kernel, dtype)(p, p, p, p, p, p, 0, 2, 2, 1 << 40, p, 1, 1, 1, p, 0, 2)
         elif kernel == "conv_relu_forward":  # 2⁴⁰ output channels: its weights' scratch
             native._kernel(kernel, dtype)(p, 0, 3, 3, 2, p, p, 1 << 40, 1, 1, p, 2)
         elif kernel == "conv_relu_backward":  # 2⁴⁰ output channels: its weight-gradient lanes

@@ -153,6 +153,14 @@ def _native_bn_pool_grads(y, grad, pooled, mean, invstd, weight):
     return (*_bn_grad_terms(weight, invstd, mean, dweight, dbias, n * h * w), dweight, dbias)
 
 
+class WgradDot:
+    """Whether _NativeConvReLUBatchNormMaxPool's weight gradient takes bf16 dot products (native.pool_backward_wgrad's
+    `dot`). None: by the CPU (native.wgrad_dot_pays, a bf16 block); True / False: always / never (tests,
+    `benchmarks/conv_block_bench.py`)."""
+
+    enabled: bool | None = None
+
+
 class _NativeConvReLUBatchNormMaxPool(torch.autograd.Function):
     """maxpool2(batchnorm_train(relu(conv2d(x)))) with γ > 0 for an input that needs no gradient (the image batch:
     the first paper's net): torch's convolution and the native block forward; backward, the block's gradient
@@ -181,7 +189,7 @@ class _NativeConvReLUBatchNormMaxPool(torch.autograd.Function):
         a, k, b, dweight, dbias = _native_bn_pool_grads(y, grad, pooled, mean, invstd, weight)
         ph, pw = ctx.padding
         xp = F.pad(x.detach().float(), (pw, pw, ph, ph)) if ph or pw else x.detach().float()
-        dw, db = native.pool_backward_wgrad(y, idx, grad, a, k, b, xp, ctx.kernel_size)
+        dw, db = native.pool_backward_wgrad(y, idx, grad, a, k, b, xp, ctx.kernel_size, dot=WgradDot.enabled)
         wdtype, bdtype = ctx.dtypes
         return (None, dw.to(wdtype), None if bdtype is None else db.to(bdtype), None, dweight, dbias,
                 None, None, None, None)

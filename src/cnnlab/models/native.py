@@ -113,10 +113,11 @@ def _declare(lib: ctypes.CDLL) -> None:
         "pool_grad_sums": [p, p, i64, i64, i64, p, i32],
         "pool_backward": [p, p, p, p, p, p, p, i64, i64, i64, i64, i32],
         "pool_scatter": [p, p, p, p, i64, i64, i64, i64, i32],
-        "pool_backward_wgrad": [p, p, p, p, p, p, i64, i64, i64, i64, p, i64, i64, i64, p, i32],
+        "pool_backward_wgrad": [p, p, p, p, p, p, i64, i64, i64, i64, p, i64, i64, i64, p, i32, i32],
         "conv_pool_wgrad": [p, i64, i64, i64, i64, i64, i64, p, p, p, i64, i64, i64, p, i32],
         "conv_pool_forward": [p, i64, i64, i64, i64, i64, i64, p, p, p, p, i64, i64, i64, i32],
     }
+    lib.cnnlab_wgrad_dot.argtypes, lib.cnnlab_wgrad_dot.restype = [], ctypes.c_int
     for dtype in ("f32", "bf16"):
         for name, args in signatures.items():
             f = getattr(lib, f"cnnlab_{name}_{dtype}")
@@ -240,26 +241,49 @@ def pool_backward(y: torch.Tensor, idx: torch.Tensor, g: torch.Tensor, a: torch.
     return dy
 
 
+def wgrad_dot_available() -> bool:
+    """Whether the library has pool_backward_wgrad's bf16 dot-product products (built where the CPU has
+    AVX-512 BF16)."""
+    return library() is not None and bool(_LIB.cnnlab_wgrad_dot())
+
+
+def wgrad_dot_pays(flags: frozenset[str] | set[str] | None = None) -> bool:
+    """Whether pool_backward_wgrad forms a bf16 y's weight gradient in bf16 dot products by default (each sums two
+    positions' products; dy and the input rounded to bf16, as torch's bf16 convolution backward rounds them) rather
+    than float32 FMAs: on CPUs with AVX-512 BF16 and no AMX, where it was measured faster (the AMD EPYC Zen 4:
+    `benchmarks/conv_block_bench.py`, BENCHMARKS.md). Not on AMX CPUs (Intel Xeons, whose two FMA units match
+    one dot-product unit's products a cycle), where it is not measured."""
+    if flags is None:
+        return "avx512_bf16" in cpu_flags() and "amx_bf16" not in usable_flags()
+    return "avx512_bf16" in flags and "amx_bf16" not in flags
+
+
 def pool_backward_wgrad(y: torch.Tensor, idx: torch.Tensor, g: torch.Tensor, a: torch.Tensor, k: torch.Tensor,
-                        b: torch.Tensor, xp: torch.Tensor, kernel_size: tuple[int, int]
+                        b: torch.Tensor, xp: torch.Tensor, kernel_size: tuple[int, int], dot: bool | None = None
                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """The weight (C, Ci, KH, KW) and bias (C,) gradients, float32, of a stride-1 convolution whose output y
     went through ReLU → batch norm → max-pool: pool_backward's dy, row by row, multiplied straight into the
     weight gradient without dy ever being written. xp: the convolution's input with its zero padding applied,
-    (N, Ci, H + KH − 1, W + KW − 1) float32, channels-last (or one channel)."""
+    (N, Ci, H + KH − 1, W + KW − 1) float32, channels-last (or one channel). `dot`: the products in bf16 dot
+    products (dy and xp rounded to bf16; the bias's sums from the unrounded dy) — None: for a bf16 y where
+    wgrad_dot_pays and the library has them; True needs wgrad_dot_available()."""
     n, c, h, w = y.shape
     kh, kw = kernel_size
     ci = xp.shape[1]
     if xp.dtype != torch.float32 or tuple(xp.shape) != (n, ci, h + kh - 1, w + kw - 1):
         raise ValueError(f"pool_backward_wgrad: padded input {tuple(xp.shape)} {xp.dtype} does not fit "
                          f"a {kh}×{kw} convolution to {tuple(y.shape)}")
+    if dot is None:
+        dot = y.dtype == torch.bfloat16 and wgrad_dot_pays() and wgrad_dot_available()
+    elif dot and not wgrad_dot_available():
+        raise ValueError("pool_backward_wgrad: the bf16 dot products are built only for CPUs with AVX-512 BF16")
     xp = _cl(xp)
     g, a, k, b = _cl(g.to(y.dtype)), _vector(a), _vector(k), _vector(b)
     kk = kh * kw * ci
     dw = torch.empty((kk + 1, c), dtype=torch.float64)
     _kernel("pool_backward_wgrad", y.dtype)(y.data_ptr(), idx.data_ptr(), g.data_ptr(), a.data_ptr(), k.data_ptr(),
                                             b.data_ptr(), n, h, w, c, xp.data_ptr(), ci, kh, kw, dw.data_ptr(),
-                                            torch.get_num_threads())
+                                            int(dot), torch.get_num_threads())
     weight = dw[:kk].reshape(kh, kw, ci, c).permute(3, 2, 0, 1).float().contiguous()
     return weight, dw[kk].float()
 

@@ -448,6 +448,15 @@ static inline __attribute__((always_inline)) void wgrad_taps(
 #define WG_CASES WG_CASE(1) WG_CASE(2) WG_CASE(3) WG_CASE(4) WG_CASE(5) WG_CASE(6)
 #endif
 
+/* The bias's gradient: an image's dy (HW positions × CP) summed into ab (CP). */
+static void bias_sums_image(const float *restrict d, int64_t HW, int64_t CP, float *restrict ab) {
+    for (int64_t c0 = 0; c0 < CP; c0 += VL) {
+        rf s = ldr(ab + c0);
+        for (int64_t j = 0; j < HW; j++) s += ldr(d + j * CP + c0);
+        str(ab + c0, s);
+    }
+}
+
 /* An image's dy (H × W × CP, CP = C rounded up to whole vectors) into the accumulators acc (KK + 1 rows of CP:
  * the taps', then the bias's); xi is the image's padded input. */
 static void wgrad_dy_image(const float *restrict d, int64_t H, int64_t W, int64_t CP, const float *restrict xi,
@@ -461,12 +470,7 @@ static void wgrad_dy_image(const float *restrict d, int64_t H, int64_t W, int64_
             t0 += tb;
         }
     }
-    float *ab = acc + KK * CP;
-    for (int64_t c0 = 0; c0 < CP; c0 += VL) {
-        rf s = ldr(ab + c0);
-        for (int64_t j = 0; j < H * W; j++) s += ldr(d + j * CP + c0);
-        str(ab + c0, s);
-    }
+    bias_sums_image(d, H * W, CP, acc + KK * CP);
 }
 
 /* pool_backward_wgrad: y, idx, g, a, k, b as pool_backward takes them (y: (N, H, W, C)); xp the padded input
@@ -477,7 +481,7 @@ static void wgrad_dy_image(const float *restrict d, int64_t H, int64_t W, int64_
 #define DEFINE_POOL_BACKWARD_WGRAD(NAME, T, ROW)                                                         \
 int NAME(const T *y, const uint8_t *idx, const T *g, const float *a, const float *k, const float *b,   \
           int64_t N, int64_t H, int64_t W, int64_t C, const float *xp, int64_t Ci, int64_t KH, int64_t KW, \
-          double *dw, int nthreads) {                                                                    \
+          double *dw, int dot, int nthreads) {                                                           \
     const int64_t WC = W * C, PC = (W / 2) * C, CP = (C + VL - 1) / VL * VL;                             \
     const int64_t Wp = W + KW - 1, Hp = H + KH - 1, KWCi = KW * Ci, KK = KH * KWCi, nacc = (KK + 1) * CP; \
     if (nthreads < 1) nthreads = 1;                                                                      \
@@ -492,7 +496,10 @@ int NAME(const T *y, const uint8_t *idx, const T *g, const float *a, const float
         float *sp = scratch(WC), *gp = scratch(PC), *aa = scratch(PC), *kk = scratch(WC), *bb = scratch(WC); \
         float *yr = scratch(WC), *dimg = scratch(H * W * CP), *acc = scratch(nacc);                      \
         uint8_t *kx = scratch_bytes(PC);                                                                 \
-        SCRATCH_READY(sp && gp && aa && kk && bb && yr && dimg && acc && kx);                            \
+        const int64_t npair = WG_DOT && dot ? H * ((W + 1) / 2) * CP + Hp * Wp * Ci + LANES : 0;          \
+        uint32_t *pairs = npair ? (uint32_t *)scratch(npair) : NULL;                                     \
+        uint16_t *xb = npair ? (uint16_t *)scratch(Hp * Wp * Ci + Ci + LANES) : NULL;                    \
+        SCRATCH_READY(sp && gp && aa && kk && bb && yr && dimg && acc && kx && (!npair || (pairs && xb))); \
         if (ok) block_grad_terms(a, k, b, PC, WC, C, aa, kk, bb);                                        \
         _Pragma("omp for schedule(static)")                                                              \
         for (int64_t n = 0; n < N; n++) {                                                                \
@@ -505,10 +512,12 @@ int NAME(const T *y, const uint8_t *idx, const T *g, const float *a, const float
                         for (int64_t c = 0; c < CP; c++) d[w * CP + c] = c < C ? sp[w * C + c] : 0.0f;   \
             }                                                                                            \
             for (int64_t j = 0; j < nacc; j++) acc[j] = 0.0f;                                            \
-            wgrad_dy_image(dimg, H, W, CP, xp + n * Hp * Wp * Ci, Wp * Ci, Ci, off, KK, acc);            \
+            if (npair) WGRAD_PAIRS(n);                                                                   \
+            else wgrad_dy_image(dimg, H, W, CP, xp + n * Hp * Wp * Ci, Wp * Ci, Ci, off, KK, acc);       \
             for (int64_t j = 0; j < nacc; j++) mine[j] += acc[j];                                        \
         }                                                                                                \
         free(sp); free(gp); free(aa); free(kk); free(bb); free(yr); free(dimg); free(acc); free(kx);     \
+        free(pairs); free(xb);                                                                           \
     }                                                                                                    \
     if (!failed) {                                                                                       \
         double *sums = (double *)malloc(sizeof(double) * (size_t)nacc);                                  \
@@ -865,6 +874,108 @@ int NAME(const T *xs, int64_t N, int64_t Hx, int64_t Wx, int64_t Ci, int64_t KH,
     free(wl);                                                                                            \
     return failed;                                                                                       \
 }
+
+/* pool_backward_wgrad's products in bf16 dot products (CPUs with AVX-512 BF16, `dot`: native.py asks for them
+ * when y is bf16, i.e. under bf16 autocast, where torch's convolution backward would round dy and x to bf16 as
+ * well): an image's dy rows, rounded to bf16, in pairs of neighbouring columns (H, ⌈W/2⌉, CP) — word 2l of a pair
+ * vector is channel l at column 2p, word 2l + 1 at column 2p + 1 (zero past W) —, and its padded input x in
+ * pairs of the same neighbours (Hp, Wp, Ci): xq[h, w, ci] = (x[h, w, ci], x[h, w + 1, ci]), zero past Wp. One
+ * vdpbf16ps then sums two positions' products for 16 channels, half the float32 FMAs' count; the taps' offsets
+ * into xq are off[] as into x. Sums in float32 within an image, as the FMAs'; the bias's from the float rows. */
+#if defined(__AVX512BF16__) && defined(__AVX512F__) && defined(__AVX512BW__)
+#define WG_DOT 1
+static void pack_dy_pairs(const float *restrict d, int64_t H, int64_t W, int64_t CP, uint32_t *restrict dq) {
+    static const uint16_t order[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
+                                       8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+    const __m512i perm = _mm512_loadu_si512(order);
+    const int64_t W2 = (W + 1) / 2;
+    for (int64_t h = 0; h < H; h++)
+        for (int64_t p = 0; p < W2; p++) {
+            const float *a = d + (h * W + 2 * p) * CP;
+            for (int64_t c = 0; c < CP; c += LANES) {
+                const __m512 lo = _mm512_load_ps(a + c), hi = 2 * p + 1 < W ? _mm512_load_ps(a + CP + c)
+                                                                              : _mm512_setzero_ps();
+                const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);  /* words 0–15 lo's, 16–31 hi's */
+                _mm512_store_si512(dq + (h * W2 + p) * CP + c, _mm512_permutexvar_epi16(perm, both));
+            }
+        }
+}
+
+/* xb: n + Ci + LANES bf16 scratch; xq: n pairs, n = Hp·Wp·Ci. */
+static void pack_x_pairs(const float *restrict x, int64_t Hp, int64_t Wp, int64_t Ci, uint16_t *restrict xb,
+                         uint32_t *restrict xq) {
+    const int64_t n = Hp * Wp * Ci;
+    int64_t j = 0;
+    for (; j + LANES <= n; j += LANES)
+        _mm256_storeu_si256((__m256i *)(xb + j), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(x + j)));
+    for (; j < n; j++) xb[j] = bf16_store(x[j]);
+    for (int64_t k = 0; k < Ci; k++) xb[n + k] = 0;
+    for (j = 0; j + LANES <= n; j += LANES) {
+        const __m512i lo = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(xb + j)));
+        const __m512i hi = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(xb + j + Ci)));
+        _mm512_storeu_si512(xq + j, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+    }
+    for (; j < n; j++) xq[j] = xb[j] | (uint32_t)xb[j + Ci] << 16;
+    for (int64_t h = 0; h < Hp; h++)  /* a row's last column has no right neighbour (not the next row's first) */
+        for (int64_t k = 0; k < Ci; k++) xq[(h * Wp + Wp - 1) * Ci + k] &= 0xFFFFu;
+}
+
+static inline __attribute__((always_inline)) void wgrad_taps_dot(
+        const uint32_t *restrict dq, int64_t H, int64_t W2, int64_t CP, const uint32_t *restrict xq, int64_t WpCi,
+        int64_t Ci, const int64_t *restrict off, const int TB, int64_t c0, const int CV, float *restrict acc) {
+    __m512 a[WG_TAPS][2];
+    int64_t o[WG_TAPS];
+    for (int t = 0; t < TB; t++) {
+        o[t] = off[t];
+        for (int v = 0; v < CV; v++) a[t][v] = _mm512_load_ps(acc + t * CP + c0 + v * LANES);
+    }
+    for (int64_t h = 0; h < H; h++) {
+        const uint32_t *dh = dq + h * W2 * CP + c0, *xr = xq + h * WpCi;
+        for (int64_t p = 0; p < W2; p++) {
+            const __m512bh d0 = (__m512bh)_mm512_load_si512(dh + p * CP);
+            const __m512bh d1 = CV > 1 ? (__m512bh)_mm512_load_si512(dh + p * CP + LANES) : d0;
+            const uint32_t *xw = xr + 2 * p * Ci;
+            for (int t = 0; t < TB; t++) {
+                const __m512bh xv = (__m512bh)_mm512_set1_epi32((int)xw[o[t]]);
+                a[t][0] = _mm512_dpbf16_ps(a[t][0], d0, xv);
+                if (CV > 1) a[t][1] = _mm512_dpbf16_ps(a[t][1], d1, xv);
+            }
+        }
+    }
+    for (int t = 0; t < TB; t++)
+        for (int v = 0; v < CV; v++) _mm512_store_ps(acc + t * CP + c0 + v * LANES, a[t][v]);
+}
+
+#define WGD_CASE(K) case K: { if (cv == 2) wgrad_taps_dot(dq, H, W2, CP, xq, WpCi, Ci, off + t0, K, c0, 2, acc + t0 * CP); \
+                              else wgrad_taps_dot(dq, H, W2, CP, xq, WpCi, Ci, off + t0, K, c0, 1, acc + t0 * CP); } break;
+
+/* wgrad_dy_image's taps from the pairs (dq, xq: an image's, packed as above). */
+static void wgrad_pairs_image(const uint32_t *restrict dq, int64_t H, int64_t W, int64_t CP,
+                              const uint32_t *restrict xq, int64_t WpCi, int64_t Ci, const int64_t *restrict off,
+                              int64_t KK, float *restrict acc) {
+    const int64_t groups = (KK + WG_TAPS - 1) / WG_TAPS, W2 = (W + 1) / 2;
+    for (int64_t c0 = 0; c0 < CP; c0 += 2 * LANES) {
+        const int cv = CP - c0 >= 2 * LANES ? 2 : 1;
+        for (int64_t t0 = 0, g = 0; g < groups; g++) {
+            const int64_t tb = (KK - t0 + (groups - g) - 1) / (groups - g);
+            switch (tb) { WGD_CASE(1) WGD_CASE(2) WGD_CASE(3) WGD_CASE(4) WGD_CASE(5) WGD_CASE(6) WGD_CASE(7)
+                          WGD_CASE(8) WGD_CASE(9) WGD_CASE(10) WGD_CASE(11) WGD_CASE(12) WGD_CASE(13) }
+            t0 += tb;
+        }
+    }
+}
+/* Image n's taps through the pairs (inside pool_backward_wgrad's loop: pairs holds dq, then xq). */
+#define WGRAD_PAIRS(n) do {                                                                             \
+        uint32_t *dq = pairs, *xq = pairs + H * ((W + 1) / 2) * CP;                                      \
+        pack_dy_pairs(dimg, H, W, CP, dq);                                                               \
+        pack_x_pairs(xp + (n) * Hp * Wp * Ci, Hp, Wp, Ci, xb, xq);                                       \
+        wgrad_pairs_image(dq, H, W, CP, xq, Wp * Ci, Ci, off, KK, acc);                                  \
+        bias_sums_image(dimg, H * W, CP, acc + KK * CP);                                                 \
+    } while (0)
+#else
+#define WG_DOT 0
+#define WGRAD_PAIRS(n) do { } while (0)
+#endif
 
 DEFINE_POOL_STATS(cnnlab_pool_stats_f32, float, f32_load, f32_store)
 DEFINE_POOL_STATS(cnnlab_pool_stats_bf16, uint16_t, bf16_load, bf16_store)
@@ -1385,4 +1496,5 @@ int cnnlab_conv_relu_backward_bf16(const uint16_t *g, const uint16_t *y, const u
 }
 #endif
 
-int cnnlab_native_version(void) { return 7; }
+int cnnlab_native_version(void) { return 8; }
+int cnnlab_wgrad_dot(void) { return WG_DOT; }  /* whether pool_backward_wgrad has its bf16 dot products */
