@@ -101,6 +101,17 @@ def test_unknown_config_key_fails_fast_naming_the_variant(tmp_path):
     assert isinstance(e.value, ConfigError)  # the CLI prints it as one line
 
 
+def test_a_typo_on_the_command_line_is_named_as_the_command_lines(tmp_path):
+    """`cnnlab compare study.yaml train.epoch=2`: the mistake is the command line's, not the first variant's."""
+    p = write_study(tmp_path, "variants:\n  good: {optim.lr: 0.1}\n")
+    with pytest.raises(StudyError) as e:
+        load_study(p, ["train.epoch=2"])
+    msg = str(e.value)
+    assert msg.startswith("the command line's overrides: unknown key train.epoch") and "variant" not in msg
+    assert "did you mean train.epochs" in msg
+    assert load_study(p, ["train.epochs=2"])["variants"][0]["config"]["train"]["epochs"] == 2
+
+
 def test_bad_value_names_the_grid_variant(tmp_path):
     p = write_study(tmp_path, "grid: {optim.name: [adam, adma]}\n")
     with pytest.raises(StudyError, match=r"variant 'adma'.*unknown optimizer 'adma'"):

@@ -307,6 +307,30 @@ def test_folder_train_val_test_layout(tmp_path):
     assert split.test == sorted(ds.predefined["test"])
 
 
+def test_max_per_class_keeps_each_class_in_each_of_a_folders_parts(tmp_path):
+    """A folder's own train/ and test/ (60 and 20 images of each class, as flowers12's 3:1): at most 6 per class
+    drawn in proportion from each part (5 and 1: the small part keeps one of every class; drawn from the pooled
+    images, a quarter of the classes lost their test images), seeded, and the split keeps the folder's parts."""
+    root = tmp_path / "split"
+    names = [f"c{i}" for i in range(8)]
+    make_image_folder(root / "train", {n: 6 for n in names}, size=4)
+    make_image_folder(root / "test", {n: 2 for n in names}, size=4, seed=1)
+    from cnnlab.data.dataset import shares
+
+    assert shares(6, [20, 60]) == [1, 5] and shares(2, [20, 60]) == [1, 1] and shares(1, [20, 60]) == [0, 1]
+    assert shares(10, [1, 1, 10]) == [1, 1, 8] and shares(5, [3, 2]) == [3, 2]
+    full = _folder(root, image_size=4, channels=1)
+    for per_class, want in ((3, {"train": 2, "test": 1}), (2, {"train": 1, "test": 1}), (8, {"train": 6, "test": 2})):
+        ds = load_source(f"folder:{root}", image_size=4, channels=1, max_per_class=per_class, seed=3, progress=False)
+        for part, n in want.items():
+            assert torch.bincount(ds.labels[ds.predefined[part]], minlength=8).tolist() == [n] * 8, (per_class, part)
+        again = load_source(f"folder:{root}", image_size=4, channels=1, max_per_class=per_class, seed=3,
+                            progress=False)
+        assert again.paths == ds.paths and set(ds.paths) <= set(full.paths)
+        split = stratified_split(ds.labels, 0.0, 0.2, seed=0, predefined=ds.predefined)
+        assert split.test == sorted(ds.predefined["test"])
+
+
 def test_folder_train_test_layout_carves_validation_from_train(tmp_path):
     root = tmp_path / "split"
     make_image_folder(root / "train", {"ant": 10, "bee": 10}, size=8)

@@ -152,9 +152,11 @@ def test_load_run_gives_back_what_train_returned(tiny_run):
     assert "accuracy=" in repr(run)
 
 
-def test_load_run_on_a_non_run(tmp_path):
+def test_load_run_on_a_non_run(tmp_path, capsys):
     with pytest.raises(RunError, match="not a run folder"):
         cnnlab.load_run(tmp_path)
+    assert cli.main(["train", "--resume", str(tmp_path / "nope")]) == 2  # resume says it as eval does
+    assert "nope is not a run folder (no config.yaml); nothing to resume" in capsys.readouterr().err
 
 
 def test_evaluate_reproduces_metrics_exactly(tiny_run):
@@ -179,6 +181,28 @@ def test_evaluate_on_a_folder_of_known_classes(tiny_run, test_pngs, tmp_path):
     preds = predict(tiny_run, files[:12], top_k=1)
     right = sum(p["top"][0]["class"] == ANIMALS[y] for p, y in zip(preds, labels[:12]))
     assert m["accuracy"] == pytest.approx(right / 12)
+    assert m["overlap_with_training"] == 0 and m["caution"] is None  # its test images only
+    assert m["chance"]["majority_of"] == "these images"
+
+
+def test_evaluate_on_other_data_says_how_many_are_the_runs_training_images(tiny_run, run_data, test_pngs,
+                                                                          tmp_path, capsys):
+    """Scoring a folder that holds some of the run's training images is no test of them: evaluation counts
+    them (the same pixels as a training image) and says so, in metrics and in `cnnlab eval`'s table."""
+    files, labels = test_pngs
+    for f, y in zip(files[:5], labels[:5]):
+        dest = tmp_path / "eval" / ANIMALS[y] / f.name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(f.read_bytes())
+    for i in _json(tiny_run.path / "split.json")["train"][:3]:
+        dest = tmp_path / "eval" / ANIMALS[int(run_data.labels[i])] / f"train_{i:05d}.png"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(run_data.images[i, 0].numpy(), "L").save(dest)
+    m = evaluate(tiny_run.path, data=f"folder:{tmp_path / 'eval'}")
+    assert m["n"] == 8 and m["overlap_with_training"] == 3
+    assert m["caution"].startswith("3 of these 8 images are the run's own training images")
+    assert cli.main(["eval", str(tiny_run.path), "--data", f"folder:{tmp_path / 'eval'}"]) == 0
+    assert "caution: 3 of these 8 images are the run's own training images" in capsys.readouterr().out
 
 
 # --------------------------------------------------------------------------- predict
@@ -303,6 +327,20 @@ def test_cli_eval_table(cli_run, capsys):
     assert cli.main(["eval", str(out)]) == 0
     text = capsys.readouterr().out
     assert "accuracy" in text and "macro avg" in text and "weighted avg" in text and "Wilson" in text
+
+
+def test_the_chance_level_printed_is_the_one_tested(capsys):
+    """A test part where the training split's majority class never appears: the majority rate is 0, but the
+    binomial test compares with max(that, 1/classes) — the level `eval` prints (and the training summary)."""
+    from cnnlab.metrics import classification_metrics
+
+    classes = [f"c{i}" for i in range(12)]
+    m = classification_metrics([1, 2, 3, 4, 1, 2], [1, 2, 3, 0, 0, 0], classes, loss=1.0, train_labels=[0, 0, 1])
+    m["evaluated_on"] = "test"
+    assert m["chance"]["accuracy"] == 0.0
+    cli._print_metrics(m)
+    text = capsys.readouterr().out
+    assert "chance level 0.0833" in text and "the training split's most frequent class 'c0' (0.0000 of these images) and 1/12" in text
 
 
 def test_cli_predict_json(cnnlab_bin, cli_run, test_pngs, tmp_path):
@@ -486,6 +524,29 @@ def test_train_respects_a_folder_split(tmp_path):
         assert len(s[part + "_files"]) == n
         assert all(f.startswith(folder + os.sep) for f in s[part + "_files"]), part
     assert run.metrics["n"] == 6
+
+
+def test_a_folder_run_with_max_per_class_keeps_test_images_of_every_class_and_refuses_other_images(tmp_path):
+    """data.max_per_class on a folder with its own train/ and test/: every class keeps test images (drawn from
+    each part, not from the pool). When the images at split.json's positions are no longer the ones it names
+    (here a test file renamed, so another image sorts into its place), evaluation refuses with the reason
+    instead of scoring other images than the run's."""
+    from cnnlab.data import DataError
+    from conftest import make_image_folder
+
+    root = tmp_path / "ds"
+    make_image_folder(root / "train", {"a": 9, "b": 9, "c": 9}, size=12, seed=1)
+    make_image_folder(root / "test", {"a": 3, "b": 3, "c": 3}, size=12, seed=2)
+    run = fit_run({"data.source": f"folder:{root}", "data.image_size": 12, "data.channels": 1,
+                   "data.max_per_class": 4, "data.batch_size": 8, "train.epochs": 1}, out=tmp_path / "run")
+    s = run.split
+    assert s["counts"]["test"] == [1, 1, 1] and sum(s["counts"]["train"]) + sum(s["counts"]["val"]) == 9
+    assert evaluate(run.path)["accuracy"] == run.metrics["accuracy"]
+    for name in ("a", "b", "c"):  # every test file renamed: the draw's positions now hold other files
+        for f in sorted((root / "test" / name).iterdir()):
+            f.rename(f.with_name("z" + f.name))
+    with pytest.raises(DataError, match="split.json's test files are not the images at those positions"):
+        evaluate(run.path)
 
 
 def test_relative_folder_source_evaluates_from_elsewhere(tmp_path, monkeypatch):

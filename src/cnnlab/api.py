@@ -22,11 +22,12 @@ import torch.nn.functional as F
 from .config import RESUME_IGNORED, Config, ConfigError, config_differences, load_config
 from .data import DataError, load_data, load_source
 from .data.loader import DeviceLoader, Normalizer, class_counts
+from .data.split import check_saved_split
 from .experiment import Experiment, build_experiment, environment
 from .metrics import classification_metrics
 from .runs import (MODEL_FILE, Run, RunError, load_run, new_run_dir, read_json, run_lock, save_model,
                    write_bad_files, write_config, write_history, write_json, write_predictions)
-from .stats import format_p
+from .stats import chance_level, format_p
 from .tensorfile import save_tensors
 from .tracking import track_run
 from .training import (Runtime, TrainingDiverged, TrainingInterrupted, TrainState, fit, predict_logits,
@@ -44,6 +45,8 @@ def _eval_metrics(model, loader, runtime, classes, train_labels, tta: bool = Fal
 
 def _resume_config(run_dir: Path, config, overrides, force: list[str]) -> Config:
     """The saved config, with `config`/`overrides` applied only where `force` allows a change."""
+    if not (run_dir / "config.yaml").is_file():  # as eval and export say it
+        raise RunError(f"{run_dir} is not a run folder (no config.yaml); nothing to resume")
     saved = load_config(run_dir / "config.yaml")
     cfg = load_config(config if config is not None else saved, overrides)
     changed = config_differences(saved, cfg, ignore=RESUME_IGNORED)
@@ -84,6 +87,7 @@ def _resume_state(run_dir: Path, cfg: Config, x: Experiment, log: ProgressLogger
     if any(saved_split.get(k) != getattr(x.split, k) for k in ("train", "val", "test")):
         raise DataError(f"the data changed since {run_dir} started: its split no longer matches split.json; "
                         "start a new run")
+    check_saved_split(saved_split, x.ds.paths, len(x.ds), str(run_dir))
     for stale in run_dir.glob(f".{CHECKPOINT}.*.tmp"):  # a write cut short by a crash: never trusted, removed
         stale.unlink(missing_ok=True)
     if not (run_dir / CHECKPOINT).is_file():  # killed before its first checkpoint: start over, same folder
@@ -363,7 +367,8 @@ def _print_summary(log: ProgressLogger, m: dict, run_dir: Path) -> None:
     lo, hi = m["accuracy_ci95"]
     part = "Test" if m["evaluated_on"] == "test" else "Validation (no test split)"
     log.message(f"{part}: loss {m['loss']:.4f} - accuracy {m['accuracy']:.4f} (95% CI {lo:.3f}–{hi:.3f}, "
-                f"n={m['n']}) - macro F1 {m['f1_macro']:.4f} - chance {m['chance']['accuracy']:.3f} "
+                f"n={m['n']}) - macro F1 {m['f1_macro']:.4f} - "
+                f"chance {chance_level(m['chance']['accuracy'], len(m['classes'])):.3f} "
                 f"(above chance: {format_p(m['chance'].get('p_value_above_chance'))}) - "
                 f"best epoch {m['best_epoch']}")
     log.message(f"Run folder: {run_dir}")
@@ -381,6 +386,7 @@ def evaluate(run: Run | str | Path, data: str | None = None, device: str = "cpu"
     if data is None:
         ds = load_data(cfg.data, progress=False)
         split = run.split
+        check_saved_split(split, ds.paths, len(ds), str(run.path))
         idx = split["test"] or split["val"]
         part = "test" if split["test"] else "val"
         train_labels = ds.labels[split["train"]].numpy()
@@ -397,7 +403,35 @@ def evaluate(run: Run | str | Path, data: str | None = None, device: str = "cpu"
                           cfg.data.eval_batch_size)
     metrics, _ = _eval_metrics(model, loader, runtime, meta["classes"], train_labels, tta=cfg.train.tta == "flip")
     metrics["evaluated_on"] = part
+    if data is not None:
+        metrics.update(_training_overlap(run, ds.images))
     return metrics
+
+
+def _training_overlap(run: Run, images: torch.Tensor) -> dict:
+    """How many of `images` are the run's own training images, pixel for pixel at the model's input size
+    (another source can hold them: animal-shapes-5 is part of animal-shapes, a folder may be the run's own):
+    {overlap_with_training: count or None where the run's data cannot be loaded here, caution}."""
+    import hashlib
+
+    try:
+        own = load_data(run.config.data, progress=False)
+    except DataError as e:
+        return {"overlap_with_training": None,
+                "caution": f"not checked whether these images include the run's training images: its data "
+                           f"could not be loaded here ({e})"}
+    train = run.split.get("train") or []
+    if own.images.shape[1:] != images.shape[1:] or not train or max(train) >= len(own):
+        return {"overlap_with_training": 0, "caution": None}
+
+    def digests(x: torch.Tensor) -> list[bytes]:
+        return [hashlib.blake2b(im.numpy().tobytes(), digest_size=16).digest() for im in x]
+
+    seen = set(digests(own.images[torch.tensor(train, dtype=torch.int64)]))
+    n = sum(d in seen for d in digests(images))
+    caution = (f"{n} of these {len(images)} images are the run's own training images (the same pixels); accuracy "
+               f"on them does not measure how the model does on new images") if n else None
+    return {"overlap_with_training": n, "caution": caution}
 
 
 def predict(run: Run | str | Path, paths, top_k: int = 3, device: str = "cpu") -> list[dict]:

@@ -92,16 +92,23 @@ def _cmd_train(a) -> int:
 
 def _print_metrics(m: dict) -> None:
     from .display import printable as P  # class names are folder names: never print their control codes raw
+    from .stats import chance_level, format_p
 
     lo, hi = m["accuracy_ci95"]
     print(f"evaluated on: {P(m['evaluated_on'])} ({m['n']} images)")
     print(f"loss {m['loss']:.4f}   accuracy {m['accuracy']:.4f}  (95% Wilson CI {lo:.4f}–{hi:.4f})")
-    print(f"chance (majority class '{P(m['chance']['majority_class'])}'): {m['chance']['accuracy']:.4f}")
+    ch, k = m["chance"], len(m["classes"])
+    print(f"chance level {chance_level(ch['accuracy'], k):.4f}: the better of always answering "
+          f"{ch.get('majority_of', 'the training split')}'s most frequent class '{P(ch['majority_class'])}' "
+          f"({ch['accuracy']:.4f} of these images) and 1/{k} classes; accuracy above it: "
+          f"{format_p(ch.get('p_value_above_chance'))}")
     print(f"{'class':<16}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>9}")
     for c, r in m["per_class"].items():
         print(f"{P(c):<16}{r['precision']:>10.4f}{r['recall']:>10.4f}{r['f1']:>10.4f}{r['support']:>9}")
     for avg in ("macro", "weighted"):
         print(f"{avg + ' avg':<16}{m['precision_' + avg]:>10.4f}{m['recall_' + avg]:>10.4f}{m['f1_' + avg]:>10.4f}")
+    if m.get("caution"):
+        print(f"caution: {m['caution']}")
 
 
 def _cmd_eval(a) -> int:

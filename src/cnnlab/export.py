@@ -313,6 +313,7 @@ def check_parity(run: Run, model, sess, meta: dict, tolerance: float = TOLERANCE
 
     from .data import DataError, load_data
     from .data.loader import Normalizer
+    from .data.split import check_saved_split
     from .models import set_fusion
 
     split = run.split
@@ -325,9 +326,10 @@ def check_parity(run: Run, model, sess, meta: dict, tolerance: float = TOLERANCE
     except DataError as e:
         raise ExportError(f"cannot check parity: the run's data could not be loaded ({e}); the check needs the "
                           f"run's {part} images") from None
-    if max(idx) >= len(ds):
-        raise ExportError(f"cannot check parity: split.json's indices do not fit the run's data ({len(ds)} images "
-                          "now); was the data changed since training?")
+    try:
+        check_saved_split(split, ds.paths, len(ds), str(run.path))
+    except DataError as e:
+        raise ExportError(f"cannot check parity: {e}") from None
     t = torch.tensor(idx, dtype=torch.int64)
     images, labels = ds.images[t], ds.labels[t]
     norm = Normalizer(meta["mean"], meta["std"])

@@ -86,7 +86,8 @@ def classification_metrics(y_true, y_pred, classes: list[str], *, loss: float | 
     ref = np.asarray(train_labels) if train_labels is not None and len(train_labels) else y_true
     majority = int(np.bincount(ref, minlength=k).argmax())
     chance = float((y_true == majority).mean()) if n else 0.0
-    out["chance"] = {"majority_class": classes[majority], "accuracy": chance, "uniform": 1.0 / k}
+    out["chance"] = {"majority_class": classes[majority], "accuracy": chance, "uniform": 1.0 / k,
+                     "majority_of": "the training split" if ref is not y_true else "these images"}
     if n:
         out["chance"]["p_value_above_chance"] = p_above(correct, n, max(chance, 1.0 / k))
         out["chance"]["test"] = ("exact one-sided binomial test of accuracy against "

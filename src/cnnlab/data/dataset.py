@@ -71,14 +71,44 @@ def convert_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
 
 
 def subsample_per_class(ds: Dataset, per_class: int, seed: int) -> Dataset:
-    """At most `per_class` images of each class, chosen with `seed` (order kept)."""
+    """At most `per_class` images of each class, chosen with `seed` (order kept). Where the source has parts of
+    its own (a folder's train/, val/, test/), a class's images are drawn from each part in proportion to its
+    count there, every part that holds the class keeping at least one where `per_class` allows — drawn from
+    the pool instead, a small `per_class` left some classes with no test image."""
     g = torch.Generator().manual_seed(seed)
+    part = None
+    if ds.predefined:
+        part = torch.full((len(ds),), -1, dtype=torch.int64)
+        for j, name in enumerate(sorted(ds.predefined)):
+            part[torch.tensor(ds.predefined[name], dtype=torch.int64)] = j
     keep = []
     for c in range(len(ds.classes)):
         idx = (ds.labels == c).nonzero().flatten()
-        keep.append(idx[torch.randperm(len(idx), generator=g)[:per_class]])
+        if part is None or len(idx) <= per_class:
+            keep.append(idx[torch.randperm(len(idx), generator=g)[:per_class]])
+            continue
+        groups = [idx[part[idx] == j] for j in sorted(set(part[idx].tolist()))]
+        for group, quota in zip(groups, shares(per_class, [len(x) for x in groups])):
+            keep.append(group[torch.randperm(len(group), generator=g)[:quota]])
     keep = torch.cat(keep).sort().values
     return _take(ds, keep)
+
+
+def shares(k: int, sizes: list[int]) -> list[int]:
+    """k split over groups of these (non-zero) sizes in proportion to them (largest remainders, a tie to the
+    bigger group), each group at least 1 where k ≥ the number of groups, none above its size; k ≤ sum(sizes)."""
+    total = sum(sizes)
+    exact = [k * s / total for s in sizes]
+    out = [min(s, int(e)) for s, e in zip(sizes, exact)]
+    if k >= len(sizes):
+        out = [max(1, q) for q in out]
+    while sum(out) > k:  # the floor of 1 overshot: take from the group furthest above its share
+        j = max((i for i in range(len(out)) if out[i] > 1), key=lambda i: out[i] - exact[i])
+        out[j] -= 1
+    while sum(out) < k:  # the largest remainders, where the group has images left
+        j = max((i for i in range(len(out)) if out[i] < sizes[i]), key=lambda i: (exact[i] - out[i], sizes[i]))
+        out[j] += 1
+    return out
 
 
 def select_classes(ds: Dataset, names: list[str]) -> Dataset:

@@ -36,6 +36,27 @@ class Split:
         return out
 
 
+def check_saved_split(saved: dict, paths: list[str] | None, n: int, where: str) -> None:
+    """A run's split.json against its data rebuilt from config.yaml (n images, a folder's relative paths): its
+    validation and test indices in range and, where it names their files, the same files at those positions —
+    else a DataError, instead of evaluating or resuming on other images than the run's (the folder's files
+    changed, or the run was made by a cnnlab whose data.max_per_class drew from a folder's pooled images rather
+    than from each of its own parts)."""
+    from .images import DataError
+
+    for part in ("val", "test"):
+        idx = saved.get(part) or []
+        if idx and max(idx) >= n:
+            raise DataError(f"the data changed since {where} was made: split.json's {part} indices go up to "
+                            f"{max(idx)}, the data has {n} images now; start a new run")
+        files = saved.get(part + "_files")
+        if paths is not None and files is not None and files != [paths[i] for i in idx]:
+            raise DataError(f"the data changed since {where} was made: split.json's {part} files are not the "
+                            f"images at those positions now (the folder's files changed, or data.max_per_class "
+                            f"drew other images: cnnlab now draws from each of a folder's own train/ and test/ "
+                            f"parts); start a new run")
+
+
 def _allocate(n: int, fractions: list[float]) -> list[int]:
     """Counts per part for one class: rounded, the rest to train, train kept ≥ 1 where possible."""
     counts = [int(round(n * f)) for f in fractions]

@@ -238,6 +238,9 @@ def load_study(path: str | Path, extra: list[str] | dict | None = None) -> dict:
     overrides = _overrides(raw.get("overrides"))
     extra = _overrides(list(extra) if isinstance(extra, (list, tuple)) else extra)
     seeds = _seeds(raw.get("seeds"))
+    if extra:  # a mistake on the command line named as such, not as the first variant's
+        _resolved_config(f"{path}: overrides", name, base, overrides, {})
+        _resolved_config("the command line's overrides", name, base, overrides, extra)
 
     def entry(kind: str, vname: str, settings: dict, cfg_name: str) -> dict:
         shown, settings = dict(settings), dict(settings)  # shown: as written (a base path as given)
