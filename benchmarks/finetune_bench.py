@@ -186,8 +186,8 @@ def render(res: dict) -> str:
     args = ("" if model == DEFAULT_MODEL else f" --model {model}") + (f" --per-class {per_class}" if per_class else "")
     plain_n = next((rs[0]["n_train"] for tool, rs in runs.items() if tool != "cnnlab"), "?")
     photos = (f"photos, {per_class} per class — for the plain loops the first {per_class} of each class in "
-              f"train/ ({plain_n}), for cnnlab data.max_per_class={per_class} drawn from train/ and test/ together, its training share "
-              "of them —") if per_class else "720 training photos"
+              f"train/ ({plain_n}), for cnnlab data.max_per_class={per_class} drawn from train/ and test/ in their proportion, the "
+              "train/ share of them —") if per_class else "720 training photos"
     lines = [start, f"## Fine-tuning a pretrained backbone: cnnlab vs a plain PyTorch / timm-style loop (issue 14) "
              f"— {model}, {m['capability']}", "",
              f"`python benchmarks/finetune_bench.py{args} --repeats {res['repeats']} --epochs {res['epochs']}` — "
