@@ -139,8 +139,12 @@ def test_revalidation_compares_the_best_with_the_base_on_fresh_seeds(tiny_tune):
     assert best.data.withhold_test is False  # a ready run config: trained with `cnnlab train best.yaml`
 
 
-def test_tune_report_has_its_figures(tiny_tune):
+def test_tune_report_has_its_figures(tiny_tune, capsys):
     out, _ = tiny_tune
+    from cnnlab import cli
+
+    assert cli.main(["report", str(out)]) == 0  # rewritten, said as for a run: "report: PATH"
+    assert capsys.readouterr().out.strip() == f"report: {out / 'report.html'}"
     html = (out / "report.html").read_text(encoding="utf-8")
     assert html.count("data:image/png;base64,") >= 3
     for name in ("tune_history.png", "tune_slices.png", "tune_curves.png"):

@@ -296,7 +296,7 @@ def _cmd_report(a) -> int:
     if (Path(a.folder) / "tune.json").is_file():  # a tune folder: its own page
         from .tune.report import write_tune_report
 
-        print(write_tune_report(a.folder))
+        print(f"report: {write_tune_report(a.folder)}")  # as for a run or a study
         return 0
     from .report import main_report
 

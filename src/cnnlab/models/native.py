@@ -18,8 +18,9 @@ pooled gradient alone, where the ReLU → max-pool backward would write the full
 convolution backward to read (`benchmarks/stem_bench.py`). After the first paper's first convolution (ReLU →
 batch norm → max-pool after it) pool_backward_wgrad computes the block's gradient an image at a time into a
 scratch buffer that stays in the core's cache and multiplies it into the convolution's weight gradient there,
-instead of pool_backward writing it in full for torch's convolution backward (`benchmarks/conv_block_bench.py`).
-On CPUs with AVX-512 BF16 and no AMX, a few-channel convolution + ReLU that ends the block (the second paper's
+instead of pool_backward writing it in full for torch's convolution backward (`benchmarks/conv_block_bench.py`;
+in bf16 on CPUs with AVX-512 BF16 and no AMX its products in bf16 dot products, two positions an instruction:
+wgrad_dot_pays). On CPUs with AVX-512 BF16 and no AMX, a few-channel convolution + ReLU that ends the block (the second paper's
 10 → 20) runs in bf16 through conv_relu_forward / conv_relu_backward, whose vector lanes are output columns
 rather than the channels oneDNN's blocks leave partly empty (dot_conv_pays, `benchmarks/dot_conv_bench.py`).
 `benchmarks/switches_bench.py` measures the switch (`train.native`), BENCHMARKS.md has the figures.
