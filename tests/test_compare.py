@@ -110,6 +110,10 @@ def test_a_typo_on_the_command_line_is_named_as_the_command_lines(tmp_path):
     assert msg.startswith("the command line's overrides: unknown key train.epoch") and "variant" not in msg
     assert "did you mean train.epochs" in msg
     assert load_study(p, ["train.epochs=2"])["variants"][0]["config"]["train"]["epochs"] == 2
+    # overrides that hold only with each variant's settings stay fine with a command-line override
+    p = write_study(tmp_path, "overrides: {model.unfreeze_after: 2}\n"
+                              "variants:\n  head: {model.freeze: backbone}\n", "together.yaml")
+    assert load_study(p, ["train.epochs=3"])["variants"][0]["config"]["model"]["unfreeze_after"] == 2
 
 
 def test_bad_value_names_the_grid_variant(tmp_path):

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import RESUME_IGNORED, Config, ConfigError, config_differences, load_config
-from .data import DataError, load_data, load_source
+from .data import DataError, load_source
 from .data.loader import DeviceLoader, Normalizer, class_counts
 from .data.split import check_saved_split
 from .experiment import Experiment, build_experiment, environment
@@ -384,9 +384,7 @@ def evaluate(run: Run | str | Path, data: str | None = None, device: str = "cpu"
     model = run.model.to(runtime.device)
     norm = Normalizer(meta["mean"], meta["std"])
     if data is None:
-        ds = load_data(cfg.data, progress=False)
-        split = run.split
-        check_saved_split(split, ds.paths, len(ds), str(run.path))
+        ds, split = run.data(), run.split
         idx = split["test"] or split["val"]
         part = "test" if split["test"] else "val"
         train_labels = ds.labels[split["train"]].numpy()
@@ -415,13 +413,13 @@ def _training_overlap(run: Run, images: torch.Tensor) -> dict:
     import hashlib
 
     try:
-        own = load_data(run.config.data, progress=False)
+        own = run.data()  # checked against split.json: its training images, not others at their positions
     except DataError as e:
         return {"overlap_with_training": None,
                 "caution": f"not checked whether these images include the run's training images: its data "
-                           f"could not be loaded here ({e})"}
+                           f"could not be loaded here as it was ({e})"}
     train = run.split.get("train") or []
-    if own.images.shape[1:] != images.shape[1:] or not train or max(train) >= len(own):
+    if own.images.shape[1:] != images.shape[1:] or not train:  # other sizes: no image can be the same
         return {"overlap_with_training": 0, "caution": None}
 
     def digests(x: torch.Tensor) -> list[bytes]:

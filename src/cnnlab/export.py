@@ -311,9 +311,8 @@ def check_parity(run: Run, model, sess, meta: dict, tolerance: float = TOLERANCE
     it: load_data(cfg.data) + split.json's indices, the model file's normaliser. Same input tensors."""
     import torch
 
-    from .data import DataError, load_data
+    from .data import DataError
     from .data.loader import Normalizer
-    from .data.split import check_saved_split
     from .models import set_fusion
 
     split = run.split
@@ -322,14 +321,10 @@ def check_parity(run: Run, model, sess, meta: dict, tolerance: float = TOLERANCE
     if not idx:
         raise ExportError(f"{run.path}: split.json has no test or validation images to check parity on")
     try:
-        ds = load_data(run.config.data, progress=False)
+        ds = run.data()
     except DataError as e:
-        raise ExportError(f"cannot check parity: the run's data could not be loaded ({e}); the check needs the "
-                          f"run's {part} images") from None
-    try:
-        check_saved_split(split, ds.paths, len(ds), str(run.path))
-    except DataError as e:
-        raise ExportError(f"cannot check parity: {e}") from None
+        raise ExportError(f"cannot check parity: the run's data could not be loaded as it was ({e}); the check "
+                          f"needs the run's {part} images") from None
     t = torch.tensor(idx, dtype=torch.int64)
     images, labels = ds.images[t], ds.labels[t]
     norm = Normalizer(meta["mean"], meta["std"])

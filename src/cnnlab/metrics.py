@@ -83,11 +83,12 @@ def classification_metrics(y_true, y_pred, classes: list[str], *, loss: float | 
                             "support": int(per[3][i])} for i, c in enumerate(classes)}
     out["confusion_matrix"] = cm.tolist()
     out["confusion_matrix_axes"] = "rows: true class, columns: predicted class (order of `classes`)"
-    ref = np.asarray(train_labels) if train_labels is not None and len(train_labels) else y_true
+    from_training = train_labels is not None and len(train_labels) > 0
+    ref = np.asarray(train_labels) if from_training else y_true
     majority = int(np.bincount(ref, minlength=k).argmax())
     chance = float((y_true == majority).mean()) if n else 0.0
     out["chance"] = {"majority_class": classes[majority], "accuracy": chance, "uniform": 1.0 / k,
-                     "majority_of": "the training split" if ref is not y_true else "these images"}
+                     "majority_of": "the training split" if from_training else "these images"}
     if n:
         out["chance"]["p_value_above_chance"] = p_above(correct, n, max(chance, 1.0 / k))
         out["chance"]["test"] = ("exact one-sided binomial test of accuracy against "

@@ -226,6 +226,16 @@ class Run:
     def split(self) -> dict:
         return read_json(self.path / "split.json")
 
+    def data(self):
+        """The run's images rebuilt from config.yaml as training built them (data.load_data), checked against
+        split.json (data.split.check_saved_split): a DataError where they are no longer the run's."""
+        from .data import load_data
+        from .data.split import check_saved_split
+
+        ds = load_data(self.config.data, progress=False)
+        check_saved_split(self.split, ds.paths, len(ds), str(self.path))
+        return ds
+
     def predict(self, paths, top_k: int = 3, device: str = "cpu") -> list[dict]:
         """Classify image files / folders; see `cnnlab.predict`."""
         from .inference import predict_files

@@ -38,13 +38,13 @@ class Split:
 
 def check_saved_split(saved: dict, paths: list[str] | None, n: int, where: str) -> None:
     """A run's split.json against its data rebuilt from config.yaml (n images, a folder's relative paths): its
-    validation and test indices in range and, where it names their files, the same files at those positions —
+    indices in range and, where it names their files, the same files at those positions —
     else a DataError, instead of evaluating or resuming on other images than the run's (the folder's files
     changed, or the run was made by a cnnlab whose data.max_per_class drew from a folder's pooled images rather
     than from each of its own parts)."""
     from .images import DataError
 
-    for part in ("val", "test"):
+    for part in ("train", "val", "test"):  # train: the original images (offline copies are listed apart)
         idx = saved.get(part) or []
         if idx and max(idx) >= n:
             raise DataError(f"the data changed since {where} was made: split.json's {part} indices go up to "

@@ -252,11 +252,8 @@ def wgrad_dot_pays(flags: frozenset[str] | set[str] | None = None) -> bool:
     """Whether pool_backward_wgrad forms a bf16 y's weight gradient in bf16 dot products by default (each sums two
     positions' products; dy and the input rounded to bf16, as torch's bf16 convolution backward rounds them) rather
     than float32 FMAs: on CPUs with AVX-512 BF16 and no AMX, where it was measured faster (the AMD EPYC Zen 4:
-    `benchmarks/conv_block_bench.py`, BENCHMARKS.md). Not on AMX CPUs (Intel Xeons, whose two FMA units match
-    one dot-product unit's products a cycle), where it is not measured."""
-    if flags is None:
-        return "avx512_bf16" in cpu_flags() and "amx_bf16" not in usable_flags()
-    return "avx512_bf16" in flags and "amx_bf16" not in flags
+    `benchmarks/conv_block_bench.py`, BENCHMARKS.md). Not on AMX CPUs (Intel Xeons), where it is not measured."""
+    return _bf16_without_amx(flags)
 
 
 def pool_backward_wgrad(y: torch.Tensor, idx: torch.Tensor, g: torch.Tensor, a: torch.Tensor, k: torch.Tensor,
@@ -413,7 +410,13 @@ def dot_conv_pays(flags: frozenset[str] | set[str] | None = None) -> bool:
     at 16 → 32 and 0.78× at 32 → 64 channels (`benchmarks/dot_conv_bench.py`, BENCHMARKS.md). Where the CPU has
     AMX torch's oneDNN uses its tile unit, which this kernel was not measured against: torch's convolution stays
     there."""
-    if flags is None:  # AMX counts where torch's oneDNN may use it (hardware.usable_flags)
+    return _bf16_without_amx(flags)
+
+
+def _bf16_without_amx(flags: frozenset[str] | set[str] | None) -> bool:
+    """AVX-512 BF16 and no AMX: where the bf16 dot-product kernels were measured faster (dot_conv_pays,
+    wgrad_dot_pays). AMX counts where torch's oneDNN may use it (hardware.usable_flags)."""
+    if flags is None:
         return "avx512_bf16" in cpu_flags() and "amx_bf16" not in usable_flags()
     return "avx512_bf16" in flags and "amx_bf16" not in flags
 

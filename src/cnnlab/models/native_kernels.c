@@ -439,14 +439,26 @@ static inline __attribute__((always_inline)) void wgrad_taps(
         for (int v = 0; v < CV; v++) str(acc + t * CP + c0 + v * VL, a[t][v]);
 }
 
+#if WG_TAPS == 13
+#define TAP_CASES(M) M(1) M(2) M(3) M(4) M(5) M(6) M(7) M(8) M(9) M(10) M(11) M(12) M(13)
+#else
+#define TAP_CASES(M) M(1) M(2) M(3) M(4) M(5) M(6)
+#endif
+/* Over blocks of two channel vectors (cv: how many the block has, from c0) and even groups of at most WG_TAPS
+ * taps (from t0; 25 taps: 13 + 12 with AVX-512, 5 × 5 with AVX2): CASE(K), the group of K taps in registers. */
+#define FOR_TAP_GROUPS(KK, CP, CASE) do {                                                                \
+        const int64_t groups_ = ((KK) + WG_TAPS - 1) / WG_TAPS;                                          \
+        for (int64_t c0 = 0; c0 < (CP); c0 += 2 * VL) {                                                  \
+            const int cv = (CP) - c0 >= 2 * VL ? 2 : 1;                                                  \
+            for (int64_t t0 = 0, g = 0; g < groups_; g++) {                                              \
+                const int64_t tb = ((KK) - t0 + (groups_ - g) - 1) / (groups_ - g);                      \
+                switch (tb) { TAP_CASES(CASE) }                                                          \
+                t0 += tb;                                                                                \
+            }                                                                                            \
+        }                                                                                                \
+    } while (0)
 #define WG_CASE(K) case K: { if (cv == 2) wgrad_taps(d, H, W, CP, xi, WpCi, Ci, off + t0, K, c0, 2, acc + t0 * CP); \
                              else wgrad_taps(d, H, W, CP, xi, WpCi, Ci, off + t0, K, c0, 1, acc + t0 * CP); } break;
-#if WG_TAPS == 13
-#define WG_CASES WG_CASE(1) WG_CASE(2) WG_CASE(3) WG_CASE(4) WG_CASE(5) WG_CASE(6) WG_CASE(7) WG_CASE(8) \
-                 WG_CASE(9) WG_CASE(10) WG_CASE(11) WG_CASE(12) WG_CASE(13)
-#else
-#define WG_CASES WG_CASE(1) WG_CASE(2) WG_CASE(3) WG_CASE(4) WG_CASE(5) WG_CASE(6)
-#endif
 
 /* The bias's gradient: an image's dy (HW positions × CP) summed into ab (CP). */
 static void bias_sums_image(const float *restrict d, int64_t HW, int64_t CP, float *restrict ab) {
@@ -461,15 +473,7 @@ static void bias_sums_image(const float *restrict d, int64_t HW, int64_t CP, flo
  * the taps', then the bias's); xi is the image's padded input. */
 static void wgrad_dy_image(const float *restrict d, int64_t H, int64_t W, int64_t CP, const float *restrict xi,
                            int64_t WpCi, int64_t Ci, const int64_t *restrict off, int64_t KK, float *restrict acc) {
-    const int64_t groups = (KK + WG_TAPS - 1) / WG_TAPS;
-    for (int64_t c0 = 0; c0 < CP; c0 += 2 * VL) {
-        const int cv = CP - c0 >= 2 * VL ? 2 : 1;
-        for (int64_t t0 = 0, g = 0; g < groups; g++) {
-            const int64_t tb = (KK - t0 + (groups - g) - 1) / (groups - g);  /* even groups: 25 → 5 × 5 */
-            switch (tb) { WG_CASES }
-            t0 += tb;
-        }
-    }
+    FOR_TAP_GROUPS(KK, CP, WG_CASE);
     bias_sums_image(d, H * W, CP, acc + KK * CP);
 }
 
@@ -496,9 +500,9 @@ int NAME(const T *y, const uint8_t *idx, const T *g, const float *a, const float
         float *sp = scratch(WC), *gp = scratch(PC), *aa = scratch(PC), *kk = scratch(WC), *bb = scratch(WC); \
         float *yr = scratch(WC), *dimg = scratch(H * W * CP), *acc = scratch(nacc);                      \
         uint8_t *kx = scratch_bytes(PC);                                                                 \
-        const int64_t npair = WG_DOT && dot ? H * ((W + 1) / 2) * CP + Hp * Wp * Ci + LANES : 0;          \
-        uint32_t *pairs = npair ? (uint32_t *)scratch(npair) : NULL;                                     \
-        uint16_t *xb = npair ? (uint16_t *)scratch(Hp * Wp * Ci + Ci + LANES) : NULL;                    \
+        const int64_t ndq = WG_DOT && dot ? H * ((W + 1) / 2) * CP : 0, npair = ndq ? ndq + Hp * Wp * Ci : 0; \
+        uint32_t *pairs = npair ? (uint32_t *)scratch(npair) : NULL;  /* dq, then xq */                  \
+        uint16_t *xb = npair ? (uint16_t *)scratch_bytes(2 * (Hp * Wp * Ci + Ci)) : NULL;                \
         SCRATCH_READY(sp && gp && aa && kk && bb && yr && dimg && acc && kx && (!npair || (pairs && xb))); \
         if (ok) block_grad_terms(a, k, b, PC, WC, C, aa, kk, bb);                                        \
         _Pragma("omp for schedule(static)")                                                              \
@@ -512,7 +516,8 @@ int NAME(const T *y, const uint8_t *idx, const T *g, const float *a, const float
                         for (int64_t c = 0; c < CP; c++) d[w * CP + c] = c < C ? sp[w * C + c] : 0.0f;   \
             }                                                                                            \
             for (int64_t j = 0; j < nacc; j++) acc[j] = 0.0f;                                            \
-            if (npair) WGRAD_PAIRS(n);                                                                   \
+            if (npair) wgrad_dot_image(dimg, H, W, CP, xp + n * Hp * Wp * Ci, Hp, Wp, Ci, off, KK, pairs,  \
+                                       pairs + ndq, xb, acc);                                            \
             else wgrad_dy_image(dimg, H, W, CP, xp + n * Hp * Wp * Ci, Wp * Ci, Ci, off, KK, acc);       \
             for (int64_t j = 0; j < nacc; j++) mine[j] += acc[j];                                        \
         }                                                                                                \
@@ -949,32 +954,26 @@ static inline __attribute__((always_inline)) void wgrad_taps_dot(
 #define WGD_CASE(K) case K: { if (cv == 2) wgrad_taps_dot(dq, H, W2, CP, xq, WpCi, Ci, off + t0, K, c0, 2, acc + t0 * CP); \
                               else wgrad_taps_dot(dq, H, W2, CP, xq, WpCi, Ci, off + t0, K, c0, 1, acc + t0 * CP); } break;
 
-/* wgrad_dy_image's taps from the pairs (dq, xq: an image's, packed as above). */
-static void wgrad_pairs_image(const uint32_t *restrict dq, int64_t H, int64_t W, int64_t CP,
-                              const uint32_t *restrict xq, int64_t WpCi, int64_t Ci, const int64_t *restrict off,
-                              int64_t KK, float *restrict acc) {
-    const int64_t groups = (KK + WG_TAPS - 1) / WG_TAPS, W2 = (W + 1) / 2;
-    for (int64_t c0 = 0; c0 < CP; c0 += 2 * LANES) {
-        const int cv = CP - c0 >= 2 * LANES ? 2 : 1;
-        for (int64_t t0 = 0, g = 0; g < groups; g++) {
-            const int64_t tb = (KK - t0 + (groups - g) - 1) / (groups - g);
-            switch (tb) { WGD_CASE(1) WGD_CASE(2) WGD_CASE(3) WGD_CASE(4) WGD_CASE(5) WGD_CASE(6) WGD_CASE(7)
-                          WGD_CASE(8) WGD_CASE(9) WGD_CASE(10) WGD_CASE(11) WGD_CASE(12) WGD_CASE(13) }
-            t0 += tb;
-        }
-    }
+/* wgrad_dy_image through the pairs: the image's dy (d) and padded input (xi) packed into dq and xq (xb: scratch
+ * for xi in bf16), the taps' products from them, the bias's sums from d. */
+static void wgrad_dot_image(const float *restrict d, int64_t H, int64_t W, int64_t CP, const float *restrict xi,
+                            int64_t Hp, int64_t Wp, int64_t Ci, const int64_t *restrict off, int64_t KK,
+                            uint32_t *restrict dq, uint32_t *restrict xq, uint16_t *restrict xb,
+                            float *restrict acc) {
+    const int64_t W2 = (W + 1) / 2, WpCi = Wp * Ci;
+    pack_dy_pairs(d, H, W, CP, dq);
+    pack_x_pairs(xi, Hp, Wp, Ci, xb, xq);
+    FOR_TAP_GROUPS(KK, CP, WGD_CASE);
+    bias_sums_image(d, H * W, CP, acc + KK * CP);
 }
-/* Image n's taps through the pairs (inside pool_backward_wgrad's loop: pairs holds dq, then xq). */
-#define WGRAD_PAIRS(n) do {                                                                             \
-        uint32_t *dq = pairs, *xq = pairs + H * ((W + 1) / 2) * CP;                                      \
-        pack_dy_pairs(dimg, H, W, CP, dq);                                                               \
-        pack_x_pairs(xp + (n) * Hp * Wp * Ci, Hp, Wp, Ci, xb, xq);                                       \
-        wgrad_pairs_image(dq, H, W, CP, xq, Wp * Ci, Ci, off, KK, acc);                                  \
-        bias_sums_image(dimg, H * W, CP, acc + KK * CP);                                                 \
-    } while (0)
 #else
 #define WG_DOT 0
-#define WGRAD_PAIRS(n) do { } while (0)
+static void wgrad_dot_image(const float *d, int64_t H, int64_t W, int64_t CP, const float *xi, int64_t Hp,
+                            int64_t Wp, int64_t Ci, const int64_t *off, int64_t KK, uint32_t *dq, uint32_t *xq,
+                            uint16_t *xb, float *acc) {  /* not built here: never called (WG_DOT 0) */
+    (void)d; (void)H; (void)W; (void)CP; (void)xi; (void)Hp; (void)Wp; (void)Ci; (void)off; (void)KK;
+    (void)dq; (void)xq; (void)xb; (void)acc;
+}
 #endif
 
 DEFINE_POOL_STATS(cnnlab_pool_stats_f32, float, f32_load, f32_store)

@@ -238,17 +238,20 @@ def load_study(path: str | Path, extra: list[str] | dict | None = None) -> dict:
     overrides = _overrides(raw.get("overrides"))
     extra = _overrides(list(extra) if isinstance(extra, (list, tuple)) else extra)
     seeds = _seeds(raw.get("seeds"))
-    if extra:  # a mistake on the command line named as such, not as the first variant's
-        _resolved_config(f"{path}: overrides", name, base, overrides, {})
-        _resolved_config("the command line's overrides", name, base, overrides, extra)
 
     def entry(kind: str, vname: str, settings: dict, cfg_name: str) -> dict:
         shown, settings = dict(settings), dict(settings)  # shown: as written (a base path as given)
         own_base = _base_path(settings.pop("base"), path, f"{kind} {vname!r}") if "base" in settings else base
-        return {"name": vname, "settings": shown,
-                "base": own_base, "needs": _refs({**overrides, **settings}),
-                "config": _resolved_config(f"{path}: {kind} {vname!r}", cfg_name, own_base, overrides,
-                                           {**settings, **extra})}
+        try:
+            config = _resolved_config(f"{path}: {kind} {vname!r}", cfg_name, own_base, overrides,
+                                      {**settings, **extra})
+        except StudyError as e:  # fine without the command line's overrides: the mistake is theirs
+            if not extra:
+                raise
+            _resolved_config(f"{path}: {kind} {vname!r}", cfg_name, own_base, overrides, settings)
+            raise StudyError(str(e).replace(f"{path}: {kind} {vname!r}", "the command line's overrides", 1)) from None
+        return {"name": vname, "settings": shown, "base": own_base, "needs": _refs({**overrides, **settings}),
+                "config": config}
 
     pre = raw.get("pretrain") or {}
     if not isinstance(pre, dict):
