@@ -596,6 +596,19 @@ def test_the_weight_gradients_dot_products_are_taken_by_default_only_where_measu
                                        torch.zeros(1, 1, 6, 6), (3, 3), dot=True)
 
 
+def test_first_conv_block_weight_gradient_is_laid_out_as_the_weight():
+    """A channels-last model's 1-input-channel weight has strides (25, 1, 5, 1); the one-pass backward's weight
+    gradient comes back with the same strides, as autograd's layout contract wants (DDP warned "grad strides do
+    not match bucket view strides" on two processes before)."""
+    seq = _conv_block(1, 32, 5, 2)
+    x = torch.randn(2, 1, 28, 28).contiguous(memory_format=torch.channels_last)
+    out = seq(x)
+    assert type(out.grad_fn).__name__ == "_NativeConvReLUBatchNormMaxPoolBackward"
+    out.float().sum().backward()
+    for name, p in seq.named_parameters():
+        assert p.grad.stride() == p.stride(), name
+
+
 @pytest.mark.parametrize("case", ["input needs its gradient", "frozen convolution", "no bias", "stride 2",
                                   "eval mode", "a γ below zero", "NCHW model", "fp16 autocast"])
 def test_first_conv_block_path_only_where_it_computes_the_same(case):

@@ -178,6 +178,7 @@ class _NativeConvReLUBatchNormMaxPool(torch.autograd.Function):
         ctx.save_for_backward(x, y, *saved)
         ctx.padding, ctx.kernel_size = padding, tuple(cweight.shape[2:])
         ctx.dtypes = (cweight.dtype, None if cbias is None else cbias.dtype)
+        ctx.wstride = cweight.stride()  # the weight's gradient comes back laid out as the weight (DDP's buckets)
         return out
 
     @staticmethod
@@ -191,7 +192,8 @@ class _NativeConvReLUBatchNormMaxPool(torch.autograd.Function):
         xp = F.pad(x.detach().float(), (pw, pw, ph, ph)) if ph or pw else x.detach().float()
         dw, db = native.pool_backward_wgrad(y, idx, grad, a, k, b, xp, ctx.kernel_size, dot=WgradDot.enabled)
         wdtype, bdtype = ctx.dtypes
-        return (None, dw.to(wdtype), None if bdtype is None else db.to(bdtype), None, dweight, dbias,
+        dw = torch.empty_strided(dw.shape, ctx.wstride, dtype=wdtype).copy_(dw)
+        return (None, dw, None if bdtype is None else db.to(bdtype), None, dweight, dbias,
                 None, None, None, None)
 
 
