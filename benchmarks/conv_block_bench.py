@@ -1,4 +1,5 @@
-"""The first paper's conv block: its convolution's weight gradient from the block's gradient, row by row (issue 14).
+"""The first paper's conv block: the forward in one pass, the convolution's weight gradient from the block's
+gradient row by row (issue 14).
 
     python benchmarks/conv_block_bench.py --write BENCHMARKS.md     # what `make bench-kernels` runs
     python benchmarks/conv_block_bench.py --rounds 4                # a quicker look, table only
@@ -21,7 +22,10 @@ measurements:
             then the native block).
 
 Where the loop runs in bf16 and the CPU has AVX-512 BF16, both measurements also time pool_backward_wgrad's
-products in bf16 dot products against float32 FMAs (`native.wgrad_dot_pays`; the switch `fused.WgradDot`).
+products in bf16 dot products against float32 FMAs (`native.wgrad_dot_pays`; the switch `fused.WgradDot`), and the
+block's forward in one native pass (`native.conv_pool_stats`: the convolution, ReLU, the pool and batch norm's sums,
+y written once) against torch's convolution + `native.pool_stats` reading y back (`native.conv_pool_stats_pays`;
+the switch `fused.ConvPoolStats`).
 """
 
 from __future__ import annotations
@@ -72,9 +76,17 @@ def kernels(repeats: int, dtype_name: str) -> dict[str, float]:
     def native_backward(dot: bool):
         native.pool_backward_wgrad(y, idx, g, a, k, b, F.pad(x, (2, 2, 2, 2)), (5, 5), dot=dot)
 
+    def torch_forward():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            yt = F.conv2d(x, w, bp.detach(), padding=2).contiguous(memory_format=cl)
+        native.pool_stats(yt, relu=True, stats=True)
+
     paths = {"torch backward": torch_backward, "native backward": lambda: native_backward(False)}
     if dots(dtype_name):
         paths["native backward, dot products"] = lambda: native_backward(True)
+    if one_pass(dtype_name):
+        paths["torch forward"] = torch_forward
+        paths["one-pass forward"] = lambda: native.conv_pool_stats(x, w, bp.detach(), (2, 2))
     return interleaved_median_ms(paths, repeats)
 
 
@@ -85,27 +97,37 @@ def dots(dtype_name: str) -> bool:
     return dtype_name == "bfloat16" and wgrad_dot_available()
 
 
+def one_pass(dtype_name: str) -> bool:
+    """Whether the one-pass bf16 forward is measured here: a bf16 loop, and the library has it."""
+    from cnnlab.models.native import conv_pool_stats_available
+
+    return dtype_name == "bfloat16" and conv_pool_stats_available()
+
+
 def loop(rounds: int) -> dict:
     """Epoch seconds of cnnlab's loop with and without the one-pass backward, interleaved (after warm-ups); in
-    bf16 where the library has them, also with and without the weight gradient's dot products (the one-pass
-    backward on)."""
+    bf16 where the library has them, also with and without the weight gradient's dot products and with and without
+    the one-pass forward (the one-pass backward on)."""
     import cnnlab.models.fused as fused
 
     config = [str(ROOT / TASK[0]), *TASK[1:]]
     r = switched_epochs(config, fused._NativeConvReLUBatchNormMaxPool, rounds)
-    if dots("bfloat16" if r["precision"].startswith("bf16") else "float32"):
-        fused._NativeConvReLUBatchNormMaxPool.enabled = True
-        try:
+    dtype_name = "bfloat16" if r["precision"].startswith("bf16") else "float32"
+    fused._NativeConvReLUBatchNormMaxPool.enabled = True
+    try:
+        if dots(dtype_name):
             r["dot"] = switched_epochs(config, fused.WgradDot, rounds)
-        finally:
-            fused._NativeConvReLUBatchNormMaxPool.enabled = None
+        if one_pass(dtype_name):
+            r["one_pass"] = switched_epochs(config, fused.ConvPoolStats, rounds)
+    finally:
+        fused._NativeConvReLUBatchNormMaxPool.enabled = None
     return r
 
 
 def main() -> None:
     import torch
 
-    from cnnlab.models.native import stem_pays, wgrad_dot_pays
+    from cnnlab.models.native import conv_pool_stats_pays, stem_pays, wgrad_dot_pays
 
     a, m, r, k = measure(__doc__, loop, kernels)
     dtype = r["dtype"]
@@ -113,8 +135,8 @@ def main() -> None:
     v = sorted(o / d for o, d in zip(s[False], s[True]))
     pays = stem_pays()
     default = {True: " (the default)" if pays else "", False: "" if pays else " (the default)"}
-    lines = [START, f"## The first paper's conv block: the convolution's weight gradient from the block's gradient "
-                    f"(issue 14) — {m['capability']}",
+    lines = [START, f"## The first paper's conv block: the forward in one pass, the convolution's weight gradient "
+                    f"from the block's gradient (issue 14) — {m['capability']}",
              "", f"`python benchmarks/conv_block_bench.py --rounds {a.rounds} --repeats {a.repeats}` — measured "
              f"{time.strftime('%Y-%m-%d')} on {machine_line(m)}; torch threads {torch.get_num_threads()}.", "",
              f"The backward of conv 5×5 (1 → 32, padding 2) → ReLU → batch norm → max-pool 2×2 alone, batch 128 at "
@@ -154,6 +176,29 @@ def main() -> None:
                   + ("They are the default on this CPU (AVX-512 BF16 without AMX: `native.wgrad_dot_pays`)."
                      if wgrad_dot_pays() else "They are not the default on this CPU (`native.wgrad_dot_pays`: "
                      "AVX-512 BF16 without AMX).")]
+    if "torch forward" in k:
+        lines += ["", f"The block's forward alone, batch 128 at 28×28×1, bf16 under autocast (median of {a.repeats} "
+                      "interleaved calls):", "",
+                  "| path | ms |", "|---|---:|",
+                  f"| torch's convolution (oneDNN) writes y, native pool_stats reads it back: ReLU, the 2×2 max and "
+                  f"its position, batch norm's sums | {k['torch forward']:.2f} |",
+                  f"| conv_pool_stats: all of it in one pass of bf16 dot products, y written once "
+                  f"| {k['one-pass forward']:.2f} |"]
+    if "one_pass" in r:
+        d = r["one_pass"]["seconds"]
+        w = sorted(o / q for o, q in zip(d[False], d[True]))
+        pays = conv_pool_stats_pays()
+        mark = {True: " (the default)" if pays else "", False: "" if pays else " (the default)"}
+        lines += ["", f"The same loop with the one-pass backward, the forward in one pass against torch's convolution "
+                      f"+ pool_stats, {a.rounds} rounds interleaved:", "",
+                  "| path | images/s (median epoch) |", "|---|---:|",
+                  f"| one-pass forward{mark[True]} | {n / statistics.median(d[True]):,.0f} |",
+                  f"| torch's convolution + pool_stats{mark[False]} | {n / statistics.median(d[False]):,.0f} |", "",
+                  f"Within each round the one-pass forward was **{statistics.median(w):.2f}×** (range {w[0]:.2f}–"
+                  f"{w[-1]:.2f}×) as fast. "
+                  + ("It is the default on this CPU (AVX-512 BF16 without AMX: `native.conv_pool_stats_pays`)."
+                     if pays else "It is not the default on this CPU (`native.conv_pool_stats_pays`: AVX-512 BF16 "
+                     "without AMX).")]
     lines += ["", END]
     publish("\n".join(lines) + "\n", a.write, START, END)
 

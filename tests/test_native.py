@@ -16,7 +16,8 @@ from torch import nn
 
 from cnnlab.hardware import cpu_flags
 from cnnlab.models import native, set_fusion
-from cnnlab.models.fused import FusedSequential, _NativeConvMaxPoolReLU, _NativeConvReLU, _NativeConvReLUBatchNormMaxPool
+from cnnlab.models.fused import (ConvPoolStats, FusedSequential, _NativeConvMaxPoolReLU, _NativeConvReLU,
+                                 _NativeConvReLUBatchNormMaxPool)
 from cnnlab.training.runtime import Runtime
 
 
@@ -609,6 +610,115 @@ def test_first_conv_block_weight_gradient_is_laid_out_as_the_weight():
         assert p.grad.stride() == p.stride(), name
 
 
+@pytest.fixture
+def one_pass():
+    """The first block's one-pass bf16 forward (conv_pool_stats): built wherever the CPU has AVX-512 BF16."""
+    if not native.conv_pool_stats_available():
+        if "avx512_bf16" in cpu_flags() and os.environ.get("CI") == "true":
+            pytest.fail(f"AVX-512 BF16 here, but {native.compiler_name()} built no conv_pool_stats")
+        pytest.skip("conv_pool_stats is built only for CPUs with AVX-512 BF16")
+    yield
+    ConvPoolStats.enabled = None
+
+
+ONE_PASS = [  # (batch, height, width, output channels, kernel, padding): the output's height even, width 4k
+    (4, 28, 28, 32, 5, (2, 2)),      # the first paper's net
+    (3, 8, 12, 16, 3, (1, 1)),       # 16 channels: one vector
+    (2, 9, 11, 32, 4, (1, 2)),       # an even kernel, odd input sizes, padding differing by axis
+    (1, 6, 6, 32, 3, (0, 0)),        # batch 1, no padding, one block a row
+    (5, 10, 14, 32, 1, (1, 1)),      # a 1×1 kernel: one kernel row, its pair's top half zero
+]
+
+
+@pytest.mark.parametrize("shape", ONE_PASS)
+def test_first_conv_block_forward_in_one_pass_is_the_bf16_convolution_and_pool_stats(one_pass, shape):
+    """conv_pool_stats rounds x, the weights and the bias to bf16 as autocast does and sums their exact products in
+    float32: y is as close to float64's convolution of the rounded values as torch's bf16 convolution (≤ 1 bf16 step
+    from it where their sums' order rounds differently), and pooled, idx and the sums are pool_stats' of that y, bit
+    for bit — the same rows summed in the same order."""
+    n, h, w, c, k, padding = shape
+    torch.manual_seed(sum(shape[:5]))
+    x, cw, cb = torch.randn(n, 1, h, w), torch.randn(c, 1, k, k) * 0.3, torch.randn(c) * 0.1
+    assert native.conv_pool_stats_applies(x, cw, padding)
+    y, pooled, idx, sums = native.conv_pool_stats(x, cw, cb, padding)
+    theirs = F.conv2d(x.bfloat16(), cw.bfloat16(), cb.bfloat16(), padding=padding)
+    exact = F.conv2d(x.bfloat16().double(), cw.bfloat16().double(), cb.bfloat16().double(), padding=padding)
+    assert y.dtype == torch.bfloat16 and y.shape == theirs.shape and y.is_contiguous(memory_format=torch.channels_last)
+    assert _rel(y, exact) <= 1.01 * _rel(theirs, exact) + 1e-6, (_rel(y, exact), _rel(theirs, exact))
+    assert ((y.float() - theirs.float()).abs() <= theirs.float().abs() * 2 ** -7 + 1e-30).all()
+    p0, i0, s0 = native.pool_stats(y, relu=True, stats=True)
+    assert torch.equal(pooled, p0) and torch.equal(idx, i0) and torch.equal(sums, s0)
+    assert pooled.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_first_conv_block_one_pass_keeps_nan_and_relu(one_pass):
+    """A NaN pixel gives NaN outputs where the float32 convolution gives them — the 3×3 positions its kernel
+    reaches (torch's bf16 convolution here also spreads it one column further, where a zero weight meets it: 0·NaN)
+    — and those win their windows (pool_stats' rule: a NaN is the max), their channels' sums NaN; negative outputs
+    pool as ReLU's zeros."""
+    x, cw = torch.randn(2, 1, 8, 8), torch.randn(32, 1, 3, 3)
+    x[1, 0, 4, 5] = float("nan")
+    y, pooled, idx, sums = native.conv_pool_stats(x, cw, None, (1, 1))
+    assert torch.equal(y.isnan(), F.conv2d(x, cw, padding=1).isnan()) and y.isnan().sum() == 9 * 32
+    p0, i0, s0 = native.pool_stats(y, relu=True, stats=True)
+    assert torch.equal(pooled.isnan(), p0.isnan()) and torch.equal(idx, i0) and sums.isnan().all()
+    assert (pooled[0] >= 0).all() and torch.equal(pooled[0], p0[0])
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_first_conv_block_under_bf16_takes_the_one_pass_forward_as_asked(one_pass, monkeypatch, on):
+    """The block under bf16 autocast forms its forward in one pass where ConvPoolStats allows it (by default where
+    conv_pool_stats_pays), and trains to the same output, running statistics and gradients as through torch's bf16
+    convolution + pool_stats (they differ only where y's last bf16 bit does)."""
+    seq = _conv_block(1, 32, 5, 2)
+    x = torch.randn(8, 1, 28, 28).contiguous(memory_format=torch.channels_last)
+    g = torch.randn(8, 32, 14, 14)
+    calls = []
+    real = native.conv_pool_stats
+    monkeypatch.setattr(native, "conv_pool_stats", lambda *a: calls.append(1) or real(*a))
+    ConvPoolStats.enabled = on
+    ours = _conv_run(seq, x, g, True, bf16=True)
+    assert len(calls) == (2 if on else 0) and ours[1] == "_NativeConvReLUBatchNormMaxPoolBackward"
+    ConvPoolStats.enabled = not on
+    other = _conv_run(seq, x, g, True, bf16=True)
+    assert len(calls) == 2
+    for name, a, b in [("output", ours[0], other[0]), ("running mean", ours[3], other[3]),
+                       ("running var", ours[4], other[4])] + list(zip(("conv weight", "conv bias", "γ", "β"),
+                                                                     ours[2], other[2])):
+        assert _rel(a, b) < 2e-3, (name, _rel(a, b))
+    ConvPoolStats.enabled = None
+    calls.clear()
+    _conv_run(seq, x, g, True, bf16=True, steps=1)
+    assert len(calls) == int(native.conv_pool_stats_pays())
+    _conv_run(seq, x, g, True, bf16=False, steps=1)  # float32: torch's convolution
+    _conv_run(_conv_block(1, 32, 5, 2), torch.randn(2, 1, 27, 28).contiguous(memory_format=torch.channels_last),
+              torch.randn(2, 32, 13, 14), True, bf16=True, steps=1)  # an odd height: torch's convolution
+    assert len(calls) == int(native.conv_pool_stats_pays())
+
+
+def test_the_one_pass_forward_is_taken_by_default_only_where_measured():
+    """AVX-512 BF16 without AMX (measured faster there: conv_block_bench), said in env.json's reason; only for the
+    shapes it computes; asked for where it is not built or does not apply, a clear error."""
+    assert native.conv_pool_stats_pays({"avx2", "avx512f", "avx512_bf16"}) is True
+    assert native.conv_pool_stats_pays({"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}) is False
+    assert native.conv_pool_stats_pays({"avx2", "avx512f", "avx512bw"}) is False
+    assert native.conv_pool_stats_available() <= ("avx512_bf16" in cpu_flags())
+    r = Runtime("cpu", precision="bf16-mixed")
+    assert r.native_for(FusedSequential(nn.Conv2d(1, 8, 3), nn.ReLU(inplace=True))) is True
+    said = "in one bf16 dot-product pass" in r.reasons["native"]
+    assert said == (native.stem_pays() and native.conv_pool_stats_pays() and native.conv_pool_stats_available())
+    x, w = torch.zeros(2, 1, 8, 8), torch.zeros(32, 1, 3, 3)
+    if not native.conv_pool_stats_available():
+        with pytest.raises(ValueError, match="AVX-512 BF16"):
+            native.conv_pool_stats(x, w, None, (1, 1))
+        return
+    for xs, ws, pad in [((2, 3, 8, 8), (32, 3, 3, 3), (1, 1)), ((2, 1, 8, 8), (64, 1, 3, 3), (1, 1)),
+                        ((2, 1, 9, 8), (32, 1, 3, 3), (1, 1)), ((2, 1, 8, 6), (32, 1, 3, 3), (1, 1))]:
+        assert not native.conv_pool_stats_applies(torch.zeros(xs), torch.zeros(ws), pad), (xs, ws)
+        with pytest.raises(ValueError, match="not one it computes"):
+            native.conv_pool_stats(torch.zeros(xs), torch.zeros(ws), None, pad)
+
+
 @pytest.mark.parametrize("case", ["input needs its gradient", "frozen convolution", "no bias", "stride 2",
                                   "eval mode", "a γ below zero", "NCHW model", "fp16 autocast"])
 def test_first_conv_block_path_only_where_it_computes_the_same(case):
@@ -802,12 +912,15 @@ def test_dot_product_convolution_only_where_it_computes_the_same(dot_conv, case)
                                           ("pool_backward_wgrad", torch.float32), ("pool_backward_wgrad", torch.bfloat16),
                                           ("conv_pool_forward", torch.float32), ("conv_pool_forward", torch.bfloat16),
                                           ("conv_pool_forward_cl", torch.bfloat16),
-                                          ("conv_relu_forward", torch.bfloat16), ("conv_relu_backward", torch.bfloat16)])
+                                          ("conv_relu_forward", torch.bfloat16), ("conv_relu_backward", torch.bfloat16),
+                                          ("conv_pool_stats", torch.bfloat16)])
 def test_a_kernel_without_memory_for_its_scratch_raises_memory_error(kernel, dtype):
     """Asked for rows of 2⁴⁰ positions (and no images, so nothing is read), the kernels' scratch allocation
     fails: they skip their work and say so, and the call raises MemoryError instead of crashing."""
     if kernel.startswith("conv_relu") and not native.dot_conv_available():
         pytest.skip("the bf16 dot-product convolution is built only for CPUs with AVX-512 BF16")
+    if kernel == "conv_pool_stats" and not native.conv_pool_stats_available():
+        pytest.skip("conv_pool_stats is built only for CPUs with AVX-512 BF16")
     if kernel == "conv_pool_forward_cl" and not hasattr(native.library(), "cnnlab_conv_pool_forward_cl_bf16"):
         pytest.skip("the stem forward from float32 channels-last is built only for CPUs with AVX-512 BF16")
     buf = torch.zeros(64)
@@ -821,6 +934,8 @@ def test_a_kernel_without_memory_for_its_scratch_raises_memory_error(kernel, dty
             native._kernel(kernel, dtype)(p, p, p, p, p, p, 0, 2, 2, 1 << 40, p, 1, 1, 1, p, 0, 2)
         elif kernel == "conv_relu_forward":  # 2⁴⁰ output channels: its weights' scratch
             native._kernel(kernel, dtype)(p, 0, 3, 3, 2, p, p, 1 << 40, 1, 1, p, 2)
+        elif kernel == "conv_pool_stats":  # 2⁴⁰ output channels: its weights' scratch
+            native._kernel(kernel, dtype)(p, 0, 4, 4, p, p, 1 << 40, 3, 3, 1, 1, p, p, p, p, 2)
         elif kernel == "conv_relu_backward":  # 2⁴⁰ output channels: its weight-gradient lanes
             native._kernel(kernel, dtype)(p, p, p, 0, 3, 3, 2, p, 1 << 40, 1, 1, p, p, p, 2)
         else:  # 2⁴⁰ output channels: its weights' scratch

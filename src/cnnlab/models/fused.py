@@ -127,12 +127,13 @@ class _NativeReLUBatchNormMaxPool(torch.autograd.Function):
         return native.pool_backward(y, idx, grad, a, k, b), dweight, dbias, None, None, None, None
 
 
-def _native_bn_pool(y, weight, bias, running_mean, running_var, momentum: float, eps: float):
+def _native_bn_pool(y, weight, bias, running_mean, running_var, momentum: float, eps: float, pooled_stats=None):
     """The native block's forward on the convolution output y: (its output, the tensors its backward needs
-    after y: pooled, idx, mean, invstd, weight); the running statistics updated as BatchNorm2d updates them."""
+    after y: pooled, idx, mean, invstd, weight); the running statistics updated as BatchNorm2d updates them.
+    pooled_stats: pool_stats' (pooled, idx, sums) of y where already formed (native.conv_pool_stats)."""
     n, c, h, w = y.shape
     m = n * h * w
-    pooled, idx, sums = native.pool_stats(y, relu=True, stats=True)
+    pooled, idx, sums = pooled_stats or native.pool_stats(y, relu=True, stats=True)
     mean64 = sums[:c] / m
     var64 = (sums[c:] / m - mean64 * mean64).clamp_(min=0.0)  # biased, as batch norm normalises with
     if running_mean is not None:  # BatchNorm2d's update: the unbiased variance, momentum-weighted
@@ -161,10 +162,27 @@ class WgradDot:
     enabled: bool | None = None
 
 
+class ConvPoolStats:
+    """Whether _NativeConvReLUBatchNormMaxPool's forward, in bf16, forms the convolution and pool_stats in one native
+    pass (native.conv_pool_stats) rather than torch's convolution + native.pool_stats. None: by the CPU
+    (native.conv_pool_stats_pays) where the shapes allow; True / False: wherever they allow / never (tests,
+    `benchmarks/conv_block_bench.py`)."""
+
+    enabled: bool | None = None
+
+
+def _one_pass_conv(x: torch.Tensor, cweight: torch.Tensor, cbias: torch.Tensor | None,
+                   padding: tuple[int, int]) -> bool:
+    on = ConvPoolStats.enabled
+    return (on is not False and _stem_dtype(cweight, cbias) == torch.bfloat16
+            and (on or native.conv_pool_stats_pays()) and native.conv_pool_stats_applies(x, cweight, padding))
+
+
 class _NativeConvReLUBatchNormMaxPool(torch.autograd.Function):
     """maxpool2(batchnorm_train(relu(conv2d(x)))) with γ > 0 for an input that needs no gradient (the image batch:
-    the first paper's net): torch's convolution and the native block forward; backward, the block's gradient
-    multiplied into the convolution's weight gradient row by row (native.pool_backward_wgrad), so neither
+    the first paper's net): torch's convolution and the native block forward (in bf16 for one input channel, the
+    convolution, ReLU, the pool and batch norm's sums in one native pass: ConvPoolStats); backward, the block's
+    gradient multiplied into the convolution's weight gradient row by row (native.pool_backward_wgrad), so neither
     pool_backward's full-sized gradient nor torch's convolution backward, which reads it, runs."""
 
     enabled: bool | None = None  # None: where native.stem_pays(); True / False: always / never (tests, benchmarks)
@@ -173,8 +191,12 @@ class _NativeConvReLUBatchNormMaxPool(torch.autograd.Function):
     def forward(ctx, x, cweight, cbias, padding, weight, bias, running_mean, running_var, momentum: float,
                 eps: float):
         ctx.set_materialize_grads(False)
-        y = F.conv2d(x, cweight, cbias, padding=padding).contiguous(memory_format=torch.channels_last)
-        out, saved = _native_bn_pool(y, weight, bias, running_mean, running_var, momentum, eps)
+        if _one_pass_conv(x, cweight, cbias, padding):
+            y, *pooled_stats = native.conv_pool_stats(x, cweight, cbias, padding)
+        else:
+            y = F.conv2d(x, cweight, cbias, padding=padding).contiguous(memory_format=torch.channels_last)
+            pooled_stats = None
+        out, saved = _native_bn_pool(y, weight, bias, running_mean, running_var, momentum, eps, pooled_stats)
         ctx.save_for_backward(x, y, *saved)
         ctx.padding, ctx.kernel_size = padding, tuple(cweight.shape[2:])
         ctx.dtypes = (cweight.dtype, None if cbias is None else cbias.dtype)

@@ -126,7 +126,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     # built only for CPUs with AVX-512 BF16 (the dot-product instruction): dot_conv_available()
     for name, args in {"conv_relu_forward": [p, i64, i64, i64, i64, p, p, i64, i64, i64, p, i32],
                        "conv_relu_backward": [p, p, p, i64, i64, i64, i64, p, i64, i64, i64, p, p, p, i32],
-                       "conv_pool_forward_cl": signatures["conv_pool_forward"]}.items():
+                       "conv_pool_forward_cl": signatures["conv_pool_forward"],
+                       "conv_pool_stats": [p, i64, i64, i64, p, p, i64, i64, i64, i64, i64, p, p, p, p, i32]}.items():
         f = getattr(lib, f"cnnlab_{name}_bf16", None)
         if f is not None:
             f.argtypes, f.restype = args, ctypes.c_int
@@ -254,6 +255,57 @@ def wgrad_dot_pays(flags: frozenset[str] | set[str] | None = None) -> bool:
     than float32 FMAs: on CPUs with AVX-512 BF16 and no AMX, where it was measured faster (the AMD EPYC Zen 4:
     `benchmarks/conv_block_bench.py`, BENCHMARKS.md). Not on AMX CPUs (Intel Xeons), where it is not measured."""
     return _bf16_without_amx(flags)
+
+
+def conv_pool_stats_available() -> bool:
+    """Whether the library has conv_pool_stats (built where the CPU has AVX-512 BF16)."""
+    return library() is not None and hasattr(_LIB, "cnnlab_conv_pool_stats_bf16")
+
+
+def conv_pool_stats_pays(flags: frozenset[str] | set[str] | None = None) -> bool:
+    """Whether the first paper's block forward takes conv_pool_stats by default (a bf16 block): on CPUs with
+    AVX-512 BF16 and no AMX, where it was measured faster than torch's oneDNN convolution + pool_stats (the AMD EPYC
+    Zen 4: `benchmarks/conv_block_bench.py`, BENCHMARKS.md). Not on AMX CPUs (Intel Xeons), where it is not
+    measured."""
+    return _bf16_without_amx(flags)
+
+
+def conv_pool_stats_applies(x: torch.Tensor, weight: torch.Tensor, padding: tuple[int, int]) -> bool:
+    """Whether conv_pool_stats computes the block for this convolution: one input channel, 16 or 32 output channels,
+    stride 1, its output's height even and width a multiple of 4 (no odd edge to pool or count apart), x a 4-D
+    float32 or bf16 CPU tensor, the kernel built here."""
+    if x.dim() != 4 or weight.dim() != 4:
+        return False
+    co, ci, kh, kw = weight.shape
+    hc, wc = x.shape[2] + 2 * padding[0] - kh + 1, x.shape[3] + 2 * padding[1] - kw + 1
+    return (ci == 1 and x.shape[1] == 1 and co in (16, 32) and x.device.type == "cpu" and x.dtype in DTYPES
+            and hc >= 2 and hc % 2 == 0 and wc >= 4 and wc % 4 == 0 and conv_pool_stats_available())
+
+
+def conv_pool_stats(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: tuple[int, int]
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, pooled, idx, sums) for y = conv2d(x, weight, bias, padding) in bf16 as autocast computes it (x, weight
+    and bias rounded to bf16, float sums rounded once), channels-last — and pool_stats(y, relu=True, stats=True)
+    from the same pass, y written once and not read back (conv_pool_stats_applies)."""
+    if not conv_pool_stats_available():
+        raise ValueError("conv_pool_stats is built only for CPUs with AVX-512 BF16 (and a compiler that knows it)")
+    if not conv_pool_stats_applies(x, weight, padding):
+        raise ValueError(f"conv_pool_stats: a {tuple(weight.shape)} convolution of {tuple(x.shape)} {x.dtype} with "
+                         f"padding {tuple(padding)} is not one it computes (conv_pool_stats_applies)")
+    n, _, h, w = x.shape
+    co, _, kh, kw = weight.shape
+    ph, pw = padding
+    hc, wc = h + 2 * ph - kh + 1, w + 2 * pw - kw + 1
+    x = x.detach().float().contiguous()  # one channel: NCHW and channels-last are the same memory
+    wt, b = weight.detach().float().contiguous(), None if bias is None else bias.detach().float().contiguous()
+    y = torch.empty((n, co, hc, wc), dtype=torch.bfloat16, memory_format=torch.channels_last)
+    pooled, idx = _pooled_like(y), _pooled_like(y, torch.uint8)
+    sums = torch.empty(2 * co, dtype=torch.float64)
+    _kernel("conv_pool_stats", torch.bfloat16)(x.data_ptr(), n, h, w, wt.data_ptr(),
+                                               None if b is None else b.data_ptr(), co, kh, kw, ph, pw, y.data_ptr(),
+                                               pooled.data_ptr(), idx.data_ptr(), sums.data_ptr(),
+                                               torch.get_num_threads())
+    return y, pooled, idx, sums
 
 
 def pool_backward_wgrad(y: torch.Tensor, idx: torch.Tensor, g: torch.Tensor, a: torch.Tensor, k: torch.Tensor,

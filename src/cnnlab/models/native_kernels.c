@@ -1493,7 +1493,140 @@ int cnnlab_conv_relu_backward_bf16(const uint16_t *g, const uint16_t *y, const u
     free(parts); free(dbp); free(wp);
     return failed;
 }
+
+/* The first paper's first block's forward in one pass, for a 1-channel image: y = conv2d(x, w, b) stride 1, zero
+ * padding (PH, PW), in bf16 as autocast computes it (x, w and b rounded to bf16, float sums rounded once), stored
+ * channels-last (N, Hc, Wc, Co); then what pool_stats(y, relu=1, stats=1) gives: the 2×2 max of relu(y), its
+ * position (0 top-left … 3 bottom-right: the right column wins a row when greater or NaN, then the bottom row),
+ * and per channel Σ relu(y) and Σ relu(y)², each row's float sums added in double in pool_stats' order (the same
+ * rows per thread), so the sums are pool_stats'. torch's convolution for one input channel ran at ~150 GFLOP/s and
+ * wrote y for pool_stats to read back; here the lanes are 16 output channels, the dot product's pairs two kernel
+ * rows at one column — q[r][w] = (P[r][w], P[r + 1][w]) of the padded image P; z[r][w] = (P[r][w], 0) for an odd
+ * kernel's last row — and a block of 2 rows × 4 columns (two pooling windows) × Co channels sums in registers.
+ * Co is 16 or 32; Hc even, Wc a multiple of 4 (conv_pool_stats_applies). */
+static inline __attribute__((always_inline)) void conv1_block(
+        const uint32_t *restrict q, const uint32_t *restrict z, int64_t Wp, int64_t KH, int64_t KW,
+        const __m512i *restrict wv, const float *restrict bias, const int CB, __m512 acc[2][4][2]) {
+    for (int c = 0; c < CB; c++) {
+        const __m512 b = _mm512_loadu_ps(bias + LANES * c);
+        for (int r = 0; r < 2; r++)
+            for (int k = 0; k < 4; k++) acc[r][k][c] = b;
+    }
+    for (int64_t p = 0; 2 * p < KH; p++) {
+        const uint32_t *t = (2 * p + 1 < KH ? q : z) + 2 * p * Wp;
+        for (int64_t kx = 0; kx < KW; kx++) {
+            __m512bh w[2];
+            for (int c = 0; c < CB; c++) w[c] = (__m512bh)_mm512_load_si512(wv + (p * KW + kx) * CB + c);
+            for (int r = 0; r < 2; r++)
+                for (int k = 0; k < 4; k++) {
+                    const __m512bh v = (__m512bh)_mm512_set1_epi32((int)t[r * Wp + kx + k]);
+                    for (int c = 0; c < CB; c++) acc[r][k][c] = _mm512_dpbf16_ps(acc[r][k][c], w[c], v);
+                }
+        }
+    }
+}
+
+int cnnlab_conv_pool_stats_bf16(const float *x, int64_t N, int64_t H, int64_t W, const float *wt, const float *bias,
+                                int64_t Co, int64_t KH, int64_t KW, int64_t PH, int64_t PW, uint16_t *y,
+                                uint16_t *pooled, uint8_t *idx, double *sums, int nthreads) {
+    const int64_t Hp = H + 2 * PH, Wp = W + 2 * PW, Hc = Hp - KH + 1, Wc = Wp - KW + 1, Ho = Hc / 2, Wo = Wc / 2;
+    const int64_t NPK = (KH + 1) / 2, CB = Co / LANES;
+    if (nthreads < 1) nthreads = 1;
+    __m512i *wv = (__m512i *)aligned_alloc(64, (size_t)(NPK * KW * CB + 1) * 64);
+    float *bb = scratch(Co);
+    double *part = (double *)calloc((size_t)nthreads * 2 * Co, sizeof(double));
+    int failed = !(wv && bb && part);
+    if (!failed) {  /* weight pairs (kernel rows 2p, 2p + 1 at column kx) for each block of 16 output channels */
+        uint32_t *wp = (uint32_t *)wv;
+        for (int64_t p = 0; p < NPK; p++)
+            for (int64_t kx = 0; kx < KW; kx++)
+                for (int64_t co = 0; co < Co; co++) {
+                    const uint32_t lo = bf16_store(wt[(co * KH + 2 * p) * KW + kx]);
+                    const uint32_t hi = 2 * p + 1 < KH ? bf16_store(wt[(co * KH + 2 * p + 1) * KW + kx]) : 0;
+                    wp[((p * KW + kx) * CB + co / LANES) * LANES + co % LANES] = lo | hi << 16;
+                }
+        for (int64_t c = 0; c < Co; c++) bb[c] = bias ? bf16_load(bf16_store(bias[c])) : 0.0f;
+    }
+    if (!failed) _Pragma("omp parallel num_threads(nthreads)")
+    {
+        double *mine = part + (size_t)omp_get_thread_num() * 2 * Co;
+        uint16_t *pl = (uint16_t *)malloc(sizeof(uint16_t) * (size_t)(Hp * Wp + 1));
+        uint32_t *q = (uint32_t *)malloc(sizeof(uint32_t) * (size_t)(Hp * Wp + 8));
+        uint32_t *z = (uint32_t *)malloc(sizeof(uint32_t) * (size_t)(Hp * Wp + 8));
+        SCRATCH_READY(pl && q && z);
+        if (ok) memset(pl, 0, sizeof(uint16_t) * (size_t)(Hp * Wp));  /* the padding stays zero */
+        int64_t image = -1;
+        _Pragma("omp for schedule(static)")
+        for (int64_t row = 0; row < N * Ho; row++) {  /* pooled rows, as pool_stats shares them out */
+            if (!ok) continue;
+            const int64_t n = row / Ho, ho = row % Ho;
+            if (n != image) {  /* the image, rounded to bf16 and padded, as pair rows */
+                const float *xi = x + n * H * W;
+                for (int64_t h = 0; h < H; h++)
+                    for (int64_t w = 0; w < W; w++) pl[(h + PH) * Wp + w + PW] = bf16_store(xi[h * W + w]);
+                for (int64_t r = 0; r < Hp; r++)
+                    for (int64_t w = 0; w < Wp; w++) {
+                        z[r * Wp + w] = pl[r * Wp + w];
+                        q[r * Wp + w] = pl[r * Wp + w] | (r + 1 < Hp ? (uint32_t)pl[(r + 1) * Wp + w] << 16 : 0u);
+                    }
+                image = n;
+            }
+            __m512 s[2][2], sq[2][2];  /* [row][channel block]: each row's float sums, as pool_stats' add_stats */
+            for (int r = 0; r < 2; r++)
+                for (int c = 0; c < 2; c++) s[r][c] = sq[r][c] = _mm512_setzero_ps();
+            for (int64_t w0 = 0; w0 < Wc; w0 += 4) {
+                __m512 acc[2][4][2];
+                const uint32_t *qb = q + 2 * ho * Wp + w0, *zb = z + 2 * ho * Wp + w0;
+                if (CB == 2) conv1_block(qb, zb, Wp, KH, KW, wv, bb, 2, acc);
+                else conv1_block(qb, zb, Wp, KH, KW, wv, bb, 1, acc);
+                for (int c = 0; c < CB; c++) {
+                    __m512 v[2][4];
+                    for (int r = 0; r < 2; r++)
+                        for (int k = 0; k < 4; k++) {  /* y rounded once; ReLU on the rounded value, NaN kept */
+                            const __m256i h = (__m256i)_mm512_cvtneps_pbh(acc[r][k][c]);
+                            uint16_t *yo = y + ((n * Hc + 2 * ho + r) * Wc + w0 + k) * Co + LANES * c;
+                            _mm256_storeu_si256((__m256i *)yo, h);
+                            const __m512 f = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+                            v[r][k] = _mm512_mask_mov_ps(f, _mm512_cmp_ps_mask(f, _mm512_setzero_ps(), _CMP_LT_OQ),
+                                                         _mm512_setzero_ps());
+                            s[r][c] = _mm512_add_ps(s[r][c], v[r][k]);
+                            sq[r][c] = _mm512_fmadd_ps(v[r][k], v[r][k], sq[r][c]);
+                        }
+                    for (int j = 0; j < 2; j++) {  /* the block's two windows */
+                        __m512 hm[2];
+                        __mmask16 hk[2];
+                        for (int r = 0; r < 2; r++) {
+                            const __m512 a = v[r][2 * j], b = v[r][2 * j + 1];
+                            hk[r] = _mm512_cmp_ps_mask(b, a, _CMP_GT_OQ) | _mm512_cmp_ps_mask(b, b, _CMP_UNORD_Q);
+                            hm[r] = _mm512_mask_mov_ps(a, hk[r], b);
+                        }
+                        const __mmask16 t = _mm512_cmp_ps_mask(hm[1], hm[0], _CMP_GT_OQ)
+                                          | _mm512_cmp_ps_mask(hm[1], hm[1], _CMP_UNORD_Q);
+                        const __m512 m = _mm512_mask_mov_ps(hm[0], t, hm[1]);
+                        const int64_t at = ((n * Ho + ho) * Wo + w0 / 2 + j) * Co + LANES * c;
+                        _mm256_storeu_si256((__m256i *)(pooled + at), (__m256i)_mm512_cvtneps_pbh(m));
+                        const __mmask16 right = (__mmask16)((t & hk[1]) | (~t & hk[0]));
+                        _mm_storeu_si128((__m128i *)(idx + at), _mm_or_si128(_mm_maskz_set1_epi8(right, 1),
+                                                                             _mm_maskz_set1_epi8(t, 2)));
+                    }
+                }
+            }
+            for (int r = 0; r < 2; r++) {  /* the two rows' float sums into this thread's doubles, row by row */
+                float fs[32], fq[32];
+                for (int c = 0; c < CB; c++) {
+                    _mm512_storeu_ps(fs + LANES * c, s[r][c]);
+                    _mm512_storeu_ps(fq + LANES * c, sq[r][c]);
+                }
+                for (int64_t c = 0; c < Co; c++) { mine[c] += fs[c]; mine[Co + c] += fq[c]; }
+            }
+        }
+        free(pl); free(q); free(z);
+    }
+    if (!failed) sum_parts(part, nthreads, 2 * Co, sums);
+    free(wv); free(bb); free(part);
+    return failed;
+}
 #endif
 
-int cnnlab_native_version(void) { return 8; }
+int cnnlab_native_version(void) { return 9; }
 int cnnlab_wgrad_dot(void) { return WG_DOT; }  /* whether pool_backward_wgrad has its bf16 dot products */

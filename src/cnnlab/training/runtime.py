@@ -200,6 +200,9 @@ class Runtime:
             if bf16 and native.stem_pays() and native.wgrad_dot_pays() and native.wgrad_dot_available():
                 stem += ("; the first convolution's weight gradient before ReLU → batch norm → max-pool (the first "
                          "paper's) in bf16 dot products (AVX-512 BF16, no AMX)")
+            if bf16 and native.stem_pays() and native.conv_pool_stats_pays() and native.conv_pool_stats_available():
+                stem += ("; a 1-channel convolution before ReLU → batch norm → max-pool (the first paper's), with the "
+                         "pool and the statistics, in one bf16 dot-product pass (AVX-512 BF16, no AMX)")
             self.reasons["native"] = f"on: compiled for this CPU with {native.compiler_name()}{stem}"
         return True
 
