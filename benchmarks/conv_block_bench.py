@@ -44,7 +44,8 @@ TASK = ["recipes/demo.yaml", "data.augment=false"]
 
 
 def kernels(repeats: int, dtype_name: str) -> dict[str, float]:
-    """Median ms of the two backward paths at batch 128, 28×28×1 → 32."""
+    """Median ms of the backward paths at batch 128, 28×28×1 → 32 (with the dot products where `dots`), and of the
+    two forward paths where `one_pass`."""
     import torch
     import torch.nn.functional as F
 
@@ -124,6 +125,23 @@ def loop(rounds: int) -> dict:
     return r
 
 
+def switched_table(d: dict, n: int, rounds: int, pays: bool, decision: str, what: str, words: tuple) -> list[str]:
+    """The Markdown lines for a switch measured in the loop with the one-pass backward on: `d` its epoch seconds
+    {True: on, False: off}, `pays` whether on is the CPU's default (native.`decision`); `words`: the on and off
+    rows' names, the ratio sentence's subject, and "They are" / "It is"."""
+    on, off, subject, verb = words
+    w = sorted(o / q for o, q in zip(d[False], d[True]))
+    mark = {True: " (the default)" if pays else "", False: "" if pays else " (the default)"}
+    not_ = "" if pays else " not"
+    return ["", f"The same loop with the one-pass backward, {what}, {rounds} rounds interleaved:", "",
+            "| path | images/s (median epoch) |", "|---|---:|",
+            f"| {on}{mark[True]} | {n / statistics.median(d[True]):,.0f} |",
+            f"| {off}{mark[False]} | {n / statistics.median(d[False]):,.0f} |", "",
+            f"Within each round {subject} **{statistics.median(w):.2f}×** (range {w[0]:.2f}–{w[-1]:.2f}×) as fast "
+            "(the epochs' medians above are not paired and move with the VM's speed between rounds). "
+            f"{verb}{not_} the default on this CPU (AVX-512 BF16 without AMX: `native.{decision}`)."]
+
+
 def main() -> None:
     import torch
 
@@ -163,19 +181,9 @@ def main() -> None:
              + ("It is the default on this CPU (AVX2 or AVX-512: `native.stem_pays`)." if pays else
                 "Without AVX2 or AVX-512 it is not the default (`native.stem_pays`).")]
     if "dot" in r:
-        d = r["dot"]["seconds"]
-        w = sorted(o / q for o, q in zip(d[False], d[True]))
-        mark = {True: " (the default)" if wgrad_dot_pays() else "", False: "" if wgrad_dot_pays() else " (the default)"}
-        lines += ["", f"The same loop with the one-pass backward, its products in bf16 dot products against float32 "
-                      f"FMAs, {a.rounds} rounds interleaved:", "",
-                  "| path | images/s (median epoch) |", "|---|---:|",
-                  f"| bf16 dot products{mark[True]} | {n / statistics.median(d[True]):,.0f} |",
-                  f"| float32 FMAs{mark[False]} | {n / statistics.median(d[False]):,.0f} |", "",
-                  f"Within each round the dot products were **{statistics.median(w):.2f}×** (range {w[0]:.2f}–"
-                  f"{w[-1]:.2f}×) as fast. "
-                  + ("They are the default on this CPU (AVX-512 BF16 without AMX: `native.wgrad_dot_pays`)."
-                     if wgrad_dot_pays() else "They are not the default on this CPU (`native.wgrad_dot_pays`: "
-                     "AVX-512 BF16 without AMX).")]
+        lines += switched_table(r["dot"]["seconds"], n, a.rounds, wgrad_dot_pays(), "wgrad_dot_pays",
+                                "its products in bf16 dot products against float32 FMAs",
+                                ("bf16 dot products", "float32 FMAs", "the dot products were", "They are"))
     if "torch forward" in k:
         lines += ["", f"The block's forward alone, batch 128 at 28×28×1, bf16 under autocast (median of {a.repeats} "
                       "interleaved calls):", "",
@@ -185,20 +193,10 @@ def main() -> None:
                   f"| conv_pool_stats: all of it in one pass of bf16 dot products, y written once "
                   f"| {k['one-pass forward']:.2f} |"]
     if "one_pass" in r:
-        d = r["one_pass"]["seconds"]
-        w = sorted(o / q for o, q in zip(d[False], d[True]))
-        pays = conv_pool_stats_pays()
-        mark = {True: " (the default)" if pays else "", False: "" if pays else " (the default)"}
-        lines += ["", f"The same loop with the one-pass backward, the forward in one pass against torch's convolution "
-                      f"+ pool_stats, {a.rounds} rounds interleaved:", "",
-                  "| path | images/s (median epoch) |", "|---|---:|",
-                  f"| one-pass forward{mark[True]} | {n / statistics.median(d[True]):,.0f} |",
-                  f"| torch's convolution + pool_stats{mark[False]} | {n / statistics.median(d[False]):,.0f} |", "",
-                  f"Within each round the one-pass forward was **{statistics.median(w):.2f}×** (range {w[0]:.2f}–"
-                  f"{w[-1]:.2f}×) as fast. "
-                  + ("It is the default on this CPU (AVX-512 BF16 without AMX: `native.conv_pool_stats_pays`)."
-                     if pays else "It is not the default on this CPU (`native.conv_pool_stats_pays`: AVX-512 BF16 "
-                     "without AMX).")]
+        lines += switched_table(r["one_pass"]["seconds"], n, a.rounds, conv_pool_stats_pays(), "conv_pool_stats_pays",
+                                "the forward in one pass against torch's convolution + pool_stats",
+                                ("one-pass forward", "torch's convolution + pool_stats", "the one-pass forward was",
+                                 "It is"))
     lines += ["", END]
     publish("\n".join(lines) + "\n", a.write, START, END)
 

@@ -548,10 +548,7 @@ def test_first_conv_block_weight_gradient_in_bf16_dot_products_is_exact_on_the_r
     weight gradient is within 1e-5 of float64's over the same rounded values (pool_backward's bf16 dy, the bf16
     input) — pairs of columns across odd widths, channels short of a vector, an even kernel, batch 1 — and the
     bias's, summed from the unrounded rows, is the float32 path's."""
-    if not native.wgrad_dot_available():
-        if "avx512_bf16" in cpu_flags() and os.environ.get("CI") == "true":
-            pytest.fail(f"AVX-512 BF16 here, but {native.compiler_name()} built no dot products for pool_backward_wgrad")
-        pytest.skip("pool_backward_wgrad's dot products are built only for CPUs with AVX-512 BF16")
+    need_bf16_kernel(native.wgrad_dot_available(), "pool_backward_wgrad's dot products")
     n, ci, h, w, c, k, padding = shape
     seq = _conv_block(ci, c, k, padding)
     conv = seq[0]
@@ -610,23 +607,34 @@ def test_first_conv_block_weight_gradient_is_laid_out_as_the_weight():
         assert p.grad.stride() == p.stride(), name
 
 
+def need_bf16_kernel(available: bool, what: str) -> None:
+    """Skip a test of a kernel built only for CPUs with AVX-512 BF16 where it is not built — except on CI with
+    such a CPU, where it must be (a failure: the compiler dropped it)."""
+    if available:
+        return
+    if "avx512_bf16" in cpu_flags():
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"AVX-512 BF16 here, but the library built by {native.compiler_name()} has no {what}")
+        pytest.skip(f"AVX-512 BF16 here, but {native.compiler_name()} did not build {what}")
+    pytest.skip(f"{what} is built only for CPUs with AVX-512 BF16")
+
+
 @pytest.fixture
 def one_pass():
     """The first block's one-pass bf16 forward (conv_pool_stats): built wherever the CPU has AVX-512 BF16."""
-    if not native.conv_pool_stats_available():
-        if "avx512_bf16" in cpu_flags() and os.environ.get("CI") == "true":
-            pytest.fail(f"AVX-512 BF16 here, but {native.compiler_name()} built no conv_pool_stats")
-        pytest.skip("conv_pool_stats is built only for CPUs with AVX-512 BF16")
+    need_bf16_kernel(native.conv_pool_stats_available(), "conv_pool_stats")
     yield
     ConvPoolStats.enabled = None
 
 
 ONE_PASS = [  # (batch, height, width, output channels, kernel, padding): the output's height even, width 4k
-    (4, 28, 28, 32, 5, (2, 2)),      # the first paper's net
-    (3, 8, 12, 16, 3, (1, 1)),       # 16 channels: one vector
-    (2, 9, 11, 32, 4, (1, 2)),       # an even kernel, odd input sizes, padding differing by axis
-    (1, 6, 6, 32, 3, (0, 0)),        # batch 1, no padding, one block a row
-    (5, 10, 14, 32, 1, (1, 1)),      # a 1×1 kernel: one kernel row, its pair's top half zero
+    (4, 28, 28, 32, (5, 5), (2, 2)),   # the first paper's net
+    (3, 8, 12, 16, (3, 3), (1, 1)),    # 16 channels: one vector
+    (2, 9, 11, 32, (4, 4), (1, 2)),    # an even kernel, odd input sizes, padding differing by axis
+    (1, 6, 6, 32, (3, 3), (0, 0)),     # batch 1, no padding, one block a row
+    (5, 10, 14, 32, (1, 1), (1, 1)),   # a 1×1 kernel: one kernel row, its pair's top half zero
+    (2, 10, 12, 16, (3, 5), (1, 2)),   # a kernel taller than wide… (an odd height: its last row alone)
+    (2, 9, 14, 32, (6, 3), (3, 0)),    # …and one wider than tall
 ]
 
 
@@ -636,41 +644,53 @@ def test_first_conv_block_forward_in_one_pass_is_the_bf16_convolution_and_pool_s
     float32: y is as close to float64's convolution of the rounded values as torch's bf16 convolution (≤ 1 bf16 step
     from it where their sums' order rounds differently), and pooled, idx and the sums are pool_stats' of that y, bit
     for bit — the same rows summed in the same order."""
-    n, h, w, c, k, padding = shape
-    torch.manual_seed(sum(shape[:5]))
-    x, cw, cb = torch.randn(n, 1, h, w), torch.randn(c, 1, k, k) * 0.3, torch.randn(c) * 0.1
+    n, h, w, c, (kh, kw), padding = shape
+    torch.manual_seed(n * h * w + c + kh + kw)
+    x, cw, cb = torch.randn(n, 1, h, w), torch.randn(c, 1, kh, kw) * 0.3, torch.randn(c) * 0.1
     assert native.conv_pool_stats_applies(x, cw, padding)
     y, pooled, idx, sums = native.conv_pool_stats(x, cw, cb, padding)
+    xb, wb, bb = x.bfloat16().double(), cw.bfloat16().double(), cb.bfloat16().double()
     theirs = F.conv2d(x.bfloat16(), cw.bfloat16(), cb.bfloat16(), padding=padding)
-    exact = F.conv2d(x.bfloat16().double(), cw.bfloat16().double(), cb.bfloat16().double(), padding=padding)
+    exact = F.conv2d(xb, wb, bb, padding=padding)
     assert y.dtype == torch.bfloat16 and y.shape == theirs.shape and y.is_contiguous(memory_format=torch.channels_last)
     assert _rel(y, exact) <= 1.01 * _rel(theirs, exact) + 1e-6, (_rel(y, exact), _rel(theirs, exact))
-    assert ((y.float() - theirs.float()).abs() <= theirs.float().abs() * 2 ** -7 + 1e-30).all()
+    # each value one bf16 rounding of a float32 sum: within half a bf16 step of float64's, plus float32's error,
+    # which a sum that cancels can make larger than the result itself (bounded by the sum of the terms' sizes)
+    terms = F.conv2d(xb.abs(), wb.abs(), bb.abs(), padding=padding)
+    assert ((y.double() - exact).abs() <= exact.abs() * 2 ** -8 + terms * 2 ** -20).all()
     p0, i0, s0 = native.pool_stats(y, relu=True, stats=True)
     assert torch.equal(pooled, p0) and torch.equal(idx, i0) and torch.equal(sums, s0)
     assert pooled.is_contiguous(memory_format=torch.channels_last)
+    if kh % 2 and kw < 4:  # the kernel refuses other shapes itself, whatever its caller checked (here: Wc − 1)
+        z = torch.zeros(64, dtype=torch.int64)
+        with pytest.raises(ValueError, match="does not compute these shapes"):
+            native._kernel("conv_pool_stats", torch.bfloat16)(x.data_ptr(), n, h, w - 1, cw.data_ptr(), None, c,
+                                                              kh, kw, *padding, *[z.data_ptr()] * 4, 2)
 
 
 def test_first_conv_block_one_pass_keeps_nan_and_relu(one_pass):
-    """A NaN pixel gives NaN outputs where the float32 convolution gives them — the 3×3 positions its kernel
-    reaches (torch's bf16 convolution here also spreads it one column further, where a zero weight meets it: 0·NaN)
-    — and those win their windows (pool_stats' rule: a NaN is the max), their channels' sums NaN; negative outputs
-    pool as ReLU's zeros."""
+    """A NaN pixel gives NaN outputs at the 3×3 positions the kernel reaches from it, and no others (torch's bf16
+    convolution here also spreads it one column further, where a zero weight meets it: 0·NaN); those win their
+    windows (pool_stats' rule: a NaN is the max), pooled as the same bits pool_stats writes (0x7FC0), their channels'
+    sums NaN; negative outputs pool as ReLU's zeros."""
     x, cw = torch.randn(2, 1, 8, 8), torch.randn(32, 1, 3, 3)
     x[1, 0, 4, 5] = float("nan")
     y, pooled, idx, sums = native.conv_pool_stats(x, cw, None, (1, 1))
-    assert torch.equal(y.isnan(), F.conv2d(x, cw, padding=1).isnan()) and y.isnan().sum() == 9 * 32
+    reached = torch.zeros(2, 32, 8, 8, dtype=torch.bool)
+    reached[1, :, 3:6, 4:7] = True
+    assert torch.equal(y.isnan(), reached)
     p0, i0, s0 = native.pool_stats(y, relu=True, stats=True)
-    assert torch.equal(pooled.isnan(), p0.isnan()) and torch.equal(idx, i0) and sums.isnan().all()
-    assert (pooled[0] >= 0).all() and torch.equal(pooled[0], p0[0])
+    assert torch.equal(pooled.view(torch.int16), p0.view(torch.int16)) and torch.equal(idx, i0)
+    assert sums.isnan().all() and pooled[1].isnan().any() and (pooled[0] >= 0).all()
 
 
-@pytest.mark.parametrize("on", [True, False])
-def test_first_conv_block_under_bf16_takes_the_one_pass_forward_as_asked(one_pass, monkeypatch, on):
+@pytest.mark.parametrize("on,bias", [(True, True), (False, True), (True, False)])
+def test_first_conv_block_under_bf16_takes_the_one_pass_forward_as_asked(one_pass, monkeypatch, on, bias):
     """The block under bf16 autocast forms its forward in one pass where ConvPoolStats allows it (by default where
     conv_pool_stats_pays), and trains to the same output, running statistics and gradients as through torch's bf16
-    convolution + pool_stats (they differ only where y's last bf16 bit does)."""
-    seq = _conv_block(1, 32, 5, 2)
+    convolution + pool_stats (they differ only where y's last bf16 bit does: 1e-3 of the output and batch norm's,
+    a few times that for the convolution's gradients, sums that mostly cancel)."""
+    seq = _conv_block(1, 32, 5, 2, bias=bias)
     x = torch.randn(8, 1, 28, 28).contiguous(memory_format=torch.channels_last)
     g = torch.randn(8, 32, 14, 14)
     calls = []
@@ -685,7 +705,9 @@ def test_first_conv_block_under_bf16_takes_the_one_pass_forward_as_asked(one_pas
     for name, a, b in [("output", ours[0], other[0]), ("running mean", ours[3], other[3]),
                        ("running var", ours[4], other[4])] + list(zip(("conv weight", "conv bias", "γ", "β"),
                                                                      ours[2], other[2])):
-        assert _rel(a, b) < 2e-3, (name, _rel(a, b))
+        assert (a is None) == (b is None), name
+        if a is not None:
+            assert _rel(a, b) < (1e-2 if name.startswith("conv") else 2e-3), (name, _rel(a, b))
     ConvPoolStats.enabled = None
     calls.clear()
     _conv_run(seq, x, g, True, bf16=True, steps=1)
@@ -755,12 +777,7 @@ def test_first_conv_block_path_only_where_it_computes_the_same(case):
 @pytest.fixture
 def dot_conv():
     """The bf16 dot-product convolution: built wherever the CPU has AVX-512 BF16 (and then it must be there)."""
-    if "avx512_bf16" not in cpu_flags():
-        pytest.skip("the bf16 dot-product convolution needs AVX-512 BF16, which this CPU does not have")
-    if not native.dot_conv_available():  # a compiler too old for AVX-512 BF16's intrinsics (GCC < 10)
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"AVX-512 BF16 here, but the library built by {native.compiler_name()} has no conv_relu kernels")
-        pytest.skip(f"AVX-512 BF16 here, but {native.compiler_name()} did not build the dot-product kernels")
+    need_bf16_kernel(native.dot_conv_available(), "the conv_relu kernels")  # GCC < 10 lacks their intrinsics
     _NativeConvReLU.enabled = True
     yield
     _NativeConvReLU.enabled = None
@@ -934,8 +951,8 @@ def test_a_kernel_without_memory_for_its_scratch_raises_memory_error(kernel, dty
             native._kernel(kernel, dtype)(p, p, p, p, p, p, 0, 2, 2, 1 << 40, p, 1, 1, 1, p, 0, 2)
         elif kernel == "conv_relu_forward":  # 2⁴⁰ output channels: its weights' scratch
             native._kernel(kernel, dtype)(p, 0, 3, 3, 2, p, p, 1 << 40, 1, 1, p, 2)
-        elif kernel == "conv_pool_stats":  # 2⁴⁰ output channels: its weights' scratch
-            native._kernel(kernel, dtype)(p, 0, 4, 4, p, p, 1 << 40, 3, 3, 1, 1, p, p, p, p, 2)
+        elif kernel == "conv_pool_stats":  # rows of 2⁴⁰ columns: its pair rows' scratch
+            native._kernel(kernel, dtype)(p, 0, 4, 1 << 40, p, p, 32, 3, 3, 1, 1, p, p, p, p, 2)
         elif kernel == "conv_relu_backward":  # 2⁴⁰ output channels: its weight-gradient lanes
             native._kernel(kernel, dtype)(p, p, p, 0, 3, 3, 2, p, 1 << 40, 1, 1, p, p, p, 2)
         else:  # 2⁴⁰ output channels: its weights' scratch

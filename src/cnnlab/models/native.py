@@ -184,11 +184,15 @@ def _pooled_like(y: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Ten
 
 def _kernel(name: str, dtype: torch.dtype):
     """The kernel, called so that its status is checked: each returns 1 when its scratch memory could not be
-    allocated (then it has left its outputs unfinished), which becomes a MemoryError here."""
+    allocated (then it has left its outputs unfinished), which becomes a MemoryError here; −1 (conv_pool_stats) when
+    it refuses its arguments' shapes before touching anything, a ValueError."""
     f = getattr(_LIB, f"cnnlab_{name}_{DTYPES[dtype]}")
 
     def call(*args):
-        if f(*args) != 0:
+        status = f(*args)
+        if status == -1:
+            raise ValueError(f"cnnlab's native kernel {name} does not compute these shapes")
+        if status != 0:
             raise MemoryError(f"cnnlab's native kernel {name} could not allocate its scratch memory")
     return call
 

@@ -1501,11 +1501,12 @@ int cnnlab_conv_relu_backward_bf16(const uint16_t *g, const uint16_t *y, const u
  * and per channel Σ relu(y) and Σ relu(y)², each row's float sums added in double in pool_stats' order (the same
  * rows per thread), so the sums are pool_stats'. torch's convolution for one input channel ran at ~150 GFLOP/s and
  * wrote y for pool_stats to read back; here the lanes are 16 output channels, the dot product's pairs two kernel
- * rows at one column — q[r][w] = (P[r][w], P[r + 1][w]) of the padded image P; z[r][w] = (P[r][w], 0) for an odd
- * kernel's last row — and a block of 2 rows × 4 columns (two pooling windows) × Co channels sums in registers.
- * Co is 16 or 32; Hc even, Wc a multiple of 4 (conv_pool_stats_applies). */
+ * rows at one column — q[r][w] = (P[r][w], P[r + 1][w]) of the padded image P, or for an odd kernel's last row P's
+ * value alone, zero-extended (so a NaN or Inf past the kernel never meets its zero weight) — and a block of 2 rows ×
+ * 4 columns (two pooling windows) × Co channels sums in registers. Co is 16 or 32; Hc even, Wc a multiple of 4
+ * (conv_pool_stats_applies; other shapes are refused with −1). */
 static inline __attribute__((always_inline)) void conv1_block(
-        const uint32_t *restrict q, const uint32_t *restrict z, int64_t Wp, int64_t KH, int64_t KW,
+        const uint32_t *restrict q, const uint16_t *restrict pl, int64_t Wp, int64_t KH, int64_t KW,
         const __m512i *restrict wv, const float *restrict bias, const int CB, __m512 acc[2][4][2]) {
     for (int c = 0; c < CB; c++) {
         const __m512 b = _mm512_loadu_ps(bias + LANES * c);
@@ -1513,17 +1514,23 @@ static inline __attribute__((always_inline)) void conv1_block(
             for (int k = 0; k < 4; k++) acc[r][k][c] = b;
     }
     for (int64_t p = 0; 2 * p < KH; p++) {
-        const uint32_t *t = (2 * p + 1 < KH ? q : z) + 2 * p * Wp;
+        const int pair = 2 * p + 1 < KH;
         for (int64_t kx = 0; kx < KW; kx++) {
             __m512bh w[2];
             for (int c = 0; c < CB; c++) w[c] = (__m512bh)_mm512_load_si512(wv + (p * KW + kx) * CB + c);
             for (int r = 0; r < 2; r++)
                 for (int k = 0; k < 4; k++) {
-                    const __m512bh v = (__m512bh)_mm512_set1_epi32((int)t[r * Wp + kx + k]);
+                    const int64_t at = (2 * p + r) * Wp + kx + k;
+                    const __m512bh v = (__m512bh)_mm512_set1_epi32(pair ? (int)q[at] : (int)pl[at]);
                     for (int c = 0; c < CB; c++) acc[r][k][c] = _mm512_dpbf16_ps(acc[r][k][c], w[c], v);
                 }
         }
     }
+}
+
+/* Where b wins a window's comparison against a: greater, or NaN (pool_stats' rule: ties go left / up). */
+static inline __mmask16 wins(__m512 b, __m512 a) {
+    return _mm512_cmp_ps_mask(b, a, _CMP_GT_OQ) | _mm512_cmp_ps_mask(b, b, _CMP_UNORD_Q);
 }
 
 int cnnlab_conv_pool_stats_bf16(const float *x, int64_t N, int64_t H, int64_t W, const float *wt, const float *bias,
@@ -1531,6 +1538,7 @@ int cnnlab_conv_pool_stats_bf16(const float *x, int64_t N, int64_t H, int64_t W,
                                 uint16_t *pooled, uint8_t *idx, double *sums, int nthreads) {
     const int64_t Hp = H + 2 * PH, Wp = W + 2 * PW, Hc = Hp - KH + 1, Wc = Wp - KW + 1, Ho = Hc / 2, Wo = Wc / 2;
     const int64_t NPK = (KH + 1) / 2, CB = Co / LANES;
+    if ((Co != 16 && Co != 32) || Hc < 2 || Hc % 2 || Wc < 4 || Wc % 4 || KH < 1 || KW < 1) return -1;
     if (nthreads < 1) nthreads = 1;
     __m512i *wv = (__m512i *)aligned_alloc(64, (size_t)(NPK * KW * CB + 1) * 64);
     float *bb = scratch(Co);
@@ -1552,8 +1560,7 @@ int cnnlab_conv_pool_stats_bf16(const float *x, int64_t N, int64_t H, int64_t W,
         double *mine = part + (size_t)omp_get_thread_num() * 2 * Co;
         uint16_t *pl = (uint16_t *)malloc(sizeof(uint16_t) * (size_t)(Hp * Wp + 1));
         uint32_t *q = (uint32_t *)malloc(sizeof(uint32_t) * (size_t)(Hp * Wp + 8));
-        uint32_t *z = (uint32_t *)malloc(sizeof(uint32_t) * (size_t)(Hp * Wp + 8));
-        SCRATCH_READY(pl && q && z);
+        SCRATCH_READY(pl && q);
         if (ok) memset(pl, 0, sizeof(uint16_t) * (size_t)(Hp * Wp));  /* the padding stays zero */
         int64_t image = -1;
         _Pragma("omp for schedule(static)")
@@ -1564,11 +1571,9 @@ int cnnlab_conv_pool_stats_bf16(const float *x, int64_t N, int64_t H, int64_t W,
                 const float *xi = x + n * H * W;
                 for (int64_t h = 0; h < H; h++)
                     for (int64_t w = 0; w < W; w++) pl[(h + PH) * Wp + w + PW] = bf16_store(xi[h * W + w]);
-                for (int64_t r = 0; r < Hp; r++)
-                    for (int64_t w = 0; w < Wp; w++) {
-                        z[r * Wp + w] = pl[r * Wp + w];
-                        q[r * Wp + w] = pl[r * Wp + w] | (r + 1 < Hp ? (uint32_t)pl[(r + 1) * Wp + w] << 16 : 0u);
-                    }
+                for (int64_t r = 0; r + 1 < Hp; r++)  /* the last row starts no pair */
+                    for (int64_t w = 0; w < Wp; w++)
+                        q[r * Wp + w] = pl[r * Wp + w] | (uint32_t)pl[(r + 1) * Wp + w] << 16;
                 image = n;
             }
             __m512 s[2][2], sq[2][2];  /* [row][channel block]: each row's float sums, as pool_stats' add_stats */
@@ -1576,9 +1581,9 @@ int cnnlab_conv_pool_stats_bf16(const float *x, int64_t N, int64_t H, int64_t W,
                 for (int c = 0; c < 2; c++) s[r][c] = sq[r][c] = _mm512_setzero_ps();
             for (int64_t w0 = 0; w0 < Wc; w0 += 4) {
                 __m512 acc[2][4][2];
-                const uint32_t *qb = q + 2 * ho * Wp + w0, *zb = z + 2 * ho * Wp + w0;
-                if (CB == 2) conv1_block(qb, zb, Wp, KH, KW, wv, bb, 2, acc);
-                else conv1_block(qb, zb, Wp, KH, KW, wv, bb, 1, acc);
+                const int64_t at = 2 * ho * Wp + w0;
+                if (CB == 2) conv1_block(q + at, pl + at, Wp, KH, KW, wv, bb, 2, acc);
+                else conv1_block(q + at, pl + at, Wp, KH, KW, wv, bb, 1, acc);
                 for (int c = 0; c < CB; c++) {
                     __m512 v[2][4];
                     for (int r = 0; r < 2; r++)
@@ -1596,13 +1601,13 @@ int cnnlab_conv_pool_stats_bf16(const float *x, int64_t N, int64_t H, int64_t W,
                         __m512 hm[2];
                         __mmask16 hk[2];
                         for (int r = 0; r < 2; r++) {
-                            const __m512 a = v[r][2 * j], b = v[r][2 * j + 1];
-                            hk[r] = _mm512_cmp_ps_mask(b, a, _CMP_GT_OQ) | _mm512_cmp_ps_mask(b, b, _CMP_UNORD_Q);
-                            hm[r] = _mm512_mask_mov_ps(a, hk[r], b);
+                            hk[r] = wins(v[r][2 * j + 1], v[r][2 * j]);
+                            hm[r] = _mm512_mask_mov_ps(v[r][2 * j], hk[r], v[r][2 * j + 1]);
                         }
-                        const __mmask16 t = _mm512_cmp_ps_mask(hm[1], hm[0], _CMP_GT_OQ)
-                                          | _mm512_cmp_ps_mask(hm[1], hm[1], _CMP_UNORD_Q);
-                        const __m512 m = _mm512_mask_mov_ps(hm[0], t, hm[1]);
+                        const __mmask16 t = wins(hm[1], hm[0]);
+                        __m512 m = _mm512_mask_mov_ps(hm[0], t, hm[1]);  /* a NaN as pool_stats writes it: 0x7FC0 */
+                        m = _mm512_mask_mov_ps(m, _mm512_cmp_ps_mask(m, m, _CMP_UNORD_Q),
+                                               _mm512_castsi512_ps(_mm512_set1_epi32(0x7FC00000)));
                         const int64_t at = ((n * Ho + ho) * Wo + w0 / 2 + j) * Co + LANES * c;
                         _mm256_storeu_si256((__m256i *)(pooled + at), (__m256i)_mm512_cvtneps_pbh(m));
                         const __mmask16 right = (__mmask16)((t & hk[1]) | (~t & hk[0]));
@@ -1620,7 +1625,7 @@ int cnnlab_conv_pool_stats_bf16(const float *x, int64_t N, int64_t H, int64_t W,
                 for (int64_t c = 0; c < Co; c++) { mine[c] += fs[c]; mine[Co + c] += fq[c]; }
             }
         }
-        free(pl); free(q); free(z);
+        free(pl); free(q);
     }
     if (!failed) sum_parts(part, nthreads, 2 * Co, sums);
     free(wv); free(bb); free(part);
