@@ -575,17 +575,23 @@ def test_first_conv_block_weight_gradient_in_bf16_dot_products_is_exact_on_the_r
     assert torch.equal(default[0], dw if native.wgrad_dot_pays() else dw32)
 
 
+def decided_by_bf16_without_amx(pays, available, reason: str) -> None:
+    """A bf16 dot-product kernel's default: on with AVX-512 BF16 and no AMX, off with AMX or without BF16; built
+    only where the CPU has AVX-512 BF16; said in a bf16 run's env.json reason (`reason`) exactly where it is on."""
+    assert pays({"avx2", "avx512f", "avx512_bf16"}) is True
+    assert pays({"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}) is False
+    assert pays({"avx2", "avx512f", "avx512bw"}) is False
+    assert available() <= ("avx512_bf16" in cpu_flags())
+    r = Runtime("cpu", precision="bf16-mixed")
+    assert r.native_for(FusedSequential(nn.Conv2d(1, 8, 3), nn.ReLU(inplace=True))) is True
+    assert (reason in r.reasons["native"]) == (native.stem_pays() and pays() and available())
+
+
 def test_the_weight_gradients_dot_products_are_taken_by_default_only_where_measured():
     """AVX-512 BF16 without AMX, for a bf16 block (measured faster there: conv_block_bench); never for float32,
     where the float32 FMAs keep the unrounded values; asked for where they are not built, a clear error."""
-    assert native.wgrad_dot_pays({"avx2", "avx512f", "avx512_bf16"}) is True
-    assert native.wgrad_dot_pays({"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}) is False
-    assert native.wgrad_dot_pays({"avx2", "avx512f", "avx512bw"}) is False
-    assert native.wgrad_dot_available() <= ("avx512_bf16" in cpu_flags())
-    r = Runtime("cpu", precision="bf16-mixed")
-    assert r.native_for(FusedSequential(nn.Conv2d(1, 8, 3), nn.ReLU(inplace=True))) is True
-    said = "weight gradient before ReLU → batch norm → max-pool" in r.reasons["native"]
-    assert said == (native.stem_pays() and native.wgrad_dot_pays() and native.wgrad_dot_available())
+    decided_by_bf16_without_amx(native.wgrad_dot_pays, native.wgrad_dot_available,
+                                "weight gradient before ReLU → batch norm → max-pool")
     if not native.wgrad_dot_available():
         y = torch.zeros(1, 16, 4, 4, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
         pooled, idx, _ = native.pool_stats(y, relu=True, stats=False)
@@ -721,14 +727,8 @@ def test_first_conv_block_under_bf16_takes_the_one_pass_forward_as_asked(one_pas
 def test_the_one_pass_forward_is_taken_by_default_only_where_measured():
     """AVX-512 BF16 without AMX (measured faster there: conv_block_bench), said in env.json's reason; only for the
     shapes it computes; asked for where it is not built or does not apply, a clear error."""
-    assert native.conv_pool_stats_pays({"avx2", "avx512f", "avx512_bf16"}) is True
-    assert native.conv_pool_stats_pays({"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}) is False
-    assert native.conv_pool_stats_pays({"avx2", "avx512f", "avx512bw"}) is False
-    assert native.conv_pool_stats_available() <= ("avx512_bf16" in cpu_flags())
-    r = Runtime("cpu", precision="bf16-mixed")
-    assert r.native_for(FusedSequential(nn.Conv2d(1, 8, 3), nn.ReLU(inplace=True))) is True
-    said = "in one bf16 dot-product pass" in r.reasons["native"]
-    assert said == (native.stem_pays() and native.conv_pool_stats_pays() and native.conv_pool_stats_available())
+    decided_by_bf16_without_amx(native.conv_pool_stats_pays, native.conv_pool_stats_available,
+                                "in one bf16 dot-product pass")
     x, w = torch.zeros(2, 1, 8, 8), torch.zeros(32, 1, 3, 3)
     if not native.conv_pool_stats_available():
         with pytest.raises(ValueError, match="AVX-512 BF16"):
