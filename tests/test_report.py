@@ -108,7 +108,7 @@ def make_study(root: Path) -> Path:
                                         f"{format_p(p_mc)} (McNemar), {len(seeds)} seeds"})
     for v in variants:
         m0 = json.loads((study / v["runs"][0] / "metrics.json").read_text())
-        level, p = tables.chance_level(m0), m0["chance"]["p_value_above_chance"]
+        level, p = tables.chance_of(m0), m0["chance"]["p_value_above_chance"]
         chance.append({"variant": v["name"], "accuracy": v["metrics"]["accuracy"]["mean"], "chance": level,
                        "p_value": p, "sentence": f"{v['name']}: accuracy {v['metrics']['accuracy']['mean']:.3f} vs "
                                                  f"chance {level:.3f}, {format_p(p)} (exact binomial)"})

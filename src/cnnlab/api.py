@@ -27,7 +27,7 @@ from .experiment import Experiment, build_experiment, environment
 from .metrics import classification_metrics
 from .runs import (MODEL_FILE, Run, RunError, load_run, new_run_dir, read_json, run_lock, save_model,
                    write_bad_files, write_config, write_history, write_json, write_predictions)
-from .stats import chance_level, format_p
+from .stats import chance_of, format_p
 from .tensorfile import save_tensors
 from .tracking import track_run
 from .training import (Runtime, TrainingDiverged, TrainingInterrupted, TrainState, fit, predict_logits,
@@ -368,7 +368,7 @@ def _print_summary(log: ProgressLogger, m: dict, run_dir: Path) -> None:
     part = "Test" if m["evaluated_on"] == "test" else "Validation (no test split)"
     log.message(f"{part}: loss {m['loss']:.4f} - accuracy {m['accuracy']:.4f} (95% CI {lo:.3f}–{hi:.3f}, "
                 f"n={m['n']}) - macro F1 {m['f1_macro']:.4f} - "
-                f"chance {chance_level(m['chance']['accuracy'], len(m['classes'])):.3f} "
+                f"chance {chance_of(m):.3f} "
                 f"(above chance: {format_p(m['chance'].get('p_value_above_chance'))}) - "
                 f"best epoch {m['best_epoch']}")
     log.message(f"Run folder: {run_dir}")

@@ -92,13 +92,13 @@ def _cmd_train(a) -> int:
 
 def _print_metrics(m: dict) -> None:
     from .display import printable as P  # class names are folder names: never print their control codes raw
-    from .stats import chance_level, format_p
+    from .stats import chance_of, format_p
 
     lo, hi = m["accuracy_ci95"]
     print(f"evaluated on: {P(m['evaluated_on'])} ({m['n']} images)")
     print(f"loss {m['loss']:.4f}   accuracy {m['accuracy']:.4f}  (95% Wilson CI {lo:.4f}–{hi:.4f})")
     ch, k = m["chance"], len(m["classes"])
-    print(f"chance level {chance_level(ch['accuracy'], k):.4f}: the better of always answering "
+    print(f"chance level {chance_of(m):.4f}: the better of always answering "
           f"{ch.get('majority_of', 'the training split')}'s most frequent class '{P(ch['majority_class'])}' "
           f"({ch['accuracy']:.4f} of these images) and 1/{k} classes; accuracy above it: "
           f"{format_p(ch.get('p_value_above_chance'))}")

@@ -6,6 +6,8 @@ import math
 
 import numpy as np
 
+from .stats import chance_level  # stats imports scipy only inside its functions
+
 # Written here on numpy and scipy.special rather than imported from sklearn.metrics / scipy.stats: importing
 # those two adds over a second to every run's start on 2 cores (see `python -X importtime -c "import torch,
 # sklearn.metrics, scipy.stats"`), for a confusion matrix and four divisions. tests/test_metrics.py checks
@@ -90,7 +92,7 @@ def classification_metrics(y_true, y_pred, classes: list[str], *, loss: float | 
     out["chance"] = {"majority_class": classes[majority], "accuracy": chance, "uniform": 1.0 / k,
                      "majority_of": "the training split" if from_training else "these images"}
     if n:
-        out["chance"]["p_value_above_chance"] = p_above(correct, n, max(chance, 1.0 / k))
+        out["chance"]["p_value_above_chance"] = p_above(correct, n, chance_level(chance, k))
         out["chance"]["test"] = ("exact one-sided binomial test of accuracy against "
                                  "max(majority-class rate, 1/classes)")
     out["classes"] = list(classes)

@@ -127,6 +127,15 @@ def chance_level(majority_rate: float, num_classes: int) -> float:
     return max(float(majority_rate), 1.0 / num_classes)
 
 
+def chance_of(metrics: dict) -> float | None:
+    """chance_level of a metrics dict (metrics.classification_metrics' "chance" and "classes"; None without)."""
+    ch = metrics.get("chance") or {}
+    if "accuracy" not in ch:
+        return None
+    k = len(metrics.get("classes") or [])
+    return chance_level(ch["accuracy"], k) if k else max(float(ch["accuracy"]), float(ch.get("uniform") or 0.0))
+
+
 def binomial_above_chance(correct: int, n: int, chance: float) -> float:
     """Exact one-sided binomial test: P(X ≥ correct) for X ~ Binomial(n, chance)."""
     if not 0 <= correct <= n:

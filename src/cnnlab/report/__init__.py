@@ -78,7 +78,7 @@ def _draw_run(run: RunFolder) -> tuple[dict[str, Path], list[str]]:
     part = T.part_name(m.get("evaluated_on"))
     if run.history:
         files["curves"] = P.training_curves(run.history, out / "curves.png", best_epoch=m.get("best_epoch"),
-                                            chance=T.chance_level(m), title=f"{run.name}: training curves")
+                                            chance=T.chance_of(m), title=f"{run.name}: training curves")
     else:
         notes.append("history.csv is missing or empty: no training curves.")
     if m.get("class_counts") and run.classes:
@@ -185,7 +185,7 @@ def _study_chance(summary: dict, study: Path) -> float | None:
         return max(levels)
     for v in summary.get("variants", []):
         for r in _variant_runs(study, v):
-            return T.chance_level(read_json(r / "metrics.json"))
+            return T.chance_of(read_json(r / "metrics.json"))
     return None
 
 

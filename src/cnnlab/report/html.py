@@ -138,7 +138,7 @@ def run_page(run: RunFolder, plots: dict[str, Path], notes: list[str], mistakes:
     best, epochs = m.get("best_epoch"), m.get("epochs_run", len(run.history))
     cards = [card(f"{part} accuracy", f"{m['accuracy']:.3f}",
                   f"95 % CI {lo:.3f}–{hi:.3f}, n = {m['n']}" if lo is not None else f"n = {m['n']}")]
-    level = T.chance_level(m)
+    level = T.chance_of(m)
     if level is not None:
         cards.append(card("chance level", f"{level:.3f}", "accuracy vs chance: "
                           + format_p((m.get("chance") or {}).get("p_value_above_chance"))))

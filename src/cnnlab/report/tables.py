@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 
 from ..fileio import replacing
-from ..stats import IMBALANCED, imbalance
+from ..stats import IMBALANCED, chance_of, imbalance
 
 ALPHA = 0.05  # the level at which "significantly" is said
 
@@ -31,14 +31,6 @@ def fmt(v, digits: int = 3) -> str:
             return f"{v:.2e}"
         return f"{v:.{digits}f}"
     return str(v)
-
-
-def chance_level(metrics: dict) -> float | None:
-    """The accuracy the binomial test compares against: max(majority-class rate, 1/classes)."""
-    ch = metrics.get("chance") or {}
-    if "accuracy" not in ch:
-        return None
-    return max(float(ch["accuracy"]), float(ch.get("uniform") or 0.0))
 
 
 def balance_sentence(metrics: dict, classes: list[str]) -> str:
@@ -69,7 +61,7 @@ def chance_sentence(metrics: dict) -> str | None:
     """E.g. 'validation accuracy 0.600 on 20 images is not significantly above chance 0.550
     (p = 0.42, exact binomial)', from metrics.json's chance block."""
     ch = metrics.get("chance") or {}
-    level, p = chance_level(metrics), ch.get("p_value_above_chance")
+    level, p = chance_of(metrics), ch.get("p_value_above_chance")
     if level is None or p is None:
         return None
     from ..stats import chance_sentence as sentence

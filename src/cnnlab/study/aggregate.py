@@ -101,13 +101,12 @@ def _corrected(comparisons: list[dict]) -> list[dict]:
 
 def _chance(v: dict) -> dict:
     ms = [m for _, m in v["_by_seed"].values()]
-    chance_lv = max(stats.chance_level(m["chance"]["accuracy"], len(m["classes"])) for m in ms)
+    chance_lv = max(stats.chance_of(m) for m in ms)
     ps = []
     for m in ms:
         p = m["chance"].get("p_value_above_chance")
         if p is None:
-            p = stats.binomial_above_chance(round(m["accuracy"] * m["n"]), m["n"],
-                                            stats.chance_level(m["chance"]["accuracy"], len(m["classes"])))
+            p = stats.binomial_above_chance(round(m["accuracy"] * m["n"]), m["n"], stats.chance_of(m))
         ps.append(float(p))
     acc = v["metrics"]["accuracy"]["mean"]
     p = max(ps)
