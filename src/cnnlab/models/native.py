@@ -20,7 +20,9 @@ batch norm → max-pool after it) pool_backward_wgrad computes the block's gradi
 scratch buffer that stays in the core's cache and multiplies it into the convolution's weight gradient there,
 instead of pool_backward writing it in full for torch's convolution backward (`benchmarks/conv_block_bench.py`;
 in bf16 on CPUs with AVX-512 BF16 and no AMX its products in bf16 dot products, two positions an instruction:
-wgrad_dot_pays). On CPUs with AVX-512 BF16 and no AMX, a few-channel convolution + ReLU that ends the block (the second paper's
+wgrad_dot_pays), and its forward — a 1-channel convolution, ReLU, the pool and batch norm's sums — in one bf16 pass,
+y written once (conv_pool_stats, conv_pool_stats_pays). On CPUs with AVX-512 BF16 and no AMX, a few-channel
+convolution + ReLU that ends the block (the second paper's
 10 → 20) runs in bf16 through conv_relu_forward / conv_relu_backward, whose vector lanes are output columns
 rather than the channels oneDNN's blocks leave partly empty (dot_conv_pays, `benchmarks/dot_conv_bench.py`).
 `benchmarks/switches_bench.py` measures the switch (`train.native`), BENCHMARKS.md has the figures.
@@ -471,7 +473,7 @@ def dot_conv_pays(flags: frozenset[str] | set[str] | None = None) -> bool:
 
 def _bf16_without_amx(flags: frozenset[str] | set[str] | None) -> bool:
     """AVX-512 BF16 and no AMX: where the bf16 dot-product kernels were measured faster (dot_conv_pays,
-    wgrad_dot_pays). AMX counts where torch's oneDNN may use it (hardware.usable_flags)."""
+    wgrad_dot_pays, conv_pool_stats_pays). AMX counts where torch's oneDNN may use it (hardware.usable_flags)."""
     if flags is None:
         return "avx512_bf16" in cpu_flags() and "amx_bf16" not in usable_flags()
     return "avx512_bf16" in flags and "amx_bf16" not in flags
