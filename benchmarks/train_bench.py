@@ -59,6 +59,7 @@ TASKS = {
 }
 AUG = dict(hflip=0.5, rotation=5.0, scale=0.05, translate=0.05)
 START, END = markers("train-bench")  # a section per CPU kind
+REF_REPEATS = {"bf16": 25, "fp32": 3}  # products a sample after each epoch: ~20 ms of bf16 512², ~0.4 s of fp32 2048²
 
 
 # --------------------------------------------------------------------------- data (exported once)
@@ -106,15 +107,21 @@ def run_cnnlab(task: str, epochs: int, data: Path, overrides: tuple[str, ...] = 
 
     cfg = load_config(_cnnlab_config(task, epochs), list(overrides))
     b = build_experiment(cfg, ProgressLogger("none"))
-    epoch_s, acc = [], []
+    r = b.runtime.describe()
+    # the matrix-multiply rate in the precision this run trains in, sampled after every epoch in this process
+    # (its threads, the same minutes of the VM): the share of it is then taken run by run, paired
+    ref = (("bf16", 512) if r["precision"] == "bf16-mixed" else ("fp32", 2048)) if b.runtime.device.type == "cpu" else None
+    epoch_s, acc, ref_gflops = [], [], []
     for _ in range(epochs):
         t = time.perf_counter()
         train_one_epoch(b.model, b.data.train, b.optimizer, b.schedule, b.runtime)
         synchronize(b.runtime.device)
         epoch_s.append(time.perf_counter() - t)
         acc.append(evaluate(b.model, b.data.test, b.runtime, prefix="")["accuracy"])
-    r = b.runtime.describe()
+        if ref:
+            ref_gflops.append(matmul_gflops(*ref, repeats=REF_REPEATS[ref[0]], warmup_s=0.01))
     return {"epoch_s": epoch_s, "test_acc": acc, "n_train": b.data.train.num_samples,
+            **({"ref": {"precision": ref[0], "n": ref[1], "gflops": ref_gflops}} if ref else {}),
             "settings": f"threads {r['threads']}, channels_last {r['channels_last']}, precision {r['precision']}, "
                         f"fused {r['fused']}, native {r.get('native')}, reuse_memory {r['reuse_memory']}"}
 
@@ -382,6 +389,31 @@ def _fmt_s(x: float | None) -> str:
     return "not reached" if x is None else f"{x:.1f} s"
 
 
+def paired_shares(runs: list[dict], flops: float) -> list[tuple[float, float]]:
+    """Per cnnlab run with reference samples: (the share of the matrix-multiply rate its steady epochs reached, that
+    rate in GFLOP/s) — each epoch's images/s against the product sampled right after it, then the median over the
+    epochs after the first. Runs from before the samples were recorded have none."""
+    out = []
+    for r in runs:
+        if not r.get("ref"):
+            continue
+        share = [flops * r["n_train"] / s / (g * 1e9) for s, g in zip(r["epoch_s"], r["ref"]["gflops"])]
+        out.append((steady_median(share), steady_median(r["ref"]["gflops"])))
+    return out
+
+
+def _paired_share(runs: list[dict], flops: float) -> str:
+    pairs = paired_shares(runs, flops)
+    if not pairs:
+        return ""
+    ref = runs[0]["ref"]
+    shares, rates = [p[0] for p in pairs], [p[1] for p in pairs]
+    return (f"Paired, run by run (each epoch against a {ref['n']}² {ref['precision']} product timed in the same process "
+            f"right after it, then the median over the epochs after the first): **{_spread(shares, '.0%')}** of "
+            f"the rate, which itself read {_spread(rates, ',.0f')} GFLOP/s over the {len(pairs)} runs"
+            f" — {sum(x >= 0.5 for x in shares)} of {len(shares)} runs at 50 % or more. ")
+
+
 def markdown(res: dict) -> str:
     m, reps = res["machine"], res["repeats"]
     lines = [START, f"## Training throughput against Keras, a plain PyTorch loop and Lightning (issues 4, 14) — {res['machine'].get('capability', capability())}", "",
@@ -442,9 +474,10 @@ def markdown(res: dict) -> str:
         rate = bf16 if used == "bf16" else fp32  # the precision cnnlab trained in
         lines.append(f"- {TASKS[task]['model']}: {flops / 1e6:.1f} MFLOP per training image (forward + backward, "
                      f"counted by torch's FlopCounterMode) × {ips:,.0f} images/s = {flops * ips / 1e9:.1f} GFLOP/s, "
-                     f"{flops * ips / 1e9 / rate:.0%} of the {used} matrix-multiply rate"
+                     f"{flops * ips / 1e9 / rate:.0%} of the {used} matrix-multiply rate above"
                      + (f" (the precision it trained in; {flops * ips / 1e9 / fp32:.0%} of fp32's)" if used != "fp32" else "")
-                     + ". The ceiling for these small layers is memory "
+                     + ". " + _paired_share(res["runs"][task]["cnnlab"], flops)
+                     + "The ceiling for these small layers is memory "
                      "traffic and per-op overhead (batch norm, pooling, ReLU and their backward passes touch every "
                      "activation), not arithmetic.")
     lines += ["", END]
