@@ -29,14 +29,13 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import machine, machine_line, markers, matmul_gflops, publish  # noqa: E402
+from bench_common import MATMUL_N, machine, machine_line, markers, matmul_gflops, publish  # noqa: E402
 
 START, END = markers("backbone-bench")  # a section per CPU kind
 ROOT = Path(__file__).resolve().parents[1]
 FLOWERS = ROOT.parent / "shared" / "data" / "flowers12"
 
 
-FP32_N, BF16_N = 2048, 512  # the matrix products whose rate each row is set against (as train_bench's)
 TIMED_ANYWAY = ("resnet18", "resnet50")  # issue 14's other backbones, timed with or without weights
 
 
@@ -74,7 +73,7 @@ def throughput(name: str, repeats: int, batch: int = 32) -> dict:
 
     with torch.no_grad(), FlopCounterMode(display=False) as fc:
         backbone(norm(x[:1]))
-    rates = {"fp32": [matmul_gflops("fp32", FP32_N)], "bf16": [matmul_gflops("bf16", BF16_N)]}
+    rates = {"fp32": [matmul_gflops("fp32")], "bf16": [matmul_gflops("bf16")]}
     out = {"model": name, "size": size, "weights": weights, "flops": fc.get_total_flops(), "rates": rates,
            "plain": timed(plain)}
     backbone.to(memory_format=torch.channels_last)
@@ -93,8 +92,8 @@ def throughput(name: str, repeats: int, batch: int = 32) -> dict:
             os.environ.pop("CNNLAB_CACHE") if saved is None else os.environ.update(CNNLAB_CACHE=saved)
     out["onnxruntime"] = timed(lambda: compute_features(backbone, loader, runtime, engine))
     backbone.to(memory_format=torch.contiguous_format)
-    rates["fp32"].append(matmul_gflops("fp32", FP32_N))
-    rates["bf16"].append(matmul_gflops("bf16", BF16_N))
+    rates["fp32"].append(matmul_gflops("fp32"))
+    rates["bf16"].append(matmul_gflops("bf16"))
     return out
 
 
@@ -131,7 +130,7 @@ def render(m: dict, rows: list[dict], head: dict | None, repeats: int) -> str:
              "into an empty cache, in brackets — and run by ONNX Runtime's CPU kernels). *best's share*: the "
              "fastest cnnlab engine's GFLOP/s (the forward's FLOPs per image, counted by torch's "
              "FlopCounterMode, × its images/s) against the matrix-multiply rate in its precision: the mean of "
-             f"a {FP32_N}² fp32 product's (or a {BF16_N}² bf16 one's) GFLOP/s measured right before and after "
+             f"a {MATMUL_N['fp32']}² fp32 product's (or a {MATMUL_N['bf16']}² bf16 one's) GFLOP/s measured right before and after "
              "the row, in brackets (a shared VM's speed drifts within minutes). Above 100 %: torch's matrix "
              "multiply is not the CPU's limit.", "",
              "| backbone | input | GFLOP / image | plain NCHW fp32 | cnnlab fp32, torch | cnnlab bf16-mixed, torch | "

@@ -119,13 +119,18 @@ def median_ms(fn, repeats: int, warmup: int = 1) -> float:
     return statistics.median(times) * 1000
 
 
-def matmul_gflops(dtype_name: str = "fp32", n: int = 2048, repeats: int = 5, warmup_s: float = 0.3) -> float:
-    """The machine's n×n matrix-multiply rate (torch.mm, its threads) in GFLOP/s: median of `repeats` calls after
-    `warmup_s` seconds of them (at least one). In a fresh process one warm-up call was not enough: a 512² bf16
+# the square products whose rate the benches set training and inference against, per precision
+MATMUL_N = {"fp32": 2048, "bf16": 512}
+
+
+def matmul_gflops(dtype_name: str = "fp32", n: int | None = None, repeats: int = 5, warmup_s: float = 0.3) -> float:
+    """The machine's n×n (default MATMUL_N) matrix-multiply rate (torch.mm, its threads) in GFLOP/s: median of
+    `repeats` calls after `warmup_s` seconds of them (at least one). In a fresh process one warm-up call was not enough: a 512² bf16
     product read 278 GFLOP/s there and ~400 in the same minute after training had run (Zen 4, 2026-12-07)."""
     import torch
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    n = n or MATMUL_N[dtype_name]
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     t = time.perf_counter()
     while True:
