@@ -42,7 +42,7 @@ bench-folder: $(STAMP)
 	$(BIN)/python benchmarks/folder_bench.py $(BENCH_DIR) --n 100000 --repeats 3 --write BENCHMARKS.md
 
 bench-switches: $(STAMP)
-	$(BIN)/python benchmarks/switches_bench.py --profile --write BENCHMARKS.md
+	$(BIN)/python benchmarks/switches_bench.py --rounds 3 --profile --write BENCHMARKS.md
 
 bench-backbone: $(STAMP)
 	$(BIN)/python benchmarks/backbone_bench.py --repeats 5 --runs 3 --write BENCHMARKS.md

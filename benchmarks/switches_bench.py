@@ -1,10 +1,12 @@
 """The fast-path switches, measured: fused kernels, kept memory, channels-last, bf16-mixed, torch.compile.
 
-    python benchmarks/switches_bench.py --profile --write BENCHMARKS.md   # what `make bench` runs
-    python benchmarks/switches_bench.py --nets "harahap-cnn 28×28×1"      # one net, table only
+    python benchmarks/switches_bench.py --rounds 3 --profile --write BENCHMARKS.md   # what `make bench` runs
+    python benchmarks/switches_bench.py --nets "harahap-cnn 28×28×1"      # one net, one round, table only
 
 Each row trains a few epochs with cnnlab's own loop (`cnnlab.experiment.build_experiment` + `train_one_epoch`) in
-a fresh process and reports the median epoch after the first (which pays for warm-up / compiling).
+a fresh process and reports the median epoch after the first (which pays for warm-up / compiling). With
+--rounds N every net's rows run N times, round by round (so a slow minute of the machine falls on one round of
+each row, not on one row), and the table gives each row's median over the rounds with their range.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -43,6 +46,58 @@ SWITCHES = {  # "default": cnnlab's CPU defaults (precision by the CPU's capabil
 }
 
 
+PHASES = ("data", "forward", "loss and the rest", "backward", "gradient-norm check", "optimiser step")
+
+
+def phase_times(b) -> dict[str, float]:
+    """Seconds per training step in each phase of one epoch of cnnlab's loop, timed around the calls without a
+    profiler (on the CPU every op has finished when its call returns): the next batch (drawn, normalised,
+    augmented), the model's forward, its backward, the per-step gradient-norm check and the optimiser's step; the
+    rest of the step (the loss, zeroing gradients, the schedule, the epoch's sums, Python) is what is left of
+    the epoch's wall time. torch's profiler charges some small ops with time spent elsewhere (a 0.14 ms cast
+    read ~2 ms a step in it on the Zen 4): these are the honest totals to read its table against."""
+    import torch
+
+    from cnnlab.training.loop import train_one_epoch
+
+    spent = dict.fromkeys(PHASES, 0.0)
+
+    def timed(phase, f):
+        def call(*args, **kwargs):
+            t = time.perf_counter()
+            try:
+                return f(*args, **kwargs)
+            finally:
+                spent[phase] += time.perf_counter() - t
+        return call
+
+    def batches(order, start=0, _iterate=b.data.train.iterate):
+        it = _iterate(order, start)
+        while True:
+            t = time.perf_counter()
+            item = next(it, None)
+            spent["data"] += time.perf_counter() - t
+            if item is None:
+                return
+            yield item
+
+    loader, model, precision = b.data.train, b.model, b.runtime.precision
+    norm = torch.nn.utils.get_total_norm
+    loader.iterate, model.forward = batches, timed("forward", model.forward)
+    precision.backward, precision.step = timed("backward", precision.backward), timed("optimiser step", precision.step)
+    torch.nn.utils.get_total_norm = timed("gradient-norm check", norm)
+    try:
+        t = time.perf_counter()
+        train_one_epoch(model, loader, b.optimizer, b.schedule, b.runtime)
+        total = time.perf_counter() - t
+    finally:
+        for obj, name in ((loader, "iterate"), (model, "forward"), (precision, "backward"), (precision, "step")):
+            delattr(obj, name)  # the instance attributes go; the class's methods are back
+        torch.nn.utils.get_total_norm = norm
+    spent["loss and the rest"] = total - sum(spent.values())
+    return {phase: v / len(loader) for phase, v in spent.items()}
+
+
 def measure(args: list[str], epochs: int, profile: bool) -> dict:
     from cnnlab.experiment import build_experiment
     from cnnlab.config import load_config
@@ -66,6 +121,7 @@ def measure(args: list[str], epochs: int, profile: bool) -> dict:
             train_one_epoch(b.model, b.data.train, b.optimizer, b.schedule, b.runtime)
         out["profile"] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
         out["steps"] = len(b.data.train)
+        out["phases"] = phase_times(b)
     return out
 
 
@@ -83,6 +139,7 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=3, help="epochs per row (default 3; the first is not counted)")
     p.add_argument("--nets", default=",".join(NETS), help="comma-separated, of: " + ", ".join(NETS))
     p.add_argument("--profile", action="store_true", help="also profile one epoch of each net (the CPU default)")
+    p.add_argument("--rounds", type=int, default=1, help="runs of every row, round by round (default 1)")
     p.add_argument("--write", help="put the Markdown section into this file (e.g. BENCHMARKS.md)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -98,9 +155,12 @@ def main() -> None:
         return json.loads(proc.stdout.strip().splitlines()[-1])
 
     lines = [START, f"## The fast-path switches (issue 4) — {machine()['capability']}", "",
-             f"`python benchmarks/switches_bench.py{' --profile' if a.profile else ''}` — cnnlab's own loop, each row "
-             f"a fresh process, median of epochs 2–{a.epochs}, measured {time.strftime('%Y-%m-%d')} on "
-             f"{machine_line(machine())} (single runs: ±10 % between runs is usual on a shared machine). "
+             f"`python benchmarks/switches_bench.py{f' --rounds {a.rounds}' if a.rounds > 1 else ''}"
+             f"{' --profile' if a.profile else ''}` — cnnlab's own loop, each row a fresh process, median of epochs "
+             f"2–{a.epochs}, measured {time.strftime('%Y-%m-%d')} on {machine_line(machine())} "
+             + (f"(each row's median over {a.rounds} rounds of all the net's rows, the rounds' range in brackets). "
+                if a.rounds > 1 else "(single runs: ±10–30 % between runs on a shared machine). ")
+             + 
              f"The CPU default is {default_precision()}, channels-last, fused kernels (the optimiser's fused step; the papers' "
              "ReLU → batch norm → max-pool and ReLU → max-pool as one function each, `cnnlab/models/fused.py`, through "
              "cnnlab's native C kernels where they build, `cnnlab/models/native.py`) and freed memory kept in "
@@ -109,18 +169,31 @@ def main() -> None:
              "| net | setting | epoch (s) | images/s | vs the default | page faults / step |",
              "|---|---|---:|---:|---:|---:|"]
     for net in a.nets.split(","):
+        rows: dict[str, list[dict]] = {name: [] for name in SWITCHES}
+        for i in range(a.rounds):
+            for name, switch in SWITCHES.items():
+                rows[name].append(run(NETS[net] + switch))
+                r = rows[name][-1]
+                print(f"[{i + 1}/{a.rounds}] {net} | {name}: {r['images'] / steady_median(r['epoch_s']):,.0f} images/s",
+                      file=sys.stderr, flush=True)
         base = None
-        for name, switch in SWITCHES.items():
-            r = run(NETS[net] + switch)
-            epoch, faults = steady_median(r["epoch_s"]), steady_median(r["faults_per_step"])
-            base = base or r["images"] / epoch
-            lines.append(f"| {net} | {name} | {epoch:.2f} | {r['images'] / epoch:,.0f} | "
-                         f"{r['images'] / epoch / base:.2f}× | {faults:,.0f} |")
-            print(lines[-1], file=sys.stderr, flush=True)
+        for name, rs in rows.items():
+            epochs = [steady_median(r["epoch_s"]) for r in rs]
+            ips = [r["images"] / e for r, e in zip(rs, epochs)]
+            faults = statistics.median(steady_median(r["faults_per_step"]) for r in rs)
+            base = base or statistics.median(ips)
+            spread = f" ({min(ips):,.0f}–{max(ips):,.0f})" if len(ips) > 1 else ""
+            lines.append(f"| {net} | {name} | {statistics.median(epochs):.2f} | {statistics.median(ips):,.0f}{spread} | "
+                         f"{statistics.median(ips) / base:.2f}× | {faults:,.0f} |")
     for net in a.nets.split(",") if a.profile else []:
         r = run(NETS[net], profile=True)
-        lines += ["", f"Where one epoch of {net} (the CPU default, {r['steps']} steps) spends its time:", "",
-                  "```", r["profile"].strip("\n"), "```"]
+        step = sum(r["phases"].values())
+        lines += ["", f"Where a training step of {net} (the CPU default) goes, timed around the calls without a "
+                  f"profiler over one epoch of {r['steps']} steps (`phase_times`): {step * 1e3:.2f} ms a step", "",
+                  "| phase | ms a step | share |", "|---|---:|---:|"]
+        lines += [f"| {k} | {v * 1e3:.2f} | {v / step:.0%} |" for k, v in r["phases"].items()]
+        lines += ["", f"And one epoch under torch's profiler (the same net; self CPU time per op, which for small "
+                  f"ops can include time spent elsewhere):", "", "```", r["profile"].strip("\n"), "```"]
     publish("\n".join(lines + ["", END]) + "\n", a.write, START, END)
 
 
