@@ -160,7 +160,7 @@ def main() -> None:
              f"2–{a.epochs}, measured {time.strftime('%Y-%m-%d')} on {machine_line(machine())} "
              + (f"(each row's median over {a.rounds} rounds of all the net's rows, the rounds' range in brackets). "
                 if a.rounds > 1 else "(single runs: ±10–30 % between runs on a shared machine). ")
-             + 
+             +
              f"The CPU default is {default_precision()}, channels-last, fused kernels (the optimiser's fused step; the papers' "
              "ReLU → batch norm → max-pool and ReLU → max-pool as one function each, `cnnlab/models/fused.py`, through "
              "cnnlab's native C kernels where they build, `cnnlab/models/native.py`) and freed memory kept in "
