@@ -54,8 +54,9 @@ def phase_times(b) -> dict[str, float]:
     profiler (on the CPU every op has finished when its call returns): the next batch (drawn, normalised,
     augmented), the model's forward, its backward, the per-step gradient-norm check and the optimiser's step; the
     rest of the step (the loss, zeroing gradients, the schedule, the epoch's sums, Python) is what is left of
-    the epoch's wall time. torch's profiler charges some small ops with time spent elsewhere (a 0.14 ms cast
-    read ~2 ms a step in it on the Zen 4): these are the honest totals to read its table against."""
+    the epoch's wall time. torch's profiler charges some small ops with time spent elsewhere (on the Zen 4 it
+    put much of a step on a weight gradient's cast whose removal changed nothing measurable): these are the honest
+    totals to read its table against."""
     import torch
 
     from cnnlab.training.loop import train_one_epoch
