@@ -15,12 +15,11 @@ import argparse
 import json
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from bench_common import machine, machine_line, markers, publish, steady_median  # benchmarks/ is on sys.path
+from bench_common import machine, machine_line, markers, publish, spawn, steady_median  # benchmarks/ is on sys.path
 
 START, END = markers("switches-bench")  # a section per CPU kind
 ROOT = Path(__file__).resolve().parent.parent
@@ -57,11 +56,16 @@ def phase_times(b) -> dict[str, float]:
     the epoch's wall time. torch's profiler charges some small ops with time spent elsewhere (on the Zen 4 it
     put much of a step on a weight gradient's cast whose removal changed nothing measurable): these are the honest
     totals to read its table against."""
+    from contextlib import ExitStack
+    from unittest import mock
+
     import torch
 
     from cnnlab.training.loop import train_one_epoch
 
     spent = dict.fromkeys(PHASES, 0.0)
+    loader, model, precision = b.data.train, b.model, b.runtime.precision
+    iterate = loader.iterate
 
     def timed(phase, f):
         def call(*args, **kwargs):
@@ -72,8 +76,8 @@ def phase_times(b) -> dict[str, float]:
                 spent[phase] += time.perf_counter() - t
         return call
 
-    def batches(order, start=0, _iterate=b.data.train.iterate):
-        it = _iterate(order, start)
+    def batches(order, start=0):
+        it = iterate(order, start)
         while True:
             t = time.perf_counter()
             item = next(it, None)
@@ -82,19 +86,19 @@ def phase_times(b) -> dict[str, float]:
                 return
             yield item
 
-    loader, model, precision = b.data.train, b.model, b.runtime.precision
-    norm = torch.nn.utils.get_total_norm
-    loader.iterate, model.forward = batches, timed("forward", model.forward)
-    precision.backward, precision.step = timed("backward", precision.backward), timed("optimiser step", precision.step)
-    torch.nn.utils.get_total_norm = timed("gradient-norm check", norm)
-    try:
+    with ExitStack() as patches:  # every wrapper undone on the way out, however it ends
+        for obj, name, new in ((loader, "iterate", batches), (model, "forward", timed("forward", model.forward)),
+                               (precision, "backward", timed("backward", precision.backward)),
+                               (precision, "step", timed("optimiser step", precision.step)),
+                               (torch.nn.utils, "get_total_norm",
+                                timed("gradient-norm check", torch.nn.utils.get_total_norm))):
+            patches.enter_context(mock.patch.object(obj, name, new))
         t = time.perf_counter()
         train_one_epoch(model, loader, b.optimizer, b.schedule, b.runtime)
         total = time.perf_counter() - t
-    finally:
-        for obj, name in ((loader, "iterate"), (model, "forward"), (precision, "backward"), (precision, "step")):
-            delattr(obj, name)  # the instance attributes go; the class's methods are back
-        torch.nn.utils.get_total_norm = norm
+    missed = [k for k, v in spent.items() if k != "loss and the rest" and v == 0.0]
+    if missed:  # the loop no longer calls what is wrapped: its time would hide in "the rest"
+        raise RuntimeError(f"phase_times: nothing timed for {missed}; has training/loop.py changed its calls?")
     spent["loss and the rest"] = total - sum(spent.values())
     return {phase: v / len(loader) for phase, v in spent.items()}
 
@@ -148,12 +152,12 @@ def main() -> None:
         print(json.dumps(measure(json.loads(a.worker), a.epochs, a.profile)))
         return
 
+    if a.rounds < 1:
+        raise SystemExit("--rounds must be at least 1")
+
     def run(args: list[str], profile: bool = False) -> dict:
-        cmd = [sys.executable, __file__, "--worker", json.dumps(args), "--epochs", str(a.epochs)]
-        proc = subprocess.run(cmd + (["--profile"] if profile else []), capture_output=True, text=True, cwd=ROOT)
-        if proc.returncode:
-            raise SystemExit(proc.stderr[-3000:])
-        return json.loads(proc.stdout.strip().splitlines()[-1])
+        return spawn(__file__, ["--worker", json.dumps(args), "--epochs", str(a.epochs)]
+                     + (["--profile"] if profile else []), ROOT)
 
     lines = [START, f"## The fast-path switches (issue 4) — {machine()['capability']}", "",
              f"`python benchmarks/switches_bench.py{f' --rounds {a.rounds}' if a.rounds > 1 else ''}"
@@ -177,15 +181,14 @@ def main() -> None:
                 r = rows[name][-1]
                 print(f"[{i + 1}/{a.rounds}] {net} | {name}: {r['images'] / steady_median(r['epoch_s']):,.0f} images/s",
                       file=sys.stderr, flush=True)
-        base = None
+        ips = {name: [r["images"] / steady_median(r["epoch_s"]) for r in rs] for name, rs in rows.items()}
+        base = statistics.median(ips["the CPU default"])
         for name, rs in rows.items():
-            epochs = [steady_median(r["epoch_s"]) for r in rs]
-            ips = [r["images"] / e for r, e in zip(rs, epochs)]
+            med, images = statistics.median(ips[name]), rs[0]["images"]
             faults = statistics.median(steady_median(r["faults_per_step"]) for r in rs)
-            base = base or statistics.median(ips)
-            spread = f" ({min(ips):,.0f}–{max(ips):,.0f})" if len(ips) > 1 else ""
-            lines.append(f"| {net} | {name} | {statistics.median(epochs):.2f} | {statistics.median(ips):,.0f}{spread} | "
-                         f"{statistics.median(ips) / base:.2f}× | {faults:,.0f} |")
+            spread = f" ({min(ips[name]):,.0f}–{max(ips[name]):,.0f})" if len(rs) > 1 else ""
+            lines.append(f"| {net} | {name} | {images / med:.2f} | {med:,.0f}{spread} | {med / base:.2f}× | "
+                         f"{faults:,.0f} |")
     for net in a.nets.split(",") if a.profile else []:
         r = run(NETS[net], profile=True)
         step = sum(r["phases"].values())

@@ -417,13 +417,25 @@ def _paired_share(runs: list[dict], flops: float) -> str:
             f" — {sum(x >= MATRIX_TARGET for x in shares)} of {len(shares)} runs at {MATRIX_TARGET:.0%} or more. ")
 
 
+def _ref_memory_note(res: dict) -> str:
+    """What the matrix-product samples add to cnnlab's peak RSS (its worker times them between epochs)."""
+    refs = {(r["ref"]["precision"], r["ref"]["n"]) for runs in res["runs"].values() for r in runs.get("cnnlab", [])
+            if r.get("ref")}
+    if not refs:
+        return ""
+    mib = {f"{n}² {p}": 3 * n * n * (4 if p == "fp32" else 2) / 2 ** 20 for p, n in sorted(refs)}
+    return (" cnnlab's peak RSS includes the matrix-product samples timed in its process (three "
+            + " or ".join(f"{k} tensors, {v:.1f} MiB" for k, v in mib.items()) + ").")
+
+
 def markdown(res: dict) -> str:
     m, reps = res["machine"], res["repeats"]
     lines = [START, f"## Training throughput against Keras, a plain PyTorch loop and Lightning (issues 4, 14) — {res['machine'].get('capability', capability())}", "",
              f"`{res['command']}` — measured {res['date']}.", "",
              f"Machine: {machine_line(m)}; no GPU. "
              f"Medians of {reps} runs per tool (each a fresh process, tools interleaved), the runs' range in "
-             "brackets; ratios are taken within each run, then their median.", ""]
+             "brackets; ratios are taken within each run, then their median."
+             + _ref_memory_note(res), ""]
     for task in res["tasks"]:
         t = TASKS[task]
         runs = res["runs"][task]
