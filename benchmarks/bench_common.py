@@ -72,6 +72,12 @@ def steady_median(per_epoch: list[float]) -> float:
     return statistics.median(per_epoch[1:] or per_epoch)
 
 
+def spread(values: list[float], fmt: str, unit: str = "") -> str:
+    """The median with `unit`, then the range when there are several values: '3.58× (2.39–3.91)'."""
+    med = format(statistics.median(values), fmt) + unit
+    return med if len(values) < 2 else f"{med} ({format(min(values), fmt)}–{format(max(values), fmt)})"
+
+
 def machine_line(m: dict) -> str:
     return (f"{m['cpu']} ({m.get('capability', 'capability not recorded')}), {m['cores']} cores, {m['ram_gib']} GiB "
             f"RAM; {m['os']}; Python {m['python']}, "

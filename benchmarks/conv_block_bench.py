@@ -125,21 +125,21 @@ def loop(rounds: int) -> dict:
     return r
 
 
-def switched_table(d: dict, n: int, rounds: int, pays: bool, decision: str, what: str, words: tuple) -> list[str]:
-    """The Markdown lines for a switch measured in the loop with the one-pass backward on: `d` its epoch seconds
-    {True: on, False: off}, `pays` whether on is the CPU's default (native.`decision`); `words`: the on and off
-    rows' names, the ratio sentence's subject, and "They are" / "It is"."""
+def switched_table(d: dict, n: int, intro: str, pays: bool, decision: str, cpu: str, words: tuple) -> list[str]:
+    """The Markdown lines for a switch measured in cnnlab's loop: `d` its epoch seconds {True: on, False: off} from
+    `switched_epochs`, `intro` the sentence before the table, `pays` whether on is the default on this CPU (`cpu`, its
+    capability) by native.`decision`; `words`: the on and off rows' names, the ratio sentence's subject, and
+    "They are" / "It is"."""
     on, off, subject, verb = words
     w = sorted(o / q for o, q in zip(d[False], d[True]))
     mark = {True: " (the default)" if pays else "", False: "" if pays else " (the default)"}
     not_ = "" if pays else " not"
-    return ["", f"The same loop with the one-pass backward, {what}, {rounds} rounds interleaved:", "",
-            "| path | images/s (median epoch) |", "|---|---:|",
+    return ["", intro, "", "| path | images/s (median epoch) |", "|---|---:|",
             f"| {on}{mark[True]} | {n / statistics.median(d[True]):,.0f} |",
             f"| {off}{mark[False]} | {n / statistics.median(d[False]):,.0f} |", "",
             f"Within each round {subject} **{statistics.median(w):.2f}×** (range {w[0]:.2f}–{w[-1]:.2f}×) as fast "
             "(the epochs' medians above are not paired and move with the VM's speed between rounds). "
-            f"{verb}{not_} the default on this CPU (AVX-512 BF16 without AMX: `native.{decision}`)."]
+            f"{verb}{not_} the default on this CPU ({cpu}: `native.{decision}`)."]
 
 
 def main() -> None:
@@ -149,10 +149,7 @@ def main() -> None:
 
     a, m, r, k = measure(__doc__, loop, kernels)
     dtype = r["dtype"]
-    s, n = r["seconds"], r["images"]
-    v = sorted(o / d for o, d in zip(s[False], s[True]))
-    pays = stem_pays()
-    default = {True: " (the default)" if pays else "", False: "" if pays else " (the default)"}
+    n, cpu = r["images"], m["capability"]
     lines = [START, f"## The first paper's conv block: the forward in one pass, the convolution's weight gradient "
                     f"from the block's gradient (issue 14) — {m['capability']}",
              "", f"`python benchmarks/conv_block_bench.py --rounds {a.rounds} --repeats {a.repeats}` — measured "
@@ -168,21 +165,16 @@ def main() -> None:
     if "native backward, dot products" in k:
         lines.append(f"| pool_backward_wgrad, the products in bf16 dot products (two positions each) "
                      f"| {k['native backward, dot products']:.2f} |")
-    lines += [
-             "", f"cnnlab's training loop on the first paper's net (animal-shapes, 28×28×1, batch 128, the CPU "
-             f"defaults: {r['precision']}; augmentation off), {a.rounds} rounds of one epoch per path, interleaved "
-             "in one process:", "",
-             "| path | images/s (median epoch) |", "|---|---:|",
-             f"| the one-pass backward{default[True]} | {n / statistics.median(s[True]):,.0f} |",
-             f"| the convolution as a module, then the native block{default[False]} | "
-             f"{n / statistics.median(s[False]):,.0f} |", "",
-             f"Within each round the one-pass backward was **{statistics.median(v):.2f}×** (range {v[0]:.2f}–"
-             f"{v[-1]:.2f}×) as fast as without it (the median over the rounds). "
-             + ("It is the default on this CPU (AVX2 or AVX-512: `native.stem_pays`)." if pays else
-                "Without AVX2 or AVX-512 it is not the default (`native.stem_pays`).")]
+    again = f"The same loop with the one-pass backward, {{}}, {a.rounds} rounds interleaved:"
+    lines += switched_table(r["seconds"], n, f"cnnlab's training loop on the first paper's net (animal-shapes, 28×28×1, batch "
+                                  f"128, the CPU defaults: {r['precision']}; augmentation off), {a.rounds} rounds of "
+                                  "one epoch per path, interleaved in one process:", stem_pays(), "stem_pays", cpu,
+                            ("the one-pass backward", "the convolution as a module, then the native block",
+                             "the one-pass backward was", "It is"))
     if "dot" in r:
-        lines += switched_table(r["dot"]["seconds"], n, a.rounds, wgrad_dot_pays(), "wgrad_dot_pays",
-                                "its products in bf16 dot products against float32 FMAs",
+        lines += switched_table(r["dot"]["seconds"], n,
+                                again.format("its products in bf16 dot products against float32 FMAs"),
+                                wgrad_dot_pays(), "wgrad_dot_pays", cpu,
                                 ("bf16 dot products", "float32 FMAs", "the dot products were", "They are"))
     if "torch forward" in k:
         lines += ["", f"The block's forward alone, batch 128 at 28×28×1, bf16 under autocast (median of {a.repeats} "
@@ -193,8 +185,9 @@ def main() -> None:
                   f"| conv_pool_stats: all of it in one pass of bf16 dot products, y written once "
                   f"| {k['one-pass forward']:.2f} |"]
     if "one_pass" in r:
-        lines += switched_table(r["one_pass"]["seconds"], n, a.rounds, conv_pool_stats_pays(), "conv_pool_stats_pays",
-                                "the forward in one pass against torch's convolution + pool_stats",
+        lines += switched_table(r["one_pass"]["seconds"], n,
+                                again.format("the forward in one pass against torch's convolution + pool_stats"),
+                                conv_pool_stats_pays(), "conv_pool_stats_pays", cpu,
                                 ("one-pass forward", "torch's convolution + pool_stats", "the one-pass forward was",
                                  "It is"))
     lines += ["", END]

@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench_common import machine, machine_line, markers, publish, spawn, steady_median  # benchmarks/ is on sys.path
+from bench_common import machine, machine_line, markers, publish, spawn, spread, steady_median  # benchmarks/ is on sys.path
 
 START, END = markers("switches-bench")  # a section per CPU kind
 ROOT = Path(__file__).resolve().parent.parent
@@ -163,7 +163,9 @@ def main() -> None:
              f"`python benchmarks/switches_bench.py{f' --rounds {a.rounds}' if a.rounds > 1 else ''}"
              f"{' --profile' if a.profile else ''}` — cnnlab's own loop, each row a fresh process, median of epochs "
              f"2–{a.epochs}, measured {time.strftime('%Y-%m-%d')} on {machine_line(machine())} "
-             + (f"(each row's median over {a.rounds} rounds of all the net's rows, the rounds' range in brackets). "
+             + (f"(each row's median over {a.rounds} rounds of all the net's rows, the rows' order reversed every "
+                "other round, the rounds' range in brackets; 'vs the default' is the median of the ratios to the "
+                "default taken within each round, so a slower round of the machine falls on both). "
                 if a.rounds > 1 else "(single runs: ±10–30 % between runs on a shared machine). ")
              +
              f"The CPU default is {default_precision()}, channels-last, fused kernels (the optimiser's fused step; the papers' "
@@ -176,19 +178,20 @@ def main() -> None:
     for net in a.nets.split(","):
         rows: dict[str, list[dict]] = {name: [] for name in SWITCHES}
         for i in range(a.rounds):
-            for name, switch in SWITCHES.items():
-                rows[name].append(run(NETS[net] + switch))
+            order = list(SWITCHES) if i % 2 == 0 else list(reversed(SWITCHES))
+            for name in order:
+                rows[name].append(run(NETS[net] + SWITCHES[name]))
                 r = rows[name][-1]
                 print(f"[{i + 1}/{a.rounds}] {net} | {name}: {r['images'] / steady_median(r['epoch_s']):,.0f} images/s",
                       file=sys.stderr, flush=True)
         ips = {name: [r["images"] / steady_median(r["epoch_s"]) for r in rs] for name, rs in rows.items()}
-        base = statistics.median(ips["the CPU default"])
+        base = ips["the CPU default"]
         for name, rs in rows.items():
             med, images = statistics.median(ips[name]), rs[0]["images"]
             faults = statistics.median(steady_median(r["faults_per_step"]) for r in rs)
-            spread = f" ({min(ips[name]):,.0f}–{max(ips[name]):,.0f})" if len(rs) > 1 else ""
-            lines.append(f"| {net} | {name} | {images / med:.2f} | {med:,.0f}{spread} | {med / base:.2f}× | "
-                         f"{faults:,.0f} |")
+            ratios = [x / d for x, d in zip(ips[name], base)]  # within each round
+            lines.append(f"| {net} | {name} | {images / med:.2f} | {spread(ips[name], ',.0f')} | "
+                         f"{'1.00×' if name == 'the CPU default' else spread(ratios, '.2f', '×')} | {faults:,.0f} |")
     for net in a.nets.split(",") if a.profile else []:
         r = run(NETS[net], profile=True)
         step = sum(r["phases"].values())

@@ -45,7 +45,7 @@ from pathlib import Path
 
 from cnnlab.hardware import capability  # noqa: E402
 from bench_common import (MATMUL_N, machine, machine_line, markers, matmul_gflops, peak_rss_mb, publish, spawn,  # on sys.path
-                          steady_median, synchronize)
+                          spread, steady_median, synchronize)
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -382,12 +382,6 @@ def throughput(r: dict) -> float:
     return r["n_train"] / steady_median(r["epoch_s"])
 
 
-def _spread(values: list[float], fmt: str) -> str:
-    """The median, then the runs' range when there are several: '3.58× (2.39–3.91)'."""
-    med = format(statistics.median(values), fmt)
-    return med if len(values) < 2 else f"{med} ({format(min(values), fmt)}–{format(max(values), fmt)})"
-
-
 def _fmt_s(x: float | None) -> str:
     return "not reached" if x is None else f"{x:.1f} s"
 
@@ -397,23 +391,20 @@ def share(flops: float, images_per_s: float, gflops: float) -> float:
     return flops * images_per_s / (gflops * 1e9)
 
 
-def paired_shares(runs: list[dict], flops: float) -> list[tuple[float, float]]:
-    """Per cnnlab run with reference samples: (the share of the matrix-multiply rate its steady epochs reached, that
-    rate in GFLOP/s) — each epoch's images/s against the product sampled after it (and the test evaluation), then
-    the median over the epochs after the first. Runs from before the samples were recorded have none."""
-    return [(steady_median([share(flops, r["n_train"] / s, g) for s, g in zip(r["epoch_s"], r["ref"]["gflops"])]),
-             steady_median(r["ref"]["gflops"])) for r in runs if r.get("ref")]
-
-
 def _paired_share(runs: list[dict], flops: float) -> str:
-    pairs = paired_shares(runs, flops)
-    if not pairs:
+    """The share of the matrix-multiply rate per cnnlab run with reference samples: each epoch's images/s against
+    the product sampled after it (and the test evaluation), then the median over the epochs after the first, with
+    that rate; runs from before the samples were recorded have none (then no text)."""
+    with_ref = [r for r in runs if r.get("ref")]
+    if not with_ref:
         return ""
-    ref = next(r["ref"] for r in runs if r.get("ref"))
-    shares, rates = [p[0] for p in pairs], [p[1] for p in pairs]
+    shares = [steady_median([share(flops, r["n_train"] / s, g) for s, g in zip(r["epoch_s"], r["ref"]["gflops"])])
+              for r in with_ref]
+    rates = [steady_median(r["ref"]["gflops"]) for r in with_ref]
+    ref = with_ref[0]["ref"]
     return (f"Paired, run by run (each epoch against a {ref['n']}² {ref['precision']} product timed in the same process "
-            f"after it, then the median over the epochs after the first): **{_spread(shares, '.0%')}** of "
-            f"the rate, which itself read {_spread(rates, ',.0f')} GFLOP/s over the {len(pairs)} runs"
+            f"after it, then the median over the epochs after the first): **{spread(shares, '.0%')}** of "
+            f"the rate, which itself read {spread(rates, ',.0f')} GFLOP/s over the {len(with_ref)} runs"
             f" — {sum(x >= MATRIX_TARGET for x in shares)} of {len(shares)} runs at {MATRIX_TARGET:.0%} or more. ")
 
 
@@ -453,8 +444,8 @@ def markdown(res: dict) -> str:
         for tool in tools:
             rs = runs[tool]
             ratio = [throughput(c) / throughput(r) for c, r in zip(runs["cnnlab"], rs)] if "cnnlab" in runs else []
-            row = (f"| {tool} | {_spread([throughput(r) for r in rs], ',.0f')} | "
-                   f"{'–' if tool == 'cnnlab' or not ratio else _spread(ratio, '.2f').replace(' (', '× (', 1)} |")
+            row = (f"| {tool} | {spread([throughput(r) for r in rs], ',.0f')} | "
+                   f"{'–' if tool == 'cnnlab' or not ratio else spread(ratio, '.2f', '×')} |")
             if task == "harahap":
                 tt = [time_to(TARGET, r) for r in rs]
                 reached = [x for x in tt if x is not None]
