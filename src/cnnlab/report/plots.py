@@ -16,6 +16,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import to_rgba
 from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 
 from ..display import escape_char, printable
 from ..fileio import replacing
@@ -294,7 +295,8 @@ def image_grid(images: list[np.ndarray], titles: list[str], correct: list[bool],
     """Images with "true / predicted (confidence)" titles, green frame and title when right, red when wrong.
     overlays: (H, W, 3) uint8 pictures drawn instead (each image under its Grad-CAM heatmap).
 
-    Laid out by hand (no layout engine): forty small axes under constrained layout cost seconds.
+    Laid out by hand in one axes whose units are inches, each image an extent in it: forty small axes cost
+    ~0.8 s to create and draw (two grids: about half of a run's figures), one axes with forty images ~0.1 s.
     """
     n = len(images)
     columns = max(1, min(columns, n))
@@ -304,22 +306,22 @@ def image_grid(images: list[np.ndarray], titles: list[str], correct: list[bool],
     with matplotlib.rc_context(_style()):
         fig = Figure(figsize=(width, height), dpi=DPI)
         FigureCanvasAgg(fig)
+        ax = fig.add_axes((0, 0, 1, 1))
+        ax.set_axis_off()
+        ax.set_xlim(0, width)
+        ax.set_ylim(0, height)
+        pad = 3 / 72 + 1.5 / 72  # set_title's 3-point pad above a 3-point frame's outer half
         for k, (img, text, ok) in enumerate(zip(images, titles, correct)):
             r, c = divmod(k, columns)
             left = 0.1 + c * cell_w + (cell_w - img_in) / 2
             bottom = height - head - (r + 1) * cell_h + 0.06
-            ax = fig.add_axes((left / width, bottom / height, img_in / width, img_in / height))
             data, cmap = (overlays[k], None) if overlays is not None else _to_display(img)
-            ax.imshow(data, cmap=cmap, vmin=0, vmax=255, interpolation="nearest", aspect="auto")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            ax.grid(False)
+            ax.imshow(data, cmap=cmap, vmin=0, vmax=255, interpolation="nearest", aspect="auto",
+                      extent=(left, left + img_in, bottom, bottom + img_in))
             colour = RIGHT if ok else WRONG
-            for s in ax.spines.values():
-                s.set_visible(True)
-                s.set_color(colour)
-                s.set_linewidth(3)
-            ax.set_title(text, fontsize=8.5, color=colour, fontweight="bold", pad=3)
+            ax.add_patch(Rectangle((left, bottom), img_in, img_in, fill=False, edgecolor=colour, linewidth=3))
+            ax.text(left + img_in / 2, bottom + img_in + pad, text, ha="center", va="baseline", fontsize=8.5,
+                    color=colour, fontweight="bold")
         if title:
             fig.text(0.5, 1 - 0.12 / height, title, ha="center", va="top", fontsize=11, fontweight="bold")
         path.parent.mkdir(parents=True, exist_ok=True)
