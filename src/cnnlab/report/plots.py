@@ -295,8 +295,8 @@ def image_grid(images: list[np.ndarray], titles: list[str], correct: list[bool],
     """Images with "true / predicted (confidence)" titles, green frame and title when right, red when wrong.
     overlays: (H, W, 3) uint8 pictures drawn instead (each image under its Grad-CAM heatmap).
 
-    Laid out by hand in one axes whose units are inches, each image an extent in it: forty small axes cost
-    ~0.8 s to create and draw (two grids: about half of a run's figures), one axes with forty images ~0.1 s.
+    Laid out by hand in one axes whose units are inches, each image an extent in it: a grid of forty images as
+    forty small axes took 0.57–0.64 s to draw and save, as one axes 0.19 s (medians of 7, AMD EPYC Zen 4).
     """
     n = len(images)
     columns = max(1, min(columns, n))
