@@ -78,6 +78,14 @@ def spread(values: list[float], fmt: str, unit: str = "") -> str:
     return med if len(values) < 2 else f"{med} ({format(min(values), fmt)}–{format(max(values), fmt)})"
 
 
+def round_ratio(slow: list[float], fast: list[float]) -> str:
+    """How many times as fast the `fast` path ran as the `slow` one, from their epoch seconds paired round by round
+    (`switched_epochs`): '**1.16×** (range 1.12–1.20×)', the median over the rounds; one round, no range."""
+    v = sorted(s / f for s, f in zip(slow, fast))
+    med = f"**{statistics.median(v):.2f}×**"
+    return med if len(v) < 2 else f"{med} (range {v[0]:.2f}–{v[-1]:.2f}×)"
+
+
 def machine_line(m: dict) -> str:
     return (f"{m['cpu']} ({m.get('capability', 'capability not recorded')}), {m['cores']} cores, {m['ram_gib']} GiB "
             f"RAM; {m['os']}; Python {m['python']}, "

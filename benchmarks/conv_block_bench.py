@@ -35,7 +35,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench_common import interleaved_median_ms, machine_line, markers, publish, switched_epochs  # on sys.path
+from bench_common import interleaved_median_ms, machine_line, markers, publish, round_ratio, switched_epochs  # on sys.path
 from stem_bench import measure
 
 START, END = markers("conv-block-bench")  # a section per CPU kind
@@ -131,13 +131,12 @@ def switched_table(d: dict, n: int, intro: str, pays: bool, decision: str, cpu: 
     capability) by native.`decision`; `words`: the on and off rows' names, the ratio sentence's subject, and
     "They are" / "It is"."""
     on, off, subject, verb = words
-    w = sorted(o / q for o, q in zip(d[False], d[True]))
     mark = {True: " (the default)" if pays else "", False: "" if pays else " (the default)"}
     not_ = "" if pays else " not"
     return ["", intro, "", "| path | images/s (median epoch) |", "|---|---:|",
             f"| {on}{mark[True]} | {n / statistics.median(d[True]):,.0f} |",
             f"| {off}{mark[False]} | {n / statistics.median(d[False]):,.0f} |", "",
-            f"Within each round {subject} **{statistics.median(w):.2f}×** (range {w[0]:.2f}–{w[-1]:.2f}×) as fast "
+            f"Within each round {subject} {round_ratio(d[False], d[True])} as fast "
             "(the epochs' medians above are not paired and move with the VM's speed between rounds). "
             f"{verb}{not_} the default on this CPU ({cpu}: `native.{decision}`)."]
 
@@ -151,7 +150,7 @@ def main() -> None:
     dtype = r["dtype"]
     n, cpu = r["images"], m["capability"]
     lines = [START, f"## The first paper's conv block: the forward in one pass, the convolution's weight gradient "
-                    f"from the block's gradient (issue 14) — {m['capability']}",
+                    f"from the block's gradient (issue 14) — {cpu}",
              "", f"`python benchmarks/conv_block_bench.py --rounds {a.rounds} --repeats {a.repeats}` — measured "
              f"{time.strftime('%Y-%m-%d')} on {machine_line(m)}; torch threads {torch.get_num_threads()}.", "",
              f"The backward of conv 5×5 (1 → 32, padding 2) → ReLU → batch norm → max-pool 2×2 alone, batch 128 at "
@@ -165,7 +164,10 @@ def main() -> None:
     if "native backward, dot products" in k:
         lines.append(f"| pool_backward_wgrad, the products in bf16 dot products (two positions each) "
                      f"| {k['native backward, dot products']:.2f} |")
-    again = f"The same loop with the one-pass backward, {{}}, {a.rounds} rounds interleaved:"
+
+    def again(what: str) -> str:
+        return f"The same loop with the one-pass backward, {what}, {a.rounds} rounds interleaved:"
+
     lines += switched_table(r["seconds"], n, f"cnnlab's training loop on the first paper's net (animal-shapes, 28×28×1, batch "
                                   f"128, the CPU defaults: {r['precision']}; augmentation off), {a.rounds} rounds of "
                                   "one epoch per path, interleaved in one process:", stem_pays(), "stem_pays", cpu,
@@ -173,7 +175,7 @@ def main() -> None:
                              "the one-pass backward was", "It is"))
     if "dot" in r:
         lines += switched_table(r["dot"]["seconds"], n,
-                                again.format("its products in bf16 dot products against float32 FMAs"),
+                                again("its products in bf16 dot products against float32 FMAs"),
                                 wgrad_dot_pays(), "wgrad_dot_pays", cpu,
                                 ("bf16 dot products", "float32 FMAs", "the dot products were", "They are"))
     if "torch forward" in k:
@@ -186,7 +188,7 @@ def main() -> None:
                   f"| {k['one-pass forward']:.2f} |"]
     if "one_pass" in r:
         lines += switched_table(r["one_pass"]["seconds"], n,
-                                again.format("the forward in one pass against torch's convolution + pool_stats"),
+                                again("the forward in one pass against torch's convolution + pool_stats"),
                                 conv_pool_stats_pays(), "conv_pool_stats_pays", cpu,
                                 ("one-pass forward", "torch's convolution + pool_stats", "the one-pass forward was",
                                  "It is"))

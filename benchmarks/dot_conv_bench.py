@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench_common import interleaved_median_ms, machine_line, markers, publish, switched_epochs  # on sys.path
+from bench_common import interleaved_median_ms, machine_line, markers, publish, round_ratio, switched_epochs  # on sys.path
 from stem_bench import measure
 
 START, END = markers("dot-conv-bench")  # a section per CPU kind
@@ -102,7 +102,6 @@ def main() -> None:
 
     a, m, r, k = measure(__doc__, available_loop, kernels)
     s, n = r["seconds"], r["images"]
-    v = sorted(off / on for on, off in zip(s[True], s[False]))
     taken = dot_conv_pays()
 
     def row(x: dict) -> str:
@@ -130,8 +129,7 @@ def main() -> None:
              f"| the native dot-product convolution{' (the default)' if taken else ''} | "
              f"{n / statistics.median(s[True]):,.0f} |",
              f"| torch's convolution{'' if taken else ' (the default)'} | {n / statistics.median(s[False]):,.0f} |",
-             "", f"Within each round the native convolution made the loop **{statistics.median(v):.2f}×** as fast "
-             f"(range {v[0]:.2f}–{v[-1]:.2f}×). "
+             "", f"Within each round the native convolution made the loop {round_ratio(s[False], s[True])} as fast. "
              + ("It is the default on this CPU (AVX-512 BF16 without AMX: `native.dot_conv_pays`), for convolutions "
                 f"with ≤ {DOT_CONV_MAX_IN} input and ≤ {DOT_CONV_MAX_OUT} output channels."
                 if taken else "It is not the default on this CPU: with AMX torch's oneDNN has its tile kernels "

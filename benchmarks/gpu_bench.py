@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import publish, spawn, steady_median  # noqa: E402
+from bench_common import publish, spawn, spread, steady_median  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -117,7 +117,7 @@ def render(res: dict) -> str:
                 f"{statistics.median(a / b for a, b in zip(v, base)):.2f}×"
             mem = [r["peak_gpu_mb"] for r in runs if "peak_gpu_mb" in r]
             mem = f"{statistics.median(mem):,.0f} MB" if mem else "–"
-            lines.append(f"| {row[0]} | {row[1]} | {statistics.median(v):,.0f} ({min(v):,.0f}–{max(v):,.0f}) | "
+            lines.append(f"| {row[0]} | {row[1]} | {spread(v, ',.0f')} | "
                          f"{ratio} | {statistics.median(r['test_acc'][-1] for r in runs):.3f} | "
                          f"{mem} | {runs[0]['settings']} |")
         lines.append("")

@@ -31,7 +31,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench_common import interleaved_median_ms, machine, machine_line, markers, publish  # on sys.path
+from bench_common import interleaved_median_ms, machine, machine_line, markers, publish, round_ratio  # on sys.path
 
 START, END = markers("stem-bench")  # a section per CPU kind
 ROOT = Path(__file__).resolve().parent.parent
@@ -116,6 +116,8 @@ def measure(doc: str, loop, kernels) -> tuple[argparse.Namespace, dict, dict, di
     p.add_argument("--repeats", type=int, default=30, help="timed calls per kernel path (default 30)")
     p.add_argument("--write", help="put the Markdown section into this file (e.g. BENCHMARKS.md)")
     a = p.parse_args()
+    if a.rounds < 1 or a.repeats < 1:
+        p.error("--rounds and --repeats must be at least 1")
     import torch
 
     torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -133,8 +135,7 @@ def main() -> None:
     s, n = r["seconds"], r["images"]
 
     def ratio(slow: str) -> str:
-        v = sorted(o / d for o, d in zip(s[slow], s["native"]))
-        return f"**{statistics.median(v):.2f}×** (range {v[0]:.2f}–{v[-1]:.2f}×)"
+        return round_ratio(s[slow], s["native"])
 
     from cnnlab.models.native import stem_forward_pays, stem_pays
 

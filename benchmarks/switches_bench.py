@@ -199,8 +199,8 @@ def main() -> None:
                   f"profiler over one epoch of {r['steps']} steps (`phase_times`): {step * 1e3:.2f} ms a step", "",
                   "| phase | ms a step | share |", "|---|---:|---:|"]
         lines += [f"| {k} | {v * 1e3:.2f} | {v / step:.0%} |" for k, v in r["phases"].items()]
-        lines += ["", f"And one epoch under torch's profiler (the same net; self CPU time per op, which for small "
-                  f"ops can include time spent elsewhere):", "", "```", r["profile"].strip("\n"), "```"]
+        lines += ["", "And one epoch under torch's profiler (the same net; self CPU time per op, which for small "
+                  "ops can include time spent elsewhere):", "", "```", r["profile"].strip("\n"), "```"]
     publish("\n".join(lines + ["", END]) + "\n", a.write, START, END)
 
 
