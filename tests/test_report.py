@@ -142,6 +142,38 @@ def _png_ok(path: Path, min_w: int = 300, min_h: int = 150, max_side: int = 6000
 
 # --------------------------------------------------------------------------- a run
 
+
+def test_image_grid_frames_and_titles_each_image_in_its_verdicts_colour(tmp_path):
+    """image_grid: each image drawn inside a frame of the verdict's colour (right / wrong), its title above it in
+    that colour, in reading order; a 1-channel image in grey, an RGB one in its colours, non-square ones too."""
+    grey = np.full((1, 10, 14), 128, np.uint8)
+    blue = np.zeros((3, 12, 9), np.uint8)
+    blue[2] = 200
+    out = plots.image_grid([grey, blue], ["a / a (0.90)", "b / c (0.70)"], [True, False], tmp_path / "g.png",
+                           columns=2, title="two images")
+    px = np.asarray(Image.open(out).convert("RGB")).astype(int)
+
+    def frame(colour: str) -> tuple[int, int, int, int, np.ndarray]:
+        rgb = np.array([int(colour[i:i + 2], 16) for i in (1, 3, 5)])
+        hit = np.abs(px - rgb).sum(2) <= 6
+        lines = np.nonzero(hit.sum(1) >= 100)[0]  # the frame's top and bottom edges: long runs of the colour
+        assert len(lines), f"no frame in {colour}"
+        top, bottom = lines.min(), lines.max()
+        xs = np.nonzero(hit[top])[0]
+        return top, bottom, xs.min(), xs.max(), hit
+
+    boxes = {}
+    for colour, inside in ((plots.RIGHT, (128, 128, 128)), (plots.WRONG, (0, 0, 200))):
+        top, bottom, left, right, hit = frame(colour)
+        assert bottom - top > 100 and right - left > 100, (colour, top, bottom, left, right)
+        middle = px[(top + bottom) // 2, (left + right) // 2]
+        assert np.abs(middle - inside).sum() <= 6, (colour, middle)  # the image inside its frame, as given
+        title = np.nonzero(hit[:top - 3])  # pixels of the colour above the frame: its title
+        assert len(title[0]) > 20, colour
+        assert left <= title[1].mean() <= right, colour  # centred over its own image
+        boxes[colour] = (left, right)
+    assert boxes[plots.RIGHT][1] < boxes[plots.WRONG][0]  # reading order: the first image on the left
+
 def test_run_plots_are_valid_pngs(tiny_run_dir):
     for name in RUN_PLOTS:
         _png_ok(tiny_run_dir / "plots" / name)
