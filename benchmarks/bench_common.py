@@ -78,12 +78,19 @@ def spread(values: list[float], fmt: str, unit: str = "") -> str:
     return med if len(values) < 2 else f"{med} ({format(min(values), fmt)}–{format(max(values), fmt)})"
 
 
+def rounds(n: int) -> str:
+    """'1 round', '3 rounds'."""
+    return f"{n} round{'' if n == 1 else 's'}"
+
+
 def round_ratio(slow: list[float], fast: list[float]) -> str:
-    """How many times as fast the `fast` path ran as the `slow` one, from their epoch seconds paired round by round
-    (`switched_epochs`): '**1.16×** (range 1.12–1.20×)', the median over the rounds; one round, no range."""
-    v = sorted(s / f for s, f in zip(slow, fast))
+    """How many times as fast the `fast` path ran as the `slow` one within a round, from their epoch seconds paired
+    round by round (`switched_epochs`): '**1.16×** (the median over 9 rounds, range 1.12–1.20×)' or '**1.16×**
+    (one round)'."""
+    v = [s / f for s, f in zip(slow, fast, strict=True)]
     med = f"**{statistics.median(v):.2f}×**"
-    return med if len(v) < 2 else f"{med} (range {v[0]:.2f}–{v[-1]:.2f}×)"
+    return f"{med} (one round)" if len(v) < 2 else \
+        f"{med} (the median over {len(v)} rounds, range {min(v):.2f}–{max(v):.2f}×)"
 
 
 def machine_line(m: dict) -> str:

@@ -35,7 +35,8 @@ import sys
 import time
 from pathlib import Path
 
-from bench_common import interleaved_median_ms, machine_line, markers, publish, round_ratio, switched_epochs  # on sys.path
+from bench_common import (interleaved_median_ms, machine_line, markers, publish, round_ratio, rounds,  # on sys.path
+                          switched_epochs)
 from stem_bench import measure
 
 START, END = markers("conv-block-bench")  # a section per CPU kind
@@ -136,7 +137,7 @@ def switched_table(d: dict, n: int, intro: str, pays: bool, decision: str, cpu: 
     return ["", intro, "", "| path | images/s (median epoch) |", "|---|---:|",
             f"| {on}{mark[True]} | {n / statistics.median(d[True]):,.0f} |",
             f"| {off}{mark[False]} | {n / statistics.median(d[False]):,.0f} |", "",
-            f"Within each round {subject} {round_ratio(d[False], d[True])} as fast "
+            f"Within a round {subject} {round_ratio(d[False], d[True])} as fast "
             "(the epochs' medians above are not paired and move with the VM's speed between rounds). "
             f"{verb}{not_} the default on this CPU ({cpu}: `native.{decision}`)."]
 
@@ -166,10 +167,10 @@ def main() -> None:
                      f"| {k['native backward, dot products']:.2f} |")
 
     def again(what: str) -> str:
-        return f"The same loop with the one-pass backward, {what}, {a.rounds} rounds interleaved:"
+        return f"The same loop with the one-pass backward, {what}, {rounds(a.rounds)} interleaved:"
 
     lines += switched_table(r["seconds"], n, f"cnnlab's training loop on the first paper's net (animal-shapes, 28×28×1, batch "
-                                  f"128, the CPU defaults: {r['precision']}; augmentation off), {a.rounds} rounds of "
+                                  f"128, the CPU defaults: {r['precision']}; augmentation off), {rounds(a.rounds)} of "
                                   "one epoch per path, interleaved in one process:", stem_pays(), "stem_pays", cpu,
                             ("the one-pass backward", "the convolution as a module, then the native block",
                              "the one-pass backward was", "It is"))

@@ -28,7 +28,8 @@ import sys
 import time
 from pathlib import Path
 
-from bench_common import interleaved_median_ms, machine_line, markers, publish, round_ratio, switched_epochs  # on sys.path
+from bench_common import (interleaved_median_ms, machine_line, markers, publish, round_ratio, rounds,  # on sys.path
+                          switched_epochs)
 from stem_bench import measure
 
 START, END = markers("dot-conv-bench")  # a section per CPU kind
@@ -124,12 +125,12 @@ def main() -> None:
              "native is faster |", "|---|---:|---:|---:|---:|---:|",
              *[row(x) for x in k], "",
              f"cnnlab's training loop on the second paper's net (animal-shapes-5, 64×64×3, batch 128, the CPU "
-             f"defaults: {r['precision']}), {a.rounds} rounds of one epoch each way, interleaved in one process:", "",
+             f"defaults: {r['precision']}), {rounds(a.rounds)} of one epoch each way, interleaved in one process:", "",
              "| path | images/s (median epoch) |", "|---|---:|",
              f"| the native dot-product convolution{' (the default)' if taken else ''} | "
              f"{n / statistics.median(s[True]):,.0f} |",
              f"| torch's convolution{'' if taken else ' (the default)'} | {n / statistics.median(s[False]):,.0f} |",
-             "", f"Within each round the native convolution made the loop {round_ratio(s[False], s[True])} as fast. "
+             "", f"Within a round the native convolution made the loop {round_ratio(s[False], s[True])} as fast. "
              + ("It is the default on this CPU (AVX-512 BF16 without AMX: `native.dot_conv_pays`), for convolutions "
                 f"with ≤ {DOT_CONV_MAX_IN} input and ≤ {DOT_CONV_MAX_OUT} output channels."
                 if taken else "It is not the default on this CPU: with AMX torch's oneDNN has its tile kernels "

@@ -42,7 +42,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import (machine, machine_line, markers, peak_rss_mb, publish, spawn,  # noqa: E402
+from bench_common import (machine, machine_line, markers, peak_rss_mb, publish, spawn, spread,  # noqa: E402
                           steady_median, synchronize)
 from cnnlab.models.weights import imagenet_offline  # noqa: E402
 
@@ -214,9 +214,9 @@ def render(res: dict) -> str:
         ratio = "–"
         if tool != "cnnlab" and "cnnlab" in ips:
             rs = [c / p for c, p in zip(ips["cnnlab"], v)]
-            ratio = f"{statistics.median(rs):.2f}× ({min(rs):.2f}–{max(rs):.2f})"
+            ratio = spread(rs, ".2f", "×")
         accs = ", ".join(f"{r['test_acc']:.3f}" for r in runs[tool])
-        lines.append(f"| {tool} | {statistics.median(v):,.1f} ({min(v):,.1f}–{max(v):,.1f}) | {ratio} | {accs} | "
+        lines.append(f"| {tool} | {spread(v, ',.1f')} | {ratio} | {accs} | "
                      f"{statistics.median(r['rss_mb'] for r in runs[tool]):,.0f} MB | {runs[tool][0]['settings']} |")
     if "cnnlab" in runs:
         prep = [r["prepare_s"] for r in runs["cnnlab"]]

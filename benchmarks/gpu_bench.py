@@ -114,7 +114,7 @@ def render(res: dict) -> str:
         for row in rows:
             v, runs = ips[row], res["runs"][f"{task}/{row[0]}/{row[1]}"]
             ratio = "–" if base is None or row == ("plain", "32") else \
-                f"{statistics.median(a / b for a, b in zip(v, base)):.2f}×"
+                spread([a / b for a, b in zip(v, base)], ".2f", "×")
             mem = [r["peak_gpu_mb"] for r in runs if "peak_gpu_mb" in r]
             mem = f"{statistics.median(mem):,.0f} MB" if mem else "–"
             lines.append(f"| {row[0]} | {row[1]} | {spread(v, ',.0f')} | "

@@ -31,7 +31,8 @@ import sys
 import time
 from pathlib import Path
 
-from bench_common import interleaved_median_ms, machine, machine_line, markers, publish, round_ratio  # on sys.path
+from bench_common import (interleaved_median_ms, machine, machine_line, markers, publish, round_ratio,  # on sys.path
+                          rounds)
 
 START, END = markers("stem-bench")  # a section per CPU kind
 ROOT = Path(__file__).resolve().parent.parent
@@ -163,13 +164,13 @@ def main() -> None:
              f"| backward | the native stem: the weight gradient from the pooled gradient (conv_pool_wgrad) | "
              f"{k['native backward']:.2f} |",
              "", f"cnnlab's training loop on the second paper's net (animal-shapes-5, 64×64×3, batch 128, the CPU "
-             f"defaults: {r['precision']}), {a.rounds} rounds of one epoch per path, interleaved in one process:", "",
+             f"defaults: {r['precision']}), {rounds(a.rounds)} of one epoch per path, interleaved in one process:", "",
              "| path | images/s (median epoch) |", "|---|---:|",
              row("native", "the native stem, both directions"),
              row("torch forward", "the stem's backward only (torch's convolution forward)"),
              row("off", "no stem"), "",
-             f"Within each round the native stem was {ratio('off')} as fast as no stem and {ratio('torch forward')} "
-             "as fast as the stem with torch's convolution forward (medians over the rounds). "
+             f"Within a round the native stem was {ratio('off')} as fast as no stem and {ratio('torch forward')} "
+             "as fast as the stem with torch's convolution forward. "
              + {"native": "It is the default on this CPU (AVX2 or AVX-512: `native.stem_pays`).",
                 "torch forward": f"In {dtype} on this CPU with AMX the default takes torch's convolution forward "
                                  "(oneDNN's AMX kernels) with the native backward (`native.stem_forward_pays`).",

@@ -153,7 +153,7 @@ def main() -> None:
         return
 
     if a.rounds < 1:
-        raise SystemExit("--rounds must be at least 1")
+        p.error("--rounds must be at least 1")
 
     def run(args: list[str], profile: bool = False) -> dict:
         return spawn(__file__, ["--worker", json.dumps(args), "--epochs", str(a.epochs)]

@@ -156,7 +156,8 @@ def test_image_grid_frames_and_titles_each_image_in_its_verdicts_colour(tmp_path
     def frame(colour: str) -> tuple[int, int, int, int, np.ndarray]:
         rgb = np.array([int(colour[i:i + 2], 16) for i in (1, 3, 5)])
         hit = np.abs(px - rgb).sum(2) <= 6
-        lines = np.nonzero(hit.sum(1) >= 100)[0]  # the frame's top and bottom edges: long runs of the colour
+        # the frame's top and bottom edges: runs of the colour most of an image wide (1.30 in), which no title has
+        lines = np.nonzero(hit.sum(1) >= 0.8 * 1.30 * plots.DPI)[0]
         assert len(lines), f"no frame in {colour}"
         top, bottom = lines.min(), lines.max()
         xs = np.nonzero(hit[top])[0]
@@ -165,14 +166,16 @@ def test_image_grid_frames_and_titles_each_image_in_its_verdicts_colour(tmp_path
     boxes = {}
     for colour, inside in ((plots.RIGHT, (128, 128, 128)), (plots.WRONG, (0, 0, 200))):
         top, bottom, left, right, hit = frame(colour)
-        assert bottom - top > 100 and right - left > 100, (colour, top, bottom, left, right)
+        assert min(bottom - top, right - left) > 0.8 * 1.30 * plots.DPI, (colour, top, bottom, left, right)
         middle = px[(top + bottom) // 2, (left + right) // 2]
         assert np.abs(middle - inside).sum() <= 6, (colour, middle)  # the image inside its frame, as given
         title = np.nonzero(hit[:top - 3])  # pixels of the colour above the frame: its title
         assert len(title[0]) > 20, colour
+        assert 0 < top - title[0].max() <= 0.1 * plots.DPI, colour  # just above the frame (a 3-point pad)
         assert left <= title[1].mean() <= right, colour  # centred over its own image
         boxes[colour] = (left, right)
     assert boxes[plots.RIGHT][1] < boxes[plots.WRONG][0]  # reading order: the first image on the left
+
 
 def test_run_plots_are_valid_pngs(tiny_run_dir):
     for name in RUN_PLOTS:

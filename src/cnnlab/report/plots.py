@@ -296,7 +296,7 @@ def image_grid(images: list[np.ndarray], titles: list[str], correct: list[bool],
     overlays: (H, W, 3) uint8 pictures drawn instead (each image under its Grad-CAM heatmap).
 
     Laid out by hand in one axes whose units are inches, each image an extent in it, its frame a rectangle and its
-    title a text: forty small axes, one per image, were most of the time a run's figures took.
+    title a text: forty small axes, one per image, were slow to create and draw.
     """
     n = len(images)
     columns = max(1, min(columns, n))
@@ -310,7 +310,7 @@ def image_grid(images: list[np.ndarray], titles: list[str], correct: list[bool],
         ax.set_axis_off()
         ax.set_xlim(0, width)
         ax.set_ylim(0, height)
-        pad = 3 / 72  # points above the image's edge, as an axes title's default pad
+        pad = 3 / 72  # 3 points above the image's edge, as each axes' set_title(pad=3) had
         for k, (img, text, ok) in enumerate(zip(images, titles, correct)):
             r, c = divmod(k, columns)
             left = 0.1 + c * cell_w + (cell_w - img_in) / 2
