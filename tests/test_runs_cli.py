@@ -134,6 +134,10 @@ def test_model_safetensors_is_pickle_free_with_json_metadata(tiny_run):
 def test_env_json(tiny_run):
     env = _json(tiny_run.path / "env.json")
     assert env["torch"] == torch.__version__
+    import numpy
+    from importlib.metadata import version
+
+    assert env["numpy"] == numpy.__version__ and env["torchvision"] == version("torchvision")
     assert env["seed"] == 0
     assert isinstance(env["threads"], int) and env["threads"] >= 1
     assert env["device"] == "cpu"

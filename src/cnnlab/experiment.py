@@ -273,7 +273,8 @@ def environment(runtime: Runtime, seed: int) -> dict:
     import numpy
 
     return {"cnnlab": __version__, "python": sys.version.split()[0], "torch": torch.__version__,
-            "torchvision": version("torchvision"),  # not `import torchvision`: ~1 s a run for one string "numpy": numpy.__version__,
+            "torchvision": version("torchvision"),  # not `import torchvision`: ~1 s a run for one string
+            "numpy": numpy.__version__,
             "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "seed": seed, **runtime.describe(), "git_revision": _git_revision(),
