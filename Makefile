@@ -66,6 +66,7 @@ bench-kernels: $(STAMP)
 	$(BIN)/python benchmarks/conv_block_bench.py --write BENCHMARKS.md
 	$(BIN)/python benchmarks/dot_conv_bench.py --write BENCHMARKS.md
 	$(BIN)/python benchmarks/fold_bench.py --write BENCHMARKS.md
+	$(BIN)/python benchmarks/augment_bench.py --write BENCHMARKS.md
 
 # study throughput: local pool vs Ray; one training on 1 vs 2 processes (DDP)
 bench-scale: $(STAMP)

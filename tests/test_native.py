@@ -961,3 +961,89 @@ def test_a_kernel_without_memory_for_its_scratch_raises_memory_error(kernel, dty
     pooled, idx, _ = native.pool_stats(torch.ones(1, 16, 2, 2).contiguous(memory_format=torch.channels_last),
                                        relu=True, stats=False)
     assert torch.equal(pooled, out + 1)
+
+
+# --------------------------------------------------------------------------- batch augmentation's warp
+
+def _warp_inputs(layout: str) -> torch.Tensor:
+    g = torch.Generator().manual_seed(7)
+    if layout == "first paper's batch":
+        return torch.randn(128, 1, 28, 28, generator=g)
+    if layout == "channels-last, odd sides":
+        return torch.randn(5, 3, 17, 31, generator=g).contiguous(memory_format=torch.channels_last)
+    return torch.randn(4, 2, 40, 9, generator=g).transpose(2, 3)  # rows not back to back in the output either
+
+
+@every_build
+@pytest.mark.parametrize("layout", ["first paper's batch", "channels-last, odd sides", "transposed"])
+@pytest.mark.parametrize("settings", [dict(rotation=5, hflip=0.5, scale=0.05, translate=0.05),
+                                      dict(rotation=40, hflip=0.0, scale=0.3, translate=0.3),
+                                      dict(rotation=0, hflip=1.0, scale=0.0, translate=0.25)])
+def test_the_warp_kernel_is_torchs_flip_grid_and_grid_sample(layout, settings):
+    """The kernel's flip and warp against torch's path on the same draws: every image within float rounding of
+    the values' range (the border's repeated pixels, flips with and without a warp, large angles pulling pixels
+    from outside), in x's memory format, and the generator left where torch's path leaves it."""
+    from cnnlab.data.augment import augment_batch
+
+    x = _warp_inputs(layout)
+    g_torch, g_native = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    want = augment_batch(x, g_torch, **settings)
+    got = augment_batch(x, g_native, native=True, **settings)
+    assert native.warp_applies(x)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * float(x.abs().max()))
+    assert got.stride() == torch.empty_like(x).stride()
+    assert torch.equal(g_native.get_state(), g_torch.get_state())
+    assert not torch.equal(got, x)  # it did warp
+
+
+def test_the_warp_kernel_keeps_flipped_images_exact():
+    """A flip and a pure shift by whole pixels lands on pixel centres: the kernel gives the mirrored, shifted
+    pixels themselves, the border repeated."""
+    x = torch.arange(2 * 1 * 4 * 8, dtype=torch.float32).view(2, 1, 4, 8)
+    draws = torch.tensor([[0.0, 0.9], [0.5, 0.5], [0.5, 0.5], [1.0, 0.5], [0.5, 0.5]])  # flip 1st; shift 1st by +x
+    # hflip 0.5: the first image flipped (0.0 < 0.5), the second not; translate 0.125 of 8 columns = 1 pixel
+    got = native.warp_affine(x, draws, 0.0, 0.0, 0.125, 0.5)
+    flipped = x[0, 0].flip(1)
+    want0 = torch.cat([flipped[:, 1:], flipped[:, -1:]], 1)  # sampled one column right: the last repeated
+    torch.testing.assert_close(got[0, 0], want0, rtol=0, atol=1e-5)
+    torch.testing.assert_close(got[1], x[1], rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match=r"draws must be float32 \(5, 2\)"):
+        native.warp_affine(x, draws[:4], 0.0, 0.0, 0.125, 0.5)
+
+
+def test_augmented_runs_take_the_warp_kernel_for_any_model_unless_switched_off():
+    """`data.augment=true` on the CPU: the run's batch augmentation goes through the kernel (env.json says so),
+    also for a model without fused blocks; not with train.native=false or train.fused=false, nor without
+    augmentation; BatchAugment.enabled forces either path."""
+    from cnnlab.config import load_config
+    from cnnlab.data.augment import BatchAugment
+    from cnnlab.experiment import build_experiment
+    from cnnlab.training.progress import ProgressLogger
+
+    def built(*overrides):
+        cfg = load_config(None, ["data.max_per_class=20", "data.augment=true", "train.epochs=1", *overrides])
+        return build_experiment(cfg, ProgressLogger("none"))
+
+    for model in ("harahap-cnn", "mlp"):
+        b = built(f"model.name={model}")
+        assert isinstance(b.data.train.augment, BatchAugment) and b.data.train.augment.native is True
+        assert b.runtime.describe()["defaults_because"]["augment"].startswith("flip and affine warp")
+    for off in ("train.native=false", "train.fused=false"):
+        b = built(off)
+        assert b.data.train.augment.native is False and "augment" not in b.runtime.describe()["defaults_because"]
+    assert built("data.augment=false").data.train.augment is None
+    b = built("data.aug_rotation=0", "data.aug_scale=0", "data.aug_translate=0", "data.aug_hflip=0.5")
+    assert b.data.train.augment.warps is False and b.data.train.augment.native is False  # flips alone: torch's
+    b = built()
+    x = b.data.train.normalizer(b.data.train.images[:8])
+    state = b.data.train.aug_generator.get_state()
+    try:
+        outs = {}
+        for on in (True, False):
+            BatchAugment.enabled = on
+            b.data.train.aug_generator.set_state(state)
+            outs[on] = b.data.train.augment(x)
+    finally:
+        BatchAugment.enabled = None
+    torch.testing.assert_close(outs[True], outs[False], rtol=0, atol=1e-4)
+    assert not torch.equal(outs[True], x)

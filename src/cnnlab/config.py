@@ -204,7 +204,8 @@ class TrainConfig:
         None, "cnnlab's native CPU kernels for the papers' conv blocks (ReLU → batch norm → max-pool, ReLU → "
               "max-pool; channels-last fp32 or bf16; the first convolutions' passes on the image; with AVX-512 "
               "BF16 and no AMX, in bf16, a few-channel last convolution + ReLU and a 1-channel first convolution "
-              "with its block's forward too), compiled once per machine with its C compiler (null: on "
+              "with its block's forward too), and data.augment's flip and affine warp of the training batches "
+              "in one pass (any model), compiled once per machine with its C compiler (null: on "
               "for the CPU where a C compiler is found, else the torch-op path; true: an error without one)")
     feature_engine: str = _opt(
         "auto", "what computes a frozen backbone's features once in the head-only mode: auto (on the CPU in fp32, "

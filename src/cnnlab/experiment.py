@@ -24,6 +24,7 @@ from . import stats
 from ._version import __version__
 from .config import Config, ConfigError
 from .data import DataError, Dataset, Split, load_data, prepare, stratified_split
+from .data.augment import BatchAugment
 from .data.loader import Normalizer, Prepared, add_policy, balance_sampling, balanced_class_weights, class_counts
 from .data.policies import mix_batch
 from .data.stream import default_memory_budget, fits_in_memory, parse_bytes, prepare_streaming
@@ -202,6 +203,9 @@ def build_experiment(cfg: Config, log: ProgressLogger | None = None, dist=None) 
         model = model.to(memory_format=torch.channels_last)
     fuse = runtime.fused and not t.compile  # compile fuses by itself
     set_fusion(model, fuse, runtime.native_for(model, fuse))
+    warp = data.train.augment
+    if isinstance(warp, BatchAugment) and warp.warps and runtime.native_warp():
+        warp.native = True
     if t.compile:
         folder, why = compile_cache()  # torch's own cache mixes instruction sets up (hardware.compile_cache)
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = folder

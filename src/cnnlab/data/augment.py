@@ -30,17 +30,29 @@ def _uniform(n: int, bound: float, g: torch.Generator, device) -> torch.Tensor:
 
 
 def augment_batch(x: torch.Tensor, g: torch.Generator, *, rotation: float = 0.0, hflip: float = 0.0,
-                  scale: float = 0.0, translate: float = 0.0) -> torch.Tensor:
+                  scale: float = 0.0, translate: float = 0.0, native: bool = False) -> torch.Tensor:
     """Random flip / rotation (± degrees) / zoom (1 ± scale) / shift (± fraction of the side).
 
     x: (B, C, H, W) float. Each image gets its own parameters from generator `g`;
     areas that come from outside the image repeat its border pixels.
+    native: flip and warp in cnnlab's compiled kernel (models/native.py's warp_affine) where it applies (a
+    float32 CPU batch that is warped, not only flipped) — the same draws from `g`, so the same images up to
+    float rounding (~1e-6 of the pixels' range), in one pass instead of a dozen ops (`benchmarks/augment_bench.py`).
     """
     b, device = x.shape[0], x.device
+    warped = rotation > 0 or scale > 0 or translate > 0
+    if native and warped:
+        from ..models import native as kernels
+
+        if kernels.warp_applies(x):
+            draws = torch.empty(5, b, dtype=torch.float32)
+            for row in range(0 if hflip > 0 else 1, 5):  # flip, angle, zoom, x and y shift: the draws below
+                torch.rand(b, generator=g, out=draws[row])
+            return kernels.warp_affine(x, draws, math.radians(rotation), scale, translate, hflip)
     if hflip > 0:
         flip = torch.rand(b, generator=g, device=device) < hflip
         x = torch.where(flip.view(b, 1, 1, 1), x.flip(3), x)
-    if rotation <= 0 and scale <= 0 and translate <= 0:
+    if not warped:
         return x
     angle = _uniform(b, math.radians(rotation), g, device)
     zoom = 1 + _uniform(b, scale, g, device)
@@ -51,3 +63,18 @@ def augment_batch(x: torch.Tensor, g: torch.Generator, *, rotation: float = 0.0,
                          torch.stack([sin, cos, 2 * shift[:, 1]], 1)], 1).to(x.dtype)
     grid = affine_grid(theta, list(x.shape))
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+class BatchAugment:
+    """A run's batch augmentation: augment_batch with its generator and settings; `native` (set once the
+    runtime has decided on cnnlab's compiled kernels: Runtime.native_warp) takes the kernel's warp."""
+
+    enabled: bool | None = None  # None: each run's `native`; True / False: always / never (tests, benchmarks)
+
+    def __init__(self, g: torch.Generator, **settings):
+        self.g, self.settings, self.native = g, settings, False
+        self.warps = any(settings.get(k, 0) > 0 for k in ("rotation", "scale", "translate"))  # not only flips
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        on = self.native if BatchAugment.enabled is None else BatchAugment.enabled
+        return augment_batch(x, self.g, native=on, **self.settings)

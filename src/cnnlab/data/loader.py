@@ -12,7 +12,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from .augment import augment_batch
+from .augment import BatchAugment, augment_batch
 from .dataset import Dataset
 from .folder import release_pages
 from .normalize import Normalizer, fit_normalizer
@@ -155,7 +155,7 @@ def seeded_generators(seed: int, device, augment: dict | None):
     from the latter: defined once, so the in-memory and the streamed loaders draw the same batches."""
     g_order = torch.Generator(device=device).manual_seed(seed)
     g_aug = torch.Generator(device=device).manual_seed(seed + 1_000_003)
-    aug_fn = (lambda x: augment_batch(x, g_aug, **augment)) if augment else None
+    aug_fn = BatchAugment(g_aug, **augment) if augment else None
     return g_order, g_aug, aug_fn
 
 

@@ -25,7 +25,11 @@ y written once (conv_pool_stats, conv_pool_stats_pays). On CPUs with AVX-512 BF1
 convolution + ReLU that ends the block (the second paper's
 10 → 20) runs in bf16 through conv_relu_forward / conv_relu_backward, whose vector lanes are output columns
 rather than the channels oneDNN's blocks leave partly empty (dot_conv_pays, `benchmarks/dot_conv_bench.py`).
-`benchmarks/switches_bench.py` measures the switch (`train.native`), BENCHMARKS.md has the figures.
+Batch augmentation's flip and affine warp (data/augment.py) run in one pass too, warp_affine: θ formed from the
+draws, each output pixel sampled bilinearly with the border repeated, as torch's affine_grid + grid_sample do it
+in a dozen ops (`benchmarks/augment_bench.py`); taken for any model whose run augments its batches
+(Runtime.native_warp). `benchmarks/switches_bench.py` measures the switch (`train.native`), BENCHMARKS.md has the
+figures.
 
 The C source is compiled with the machine's C compiler ($CC, else cc or gcc) at -O3 -march=native with
 OpenMP into $CNNLAB_CACHE/native (default ~/.cache/cnnlab/native), keyed by the source, the compiler and
@@ -121,6 +125,8 @@ def _declare(lib: ctypes.CDLL) -> None:
         "conv_pool_forward": [p, i64, i64, i64, i64, i64, i64, p, p, p, p, i64, i64, i64, i32],
     }
     lib.cnnlab_wgrad_dot.argtypes, lib.cnnlab_wgrad_dot.restype = [], ctypes.c_int
+    lib.cnnlab_warp_affine_f32.argtypes = [p, i64, i64, i64, i64, p, p, p, p, p, i32]
+    lib.cnnlab_warp_affine_f32.restype = ctypes.c_int
     for dtype in ("f32", "bf16"):
         for name, args in signatures.items():
             f = getattr(lib, f"cnnlab_{name}_{dtype}")
@@ -523,3 +529,31 @@ def conv_relu_backward(g: torch.Tensor, y: torch.Tensor, x: torch.Tensor, weight
                                                   dw.data_ptr(), None if db is None else db.data_ptr(),
                                                   torch.get_num_threads())
     return dx, dw, db
+
+
+def warp_applies(x: torch.Tensor) -> bool:
+    """Whether warp_affine computes on `x`: a 4-D float32 CPU batch (any layout) whose images' offsets fit the
+    kernel's 32-bit integers, with the library loaded."""
+    return (x.device.type == "cpu" and x.dim() == 4 and x.dtype == torch.float32 and x.numel() > 0
+            and max(s * (n - 1) for s, n in zip(x.stride()[1:], x.shape[1:])) < 2 ** 30 and library() is not None)
+
+
+def warp_affine(x: torch.Tensor, draws: torch.Tensor, rotation: float, scale: float, translate: float,
+                hflip: float) -> torch.Tensor:
+    """Batch augmentation's flip and affine warp in one pass (data/augment.py's augment_batch, whose random
+    draws these are): draws (5, N) float32 uniform in [0, 1) — flip (unused when hflip is 0), angle, zoom,
+    x shift, y shift; rotation in radians. The same bilinear, border-padded sampling as F.grid_sample with
+    align_corners=False, θ formed in the kernel; the output in x's memory format."""
+    out = torch.empty_like(x)
+    strides = torch.tensor([*x.stride(), *out.stride()], dtype=torch.int64)
+    bounds = torch.tensor([rotation, scale, translate, hflip], dtype=torch.float32)
+    draws = draws.contiguous()
+    if tuple(draws.shape) != (5, x.shape[0]) or draws.dtype != torch.float32:
+        raise ValueError(f"warp_affine: draws must be float32 (5, {x.shape[0]}), not {tuple(draws.shape)} "
+                         f"{draws.dtype}")
+    status = _LIB.cnnlab_warp_affine_f32(x.data_ptr(), *x.shape, strides.data_ptr(), draws.data_ptr(),
+                                         bounds.data_ptr(), out.data_ptr(), strides.data_ptr() + 32,
+                                         torch.get_num_threads())
+    if status != 0:
+        raise MemoryError("cnnlab's native kernel warp_affine could not allocate its scratch memory")
+    return out

@@ -10,6 +10,8 @@
  * holds the max, ties and NaN resolved as torch's CPU max-pool does (the first max in row order; a NaN
  * replaces what came before it).
  *
+ * At the end, batch augmentation's flip and affine warp (cnnlab_warp_affine_f32, for data/augment.py).
+ *
  * Every kernel returns 0, or 1 when its scratch memory could not be allocated (each thread then skips its
  * share of the work, so the outputs are unfinished): native.py turns that into a MemoryError.
  */
@@ -1633,5 +1635,104 @@ int cnnlab_conv_pool_stats_bf16(const float *x, int64_t N, int64_t H, int64_t W,
 }
 #endif
 
-int cnnlab_native_version(void) { return 9; }
+/* ---------------------------------------------------------------------------------------------------------
+ * Batch augmentation's warp (data/augment.py): each image flipped or not, rotated, zoomed and shifted as
+ * F.grid_sample(x, F.affine_grid(θ), bilinear, padding "border", align_corners=False) computes it, in one pass
+ * from the random draws, where torch's path runs a dozen small ops for θ, a flip, the grid and the warp.
+ * u: 5 rows of N uniform draws in [0, 1) (flip, angle, zoom, x shift, y shift; the first unused when
+ * hflip is 0); bounds: the rotation in radians, the zoom's ± fraction, the shift's ± fraction of the side and
+ * the flip's probability. x and out are float32 (N, C, H, W) with any strides (xs, os, in elements). */
+#define WARP_CHUNK 1024  /* output pixels whose sampling positions are worked out at once: 20 KiB of scratch */
+
+/* Where each of `n` output pixels samples: its centre (gx0, gy0) in [-1, 1] mapped through θ (the flip folded
+ * into θ's first row: a flipped image sampled at u is the image sampled at −u), un-normalised and clamped to
+ * the image (padding "border"); the top-left neighbour's offset, the steps to the right and lower neighbours
+ * (0 at the last column or row, where their weight is 0) and the fractional parts. */
+static void warp_coords(int64_t n, const float *restrict gx0, const float *restrict gy0, const float *t, float Wf,
+                        float Hf, int32_t xs2, int32_t xs3, int32_t *restrict off, int32_t *restrict dx,
+                        int32_t *restrict dy, float *restrict ex, float *restrict ey) {
+    const float t0 = t[0], t1 = t[1], t2 = t[2], t3 = t[3], t4 = t[4], t5 = t[5], Wm = Wf - 1, Hm = Hf - 1;
+    for (int64_t k = 0; k < n; k++) {
+        const float gx = t0 * gx0[k] + t1 * gy0[k] + t2, gy = t3 * gx0[k] + t4 * gy0[k] + t5;
+        float ix = ((gx + 1) * Wf - 1) * 0.5f, iy = ((gy + 1) * Hf - 1) * 0.5f;
+        ix = ix > 0 ? ix : 0.0f;  /* comparisons, not fmaxf / fminf (library calls the loop would not vectorise) */
+        ix = ix < Wm ? ix : Wm;
+        iy = iy > 0 ? iy : 0.0f;
+        iy = iy < Hm ? iy : Hm;
+        const int32_t x0 = (int32_t)ix, y0 = (int32_t)iy;  /* floor: ix, iy ≥ 0 */
+        off[k] = y0 * xs2 + x0 * xs3;
+        dx[k] = x0 < (int32_t)Wm ? xs3 : 0;
+        dy[k] = y0 < (int32_t)Hm ? xs2 : 0;
+        ex[k] = ix - (float)x0;
+        ey[k] = iy - (float)y0;
+    }
+}
+
+/* One channel's n output pixels (at a stride of os), each the bilinear blend of its four neighbours. Kept
+ * scalar: the compiler's gathers made this loop slower on the Zen 4 (the image is in L1 either way). */
+__attribute__((optimize("no-tree-vectorize")))
+static void warp_blend(int64_t n, const float *restrict xc, float *restrict oc, int64_t os, const int32_t *restrict off,
+                       const int32_t *restrict dx, const int32_t *restrict dy, const float *restrict ex,
+                       const float *restrict ey) {
+    for (int64_t k = 0; k < n; k++) {
+        const float *p = xc + off[k];
+        const float top = p[0] + ex[k] * (p[dx[k]] - p[0]);
+        const float bottom = p[dy[k]] + ex[k] * (p[dx[k] + dy[k]] - p[dy[k]]);
+        oc[k * os] = top + ey[k] * (bottom - top);
+    }
+}
+
+int cnnlab_warp_affine_f32(const float *x, int64_t N, int64_t C, int64_t H, int64_t W, const int64_t *xs,
+                           const float *u, const float *bounds, float *out, const int64_t *os, int nthreads) {
+    const int64_t xs0 = xs[0], xs1 = xs[1], os0 = os[0], os1 = os[1], os2 = os[2], os3 = os[3], P = H * W;
+    const int32_t xs2 = (int32_t)xs[2], xs3 = (int32_t)xs[3];
+    const float rot = bounds[0], scale = bounds[1], shift = bounds[2], hflip = bounds[3];
+    float *base = (float *)malloc((size_t)P * 2 * sizeof(float));  /* each output pixel's centre in [-1, 1] */
+    if (!base) return 1;
+    for (int64_t i = 0; i < H; i++)
+        for (int64_t j = 0; j < W; j++) {  /* as data/augment.py's affine_grid writes them */
+            base[i * W + j] = (float)(2 * j + 1) / (float)W - 1;
+            base[P + i * W + j] = (float)(2 * i + 1) / (float)H - 1;
+        }
+    int failed = 0;
+    #pragma omp parallel num_threads(nthreads)
+    {
+        int32_t *ints = (int32_t *)aligned_alloc(64, WARP_CHUNK * 3 * sizeof(int32_t));
+        float *fracs = (float *)aligned_alloc(64, WARP_CHUNK * 2 * sizeof(float));
+        SCRATCH_READY(ints && fracs)
+        int32_t *off = ints, *dx = ints + WARP_CHUNK, *dy = ints + 2 * WARP_CHUNK;
+        float *ex = fracs, *ey = fracs + WARP_CHUNK;
+        #pragma omp for schedule(static)
+        for (int64_t n = 0; n < N; n++) {
+            if (!ok) continue;
+            /* θ from the draws, as augment_batch forms it: angle and zoom, then the shift in [-1, 1] units */
+            const float flip = hflip > 0 && u[n] < hflip ? -1.0f : 1.0f;
+            const float angle = (u[N + n] * 2 - 1) * rot, zoom = 1 + (u[2 * N + n] * 2 - 1) * scale;
+            const float tx = 2 * ((u[3 * N + n] * 2 - 1) * shift), ty = 2 * ((u[4 * N + n] * 2 - 1) * shift);
+            const float c = cosf(angle) / zoom, s = sinf(angle) / zoom;
+            const float t[6] = {flip * c, -flip * s, flip * tx, s, c, ty};
+            for (int64_t k0 = 0; k0 < P; k0 += WARP_CHUNK) {
+                const int64_t m = P - k0 < WARP_CHUNK ? P - k0 : WARP_CHUNK;
+                warp_coords(m, base + k0, base + P + k0, t, (float)W, (float)H, xs2, xs3, off, dx, dy, ex, ey);
+                for (int64_t ch = 0; ch < C; ch++) {
+                    const float *xc = x + n * xs0 + ch * xs1;
+                    if (os2 == W * os3) {  /* rows back to back: the chunk's pixels at a stride of os3 */
+                        warp_blend(m, xc, out + n * os0 + ch * os1 + k0 * os3, os3, off, dx, dy, ex, ey);
+                    } else {
+                        for (int64_t r = 0; r < m; r++) {  /* any other layout: pixel by pixel */
+                            const int64_t k = k0 + r;
+                            warp_blend(1, xc, out + n * os0 + ch * os1 + (k / W) * os2 + (k % W) * os3, 0,
+                                       off + r, dx + r, dy + r, ex + r, ey + r);
+                        }
+                    }
+                }
+            }
+        }
+        free(ints); free(fracs);
+    }
+    free(base);
+    return failed;
+}
+
+int cnnlab_native_version(void) { return 10; }
 int cnnlab_wgrad_dot(void) { return WG_DOT; }  /* whether pool_backward_wgrad has its bf16 dot products */

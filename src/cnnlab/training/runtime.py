@@ -129,6 +129,7 @@ class Runtime:
         self.reuse_memory = reuse_memory and keep_freed_memory()
         # on the CPU by default, decided by native_for(model): only a model with fused blocks waits for the compile
         self.native: bool | None = False
+        self._native_allowed = self.fused and native is not False and cpu  # native_warp's question
         self.feature_engine: str | None = None  # head-only runs: what computed the backbone's features (features.py)
         if self.fused:
             self.native = None if native is None and cpu else self._native(native, cpu)
@@ -166,6 +167,21 @@ class Runtime:
             else:
                 self.native = self._native(None, True)
         return self.native
+
+    def native_warp(self) -> bool:
+        """Whether batch augmentation's flip and affine warp runs through the compiled kernel (data/augment.py,
+        `benchmarks/augment_bench.py`): on the CPU wherever train.native and train.fused leave the kernels on and
+        they build here, for any model (a pretrained backbone's run compiles them for it, once per machine);
+        the reason goes into env.json as `augment`."""
+        from ..models import native
+
+        if not self._native_allowed:
+            return False
+        if not self.native and native.library() is None:
+            self.reasons["augment"] = f"flip and warp through torch's ops: {native.why_not()}"
+            return False
+        self.reasons["augment"] = "flip and affine warp of the training batches in one pass of the compiled kernel"
+        return True
 
     def _native(self, wanted: bool | None, cpu: bool) -> bool:
         """Whether the fused blocks run through the compiled kernels (compiling them now if need be)."""
