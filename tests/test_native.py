@@ -971,11 +971,14 @@ def _warp_inputs(layout: str) -> torch.Tensor:
         return torch.randn(128, 1, 28, 28, generator=g)
     if layout == "channels-last, odd sides":
         return torch.randn(5, 3, 17, 31, generator=g).contiguous(memory_format=torch.channels_last)
+    if layout == "3 channels, NCHW":
+        return torch.randn(3, 3, 12, 20, generator=g)
     return torch.randn(4, 2, 40, 9, generator=g).transpose(2, 3)  # rows not back to back in the output either
 
 
 @every_build
-@pytest.mark.parametrize("layout", ["first paper's batch", "channels-last, odd sides", "transposed"])
+@pytest.mark.parametrize("layout", ["first paper's batch", "channels-last, odd sides", "3 channels, NCHW",
+                                    "transposed"])
 @pytest.mark.parametrize("settings", [dict(rotation=5, hflip=0.5, scale=0.05, translate=0.05),
                                       dict(rotation=40, hflip=0.0, scale=0.3, translate=0.3),
                                       dict(rotation=0, hflip=1.0, scale=0.0, translate=0.25)])

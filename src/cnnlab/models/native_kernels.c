@@ -1682,6 +1682,23 @@ static void warp_blend(int64_t n, const float *restrict xc, float *restrict oc, 
     }
 }
 
+/* Channels-last (channels at a stride of 1 in x and out, rows back to back in out): n pixels of C channels, each
+ * pixel's offsets and weights read once for all its channels. */
+__attribute__((optimize("no-tree-vectorize")))
+static void warp_blend_pixels(int64_t n, int64_t C, const float *restrict x, float *restrict o,
+                              const int32_t *restrict off, const int32_t *restrict dx, const int32_t *restrict dy,
+                              const float *restrict ex, const float *restrict ey) {
+    for (int64_t k = 0; k < n; k++) {
+        const float *p = x + off[k], *pr = p + dx[k], *pd = p + dy[k], *prd = pd + dx[k];
+        const float a = ex[k], b = ey[k];
+        float *q = o + k * C;
+        for (int64_t c = 0; c < C; c++) {
+            const float top = p[c] + a * (pr[c] - p[c]), bottom = pd[c] + a * (prd[c] - pd[c]);
+            q[c] = top + b * (bottom - top);
+        }
+    }
+}
+
 int cnnlab_warp_affine_f32(const float *x, int64_t N, int64_t C, int64_t H, int64_t W, const int64_t *xs,
                            const float *u, const float *bounds, float *out, const int64_t *os, int nthreads) {
     const int64_t xs0 = xs[0], xs1 = xs[1], os0 = os[0], os1 = os[1], os2 = os[2], os3 = os[3], P = H * W;
@@ -1714,6 +1731,10 @@ int cnnlab_warp_affine_f32(const float *x, int64_t N, int64_t C, int64_t H, int6
             for (int64_t k0 = 0; k0 < P; k0 += WARP_CHUNK) {
                 const int64_t m = P - k0 < WARP_CHUNK ? P - k0 : WARP_CHUNK;
                 warp_coords(m, base + k0, base + P + k0, t, (float)W, (float)H, xs2, xs3, off, dx, dy, ex, ey);
+                if (C > 1 && xs1 == 1 && os1 == 1 && os3 == C && os2 == W * C) {
+                    warp_blend_pixels(m, C, x + n * xs0, out + n * os0 + k0 * C, off, dx, dy, ex, ey);
+                    continue;
+                }
                 for (int64_t ch = 0; ch < C; ch++) {
                     const float *xc = x + n * xs0 + ch * xs1;
                     if (os2 == W * os3) {  /* rows back to back: the chunk's pixels at a stride of os3 */
