@@ -58,7 +58,8 @@ bench-finetune: $(STAMP)
 # the papers' conv blocks alone: torch's modules, fused on torch's ops, cnnlab's native kernels;
 # the second paper's stem with and without its native weight gradient; the first paper's conv block with and
 # without its one-pass backward; the second paper's 10 → 20-channel convolution with bf16 dot products or torch's
-# (AVX-512 BF16 CPUs only); the pretrained backbones with batch norm folded into their convolutions or not
+# (AVX-512 BF16 CPUs only); the pretrained backbones with batch norm folded into their convolutions or not;
+# batch augmentation's flip and warp through torch's ops or the native kernel
 bench-kernels: $(STAMP)
 	$(BIN)/python benchmarks/cpu_kernels_bench.py --repeats 5 --write BENCHMARKS.md
 	$(BIN)/python benchmarks/block_bench.py --repeats 30 --write BENCHMARKS.md
