@@ -5,9 +5,9 @@
 
 `data.augment=true` flips, rotates, zooms and shifts every training batch on the device (data/augment.py). With
 torch's ops that is a dozen small ops for each image's θ, a flip, the sampling grid (affine_grid) and the warp
-(grid_sample); cnnlab's kernel (`warp_affine` in native_kernels.c, taken wherever the native kernels build and
-train.native is not false) forms θ from the same random draws and samples the batch in one pass. Two
-measurements:
+(grid_sample); cnnlab's kernel (`warp_affine` in native_kernels.c, taken on the CPU wherever the native kernels
+build and train.native is not false: Runtime.native_warp) forms θ from the same random draws and samples the
+batch in one pass. Two measurements:
 
   kernels   augment_batch alone, float32, on the first paper's batch (128 × 28×28×1), the second paper's
             (128 × 64×64×3, channels-last) and photos at 224 px (32 × 224×224×3, channels-last): torch's ops
@@ -77,8 +77,8 @@ def main() -> None:
 
     def row(x: dict) -> str:
         b, c, side, cl = x["shape"]
-        return (f"| {x['what']}: {b} × {side}×{side}×{c}{', channels-last' if cl else ''} | {x['torch']:.2f} | "
-                f"{x['native']:.2f} | {x['torch'] / x['native']:.1f}× |")
+        return (f"| {x['what']}: {b} × {side}×{side}×{c}{', channels-last' if cl else ''} | {x['torch']:.3f} | "
+                f"{x['native']:.3f} | {x['torch'] / x['native']:.2f}× |")
 
     title = f"## Batch augmentation's flip and affine warp in one pass (issue 14) — {m['capability']}"
     lines = [START, title,

@@ -973,19 +973,24 @@ def _warp_inputs(layout: str) -> torch.Tensor:
         return torch.randn(5, 3, 17, 31, generator=g).contiguous(memory_format=torch.channels_last)
     if layout == "3 channels, NCHW":
         return torch.randn(3, 3, 12, 20, generator=g)
+    if layout == "one image, one row":
+        return torch.randn(1, 2, 1, 9, generator=g)
+    if layout == "one column, channels-last":
+        return torch.randn(3, 3, 8, 1, generator=g).contiguous(memory_format=torch.channels_last)
     return torch.randn(4, 2, 40, 9, generator=g).transpose(2, 3)  # rows not back to back in the output either
 
 
 @every_build
 @pytest.mark.parametrize("layout", ["first paper's batch", "channels-last, odd sides", "3 channels, NCHW",
-                                    "transposed"])
+                                    "one image, one row", "one column, channels-last", "transposed"])
 @pytest.mark.parametrize("settings", [dict(rotation=5, hflip=0.5, scale=0.05, translate=0.05),
                                       dict(rotation=40, hflip=0.0, scale=0.3, translate=0.3),
                                       dict(rotation=0, hflip=1.0, scale=0.0, translate=0.25)])
 def test_the_warp_kernel_is_torchs_flip_grid_and_grid_sample(layout, settings):
     """The kernel's flip and warp against torch's path on the same draws: every image within float rounding of
     the values' range (the border's repeated pixels, flips with and without a warp, large angles pulling pixels
-    from outside), in x's memory format, and the generator left where torch's path leaves it."""
+    from outside, sides of one pixel, a batch of one), in x's memory format, and the generator left where torch's
+    path leaves it."""
     from cnnlab.data.augment import augment_batch
 
     x = _warp_inputs(layout)
@@ -994,14 +999,30 @@ def test_the_warp_kernel_is_torchs_flip_grid_and_grid_sample(layout, settings):
     got = augment_batch(x, g_native, native=True, **settings)
     assert native.warp_applies(x)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * float(x.abs().max()))
-    assert got.stride() == torch.empty_like(x).stride()
+    cl = torch.channels_last
+    assert got.is_contiguous() == x.is_contiguous() and got.is_contiguous(memory_format=cl) == x.is_contiguous(
+        memory_format=cl)
     assert torch.equal(g_native.get_state(), g_torch.get_state())
-    assert not torch.equal(got, x)  # it did warp
 
 
+def test_the_warp_kernel_keeps_infinite_and_nan_pixels_as_grid_sample_does():
+    """An infinite pixel stays infinite (not NaN) where its weight is not 0, NaN where grid_sample makes it NaN."""
+    from cnnlab.data.augment import augment_batch
+
+    x = torch.randn(6, 2, 10, 12, generator=torch.Generator().manual_seed(1))
+    x[0, 0, 4, 5], x[1, 1, 0, 0], x[2, 0, 9, 11], x[3, 1, 5, 5] = float("inf"), float("-inf"), float("inf"), float("nan")
+    settings = dict(rotation=10, hflip=0.5, scale=0.1, translate=0.1)
+    want = augment_batch(x, torch.Generator().manual_seed(4), **settings)
+    got = augment_batch(x, torch.Generator().manual_seed(4), native=True, **settings)
+    assert want.isinf().any() and want.isnan().any()
+    assert torch.equal(got.isinf(), want.isinf()) and torch.equal(got.isnan(), want.isnan())
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4, equal_nan=True)
+
+
+@every_build
 def test_the_warp_kernel_keeps_flipped_images_exact():
     """A flip and a pure shift by whole pixels lands on pixel centres: the kernel gives the mirrored, shifted
-    pixels themselves, the border repeated."""
+    pixels themselves, the border repeated; it refuses what it does not compute."""
     x = torch.arange(2 * 1 * 4 * 8, dtype=torch.float32).view(2, 1, 4, 8)
     draws = torch.tensor([[0.0, 0.9], [0.5, 0.5], [0.5, 0.5], [1.0, 0.5], [0.5, 0.5]])  # flip 1st; shift 1st by +x
     # hflip 0.5: the first image flipped (0.0 < 0.5), the second not; translate 0.125 of 8 columns = 1 pixel
@@ -1012,12 +1033,15 @@ def test_the_warp_kernel_keeps_flipped_images_exact():
     torch.testing.assert_close(got[1], x[1], rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match=r"draws must be float32 \(5, 2\)"):
         native.warp_affine(x, draws[:4], 0.0, 0.0, 0.125, 0.5)
+    with pytest.raises(ValueError, match="float32 CPU batch"):
+        native.warp_affine(x.double(), draws, 0.0, 0.0, 0.125, 0.5)
 
 
 def test_augmented_runs_take_the_warp_kernel_for_any_model_unless_switched_off():
     """`data.augment=true` on the CPU: the run's batch augmentation goes through the kernel (env.json says so),
-    also for a model without fused blocks; not with train.native=false or train.fused=false, nor without
-    augmentation; BatchAugment.enabled forces either path."""
+    also for a model without fused blocks (whose `native` reason then says the kernels serve the warp alone) and
+    with train.fused=false; not with train.native=false, nor for flips alone; BatchAugment.enabled forces either
+    path, the same images within rounding."""
     from cnnlab.config import load_config
     from cnnlab.data.augment import BatchAugment
     from cnnlab.experiment import build_experiment
@@ -1025,19 +1049,23 @@ def test_augmented_runs_take_the_warp_kernel_for_any_model_unless_switched_off()
 
     def built(*overrides):
         cfg = load_config(None, ["data.max_per_class=20", "data.augment=true", "train.epochs=1", *overrides])
-        return build_experiment(cfg, ProgressLogger("none"))
+        b = build_experiment(cfg, ProgressLogger("none"))
+        return b, b.runtime.describe()["defaults_because"]
 
-    for model in ("harahap-cnn", "mlp"):
-        b = built(f"model.name={model}")
+    for overrides in (["model.name=harahap-cnn"], ["model.name=mlp"], ["train.fused=false"]):
+        b, why = built(*overrides)
         assert isinstance(b.data.train.augment, BatchAugment) and b.data.train.augment.native is True
-        assert b.runtime.describe()["defaults_because"]["augment"].startswith("flip and affine warp")
-    for off in ("train.native=false", "train.fused=false"):
-        b = built(off)
-        assert b.data.train.augment.native is False and "augment" not in b.runtime.describe()["defaults_because"]
-    assert built("data.augment=false").data.train.augment is None
-    b = built("data.aug_rotation=0", "data.aug_scale=0", "data.aug_translate=0", "data.aug_hflip=0.5")
-    assert b.data.train.augment.warps is False and b.data.train.augment.native is False  # flips alone: torch's
-    b = built()
+        assert why["augment"].startswith("flip and affine warp")
+        assert b.runtime.describe()["native"] is (overrides == ["model.name=harahap-cnn"])
+        if overrides != ["model.name=harahap-cnn"]:
+            assert why["native"].endswith("; compiled for the batch augmentation's warp alone")
+            assert "(not compiled)" not in why["native"]
+    b, why = built("train.native=false")
+    assert b.data.train.augment.native is False and why["augment"].endswith("(train.native=false)")
+    assert built("data.augment=false")[0].data.train.augment is None
+    b, why = built("data.aug_rotation=0", "data.aug_scale=0", "data.aug_translate=0", "data.aug_hflip=0.5")
+    assert b.data.train.augment.native is False and why["augment"].startswith("flips only")
+    b, _ = built()
     x = b.data.train.normalizer(b.data.train.images[:8])
     state = b.data.train.aug_generator.get_state()
     try:

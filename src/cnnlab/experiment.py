@@ -203,9 +203,8 @@ def build_experiment(cfg: Config, log: ProgressLogger | None = None, dist=None) 
         model = model.to(memory_format=torch.channels_last)
     fuse = runtime.fused and not t.compile  # compile fuses by itself
     set_fusion(model, fuse, runtime.native_for(model, fuse))
-    warp = data.train.augment
-    if isinstance(warp, BatchAugment) and warp.warps and runtime.native_warp():
-        warp.native = True
+    if isinstance(data.train.augment, BatchAugment):
+        data.train.augment.native = runtime.native_warp(data.train.augment.warps)
     if t.compile:
         folder, why = compile_cache()  # torch's own cache mixes instruction sets up (hardware.compile_cache)
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = folder

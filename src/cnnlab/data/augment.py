@@ -25,8 +25,9 @@ def affine_grid(theta: torch.Tensor, size: list[int]) -> torch.Tensor:
     return (theta.reshape(b * 2, 3) @ base.view(3, h * w)).view(b, 2, h, w).permute(0, 2, 3, 1)
 
 
-def _uniform(n: int, bound: float, g: torch.Generator, device) -> torch.Tensor:
-    return (torch.rand(n, generator=g, device=device) * 2 - 1) * bound
+def warps(rotation: float = 0.0, scale: float = 0.0, translate: float = 0.0, **_) -> bool:
+    """Whether augment_batch with these settings warps the images (not only flips them)."""
+    return rotation > 0 or scale > 0 or translate > 0
 
 
 def augment_batch(x: torch.Tensor, g: torch.Generator, *, rotation: float = 0.0, hflip: float = 0.0,
@@ -36,31 +37,30 @@ def augment_batch(x: torch.Tensor, g: torch.Generator, *, rotation: float = 0.0,
     x: (B, C, H, W) float. Each image gets its own parameters from generator `g`;
     areas that come from outside the image repeat its border pixels.
     native: flip and warp in cnnlab's compiled kernel (models/native.py's warp_affine) where it applies (a
-    float32 CPU batch that is warped, not only flipped) — the same draws from `g`, so the same images up to
+    float32 CPU batch that is warped, not only flipped) — from the same draws, so the same images up to
     float rounding (~1e-6 of the pixels' range), in one pass instead of a dozen ops (`benchmarks/augment_bench.py`).
     """
     b, device = x.shape[0], x.device
-    warped = rotation > 0 or scale > 0 or translate > 0
+    warped = warps(rotation, scale, translate)
+    # the draws, one row of B each in this order: flip (when hflip > 0), then angle, zoom, x and y shift (when warped)
+    u = torch.empty(5, b, device=device)
+    for row in ([0] if hflip > 0 else []) + ([1, 2, 3, 4] if warped else []):
+        torch.rand(b, generator=g, device=device, out=u[row])
     if native and warped:
         from ..models import native as kernels
 
         if kernels.warp_applies(x):
-            draws = torch.empty(5, b, dtype=torch.float32)
-            for row in range(0 if hflip > 0 else 1, 5):  # flip, angle, zoom, x and y shift: the draws below
-                torch.rand(b, generator=g, out=draws[row])
-            return kernels.warp_affine(x, draws, math.radians(rotation), scale, translate, hflip)
+            return kernels.warp_affine(x, u, math.radians(rotation), scale, translate, hflip)
     if hflip > 0:
-        flip = torch.rand(b, generator=g, device=device) < hflip
-        x = torch.where(flip.view(b, 1, 1, 1), x.flip(3), x)
+        x = torch.where((u[0] < hflip).view(b, 1, 1, 1), x.flip(3), x)
     if not warped:
         return x
-    angle = _uniform(b, math.radians(rotation), g, device)
-    zoom = 1 + _uniform(b, scale, g, device)
-    shift = torch.stack([_uniform(b, translate, g, device), _uniform(b, translate, g, device)], 1)
+    angle, zoom = (u[1] * 2 - 1) * math.radians(rotation), 1 + (u[2] * 2 - 1) * scale
+    shift = (u[3:5] * 2 - 1) * translate  # (2, B): x, y
     cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
     # theta maps output coordinates (in [-1, 1]) to input coordinates: (B, 2, 3)
-    theta = torch.stack([torch.stack([cos, -sin, 2 * shift[:, 0]], 1),
-                         torch.stack([sin, cos, 2 * shift[:, 1]], 1)], 1).to(x.dtype)
+    theta = torch.stack([torch.stack([cos, -sin, 2 * shift[0]], 1),
+                         torch.stack([sin, cos, 2 * shift[1]], 1)], 1).to(x.dtype)
     grid = affine_grid(theta, list(x.shape))
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
@@ -73,7 +73,7 @@ class BatchAugment:
 
     def __init__(self, g: torch.Generator, **settings):
         self.g, self.settings, self.native = g, settings, False
-        self.warps = any(settings.get(k, 0) > 0 for k in ("rotation", "scale", "translate"))  # not only flips
+        self.warps = warps(**settings)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         on = self.native if BatchAugment.enabled is None else BatchAugment.enabled

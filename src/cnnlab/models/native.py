@@ -532,10 +532,11 @@ def conv_relu_backward(g: torch.Tensor, y: torch.Tensor, x: torch.Tensor, weight
 
 
 def warp_applies(x: torch.Tensor) -> bool:
-    """Whether warp_affine computes on `x`: a 4-D float32 CPU batch (any layout) whose images' offsets fit the
-    kernel's 32-bit integers, with the library loaded."""
+    """Whether warp_affine computes on `x`: a 4-D float32 CPU batch (any layout) of at least one pixel whose
+    offsets within an image fit the kernel's 32-bit integers, with the library loaded."""
     return (x.device.type == "cpu" and x.dim() == 4 and x.dtype == torch.float32 and x.numel() > 0
-            and max(s * (n - 1) for s, n in zip(x.stride()[1:], x.shape[1:])) < 2 ** 30 and library() is not None)
+            and x.stride(2) * (x.shape[2] - 1) + x.stride(3) * (x.shape[3] - 1) < 2 ** 31 - 1
+            and library() is not None)
 
 
 def warp_affine(x: torch.Tensor, draws: torch.Tensor, rotation: float, scale: float, translate: float,
@@ -543,17 +544,20 @@ def warp_affine(x: torch.Tensor, draws: torch.Tensor, rotation: float, scale: fl
     """Batch augmentation's flip and affine warp in one pass (data/augment.py's augment_batch, whose random
     draws these are): draws (5, N) float32 uniform in [0, 1) — flip (unused when hflip is 0), angle, zoom,
     x shift, y shift; rotation in radians. The same bilinear, border-padded sampling as F.grid_sample with
-    align_corners=False, θ formed in the kernel; the output in x's memory format."""
-    out = torch.empty_like(x)
-    strides = torch.tensor([*x.stride(), *out.stride()], dtype=torch.int64)
-    bounds = torch.tensor([rotation, scale, translate, hflip], dtype=torch.float32)
+    align_corners=False, θ formed in the kernel; the output in x's memory format. The work is split over the
+    images (a batch of one runs on one thread)."""
+    if not warp_applies(x):
+        raise ValueError(f"warp_affine computes on a non-empty 4-D float32 CPU batch with the native kernels loaded, "
+                         f"not {x.dtype} {tuple(x.shape)} on {x.device}")
     draws = draws.contiguous()
-    if tuple(draws.shape) != (5, x.shape[0]) or draws.dtype != torch.float32:
-        raise ValueError(f"warp_affine: draws must be float32 (5, {x.shape[0]}), not {tuple(draws.shape)} "
-                         f"{draws.dtype}")
-    status = _LIB.cnnlab_warp_affine_f32(x.data_ptr(), *x.shape, strides.data_ptr(), draws.data_ptr(),
-                                         bounds.data_ptr(), out.data_ptr(), strides.data_ptr() + 32,
-                                         torch.get_num_threads())
+    if tuple(draws.shape) != (5, x.shape[0]) or draws.dtype != torch.float32 or draws.device.type != "cpu":
+        raise ValueError(f"warp_affine: draws must be float32 (5, {x.shape[0]}) on the CPU, not "
+                         f"{draws.dtype} {tuple(draws.shape)} on {draws.device}")
+    out = torch.empty_like(x)
+    strides = [(ctypes.c_int64 * 4)(*t.stride()) for t in (x, out)]
+    bounds = (ctypes.c_float * 4)(rotation, scale, translate, hflip)
+    status = _LIB.cnnlab_warp_affine_f32(x.data_ptr(), *x.shape, strides[0], draws.data_ptr(), bounds,
+                                         out.data_ptr(), strides[1], torch.get_num_threads())
     if status != 0:
         raise MemoryError("cnnlab's native kernel warp_affine could not allocate its scratch memory")
     return out

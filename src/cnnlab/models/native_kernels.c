@@ -1668,17 +1668,21 @@ static void warp_coords(int64_t n, const float *restrict gx0, const float *restr
     }
 }
 
-/* One channel's n output pixels (at a stride of os), each the bilinear blend of its four neighbours. Kept
- * scalar: the compiler's gathers made this loop slower on the Zen 4 (the image is in L1 either way). */
+/* One channel's n output pixels (at a stride of os), each the bilinear blend of its four neighbours, as weighted
+ * sums ((1 − t)·a + t·b: an infinite pixel stays infinite where its weight is not 0, as in grid_sample; a + t·(b − a)
+ * would make it NaN), and a neighbour past the last column or row left out rather than weighted by 0 (grid_sample
+ * masks it: 0·inf would be NaN). Kept scalar: the compiler's gathers made this loop slower on the Zen 4 (the image
+ * is in L1 either way). */
 __attribute__((optimize("no-tree-vectorize")))
 static void warp_blend(int64_t n, const float *restrict xc, float *restrict oc, int64_t os, const int32_t *restrict off,
                        const int32_t *restrict dx, const int32_t *restrict dy, const float *restrict ex,
                        const float *restrict ey) {
     for (int64_t k = 0; k < n; k++) {
         const float *p = xc + off[k];
-        const float top = p[0] + ex[k] * (p[dx[k]] - p[0]);
-        const float bottom = p[dy[k]] + ex[k] * (p[dx[k] + dy[k]] - p[dy[k]]);
-        oc[k * os] = top + ey[k] * (bottom - top);
+        const float a = ex[k], b = ey[k];
+        const float top = dx[k] ? (1 - a) * p[0] + a * p[dx[k]] : p[0];
+        const float bottom = dx[k] ? (1 - a) * p[dy[k]] + a * p[dx[k] + dy[k]] : p[dy[k]];
+        oc[k * os] = dy[k] ? (1 - b) * top + b * bottom : top;
     }
 }
 
@@ -1693,8 +1697,9 @@ static void warp_blend_pixels(int64_t n, int64_t C, const float *restrict x, flo
         const float a = ex[k], b = ey[k];
         float *q = o + k * C;
         for (int64_t c = 0; c < C; c++) {
-            const float top = p[c] + a * (pr[c] - p[c]), bottom = pd[c] + a * (prd[c] - pd[c]);
-            q[c] = top + b * (bottom - top);
+            const float top = dx[k] ? (1 - a) * p[c] + a * pr[c] : p[c];
+            const float bottom = dx[k] ? (1 - a) * pd[c] + a * prd[c] : pd[c];
+            q[c] = dy[k] ? (1 - b) * top + b * bottom : top;
         }
     }
 }
@@ -1716,7 +1721,7 @@ int cnnlab_warp_affine_f32(const float *x, int64_t N, int64_t C, int64_t H, int6
     {
         int32_t *ints = (int32_t *)aligned_alloc(64, WARP_CHUNK * 3 * sizeof(int32_t));
         float *fracs = (float *)aligned_alloc(64, WARP_CHUNK * 2 * sizeof(float));
-        SCRATCH_READY(ints && fracs)
+        SCRATCH_READY(ints && fracs);
         int32_t *off = ints, *dx = ints + WARP_CHUNK, *dy = ints + 2 * WARP_CHUNK;
         float *ex = fracs, *ey = fracs + WARP_CHUNK;
         #pragma omp for schedule(static)

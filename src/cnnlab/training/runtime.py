@@ -128,8 +128,9 @@ class Runtime:
                                                         for v in (channels_last, fused, reuse_memory))
         self.reuse_memory = reuse_memory and keep_freed_memory()
         # on the CPU by default, decided by native_for(model): only a model with fused blocks waits for the compile
+        # for them (and any model whose batches are warped, for the warp: native_warp)
         self.native: bool | None = False
-        self._native_allowed = self.fused and native is not False and cpu  # native_warp's question
+        self._native_setting = native  # train.native as given: native_warp's question
         self.feature_engine: str | None = None  # head-only runs: what computed the backbone's features (features.py)
         if self.fused:
             self.native = None if native is None and cpu else self._native(native, cpu)
@@ -168,20 +169,30 @@ class Runtime:
                 self.native = self._native(None, True)
         return self.native
 
-    def native_warp(self) -> bool:
+    def native_warp(self, warps: bool = True) -> bool:
         """Whether batch augmentation's flip and affine warp runs through the compiled kernel (data/augment.py,
-        `benchmarks/augment_bench.py`): on the CPU wherever train.native and train.fused leave the kernels on and
-        they build here, for any model (a pretrained backbone's run compiles them for it, once per machine);
-        the reason goes into env.json as `augment`."""
+        `benchmarks/augment_bench.py`): on the CPU wherever train.native is not false and the kernels build here,
+        for any model — one without fused blocks, or under train.compile or train.fused=false, has them compiled
+        for the warp alone (once per machine), and `native`'s reason says so. warps: False when the batches are
+        only flipped (torch's one op). The reason goes into env.json as `augment`."""
         from ..models import native
 
-        if not self._native_allowed:
-            return False
-        if not self.native and native.library() is None:
-            self.reasons["augment"] = f"flip and warp through torch's ops: {native.why_not()}"
-            return False
-        self.reasons["augment"] = "flip and affine warp of the training batches in one pass of the compiled kernel"
-        return True
+        torch_ops = "flip and warp through torch's ops"
+        if not warps:
+            why, on = "flips only, through torch's flip (no warp to run)", False
+        elif self.device.type != "cpu":
+            why, on = f"{torch_ops} (the native kernels are CPU kernels)", False
+        elif self._native_setting is False:
+            why, on = f"{torch_ops} (train.native=false)", False
+        elif not self.native and native.library() is None:
+            why, on = f"{torch_ops}: {native.why_not()}", False
+        else:
+            why, on = "flip and affine warp of the training batches in one pass of the compiled kernel", True
+            if not self.native:
+                self.reasons["native"] = (self.reasons.get("native", "off").replace(" (not compiled)", "")
+                                          + "; compiled for the batch augmentation's warp alone")
+        self.reasons["augment"] = why
+        return on
 
     def _native(self, wanted: bool | None, cpu: bool) -> bool:
         """Whether the fused blocks run through the compiled kernels (compiling them now if need be)."""
