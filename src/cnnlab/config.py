@@ -192,9 +192,9 @@ class TrainConfig:
                                 "fp32 elsewhere) | 32 | bf16-mixed | 16-mixed (16-mixed on CUDA only)",
                           choices=["auto", "32", "bf16-mixed", "16-mixed"])
     channels_last: Optional[bool] = _opt(
-        None, "channels-last memory format (null: on for the CPU, where it measured 8–97 % faster; off on CUDA)")
-    compile: bool = _opt(False, "torch.compile the model (measured 0.35–0.60× the speed of eager on the papers' "
-                                "nets and 0.92–1.02× on resnet18 on the CPU, after a long first compile; needs a C++ "
+        None, "channels-last memory format (null: on for the CPU, where it measured 0–81 % faster, never slower; off on CUDA)")
+    compile: bool = _opt(False, "torch.compile the model (measured 0.40–0.60× the speed of eager on the papers' "
+                                "nets and 0.98–1.02× on resnet18 on the CPU, after a long first compile; needs a C++ "
                                 "compiler)")
     fused: Optional[bool] = _opt(
         None, "fused kernels: the optimiser's fused step (sgd, adam, adamw) and the papers' nets' fused "

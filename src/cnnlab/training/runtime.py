@@ -118,7 +118,7 @@ class Runtime:
         if precision == "auto":
             precision, self.reasons["precision"] = auto_precision(self.device)
         self.precision = Precision(precision, self.device)
-        # None: on where measured faster, the CPU (channels-last 8–97 %, the fused kernels and kept memory:
+        # None: on where measured faster, the CPU (channels-last 0–81 %, the fused kernels and kept memory:
         # benchmarks/switches_bench.py, BENCHMARKS.md); unmeasured on CUDA, so off there unless asked for
         for key, value in (("channels_last", channels_last), ("fused", fused), ("reuse_memory", reuse_memory)):
             if value is None:
