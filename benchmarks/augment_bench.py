@@ -22,12 +22,11 @@ from __future__ import annotations
 
 import statistics
 import sys
-import time
 from pathlib import Path
 
-from bench_common import (interleaved_median_ms, machine_line, markers, publish, round_ratio, rounds,  # on sys.path
+from bench_common import (interleaved_median_ms, markers, publish, round_ratio, rounds,  # on sys.path
                           switched_epochs)
-from stem_bench import measure
+from stem_bench import measure, measured_line
 
 START, END = markers("augment-bench")  # a section per CPU kind
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,8 +69,6 @@ def loop(rounds: int) -> dict:
 
 
 def main() -> None:
-    import torch
-
     a, m, r, k = measure(__doc__, loop, kernels)
     s, n = r["seconds"], r["images"]
 
@@ -82,8 +79,7 @@ def main() -> None:
 
     title = f"## Batch augmentation's flip and affine warp in one pass (issue 14) — {m['capability']}"
     lines = [START, title,
-             "", f"`python benchmarks/augment_bench.py --rounds {a.rounds} --repeats {a.repeats}` — measured "
-             f"{time.strftime('%Y-%m-%d')} on {machine_line(m)}; torch threads {torch.get_num_threads()}.", "",
+             "", measured_line("augment_bench.py", a, m), "",
              f"`augment_batch` alone (flip 50 %, rotation ±5°, zoom ±5 %, shift ±5 %), float32, ms (median of "
              f"{a.repeats} interleaved calls). torch: θ from the draws, the flip, affine_grid and grid_sample; native: "
              "the kernel `warp_affine`, from the same draws.", "",

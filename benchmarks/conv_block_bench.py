@@ -32,12 +32,11 @@ from __future__ import annotations
 
 import statistics
 import sys
-import time
 from pathlib import Path
 
-from bench_common import (interleaved_median_ms, machine_line, markers, publish, round_ratio, rounds,  # on sys.path
+from bench_common import (interleaved_median_ms, markers, publish, round_ratio, rounds,  # on sys.path
                           switched_epochs)
-from stem_bench import measure
+from stem_bench import measure, measured_line
 
 START, END = markers("conv-block-bench")  # a section per CPU kind
 ROOT = Path(__file__).resolve().parent.parent
@@ -143,8 +142,6 @@ def switched_table(d: dict, n: int, intro: str, pays: bool, decision: str, cpu: 
 
 
 def main() -> None:
-    import torch
-
     from cnnlab.models.native import conv_pool_stats_pays, stem_pays, wgrad_dot_pays
 
     a, m, r, k = measure(__doc__, loop, kernels)
@@ -152,8 +149,7 @@ def main() -> None:
     n, cpu = r["images"], m["capability"]
     lines = [START, f"## The first paper's conv block: the forward in one pass, the convolution's weight gradient "
                     f"from the block's gradient (issue 14) — {cpu}",
-             "", f"`python benchmarks/conv_block_bench.py --rounds {a.rounds} --repeats {a.repeats}` — measured "
-             f"{time.strftime('%Y-%m-%d')} on {machine_line(m)}; torch threads {torch.get_num_threads()}.", "",
+             "", measured_line("conv_block_bench.py", a, m), "",
              f"The backward of conv 5×5 (1 → 32, padding 2) → ReLU → batch norm → max-pool 2×2 alone, batch 128 at "
              f"28×28×1, {dtype} (median of {a.repeats} interleaved calls):", "",
              "| path | ms |", "|---|---:|",

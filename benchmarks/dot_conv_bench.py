@@ -25,12 +25,11 @@ from __future__ import annotations
 
 import statistics
 import sys
-import time
 from pathlib import Path
 
-from bench_common import (interleaved_median_ms, machine_line, markers, publish, round_ratio, rounds,  # on sys.path
+from bench_common import (interleaved_median_ms, markers, publish, round_ratio, rounds,  # on sys.path
                           switched_epochs)
-from stem_bench import measure
+from stem_bench import measure, measured_line
 
 START, END = markers("dot-conv-bench")  # a section per CPU kind
 ROOT = Path(__file__).resolve().parent.parent
@@ -90,8 +89,6 @@ def loop(rounds: int) -> dict:
 
 
 def main() -> None:
-    import torch
-
     from cnnlab.models.native import DOT_CONV_MAX_IN, DOT_CONV_MAX_OUT, dot_conv_available, dot_conv_pays, why_not
 
     def available_loop(rounds: int) -> dict:
@@ -115,8 +112,7 @@ def main() -> None:
 
     title = f"## A few-channel convolution + ReLU with bf16 dot products (issue 14) — {m['capability']}"
     lines = [START, title,
-             "", f"`python benchmarks/dot_conv_bench.py --rounds {a.rounds} --repeats {a.repeats}` — measured "
-             f"{time.strftime('%Y-%m-%d')} on {machine_line(m)}; torch threads {torch.get_num_threads()}.", "",
+             "", measured_line("dot_conv_bench.py", a, m), "",
              f"Convolution (stride 1, unpadded) → ReLU alone, batch 128, bf16, ms (median of {a.repeats} interleaved "
              "calls). torch: oneDNN's channels-last convolution + ReLU and the copy into the dense layer's (C, H, W) "
              "order forward; the gradient's copy back to channels-last, ReLU's backward and the convolution's "

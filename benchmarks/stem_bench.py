@@ -108,6 +108,14 @@ def loop(rounds: int) -> dict:
     return {"images": b.data.train.num_samples, "seconds": seconds, "precision": r["precision"]}
 
 
+def measured_line(script: str, a: argparse.Namespace, m: dict) -> str:
+    """The section's command and machine line for a bench run through `measure`."""
+    import torch
+
+    return (f"`python benchmarks/{script} --rounds {a.rounds} --repeats {a.repeats}` — measured "
+            f"{time.strftime('%Y-%m-%d')} on {machine_line(m)}; torch threads {torch.get_num_threads()}.")
+
+
 def measure(doc: str, loop, kernels) -> tuple[argparse.Namespace, dict, dict, dict]:
     """The command line (--rounds, --repeats, --write), then `loop(rounds)` and `kernels(repeats, dtype)` in the
     loop's precision, on 2 threads: (the arguments, the machine, the loop's results with that precision's
@@ -150,8 +158,7 @@ def main() -> None:
     title = (f"## The second paper's stem: one native pass forward, its weight gradient from the pooled one "
              f"(issue 14) — {m['capability']}")
     lines = [START, title,
-             "", f"`python benchmarks/stem_bench.py --rounds {a.rounds} --repeats {a.repeats}` — measured "
-             f"{time.strftime('%Y-%m-%d')} on {machine_line(m)}; torch threads {torch.get_num_threads()}.", "",
+             "", measured_line("stem_bench.py", a, m), "",
              f"conv 3×3 (3 → 10) → ReLU → max-pool 2×2 alone, batch 128 at 64×64×3, {dtype} (median of "
              f"{a.repeats} interleaved calls):", "",
              "| direction | path | ms |", "|---|---|---:|",
