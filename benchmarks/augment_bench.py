@@ -24,9 +24,9 @@ import statistics
 import sys
 from pathlib import Path
 
-from bench_common import (interleaved_median_ms, markers, publish, round_ratio, rounds,  # on sys.path
+from bench_common import (interleaved_median_ms, markers, measured_line, publish, round_ratio, rounds,  # on sys.path
                           switched_epochs)
-from stem_bench import measure, measured_line
+from stem_bench import measure
 
 START, END = markers("augment-bench")  # a section per CPU kind
 ROOT = Path(__file__).resolve().parent.parent

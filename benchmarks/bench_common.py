@@ -99,6 +99,14 @@ def machine_line(m: dict) -> str:
             f"torch {m['torch']}, torchvision {m['torchvision']}, Pillow {m['pillow']}, numpy {m['numpy']}")
 
 
+def measured_line(script: str, a, m: dict) -> str:
+    """A kernels-and-loop bench's command and machine line (its arguments `a` from stem_bench.measure)."""
+    import torch
+
+    return (f"`python benchmarks/{script} --rounds {a.rounds} --repeats {a.repeats}` — measured "
+            f"{time.strftime('%Y-%m-%d')} on {machine_line(m)}; torch threads {torch.get_num_threads()}.")
+
+
 def markers(name: str, kind: str | None = None) -> tuple[str, str]:
     """The start and end markers of one benchmark's section for one CPU kind (default: this machine's). Each
     kind keeps its own section: a run on an AVX2 CPU replaces the AVX2 section and never an AVX-512 one."""

@@ -31,7 +31,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench_common import (interleaved_median_ms, machine, machine_line, markers, publish, round_ratio,  # on sys.path
+from bench_common import (interleaved_median_ms, machine, markers, measured_line, publish, round_ratio,  # on sys.path
                           rounds)
 
 START, END = markers("stem-bench")  # a section per CPU kind
@@ -106,14 +106,6 @@ def loop(rounds: int) -> dict:
         fused.conv_max_pool_relu, function.native_forward, function.enabled = stem, None, None
     r = b.runtime.describe()
     return {"images": b.data.train.num_samples, "seconds": seconds, "precision": r["precision"]}
-
-
-def measured_line(script: str, a: argparse.Namespace, m: dict) -> str:
-    """The section's command and machine line for a bench run through `measure`."""
-    import torch
-
-    return (f"`python benchmarks/{script} --rounds {a.rounds} --repeats {a.repeats}` — measured "
-            f"{time.strftime('%Y-%m-%d')} on {machine_line(m)}; torch threads {torch.get_num_threads()}.")
 
 
 def measure(doc: str, loop, kernels) -> tuple[argparse.Namespace, dict, dict, dict]:

@@ -258,6 +258,10 @@ def test_without_a_compiler_the_torch_path_runs_and_env_says_why(elsewhere, monk
     assert r.describe()["defaults_because"]["native"].startswith("off: no C compiler")
     with pytest.raises(RuntimeError, match="train.native=true but the native kernels cannot be built here"):
         Runtime("cpu", native=True)
+    with pytest.raises(RuntimeError, match="train.native=true but the native kernels cannot be built here"):
+        Runtime("cpu", fused=False, native=True).native_warp()  # the blocks off, the warp still asked for
+    assert r.native_warp() is False  # augmented batches: torch's warp, and env.json says why
+    assert r.describe()["defaults_because"]["augment"].startswith("flip and warp through torch's ops: no C compiler")
     seq = _bn_block(4)
     out = seq(torch.randn(2, 4, 8, 8).contiguous(memory_format=torch.channels_last))
     assert type(out.grad_fn).__name__ == "_ReLUBatchNormMaxPoolBackward"  # the fused torch-op path
@@ -965,6 +969,19 @@ def test_a_kernel_without_memory_for_its_scratch_raises_memory_error(kernel, dty
 
 # --------------------------------------------------------------------------- batch augmentation's warp
 
+@pytest.fixture
+def warp_calls(monkeypatch):
+    """How many times augment_batch called the kernel: a test comparing native=True with torch's path must see
+    it called, or both sides would be torch's."""
+    calls, kernel = [], native.warp_affine
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].shape)
+        return kernel(*args, **kwargs)
+    monkeypatch.setattr(native, "warp_affine", counted)
+    return calls
+
+
 def _warp_inputs(layout: str) -> torch.Tensor:
     g = torch.Generator().manual_seed(7)
     if layout == "first paper's batch":
@@ -986,7 +1003,7 @@ def _warp_inputs(layout: str) -> torch.Tensor:
 @pytest.mark.parametrize("settings", [dict(rotation=5, hflip=0.5, scale=0.05, translate=0.05),
                                       dict(rotation=40, hflip=0.0, scale=0.3, translate=0.3),
                                       dict(rotation=0, hflip=1.0, scale=0.0, translate=0.25)])
-def test_the_warp_kernel_is_torchs_flip_grid_and_grid_sample(layout, settings):
+def test_the_warp_kernel_is_torchs_flip_grid_and_grid_sample(layout, settings, warp_calls):
     """The kernel's flip and warp against torch's path on the same draws: every image within float rounding of
     the values' range (the border's repeated pixels, flips with and without a warp, large angles pulling pixels
     from outside, sides of one pixel, a batch of one), in x's memory format, and the generator left where torch's
@@ -997,15 +1014,13 @@ def test_the_warp_kernel_is_torchs_flip_grid_and_grid_sample(layout, settings):
     g_torch, g_native = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
     want = augment_batch(x, g_torch, **settings)
     got = augment_batch(x, g_native, native=True, **settings)
-    assert native.warp_applies(x)
+    assert warp_calls == [x.shape]
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * float(x.abs().max()))
-    cl = torch.channels_last
-    assert got.is_contiguous() == x.is_contiguous() and got.is_contiguous(memory_format=cl) == x.is_contiguous(
-        memory_format=cl)
+    assert got.stride() == x.stride()  # x's layout, the transposed one too
     assert torch.equal(g_native.get_state(), g_torch.get_state())
 
 
-def test_the_warp_kernel_keeps_infinite_and_nan_pixels_as_grid_sample_does():
+def test_the_warp_kernel_keeps_infinite_and_nan_pixels_as_grid_sample_does(warp_calls):
     """An infinite pixel stays infinite (not NaN) where its weight is not 0, NaN where grid_sample makes it NaN."""
     from cnnlab.data.augment import augment_batch
 
@@ -1014,7 +1029,7 @@ def test_the_warp_kernel_keeps_infinite_and_nan_pixels_as_grid_sample_does():
     settings = dict(rotation=10, hflip=0.5, scale=0.1, translate=0.1)
     want = augment_batch(x, torch.Generator().manual_seed(4), **settings)
     got = augment_batch(x, torch.Generator().manual_seed(4), native=True, **settings)
-    assert want.isinf().any() and want.isnan().any()
+    assert warp_calls == [x.shape] and want.isinf().any() and want.isnan().any()
     assert torch.equal(got.isinf(), want.isinf()) and torch.equal(got.isnan(), want.isnan())
     torch.testing.assert_close(got, want, rtol=0, atol=1e-4, equal_nan=True)
 
@@ -1037,7 +1052,7 @@ def test_the_warp_kernel_keeps_flipped_images_exact():
         native.warp_affine(x.double(), draws, 0.0, 0.0, 0.125, 0.5)
 
 
-def test_augmented_runs_take_the_warp_kernel_for_any_model_unless_switched_off():
+def test_augmented_runs_take_the_warp_kernel_for_any_model_unless_switched_off(warp_calls):
     """`data.augment=true` on the CPU: the run's batch augmentation goes through the kernel (env.json says so),
     also for a model without fused blocks (whose `native` reason then says the kernels serve the warp alone) and
     with train.fused=false; not with train.native=false, nor for flips alone; BatchAugment.enabled forces either
@@ -1058,8 +1073,9 @@ def test_augmented_runs_take_the_warp_kernel_for_any_model_unless_switched_off()
         assert why["augment"].startswith("flip and affine warp")
         assert b.runtime.describe()["native"] is (overrides == ["model.name=harahap-cnn"])
         if overrides != ["model.name=harahap-cnn"]:
-            assert why["native"].endswith("; compiled for the batch augmentation's warp alone")
-            assert "(not compiled)" not in why["native"]
+            assert why["native"] == ("off for the blocks: " + ("the model has no fused conv blocks" if overrides ==
+                                     ["model.name=mlp"] else "train.fused=false")
+                                     + "; compiled for the batch augmentation's warp alone")
     b, why = built("train.native=false")
     assert b.data.train.augment.native is False and why["augment"].endswith("(train.native=false)")
     assert built("data.augment=false")[0].data.train.augment is None
@@ -1076,5 +1092,6 @@ def test_augmented_runs_take_the_warp_kernel_for_any_model_unless_switched_off()
             outs[on] = b.data.train.augment(x)
     finally:
         BatchAugment.enabled = None
+    assert warp_calls == [x.shape]  # the forced native path only
     torch.testing.assert_close(outs[True], outs[False], rtol=0, atol=1e-4)
     assert not torch.equal(outs[True], x)

@@ -203,8 +203,6 @@ def build_experiment(cfg: Config, log: ProgressLogger | None = None, dist=None) 
         model = model.to(memory_format=torch.channels_last)
     fuse = runtime.fused and not t.compile  # compile fuses by itself
     set_fusion(model, fuse, runtime.native_for(model, fuse))
-    if isinstance(data.train.augment, BatchAugment):
-        data.train.augment.native = runtime.native_warp(data.train.augment.warps)
     if t.compile:
         folder, why = compile_cache()  # torch's own cache mixes instruction sets up (hardware.compile_cache)
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = folder
@@ -216,6 +214,9 @@ def build_experiment(cfg: Config, log: ProgressLogger | None = None, dist=None) 
 
         data = feature_data(model, data, runtime, t.feature_engine, log=log.message, progress=log.mode == "bar")
         trained = model.head
+    warp = getattr(data.train, "augment", None)  # (the head-only mode's feature loaders have none)
+    if isinstance(warp, BatchAugment):  # decided after the checks above, which may refuse the config
+        warp.native = runtime.native_warp(warp.warps)
     if dist is not None:
         from .training.distributed import ShardedLoader
 

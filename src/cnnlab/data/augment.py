@@ -43,7 +43,7 @@ def augment_batch(x: torch.Tensor, g: torch.Generator, *, rotation: float = 0.0,
     b, device = x.shape[0], x.device
     warped = warps(rotation, scale, translate)
     # the draws, one row of B each in this order: flip (when hflip > 0), then angle, zoom, x and y shift (when warped)
-    u = torch.empty(5, b, device=device)
+    u = torch.empty(5, b, dtype=torch.float32, device=device)
     for row in ([0] if hflip > 0 else []) + ([1, 2, 3, 4] if warped else []):
         torch.rand(b, generator=g, device=device, out=u[row])
     if native and warped:

@@ -1668,22 +1668,26 @@ static void warp_coords(int64_t n, const float *restrict gx0, const float *restr
     }
 }
 
-/* One channel's n output pixels (at a stride of os), each the bilinear blend of its four neighbours, as weighted
- * sums ((1 − t)·a + t·b: an infinite pixel stays infinite where its weight is not 0, as in grid_sample; a + t·(b − a)
- * would make it NaN), and a neighbour past the last column or row left out rather than weighted by 0 (grid_sample
- * masks it: 0·inf would be NaN). Kept scalar: the compiler's gathers made this loop slower on the Zen 4 (the image
- * is in L1 either way). */
+/* The bilinear blend of a pixel's four neighbours p, p + dx, p + dy, p + dx + dy with fractions a (across) and b
+ * (down), as weighted sums ((1 − t)·u + t·v: an infinite pixel stays infinite where its weight is not 0, as in
+ * grid_sample; u + t·(v − u) would make it NaN), a neighbour past the last column or row (dx or dy 0) left out
+ * rather than weighted by 0 (grid_sample masks it: 0·inf would be NaN). Next to an infinite pixel, at a position
+ * on a pixel's centre, the un-normalisation's rounding (((g + 1)·W − 1)·0.5 here, g·W/2 + (W/2 − 0.5) in torch's
+ * vectorised path) can still give NaN on one side and a number on the other. */
+static inline float blend4(const float *p, int32_t dx, int32_t dy, float a, float b) {
+    const float top = dx ? (1 - a) * p[0] + a * p[dx] : p[0];
+    if (!dy) return top;
+    const float bottom = dx ? (1 - a) * p[dy] + a * p[dx + dy] : p[dy];
+    return (1 - b) * top + b * bottom;
+}
+
+/* One channel's n output pixels (at a stride of os). Kept scalar: the compiler's gathers made this loop slower on
+ * the Zen 4 (the image is in L1 either way). */
 __attribute__((optimize("no-tree-vectorize")))
 static void warp_blend(int64_t n, const float *restrict xc, float *restrict oc, int64_t os, const int32_t *restrict off,
                        const int32_t *restrict dx, const int32_t *restrict dy, const float *restrict ex,
                        const float *restrict ey) {
-    for (int64_t k = 0; k < n; k++) {
-        const float *p = xc + off[k];
-        const float a = ex[k], b = ey[k];
-        const float top = dx[k] ? (1 - a) * p[0] + a * p[dx[k]] : p[0];
-        const float bottom = dx[k] ? (1 - a) * p[dy[k]] + a * p[dx[k] + dy[k]] : p[dy[k]];
-        oc[k * os] = dy[k] ? (1 - b) * top + b * bottom : top;
-    }
+    for (int64_t k = 0; k < n; k++) oc[k * os] = blend4(xc + off[k], dx[k], dy[k], ex[k], ey[k]);
 }
 
 /* Channels-last (channels at a stride of 1 in x and out, rows back to back in out): n pixels of C channels, each
@@ -1692,16 +1696,8 @@ __attribute__((optimize("no-tree-vectorize")))
 static void warp_blend_pixels(int64_t n, int64_t C, const float *restrict x, float *restrict o,
                               const int32_t *restrict off, const int32_t *restrict dx, const int32_t *restrict dy,
                               const float *restrict ex, const float *restrict ey) {
-    for (int64_t k = 0; k < n; k++) {
-        const float *p = x + off[k], *pr = p + dx[k], *pd = p + dy[k], *prd = pd + dx[k];
-        const float a = ex[k], b = ey[k];
-        float *q = o + k * C;
-        for (int64_t c = 0; c < C; c++) {
-            const float top = dx[k] ? (1 - a) * p[c] + a * pr[c] : p[c];
-            const float bottom = dx[k] ? (1 - a) * pd[c] + a * prd[c] : pd[c];
-            q[c] = dy[k] ? (1 - b) * top + b * bottom : top;
-        }
-    }
+    for (int64_t k = 0; k < n; k++)
+        for (int64_t c = 0; c < C; c++) o[k * C + c] = blend4(x + off[k] + c, dx[k], dy[k], ex[k], ey[k]);
 }
 
 int cnnlab_warp_affine_f32(const float *x, int64_t N, int64_t C, int64_t H, int64_t W, const int64_t *xs,

@@ -92,6 +92,11 @@ def auto_precision(device: torch.device, flags=None) -> tuple[str, str]:
     return "32", f"the CPU has {kind}, no AVX-512 BF16 / AMX: bf16 would be emulated (measured 9–20× slower)"
 
 
+def _cannot_build(why: str) -> RuntimeError:
+    return RuntimeError(f"train.native=true but the native kernels cannot be built here: {why} "
+                        "(train.native=null takes the torch-op path instead)")
+
+
 class Runtime:
     """Where and how tensors compute.
 
@@ -100,7 +105,9 @@ class Runtime:
     fused: the optimiser's fused step and the models' fused ReLU → batch-norm → max-pool blocks.
     reuse_memory: `keep_freed_memory()` for this process.
     native: the fused blocks through cnnlab's compiled kernels (models/native.py): None on the CPU where they
-    build (compiled here, once per machine), True required (an error where they cannot be built), False off.
+    build (compiled here, once per machine), True required (an error where they cannot be built), False off; the
+    same setting decides batch augmentation's warp (native_warp), which can use the kernels where the blocks do not
+    (`native` False, its reason saying so).
     """
 
     def __init__(self, device: str = "auto", precision: str = "32", threads: int | None = None,
@@ -131,6 +138,7 @@ class Runtime:
         # for them (and any model whose batches are warped, for the warp: native_warp)
         self.native: bool | None = False
         self._native_setting = native  # train.native as given: native_warp's question
+        self._blocks_off = "train.fused=false"  # why the blocks' kernels are off, once they are (native_warp says it)
         self.feature_engine: str | None = None  # head-only runs: what computed the backbone's features (features.py)
         if self.fused:
             self.native = None if native is None and cpu else self._native(native, cpu)
@@ -160,11 +168,11 @@ class Runtime:
 
         if self.native is None:
             if not fused:
-                self.native = False
-                self.reasons["native"] = "off: the blocks are not fused (train.compile fuses by itself)"
+                self.native, self._blocks_off = False, "the blocks are not fused (train.compile fuses by itself)"
+                self.reasons["native"] = f"off: {self._blocks_off}"
             elif not any(isinstance(m, FusedSequential) for m in model.modules()):
-                self.native = False
-                self.reasons["native"] = "off: the model has no fused conv blocks (not compiled)"
+                self.native, self._blocks_off = False, "the model has no fused conv blocks"
+                self.reasons["native"] = f"off: {self._blocks_off} (not compiled)"
             else:
                 self.native = self._native(None, True)
         return self.native
@@ -185,12 +193,14 @@ class Runtime:
         elif self._native_setting is False:
             why, on = f"{torch_ops} (train.native=false)", False
         elif not self.native and native.library() is None:
+            if self._native_setting:
+                raise _cannot_build(native.why_not())
             why, on = f"{torch_ops}: {native.why_not()}", False
         else:
             why, on = "flip and affine warp of the training batches in one pass of the compiled kernel", True
-            if not self.native:
-                self.reasons["native"] = (self.reasons.get("native", "off").replace(" (not compiled)", "")
-                                          + "; compiled for the batch augmentation's warp alone")
+            if not self.native:  # the blocks' kernels are off: the library serves the warp alone
+                self.reasons["native"] = (f"off for the blocks: {self._blocks_off}; compiled for the batch "
+                                          "augmentation's warp alone")
         self.reasons["augment"] = why
         return on
 
@@ -208,8 +218,7 @@ class Runtime:
             return False
         if native.library() is None:
             if wanted:
-                raise RuntimeError(f"train.native=true but the native kernels cannot be built here: "
-                                   f"{native.why_not()} (train.native=null takes the torch-op path instead)")
+                raise _cannot_build(native.why_not())
             self.reasons["native"] = f"off: {native.why_not()}; the fused blocks use torch's ops"
             return False
         if wanted is None:
