@@ -267,6 +267,14 @@ def test_without_a_compiler_the_torch_path_runs_and_env_says_why(elsewhere, monk
     assert type(out.grad_fn).__name__ == "_ReLUBatchNormMaxPoolBackward"  # the fused torch-op path
 
 
+def test_native_true_on_cuda_is_refused_fused_or_not(monkeypatch):
+    # the kernels are CPU kernels: asked for on CUDA, an error whether they would serve the blocks or the warp
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # refused before anything touches CUDA
+    for fused in (None, True, False):
+        with pytest.raises(RuntimeError, match="train.native=true: the native kernels are CPU kernels"):
+            Runtime("cuda", fused=fused, native=True)
+
+
 def test_a_failing_compiler_is_reported_with_its_message(elsewhere, monkeypatch):
     cc = elsewhere / "broken-cc"
     cc.write_text('#!/bin/sh\nif [ "$1" = --version ]; then echo "broken-cc 1.0"; exit 0; fi\n'

@@ -121,6 +121,9 @@ class Runtime:
         if precision == "16-mixed" and self.device.type != "cuda":
             raise RuntimeError("train.precision=16-mixed needs CUDA; on the CPU use bf16-mixed or 32")
         cpu = self.device.type == "cpu"
+        if native and not cpu:  # for the blocks and the batch augmentation's warp alike, fused or not
+            raise RuntimeError("train.native=true: the native kernels are CPU kernels; use train.native=null "
+                               "or false on CUDA")
         self.reasons: dict[str, str] = {}  # why each default was taken (env.json records it)
         if precision == "auto":
             precision, self.reasons["precision"] = auto_precision(self.device)
@@ -210,10 +213,7 @@ class Runtime:
 
         if wanted is False:
             return False
-        if not cpu:
-            if wanted:
-                raise RuntimeError("train.native=true: the native kernels are CPU kernels; use train.native=null "
-                                   "or false on CUDA")
+        if not cpu:  # train.native=true on CUDA was refused in __init__
             self.reasons["native"] = "off on CUDA: CPU kernels"
             return False
         if native.library() is None:
