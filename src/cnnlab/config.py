@@ -193,8 +193,8 @@ class TrainConfig:
                           choices=["auto", "32", "bf16-mixed", "16-mixed"])
     channels_last: Optional[bool] = _opt(
         None, "channels-last memory format (null: on for the CPU, where it measured 0–81 % faster, never slower; off on CUDA)")
-    compile: bool = _opt(False, "torch.compile the model (measured 0.40–0.60× the speed of eager on the papers' "
-                                "nets and 0.98–1.02× on resnet18 on the CPU, after a long first compile; needs a C++ "
+    compile: bool = _opt(False, "torch.compile the model (measured 0.40–0.55× the speed of eager on the papers' "
+                                "nets and 0.95–1.01× on resnet18 on the CPU, after a long first compile; needs a C++ "
                                 "compiler)")
     fused: Optional[bool] = _opt(
         None, "fused kernels: the optimiser's fused step (sgd, adam, adamw) and the papers' nets' fused "
@@ -206,7 +206,7 @@ class TrainConfig:
               "BF16 and no AMX, in bf16, a few-channel last convolution + ReLU and a 1-channel first convolution "
               "with its block's forward too), and data.augment's flip and affine warp of the training batches "
               "in one pass (any model), compiled once per machine with its C compiler (null: on "
-              "for the CPU where a C compiler is found, else the torch-op path; true: an error without one)")
+              "for the CPU where a C compiler is found, else the torch-op path; true: an error without one, or on CUDA)")
     feature_engine: str = _opt(
         "auto", "what computes a frozen backbone's features once in the head-only mode: auto (on the CPU in fp32, "
                 "ONNX Runtime or torch, whichever a probe on the run's images measures faster — ONNX Runtime "

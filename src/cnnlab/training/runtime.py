@@ -105,9 +105,9 @@ class Runtime:
     fused: the optimiser's fused step and the models' fused ReLU → batch-norm → max-pool blocks.
     reuse_memory: `keep_freed_memory()` for this process.
     native: the fused blocks through cnnlab's compiled kernels (models/native.py): None on the CPU where they
-    build (compiled here, once per machine), True required (an error where they cannot be built), False off; the
-    same setting decides batch augmentation's warp (native_warp), which can use the kernels where the blocks do not
-    (`native` False, its reason saying so).
+    build (compiled here, once per machine), True required (an error where they cannot be built, and on CUDA),
+    False off; the same setting decides batch augmentation's warp (native_warp), which can use the kernels where
+    the blocks do not (`native` False, its reason saying so).
     """
 
     def __init__(self, device: str = "auto", precision: str = "32", threads: int | None = None,
