@@ -786,29 +786,41 @@ def test_first_conv_block_path_only_where_it_computes_the_same(case):
         assert (a is None) == (b is None) and (a is None or _rel(a, b) < 1e-5)
 
 
-@pytest.fixture
-def dot_conv():
-    """The bf16 dot-product convolution: built wherever the CPU has AVX-512 BF16 (and then it must be there)."""
-    need_bf16_kernel(native.dot_conv_available(), "the conv_relu kernels")  # GCC < 10 lacks their intrinsics
+@pytest.fixture(params=[torch.bfloat16, torch.float32], ids=["bf16", "float32"])
+def conv_dtype(request):
+    """The few-channel convolution's kernels in each dtype: bf16's dot-product pair, built wherever the CPU has
+    AVX-512 BF16 (and then it must be there), and float32's, built everywhere."""
+    if request.param == torch.bfloat16:
+        need_bf16_kernel(native.dot_conv_available(), "the conv_relu kernels")  # GCC < 10 lacks their intrinsics
     _NativeConvReLU.enabled = True
-    yield
+    yield request.param
     _NativeConvReLU.enabled = None
 
 
-def test_the_dot_product_convolution_is_taken_by_default_only_where_measured():
-    """AVX-512 BF16 without AMX: measured faster than oneDNN's bf16 convolution there (dot_conv_bench); with AMX
-    oneDNN has its tile kernels, which it was not measured against; without AVX-512 BF16 it is not built."""
+def test_the_few_channel_convolution_is_taken_by_default_only_where_measured():
+    """bf16: AVX-512 BF16 without AMX, measured faster than oneDNN's bf16 convolution there (dot_conv_bench); with
+    AMX oneDNN has its tile kernels, which it was not measured against; without AVX-512 BF16 it is not built.
+    float32: AVX2 without AVX-512, measured faster than oneDNN's fp32 convolution there; not measured with AVX-512."""
     assert native.dot_conv_pays({"avx2", "avx512f", "avx512_bf16"}) is True
     assert native.dot_conv_pays({"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}) is False
     assert native.dot_conv_pays({"avx2", "avx512f", "avx512bw"}) is False and native.dot_conv_pays({"avx2"}) is False
     assert native.dot_conv_available() <= ("avx512_bf16" in cpu_flags())  # built only where the CPU has it
+    assert native.f32_conv_pays({"avx", "avx2", "fma"}) is True
+    assert native.f32_conv_pays({"avx2", "avx512f"}) is False and native.f32_conv_pays({"avx2", "avx512f", "avx512_bf16"}) is False
+    assert native.f32_conv_pays({"sse4_2", "avx"}) is False and native.f32_conv_pays(set()) is False
     r = Runtime("cpu", precision="bf16-mixed")
     assert r.native_for(FusedSequential(nn.Conv2d(3, 8, 3), nn.ReLU(inplace=True))) is True
     said = "bf16 dot-product kernel" in r.reasons["native"]
     assert said == (native.dot_conv_pays() and native.dot_conv_available())
+    assert "float32 kernel" not in r.reasons["native"]
     r = Runtime("cpu", precision="32")
     assert r.native_for(FusedSequential(nn.Conv2d(3, 8, 3), nn.ReLU(inplace=True))) is True
     assert "dot-product" not in r.reasons["native"]  # a bf16 kernel
+    assert ("float32 kernel" in r.reasons["native"]) == native.f32_conv_pays()
+    x = torch.randn(2, 6, 12, 12).contiguous(memory_format=torch.channels_last)
+    seq = FusedSequential(nn.Conv2d(6, 8, 3), nn.ReLU(inplace=True)).to(memory_format=torch.channels_last)
+    taken = type(seq(x).grad_fn).__name__ == "_NativeConvReLUBackward"  # float32, the default switch (None)
+    assert taken == native.f32_conv_pays()
 
 
 DOT_CONVS = [  # (batch, input channels, height, width, output channels, KH, KW): the second paper's (its 64×64
@@ -816,19 +828,20 @@ DOT_CONVS = [  # (batch, input channels, height, width, output channels, KH, KW)
     # columns; the most channels taken (12 in, 24 out); a 1×1 kernel; a single image
     (4, 10, 31, 31, 20, 5, 5), (3, 3, 12, 40, 7, 3, 3), (2, 11, 9, 9, 24, 7, 6), (2, 1, 5, 70, 2, 2, 3),
     (1, 12, 6, 6, 1, 1, 1), (2, 5, 20, 35, 13, 4, 2),
-    (2, 4, 20, 36, 6, 5, 5), (2, 4, 36, 32, 6, 5, 5), (1, 2, 8, 48, 3, 3, 1)]  # rows of exactly 32, 16 or 48 columns
+    (2, 4, 20, 36, 6, 5, 5), (2, 4, 36, 32, 6, 5, 5), (1, 2, 8, 48, 3, 3, 1),  # rows of exactly 32, 16 or 48 columns
+    (2, 3, 7, 8, 11, 2, 2), (3, 2, 9, 17, 9, 3, 3)]  # rows of exactly 8 (AVX2's lanes); 11 and 9 channels: odd blocks
 
 
-def _bf16_reference(n, ci, h, w, co, kh, kw, seed=0):
-    """x (channels-last bf16), weights and bias (float32), and relu(conv) with its gradients in float64 from the
-    bf16-rounded values — what an exact bf16 convolution computes."""
+def _reference(n, ci, h, w, co, kh, kw, dtype=torch.bfloat16, seed=0):
+    """x (channels-last, in dtype), weights and bias (float32), and relu(conv) with its gradients in float64 from
+    the values rounded to dtype — what an exact convolution in dtype computes."""
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, ci, h, w, generator=g).bfloat16().contiguous(memory_format=torch.channels_last)
+    x = torch.randn(n, ci, h, w, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
     wt, b = torch.randn(co, ci, kh, kw, generator=g) * 0.3, torch.randn(co, generator=g) * 0.3
     xr = x.double().requires_grad_()
-    wr, br = wt.bfloat16().double().requires_grad_(), b.bfloat16().double().requires_grad_()
+    wr, br = wt.to(dtype).double().requires_grad_(), b.to(dtype).double().requires_grad_()
     y = F.conv2d(xr, wr, br).relu()
-    gy = torch.randn(y.shape, generator=g).bfloat16()
+    gy = torch.randn(y.shape, generator=g).to(dtype)
     y.backward(gy.double())
     return x, wt, b, gy, y.detach(), xr.grad, wr.grad, br.grad
 
@@ -838,51 +851,77 @@ def _max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
 
 
-@pytest.mark.parametrize("shape", DOT_CONVS)
-def test_dot_product_convolution_is_an_exact_bf16_convolution(dot_conv, shape):
-    """relu(conv2d) forward and its three gradients against float64 on the same bf16 values: the output and the
-    input gradient within their one bf16 rounding, the weight and bias gradients (summed in float, returned in
-    float32) to 1e-5."""
-    x, wt, b, gy, y, dx, dw, db = _bf16_reference(*shape)
-    got = native.conv_relu_forward(x, wt, b)
-    assert got.dtype == torch.bfloat16 and got.is_contiguous()  # (N, C, H, W): the order a dense layer reads
-    assert _max_rel(got, y) < 2 ** -8
-    assert torch.equal(got > 0, y.bfloat16() > 0)  # ReLU where the exact output is ≤ 0, and only there
+@pytest.fixture
+def dot_conv():
+    """The bf16 dot-product convolution: built wherever the CPU has AVX-512 BF16 (and then it must be there)."""
+    need_bf16_kernel(native.dot_conv_available(), "the conv_relu kernels")  # GCC < 10 lacks their intrinsics
+
+
+def _exact(shape, dtype):
+    """relu(conv2d) forward and its three gradients against float64 on the same values: in bf16 the output and
+    the input gradient within their one bf16 rounding, in float32 within float sums' error; the weight and bias
+    gradients (summed in float, returned in float32) to 1e-5."""
+    bf16 = dtype == torch.bfloat16
+    x, wt, b, gy, y, dx, dw, db = _reference(*shape, dtype=dtype)
+    got = native.conv_relu_forward(x, wt, b, dtype)
+    assert got.dtype == dtype and got.is_contiguous()  # (N, C, H, W): the order a dense layer reads
+    assert _max_rel(got, y) < (2 ** -8 if bf16 else 1e-5)
+    assert torch.equal(got > 0, y.to(dtype) > 0)  # ReLU where the exact output is ≤ 0, and only there
     gx, gw, gb = native.conv_relu_backward(gy, got, x, wt, True, True)
-    assert gx.dtype == torch.bfloat16 and gx.is_contiguous(memory_format=torch.channels_last)
-    assert _max_rel(gx, dx) < 2 ** -7
+    assert gx.dtype == dtype and gx.is_contiguous(memory_format=torch.channels_last)
+    assert _max_rel(gx, dx) < (2 ** -7 if bf16 else 1e-5)
     assert gw.dtype == torch.float32 and _max_rel(gw, dw) < 1e-5 and _max_rel(gb, db) < 1e-5
     none_x, gw2, none_b = native.conv_relu_backward(gy, got, x, wt, False, False)
     assert none_x is None and none_b is None and torch.equal(gw2, gw)
 
 
-def test_dot_product_convolution_keeps_nan_and_passes_its_gradient(dot_conv):
+@pytest.mark.parametrize("shape", DOT_CONVS)
+def test_dot_product_convolution_is_an_exact_bf16_convolution(dot_conv, shape):
+    _exact(shape, torch.bfloat16)
+
+
+@every_build  # 8 lanes and 5 channels a register block with AVX2, 16 and 10 with AVX-512
+@pytest.mark.parametrize("shape", DOT_CONVS)
+def test_float32_few_channel_convolution_is_an_exact_convolution(shape):
+    _exact(shape, torch.float32)
+
+
+def _keeps_nan(dtype):
     """A NaN pixel makes every output over it NaN (ReLU keeps NaN, as torch's), and ReLU's backward passes the
     gradient there (threshold_backward's y ≤ 0 test is false for NaN)."""
-    x, wt, b, *_ = _bf16_reference(2, 4, 10, 10, 6, 3, 3)
+    x, wt, b, *_ = _reference(2, 4, 10, 10, 6, 3, 3, dtype=dtype)
     x[1, 2, 4, 5] = float("nan")
-    y = native.conv_relu_forward(x, wt, b)
+    y = native.conv_relu_forward(x, wt, b, dtype)
     nan = torch.zeros(2, 6, 8, 8, dtype=torch.bool)
     nan[1, :, 2:5, 3:6] = True
     assert torch.equal(y.isnan(), nan)
-    gy = torch.zeros(y.shape, dtype=torch.bfloat16)
+    gy = torch.zeros(y.shape, dtype=dtype)
     gy[1, 0, 3, 4] = 1
     _, dw, db = native.conv_relu_backward(gy, y, x, wt, True, True)
     assert db[0] == 1 and db[1:].eq(0).all() and dw[0].isnan().any()
     # an infinite pixel in the last column: torch forms its products with the gradient only at the last kernel
     # column, so the others stay finite (no 0 · Inf from the lanes past the output's width)
-    x, wt, b, *_ = _bf16_reference(2, 4, 10, 10, 6, 3, 3)
+    x, wt, b, *_ = _reference(2, 4, 10, 10, 6, 3, 3, dtype=dtype)
     x[0, 1, 5, 9] = float("inf")
-    y = native.conv_relu_forward(x, wt, b)
-    _, dw, _ = native.conv_relu_backward(torch.ones(y.shape, dtype=torch.bfloat16), y, x, wt, False, True)
+    y = native.conv_relu_forward(x, wt, b, dtype)
+    _, dw, _ = native.conv_relu_backward(torch.ones(y.shape, dtype=dtype), y, x, wt, False, True)
     assert dw[:, :, :, :2].isfinite().all() and dw[:, [0, 2, 3]].isfinite().all()
 
 
+def test_dot_product_convolution_keeps_nan_and_passes_its_gradient(dot_conv):
+    _keeps_nan(torch.bfloat16)
+
+
+@every_build
+def test_float32_few_channel_convolution_keeps_nan_and_passes_its_gradient():
+    _keeps_nan(torch.float32)
+
+
 @pytest.mark.parametrize("batch_norm", [False, True])
-def test_second_papers_net_trains_through_the_dot_product_convolution(dot_conv, batch_norm):
-    """The second paper's net under bf16 autocast: its 10 → 20-channel convolution + ReLU is taken (not with
-    batch norm after it), the dense layer reads its NCHW output as it is, and ten Adam steps on the built-in
-    silhouettes end at torch's bf16 loss (and learn)."""
+def test_second_papers_net_trains_through_the_few_channel_convolution(conv_dtype, batch_norm):
+    """The second paper's net under bf16 autocast or in float32: its 10 → 20-channel convolution + ReLU is taken
+    (not with batch norm after it), the dense layer reads its NCHW output as it is, and ten Adam steps on the
+    built-in silhouettes end at torch's loss (and learn)."""
     from cnnlab.data import load_source
     from cnnlab.models import create_model
 
@@ -898,7 +937,7 @@ def test_second_papers_net_trains_through_the_dot_product_convolution(dot_conv, 
         m = copy.deepcopy(m0)
         opt = torch.optim.Adam(m.parameters(), lr=1e-3)
         for _ in range(10):
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=conv_dtype == torch.bfloat16):
                 features = m.backbone(x)
                 loss = F.cross_entropy(m.head(features).float(), y)
             opt.zero_grad()
@@ -907,34 +946,43 @@ def test_second_papers_net_trains_through_the_dot_product_convolution(dot_conv, 
         taken = type(features.grad_fn).__name__ == "_NativeConvReLUBackward"
         assert taken == (on and not batch_norm)
         assert features.is_contiguous() == taken  # torch's convolution leaves it channels-last
+        assert features.dtype == conv_dtype
         losses[on] = loss.item()
-    assert losses[True] == pytest.approx(losses[False], rel=0.03, abs=0.01)
+    if conv_dtype == torch.bfloat16:
+        assert losses[True] == pytest.approx(losses[False], rel=0.03, abs=0.01)
+    else:  # float sums in another order only
+        assert losses[True] == pytest.approx(losses[False], rel=1e-3, abs=1e-4)
     assert losses[True] < 1.4  # it learned: ln 5 = 1.61 at the start
 
 
-@pytest.mark.parametrize("case", ["taken", "float32", "no gradients", "padded", "strided", "16 input channels",
-                                  "not the last", "fp16 autocast", "switched off", "a forward hook"])
-def test_dot_product_convolution_only_where_it_computes_the_same(dot_conv, case):
-    """Only a stride-1 unpadded few-channel convolution + ReLU ending the block, in bf16 autocast with gradients."""
+@pytest.mark.parametrize("case", ["taken", "no gradients", "padded", "strided", "16 input channels",
+                                  "not the last", "fp16 autocast", "half parameters", "switched off",
+                                  "a forward hook"])
+def test_few_channel_convolution_only_where_it_computes_the_same(conv_dtype, case):
+    """Only a stride-1 unpadded few-channel convolution + ReLU ending the block, in bf16 autocast or float32 with
+    gradients."""
     ci = 16 if case == "16 input channels" else 6
     conv = nn.Conv2d(ci, 8, 3, padding=1 if case == "padded" else 0, stride=2 if case == "strided" else 1)
     mods = [conv, nn.ReLU(inplace=True)] + ([nn.Conv2d(8, 8, 1)] if case == "not the last" else [])
     seq = FusedSequential(*mods).to(memory_format=torch.channels_last)
     x = torch.randn(2, ci, 12, 12).contiguous(memory_format=torch.channels_last)
+    if case == "half parameters":
+        seq, x = seq.half(), x.half()
     seen = []
     if case == "a forward hook":  # a hook on the convolution must see it run (Grad-CAM, weight_norm…)
         conv.register_forward_hook(lambda mod, args, out: seen.append(out.shape))
     _NativeConvReLU.enabled = case != "switched off"
     dtype = torch.float16 if case == "fp16 autocast" else torch.bfloat16
-    with torch.autocast("cpu", dtype=dtype, enabled=case != "float32"), torch.set_grad_enabled(case != "no gradients"):
+    autocast = conv_dtype == torch.bfloat16 or case == "fp16 autocast"
+    with torch.autocast("cpu", dtype=dtype, enabled=autocast), torch.set_grad_enabled(case != "no gradients"):
         out = seq(x)
     taken = out.grad_fn is not None and type(out.grad_fn).__name__ == "_NativeConvReLUBackward"
     assert taken == (case == "taken")
     assert len(seen) == (case == "a forward hook")
     if taken:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             ref = F.relu(conv(x))
-        assert _max_rel(out, ref) < 2 ** -7
+        assert out.dtype == conv_dtype and _max_rel(out, ref) < (2 ** -7 if autocast else 1e-5)
 
 
 @pytest.mark.parametrize("kernel,dtype", [("pool_stats", torch.float32), ("conv_pool_wgrad", torch.float32),
@@ -942,11 +990,12 @@ def test_dot_product_convolution_only_where_it_computes_the_same(dot_conv, case)
                                           ("conv_pool_forward", torch.float32), ("conv_pool_forward", torch.bfloat16),
                                           ("conv_pool_forward_cl", torch.bfloat16),
                                           ("conv_relu_forward", torch.bfloat16), ("conv_relu_backward", torch.bfloat16),
+                                          ("conv_relu_forward", torch.float32), ("conv_relu_backward", torch.float32),
                                           ("conv_pool_stats", torch.bfloat16)])
 def test_a_kernel_without_memory_for_its_scratch_raises_memory_error(kernel, dtype):
     """Asked for rows of 2⁴⁰ positions (and no images, so nothing is read), the kernels' scratch allocation
     fails: they skip their work and say so, and the call raises MemoryError instead of crashing."""
-    if kernel.startswith("conv_relu") and not native.dot_conv_available():
+    if kernel.startswith("conv_relu") and dtype == torch.bfloat16 and not native.dot_conv_available():
         pytest.skip("the bf16 dot-product convolution is built only for CPUs with AVX-512 BF16")
     if kernel == "conv_pool_stats" and not native.conv_pool_stats_available():
         pytest.skip("conv_pool_stats is built only for CPUs with AVX-512 BF16")

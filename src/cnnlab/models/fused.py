@@ -3,9 +3,9 @@ ReLU → BatchNorm2d → MaxPool2d(2) as one autograd function (the papers' conv
 pooled first, and after a first convolution whose input needs no gradient, that convolution's weight gradient
 formed from the pooled gradient (_NativeConvMaxPoolReLU: the second paper's stem) or, before ReLU → batch norm →
 max-pool, from the block's gradient without writing it in full (_NativeConvReLUBatchNormMaxPool: the first
-paper's); a few-channel last convolution + ReLU in bf16 with AVX-512 BF16's dot products, its output in the dense
-layer's (C, H, W) order (_NativeConvReLU: the second paper's 10 → 20); depthwise convolutions trained in fp32 under
-bf16 autocast (CpuConv2d, below).
+paper's); a few-channel last convolution + ReLU in the native kernels — bf16 with AVX-512 BF16's dot products, or
+float32 on AVX2 —, its output in the dense layer's (C, H, W) order (_NativeConvReLU: the second paper's 10 → 20);
+depthwise convolutions trained in fp32 under bf16 autocast (CpuConv2d, below).
 
 The fused block:
 
@@ -302,16 +302,19 @@ def conv_max_pool_relu(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor | None:
 
 
 class _NativeConvReLU(torch.autograd.Function):
-    """relu(conv2d(x, weight, bias)) in bf16 through the native dot-product kernels (native.conv_relu_forward /
+    """relu(conv2d(x, weight, bias)) through the native few-channel kernels (native.conv_relu_forward /
     conv_relu_backward): few channels (the second paper's 10 → 20-channel 5×5 convolution), output in plain NCHW
     order, which the dense layer after the block flattens without a copy (torch's channels-last output needed one
-    each way). The weights' and bias's gradients are summed in float and returned in float32."""
+    each way) — in bf16 with AVX-512 BF16's dot products under bf16 autocast, in float32 otherwise. The weights' and
+    bias's gradients are summed in float and returned in their own dtypes."""
 
-    enabled: bool | None = None  # None: where native.dot_conv_pays(); True / False: always / never (tests, benchmarks)
+    # None: where native.dot_conv_pays() (bf16) or native.f32_conv_pays() (float32); True / False: always / never
+    # (tests, benchmarks)
+    enabled: bool | None = None
 
     @staticmethod
-    def forward(ctx, x, weight, bias):
-        y = native.conv_relu_forward(x, weight, bias)
+    def forward(ctx, x, weight, bias, dtype):
+        y = native.conv_relu_forward(x, weight, bias, dtype)
         ctx.save_for_backward(x, y, weight)
         ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
         return y
@@ -323,7 +326,7 @@ class _NativeConvReLU(torch.autograd.Function):
         xdtype, wdtype, bdtype = ctx.dtypes
         dx, dw, db = native.conv_relu_backward(grad, y, x, weight, ctx.needs_input_grad[0],
                                                bdtype is not None and ctx.needs_input_grad[2])
-        return (None if dx is None else dx.to(xdtype)), dw.to(wdtype), (None if db is None else db.to(bdtype))
+        return (None if dx is None else dx.to(xdtype)), dw.to(wdtype), (None if db is None else db.to(bdtype)), None
 
 
 def _hooked(*mods: nn.Module) -> bool:
@@ -335,17 +338,21 @@ def _hooked(*mods: nn.Module) -> bool:
 
 
 def conv_relu(x: torch.Tensor, conv: nn.Module, relu: nn.Module) -> torch.Tensor | None:
-    """relu(conv(x)) through _NativeConvReLU, or None where it does not apply now: a CPU where it does not pay
-    (native.dot_conv_pays: AVX-512 BF16 without AMX), no gradients, not bf16 autocast, not a plain stride-1
-    unpadded nn.Conv2d with few channels (native.conv_relu_applies), or forward hooks on the modules (or global
-    ones), which it would skip. Its output is plain NCHW, the order of the flatten that follows the papers' blocks."""
-    on = _NativeConvReLU.enabled
-    if not ((native.dot_conv_pays() if on is None else on) and torch.is_grad_enabled() and type(conv) is nn.Conv2d
-            and not _hooked(conv, relu)
-            and _symmetric_padding(conv) == (0, 0) and _stem_dtype(conv.weight, conv.bias) == torch.bfloat16
-            and native.conv_relu_applies(x, conv.weight)):
+    """relu(conv(x)) through _NativeConvReLU, or None where it does not apply now: a CPU where it does not pay in
+    the dtype the convolution computes in (native.dot_conv_pays for bf16 autocast: AVX-512 BF16 without AMX;
+    native.f32_conv_pays for float32: AVX2 without AVX-512), no gradients, another dtype (fp16 autocast, half
+    parameters), not a plain stride-1 unpadded nn.Conv2d with few channels (native.conv_relu_applies), or forward
+    hooks on the modules (or global ones), which it would skip. Its output is plain NCHW, the order of the flatten
+    that follows the papers' blocks."""
+    on, dtype = _NativeConvReLU.enabled, _stem_dtype(conv.weight, conv.bias)
+    if dtype is None:
         return None
-    return _NativeConvReLU.apply(x, conv.weight, conv.bias)
+    pays = native.dot_conv_pays() if dtype == torch.bfloat16 else native.f32_conv_pays()
+    if not ((pays if on is None else on) and torch.is_grad_enabled() and type(conv) is nn.Conv2d
+            and not _hooked(conv, relu) and _symmetric_padding(conv) == (0, 0)
+            and native.conv_relu_applies(x, conv.weight, dtype)):
+        return None
+    return _NativeConvReLU.apply(x, conv.weight, conv.bias, dtype)
 
 
 def max_pool_relu(x: torch.Tensor, use_native: bool = True) -> torch.Tensor:

@@ -131,10 +131,13 @@ def _declare(lib: ctypes.CDLL) -> None:
         for name, args in signatures.items():
             f = getattr(lib, f"cnnlab_{name}_{dtype}")
             f.argtypes, f.restype = args, ctypes.c_int
+    conv_relu = {"conv_relu_forward": [p, i64, i64, i64, i64, p, p, i64, i64, i64, p, i32],
+                 "conv_relu_backward": [p, p, p, i64, i64, i64, i64, p, i64, i64, i64, p, p, p, i32]}
+    for name, args in conv_relu.items():  # the float32 pair: built everywhere
+        f = getattr(lib, f"cnnlab_{name}_f32")
+        f.argtypes, f.restype = args, ctypes.c_int
     # built only for CPUs with AVX-512 BF16 (the dot-product instruction): dot_conv_available()
-    for name, args in {"conv_relu_forward": [p, i64, i64, i64, i64, p, p, i64, i64, i64, p, i32],
-                       "conv_relu_backward": [p, p, p, i64, i64, i64, i64, p, i64, i64, i64, p, p, p, i32],
-                       "conv_pool_forward_cl": signatures["conv_pool_forward"],
+    for name, args in {**conv_relu, "conv_pool_forward_cl": signatures["conv_pool_forward"],
                        "conv_pool_stats": [p, i64, i64, i64, p, p, i64, i64, i64, i64, i64, p, p, p, p, i32]}.items():
         f = getattr(lib, f"cnnlab_{name}_bf16", None)
         if f is not None:
@@ -485,49 +488,60 @@ def _bf16_without_amx(flags: frozenset[str] | set[str] | None) -> bool:
     return "avx512_bf16" in flags and "amx_bf16" not in flags
 
 
-def conv_relu_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether conv_relu_forward computes relu(conv2d(x, weight)) for a stride-1 unpadded convolution: ≤
-    DOT_CONV_MAX_IN input and ≤ DOT_CONV_MAX_OUT output channels, x a 4-D float32 or bf16 CPU tensor at least
-    the kernel's size, the dot-product kernels built here."""
+def f32_conv_pays(flags: frozenset[str] | set[str] | None = None) -> bool:
+    """Whether a few-channel convolution followed by ReLU (the second paper's 10 → 20-channel 5×5 one) runs in
+    float32 through conv_relu_forward/backward by default: on CPUs with AVX2 and no AVX-512, where
+    `benchmarks/dot_conv_bench.py` measured it against torch's oneDNN fp32 channels-last convolution with ReLU (and
+    the copies to and from the dense layer's (C, H, W) order) on an AMD EPYC Zen 3 (BENCHMARKS.md). With AVX-512
+    it was not measured in float32 (those CPUs met so far had BF16 and train in bf16 by default): torch's
+    convolution stays there unless `_NativeConvReLU.enabled` says otherwise."""
+    flags = set(cpu_flags() if flags is None else flags)
+    return "avx2" in flags and "avx512f" not in flags
+
+
+def conv_relu_applies(x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> bool:
+    """Whether conv_relu_forward computes relu(conv2d(x, weight)) in `dtype` (bf16 or float32) for a stride-1
+    unpadded convolution: ≤ DOT_CONV_MAX_IN input and ≤ DOT_CONV_MAX_OUT output channels, x a 4-D float32 or bf16
+    CPU tensor at least the kernel's size, the kernels built here (bf16: the dot-product ones, AVX-512 BF16)."""
     co, ci, kh, kw = weight.shape
     return (ci <= DOT_CONV_MAX_IN and co <= DOT_CONV_MAX_OUT and x.device.type == "cpu" and x.dim() == 4
             and x.dtype in DTYPES and x.shape[1] == ci and x.shape[2] >= kh and x.shape[3] >= kw
-            and dot_conv_available())
+            and (dot_conv_available() if dtype == torch.bfloat16 else dtype == torch.float32 and library() is not None))
 
 
-def conv_relu_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """relu(conv2d(x, weight, bias)) in bf16 as autocast computes it (x, weight and bias rounded to bf16, float
-    sums rounded once), (N, Co, Ho, Wo) in plain NCHW order — the order a dense layer after it reads — for a
-    stride-1 unpadded convolution (conv_relu_applies)."""
+def conv_relu_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                      dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """relu(conv2d(x, weight, bias)) in `dtype`, (N, Co, Ho, Wo) in plain NCHW order — the order a dense layer
+    after it reads — for a stride-1 unpadded convolution (conv_relu_applies). bf16 as autocast computes it (x,
+    weight and bias rounded to bf16, float sums rounded once); float32 in float sums."""
     n, ci, h, w = x.shape
     co, _, kh, kw = weight.shape
-    x = _cl(x.detach().to(torch.bfloat16))
+    x = _cl(x.detach().to(dtype))
     wt, b = weight.detach().float().contiguous(), None if bias is None else bias.detach().float().contiguous()
-    y = torch.empty((n, co, h - kh + 1, w - kw + 1), dtype=torch.bfloat16)
-    _kernel("conv_relu_forward", torch.bfloat16)(x.data_ptr(), n, h, w, ci, wt.data_ptr(),
-                                                 None if b is None else b.data_ptr(), co, kh, kw, y.data_ptr(),
-                                                 torch.get_num_threads())
+    y = torch.empty((n, co, h - kh + 1, w - kw + 1), dtype=dtype)
+    _kernel("conv_relu_forward", dtype)(x.data_ptr(), n, h, w, ci, wt.data_ptr(), None if b is None else b.data_ptr(),
+                                        co, kh, kw, y.data_ptr(), torch.get_num_threads())
     return y
 
 
 def conv_relu_backward(g: torch.Tensor, y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, input_grad: bool,
                        bias_grad: bool) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
-    """(x's gradient in bf16 channels-last or None, the weights' (Co, Ci, KH, KW) and the bias's gradients in
+    """(x's gradient channels-last in y's dtype or None, the weights' (Co, Ci, KH, KW) and the bias's gradients in
     float32) of conv_relu_forward's y = relu(conv2d(x, weight, bias)), from y's gradient g: ReLU's mask from y,
     the input gradient as a convolution of the padded gradient with the flipped weights, the weight gradient
-    summed in float over each thread's images (its 16 lanes and the threads' parts then in double)."""
+    summed in float over each thread's images (its vector lanes and the threads' parts then in double)."""
     n, ci, h, w = x.shape
     co, _, kh, kw = weight.shape
-    x = _cl(x.detach().to(torch.bfloat16))
-    g = g.to(torch.bfloat16).contiguous()
+    dtype = y.dtype
+    x = _cl(x.detach().to(dtype))
+    g = g.to(dtype).contiguous()
     wt = weight.detach().float().contiguous()
-    dx = torch.empty((n, ci, h, w), dtype=torch.bfloat16, memory_format=torch.channels_last) if input_grad else None
+    dx = torch.empty((n, ci, h, w), dtype=dtype, memory_format=torch.channels_last) if input_grad else None
     dw = torch.empty((co, ci, kh, kw), dtype=torch.float32)
     db = torch.empty(co, dtype=torch.float32) if bias_grad else None
-    _kernel("conv_relu_backward", torch.bfloat16)(g.data_ptr(), y.data_ptr(), x.data_ptr(), n, h, w, ci,
-                                                  wt.data_ptr(), co, kh, kw, None if dx is None else dx.data_ptr(),
-                                                  dw.data_ptr(), None if db is None else db.data_ptr(),
-                                                  torch.get_num_threads())
+    _kernel("conv_relu_backward", dtype)(g.data_ptr(), y.data_ptr(), x.data_ptr(), n, h, w, ci, wt.data_ptr(), co,
+                                         kh, kw, None if dx is None else dx.data_ptr(), dw.data_ptr(),
+                                         None if db is None else db.data_ptr(), torch.get_num_threads())
     return dx, dw, db
 
 

@@ -1195,6 +1195,258 @@ int cnnlab_conv_pool_forward_cl_bf16(const float *xs, int64_t N, int64_t Hx, int
 DEFINE_CONV_POOL_CHUNK(conv_pool_chunk_bf16, uint16_t, ldrh, 1, put_bf16)
 DEFINE_CONV_POOL_FORWARD(cnnlab_conv_pool_forward_bf16, uint16_t, conv_pool_chunk_bf16)
 
+/* The same few-channel convolution + ReLU in float32, for any AVX2 or AVX-512 CPU: relu(conv2d(x, w, b)), stride 1,
+ * no padding, groups 1, output (N, Co, Ho, Wo) in plain NCHW order (the dense layer's), x (N, H, W, Ci) float32
+ * channels-last. torch's oneDNN fp32 kernels keep channels as the lanes (10 and 20 channels in 8- or 16-lane
+ * blocks) and ran this layer of the second paper's net at 76 GFLOP/s forward and 62 backward on a Zen 3 (AVX2,
+ * 2 cores; its 2048² matrix product 177): here the lanes are VL output columns, as in the bf16 kernels above, and
+ * a block of 2 output rows × CB channels sums in registers, one broadcast weight feeding two multiply-adds. Each
+ * image is first laid out as channel planes padded with zeros past W, so a chunk's lanes past the row read zeros.
+ * Backward: g' = g where ReLU passed (y > 0 or NaN, as threshold_backward), into zero-padded planes (KH − 1 rows
+ * and KW − 1 columns each side); the input gradient is the forward's loop over those planes with the flipped
+ * weights (output channels as its inputs), only over kernel rows that meet g's rows, scattered into channels-last
+ * order; the weight gradient a block of CBW output channels × up to 5 kernel columns in registers, summed down an
+ * image's rows, VL columns a step (x masked to the columns where g' may be non-zero, as torch forms no product
+ * past them), in float lanes per thread, then in double. `benchmarks/dot_conv_bench.py` times both directions. */
+#if defined(__AVX512F__)
+#define CR_CB 10  /* forward and input-gradient channels in registers: 2 rows × 10 of AVX-512's 32 */
+#define CR_CBW 4  /* weight gradient: 4 channels × 5 columns */
+#else
+#define CR_CB 5   /* 2 rows × 5 of AVX2's 16 */
+#define CR_CBW 2
+#endif
+
+/* acc[r][c] (lane l: column l of output row r) += Σ over kernel rows ky0..ky1−1, input planes j < NI and kernel
+ * columns kx of wk[((ky·KW + kx)·NI + j)·CS + c] · pl[j·PS + (ky + r)·PW + kx + l]. */
+static inline __attribute__((always_inline)) void f32_rows(
+        const float *restrict pl, int64_t PS, int64_t PW, int64_t NI, int64_t ky0, int64_t ky1, int64_t KW,
+        const float *restrict wk, int64_t CS, const int CB, const int NR, rf acc[2][CR_CB]) {
+    for (int64_t ky = ky0; ky < ky1; ky++)
+        for (int64_t j = 0; j < NI; j++) {
+            const float *p = pl + j * PS + ky * PW, *w = wk + (ky * KW * NI + j) * CS;
+            for (int64_t kx = 0; kx < KW; kx++) {
+                const rf v0 = ldr(p + kx), v1 = NR > 1 ? ldr(p + PW + kx) : v0;
+                const float *wc = w + kx * NI * CS;
+                _Pragma("GCC unroll 10") for (int c = 0; c < CB; c++) {
+                    const rf b = wc[c] - (rf){0};  /* a broadcast (x − 0 is x; 0 + x is not, for x = −0) */
+                    acc[0][c] += v0 * b;
+                    if (NR > 1) acc[1][c] += v1 * b;
+                }
+            }
+        }
+}
+
+#if CR_CB == 10
+#define CR_CASES(M) M(1) M(2) M(3) M(4) M(5) M(6) M(7) M(8) M(9) M(10)
+#else
+#define CR_CASES(M) M(1) M(2) M(3) M(4) M(5)
+#endif
+/* f32_rows for cb channels (1 … CR_CB) and nr rows (1, 2), each a constant there. */
+#define CR_CALL(K) case K: { if (nr == 2) f32_rows(pl, PS, PWp, NI, ky0, ky1, KW, wk, CS, K, 2, acc);        \
+                             else f32_rows(pl, PS, PWp, NI, ky0, ky1, KW, wk, CS, K, 1, acc); } break;
+static inline __attribute__((always_inline)) void f32_rows_any(const float *pl, int64_t PS, int64_t PWp, int64_t NI, int64_t ky0, int64_t ky1, int64_t KW,
+                         const float *wk, int64_t CS, int cb, int nr, rf acc[2][CR_CB]) {
+    switch (cb) { CR_CASES(CR_CALL) }
+}
+#undef CR_CALL
+
+/* Weights (Co, Ci, KH, KW) → (KH, KW, Ci, Co), or with `flip` the input gradient's (KH, KW, Co, Ci) with kernel rows
+ * and columns reversed. */
+static float *f32_conv_weights(const float *wt, int64_t Co, int64_t Ci, int64_t KH, int64_t KW, int flip) {
+    float *wk = scratch(Co * Ci * KH * KW);
+    if (!wk) return NULL;
+    for (int64_t co = 0; co < Co; co++)
+        for (int64_t ci = 0; ci < Ci; ci++)
+            for (int64_t ky = 0; ky < KH; ky++)
+                for (int64_t kx = 0; kx < KW; kx++) {
+                    const float v = wt[((co * Ci + ci) * KH + ky) * KW + kx];
+                    if (flip) wk[(((KH - 1 - ky) * KW + KW - 1 - kx) * Co + co) * Ci + ci] = v;
+                    else wk[((ky * KW + kx) * Ci + ci) * Co + co] = v;
+                }
+    return wk;
+}
+
+/* Channel blocks of at most CR_CB, as even as can be (20 → 5 × 4 with AVX2, 10 × 2 with AVX-512). */
+static inline int64_t cr_block(int64_t C) { const int64_t nb = (C + CR_CB - 1) / CR_CB; return (C + nb - 1) / nb; }
+
+/* VL lanes of v into p, only the first n (1 … VL). */
+static inline void str_first(float *p, rf v, int64_t n) {
+    if (n >= VL) str(p, v);
+    else memcpy(p, &v, sizeof(float) * (size_t)n);
+}
+
+/* Image n's channel planes (Ci, H, PW), from x channels-last; the columns past W keep their zeros. */
+static void f32_planes(const float *restrict xn, int64_t H, int64_t W, int64_t Ci, int64_t PW, float *restrict xq) {
+    for (int64_t h = 0; h < H; h++)
+        for (int64_t w = 0; w < W; w++)
+            for (int64_t ci = 0; ci < Ci; ci++) xq[(ci * H + h) * PW + w] = xn[(h * W + w) * Ci + ci];
+}
+
+int cnnlab_conv_relu_forward_f32(const float *x, int64_t N, int64_t H, int64_t W, int64_t Ci, const float *wt,
+                                 const float *bias, int64_t Co, int64_t KH, int64_t KW, float *y, int nthreads) {
+    const int64_t Ho = H - KH + 1, Wo = W - KW + 1, HP = (Ho + 1) / 2;
+    const int64_t PW = (Wo + VL - 1) / VL * VL + KW - 1 + VL, PS = H * PW, CB = cr_block(Co);
+    if (nthreads < 1) nthreads = 1;
+    float *wk = f32_conv_weights(wt, Co, Ci, KH, KW, 0);
+    int failed = !wk;
+    if (!failed) _Pragma("omp parallel num_threads(nthreads)")
+    {
+        float *xq = scratch(Ci * PS);
+        SCRATCH_READY(xq != NULL);
+        int64_t image = -1;
+        _Pragma("omp for schedule(static)")
+        for (int64_t item = 0; item < N * HP; item++) {
+            if (!ok) continue;
+            const int64_t n = item / HP, ho = item % HP * 2, nr = Ho - ho < 2 ? 1 : 2;
+            if (n != image) { f32_planes(x + n * H * W * Ci, H, W, Ci, PW, xq); image = n; }
+            for (int64_t x0 = 0; x0 < Wo; x0 += VL)
+                for (int64_t c0 = 0; c0 < Co; c0 += CB) {
+                    const int cb = (int)(Co - c0 < CB ? Co - c0 : CB);
+                    rf acc[2][CR_CB];
+                    for (int c = 0; c < cb; c++) acc[0][c] = acc[1][c] = (bias ? bias[c0 + c] : 0.0f) - (rf){0};
+                    f32_rows_any(xq + ho * PW + x0, PS, PW, Ci, 0, KH, KW, wk + c0, Co, cb, (int)nr, acc);
+                    for (int r = 0; r < nr; r++)
+                        for (int c = 0; c < cb; c++)  /* ReLU: NaN stays NaN */
+                            str_first(y + ((n * Co + c0 + c) * Ho + ho + r) * Wo + x0,
+                                      pickr(acc[r][c] < (rf){0}, (rf){0}, acc[r][c]), Wo - x0);
+                }
+        }
+        free(xq);
+    }
+    free(wk);
+    return failed;
+}
+
+/* The weight gradient's block: CB output channels × KB kernel columns of accumulators A (lanes VL; channel c's at
+ * A + c·AS, column k's VL further), summed down an image's Ho rows, VL columns a step; xp: x's plane at row ky and
+ * the block's first kernel column; gq: g' at its first channel (planes GS apart, rows GW apart, column 0); m: the
+ * lanes where g' may be non-zero, per chunk (the last chunk's tail masked off). */
+static inline __attribute__((always_inline)) void f32_wgrad_block(
+        const float *restrict xp, int64_t XW, const float *restrict gq, int64_t GW, int64_t GS, int64_t Ho,
+        int64_t Wo, const ri *restrict masks, const int CB, const int KB, float *restrict A, int64_t AS) {
+    rf acc[CR_CBW][5];
+    for (int c = 0; c < CB; c++)
+        for (int k = 0; k < KB; k++) acc[c][k] = ldr(A + c * AS + k * VL);
+    for (int64_t r = 0; r < Ho; r++)
+        for (int64_t x0 = 0, q = 0; x0 < Wo; x0 += VL, q++) {
+            rf gv[CR_CBW];
+            for (int c = 0; c < CB; c++) gv[c] = ldr(gq + c * GS + r * GW + x0);
+            for (int k = 0; k < KB; k++) {
+                const rf xv = (rf)((ri)ldr(xp + r * XW + x0 + k) & masks[q]);
+                for (int c = 0; c < CB; c++) acc[c][k] += gv[c] * xv;
+            }
+        }
+    for (int c = 0; c < CB; c++)
+        for (int k = 0; k < KB; k++) str(A + c * AS + k * VL, acc[c][k]);
+}
+
+#if CR_CBW == 4
+#define CRW_CASES(M, K) M(1, K) M(2, K) M(3, K) M(4, K)
+#else
+#define CRW_CASES(M, K) M(1, K) M(2, K)
+#endif
+#define CRW_KB(M) CRW_CASES(M, 1) CRW_CASES(M, 2) CRW_CASES(M, 3) CRW_CASES(M, 4) CRW_CASES(M, 5)
+
+/* dx (N, H, W, Ci) float32 channels-last (skipped when NULL), dw (Co, Ci, KH, KW) and db (Co) (db skipped when
+ * NULL), from g and the forward's y, both (N, Co, Ho, Wo) float32. */
+int cnnlab_conv_relu_backward_f32(const float *g, const float *y, const float *x, int64_t N, int64_t H, int64_t W,
+                                  int64_t Ci, const float *wt, int64_t Co, int64_t KH, int64_t KW, float *dx,
+                                  float *dw, float *db, int nthreads) {
+    const int64_t Ho = H - KH + 1, Wo = W - KW + 1, PH = Ho + 2 * (KH - 1), NQ = (Wo + VL - 1) / VL;
+    const int64_t GW = (W + VL - 1) / VL * VL + KW - 1 + VL, GS = PH * GW;  /* g' planes, padded */
+    const int64_t XW = NQ * VL + KW - 1 + VL, XS = H * XW;                  /* x's planes */
+    const int64_t nw = Co * Ci * KH * KW, CB = cr_block(Ci);
+    if (nthreads < 1) nthreads = 1;
+    float *wf = dx ? f32_conv_weights(wt, Co, Ci, KH, KW, 1) : NULL;
+    float *parts = scratch(nw * VL * nthreads);
+    double *dbp = (double *)calloc((size_t)(Co * nthreads + 1), sizeof(double));
+    ri *masks = (ri *)scratch(NQ * VL);  /* a float's size a lane */
+    int failed = !(parts && dbp && masks && (wf || !dx));
+    if (!failed)
+        for (int64_t q = 0; q < NQ; q++)
+            for (int l = 0; l < VL; l++) masks[q][l] = q * VL + l < Wo ? -1 : 0;
+    if (!failed) _Pragma("omp parallel num_threads(nthreads)")
+    {
+        const int t = omp_get_thread_num();
+        float *A = parts + nw * VL * t, *gq = scratch(Co * GS), *xq = scratch(Ci * XS);
+        float *tb = scratch(CR_CB * VL);
+        double *dbt = dbp + Co * t;
+        SCRATCH_READY(gq && xq && tb);
+        _Pragma("omp for schedule(static)")
+        for (int64_t n = 0; n < N; n++) {
+            if (!ok) continue;
+            const float *gn = g + n * Co * Ho * Wo, *yn = y + n * Co * Ho * Wo;
+            for (int64_t co = 0; co < Co; co++) {  /* g' into the padded planes (the border stays zero); db */
+                float s = 0.0f;
+                for (int64_t r = 0; r < Ho; r++) {
+                    const float *gr = gn + (co * Ho + r) * Wo, *yr = yn + (co * Ho + r) * Wo;
+                    float *o = gq + co * GS + (r + KH - 1) * GW + KW - 1;
+                    for (int64_t w = 0; w < Wo; w++) {
+                        const float v = (yr[w] > 0.0f || yr[w] != yr[w]) ? gr[w] : 0.0f;
+                        o[w] = v;
+                        s += v;
+                    }
+                }
+                dbt[co] += s;
+            }
+            f32_planes(x + n * H * W * Ci, H, W, Ci, XW, xq);
+            const float *g0 = gq + (KH - 1) * GW + KW - 1;  /* g' row 0, column 0 */
+            for (int64_t ci = 0; ci < Ci; ci++)  /* the weight gradient */
+                for (int64_t ky = 0; ky < KH; ky++)
+                    for (int64_t co = 0; co < Co; co += CR_CBW) {
+                        const int cb = Co - co < CR_CBW ? (int)(Co - co) : CR_CBW;
+                        for (int64_t kx = 0; kx < KW; kx += 5) {
+                            const int kb = KW - kx < 5 ? (int)(KW - kx) : 5;
+                            const float *xs = xq + (ci * H + ky) * XW + kx, *gs = g0 + co * GS;
+                            float *Ab = A + (((co * Ci + ci) * KH + ky) * KW + kx) * VL;
+                            const int64_t AS = Ci * KH * KW * VL;
+                            switch (cb * 8 + kb) {
+#define CRW_CASE(C, K) case C * 8 + K: f32_wgrad_block(xs, XW, gs, GW, GS, Ho, Wo, masks, C, K, Ab, AS); break;
+                                CRW_KB(CRW_CASE)
+#undef CRW_CASE
+                            }
+                        }
+                    }
+            if (!dx) continue;
+            for (int64_t h = 0; h < H; h += 2) {  /* the input gradient, two rows at a time */
+                const int nr = H - h < 2 ? 1 : 2;
+                const int64_t ky0 = KH - nr - h > 0 ? KH - nr - h : 0, ky1 = KH - 1 + Ho - h < KH ? KH - 1 + Ho - h : KH;
+                for (int64_t x0 = 0; x0 < W; x0 += VL)
+                    for (int64_t c0 = 0; c0 < Ci; c0 += CB) {
+                        const int cb = (int)(Ci - c0 < CB ? Ci - c0 : CB);
+                        rf acc[2][CR_CB];
+                        for (int c = 0; c < cb; c++) acc[0][c] = acc[1][c] = (rf){0};
+                        f32_rows_any(gq + h * GW + x0, GS, GW, Co, ky0, ky1, KW, wf + c0, Ci, cb, nr, acc);
+                        const int64_t nx = W - x0 < VL ? W - x0 : VL;
+                        for (int r = 0; r < nr; r++) {
+                            for (int c = 0; c < cb; c++) str(tb + c * VL, acc[r][c]);
+                            float *o = dx + ((n * H + h + r) * W + x0) * Ci + c0;
+                            for (int64_t l = 0; l < nx; l++)
+                                for (int c = 0; c < cb; c++) o[l * Ci + c] = tb[c * VL + l];
+                        }
+                    }
+            }
+        }
+        free(gq); free(xq); free(tb);
+    }
+    if (!failed) {  /* the threads' lanes, in double */
+        for (int64_t j = 0; j < nw; j++) {
+            double sum = 0;
+            for (int t = 0; t < nthreads; t++)
+                for (int l = 0; l < VL; l++) sum += parts[(nw * t + j) * VL + l];
+            dw[j] = (float)sum;
+        }
+        if (db)
+            for (int64_t co = 0; co < Co; co++) {
+                double sum = 0;
+                for (int t = 0; t < nthreads; t++) sum += dbp[Co * t + co];
+                db[co] = (float)sum;
+            }
+    }
+    free(parts); free(dbp); free(masks); free(wf);
+    return failed;
+}
+
 #if defined(__AVX512BF16__) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)  /* BW, VL: 16-bit masks */
 /* A convolution with few channels, then ReLU, in bf16 with the dot-product instruction — the second paper's
  * 10 → 20-channel 5×5 one, whose output the dense layer reads in (C, H, W) order. torch's oneDNN kernels keep

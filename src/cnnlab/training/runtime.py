@@ -233,6 +233,9 @@ class Runtime:
             if bf16 and native.dot_conv_pays() and native.dot_conv_available():
                 stem += ("; where a few-channel convolution + ReLU ends the conv block (the second paper's 10 → 20), "
                          "the bf16 dot-product kernel (AVX-512 BF16, no AMX)")
+            if not bf16 and native.f32_conv_pays():
+                stem += ("; where a few-channel convolution + ReLU ends the conv block (the second paper's 10 → 20), "
+                         "the float32 kernel with output columns as its lanes (AVX2 without AVX-512)")
             if bf16 and native.stem_pays() and native.wgrad_dot_pays() and native.wgrad_dot_available():
                 stem += ("; the first convolution's weight gradient before ReLU → batch norm → max-pool (the first "
                          "paper's) in bf16 dot products (AVX-512 BF16, no AMX)")
