@@ -808,6 +808,11 @@ def test_the_few_channel_convolution_is_taken_by_default_only_where_measured():
     assert native.f32_conv_pays({"avx", "avx2", "fma"}) is True
     assert native.f32_conv_pays({"avx2", "avx512f"}) is False and native.f32_conv_pays({"avx2", "avx512f", "avx512_bf16"}) is False
     assert native.f32_conv_pays({"sse4_2", "avx"}) is False and native.f32_conv_pays(set()) is False
+    # float32: ≤ 10 input and 20–24 output channels, where it was measured faster (8 → 8, 6 → 16, 12 → 24 were not)
+    assert native.conv_relu_channels(10, 20, torch.float32) and native.conv_relu_channels(3, 24, torch.float32)
+    assert not any(native.conv_relu_channels(ci, co, torch.float32) for ci, co in [(8, 8), (6, 16), (12, 24), (10, 25)])
+    assert native.conv_relu_channels(8, 8, torch.bfloat16) and native.conv_relu_channels(12, 24, torch.bfloat16)
+    assert not native.conv_relu_channels(13, 8, torch.bfloat16) and not native.conv_relu_channels(8, 8, torch.float16)
     r = Runtime("cpu", precision="bf16-mixed")
     assert r.native_for(FusedSequential(nn.Conv2d(3, 8, 3), nn.ReLU(inplace=True))) is True
     said = "bf16 dot-product kernel" in r.reasons["native"]
@@ -818,9 +823,10 @@ def test_the_few_channel_convolution_is_taken_by_default_only_where_measured():
     assert "dot-product" not in r.reasons["native"]  # a bf16 kernel
     assert ("float32 kernel" in r.reasons["native"]) == native.f32_conv_pays()
     x = torch.randn(2, 6, 12, 12).contiguous(memory_format=torch.channels_last)
-    seq = FusedSequential(nn.Conv2d(6, 8, 3), nn.ReLU(inplace=True)).to(memory_format=torch.channels_last)
-    taken = type(seq(x).grad_fn).__name__ == "_NativeConvReLUBackward"  # float32, the default switch (None)
-    assert taken == native.f32_conv_pays()
+    for co in (20, 8):
+        seq = FusedSequential(nn.Conv2d(6, co, 3), nn.ReLU(inplace=True)).to(memory_format=torch.channels_last)
+        taken = type(seq(x).grad_fn).__name__ == "_NativeConvReLUBackward"  # float32, the default switch (None)
+        assert taken == (native.f32_conv_pays() and co == 20)
 
 
 DOT_CONVS = [  # (batch, input channels, height, width, output channels, KH, KW): the second paper's (its 64×64
@@ -962,8 +968,8 @@ def test_few_channel_convolution_only_where_it_computes_the_same(conv_dtype, cas
     """Only a stride-1 unpadded few-channel convolution + ReLU ending the block, in bf16 autocast or float32 with
     gradients."""
     ci = 16 if case == "16 input channels" else 6
-    conv = nn.Conv2d(ci, 8, 3, padding=1 if case == "padded" else 0, stride=2 if case == "strided" else 1)
-    mods = [conv, nn.ReLU(inplace=True)] + ([nn.Conv2d(8, 8, 1)] if case == "not the last" else [])
+    conv = nn.Conv2d(ci, 20, 3, padding=1 if case == "padded" else 0, stride=2 if case == "strided" else 1)
+    mods = [conv, nn.ReLU(inplace=True)] + ([nn.Conv2d(20, 8, 1)] if case == "not the last" else [])
     seq = FusedSequential(*mods).to(memory_format=torch.channels_last)
     x = torch.randn(2, ci, 12, 12).contiguous(memory_format=torch.channels_last)
     if case == "half parameters":

@@ -1377,16 +1377,24 @@ int cnnlab_conv_relu_backward_f32(const float *g, const float *y, const float *x
             if (!ok) continue;
             const float *gn = g + n * Co * Ho * Wo, *yn = y + n * Co * Ho * Wo;
             for (int64_t co = 0; co < Co; co++) {  /* g' into the padded planes (the border stays zero); db */
+                rf sv = {0};
                 float s = 0.0f;
                 for (int64_t r = 0; r < Ho; r++) {
                     const float *gr = gn + (co * Ho + r) * Wo, *yr = yn + (co * Ho + r) * Wo;
                     float *o = gq + co * GS + (r + KH - 1) * GW + KW - 1;
-                    for (int64_t w = 0; w < Wo; w++) {
+                    int64_t w = 0;
+                    for (; w + VL <= Wo; w += VL) {
+                        const rf yv = ldr(yr + w), v = pickr((yv > (rf){0}) | (yv != yv), ldr(gr + w), (rf){0});
+                        str(o + w, v);
+                        sv += v;
+                    }
+                    for (; w < Wo; w++) {  /* the tail: the columns past Wo keep their zeros */
                         const float v = (yr[w] > 0.0f || yr[w] != yr[w]) ? gr[w] : 0.0f;
                         o[w] = v;
                         s += v;
                     }
                 }
+                for (int l = 0; l < VL; l++) s += sv[l];
                 dbt[co] += s;
             }
             f32_planes(x + n * H * W * Ci, H, W, Ci, XW, xq);
