@@ -40,7 +40,7 @@ TASK = ["recipes/demo.yaml", "data.source=animal-shapes-5", "data.image_size=64"
         "model.name=alkhairi-cnn", "data.augment=false"]
 # (input channels, output channels, input side, kernel): the second paper's first, then at 32×32, 48×48 and 128×128
 # images; a LeNet-like one; more channels, up to and past where it stops paying (bf16: 16 input channels not taken;
-# float32: only ≤ 10 input and 20–24 output channels taken)
+# float32: only ≤ 10 input and 20–24 output channels, rows of ≥ 16 output columns taken)
 SHAPES = [(10, 20, 31, 5), (10, 20, 13, 5), (10, 20, 21, 5), (10, 20, 61, 5), (10, 24, 31, 5), (6, 16, 14, 5),
           (8, 8, 31, 5), (3, 16, 32, 3), (12, 24, 16, 3), (16, 20, 31, 5), (16, 32, 16, 3), (32, 64, 16, 3)]
 
@@ -95,9 +95,9 @@ def loop(rounds: int) -> dict:
 def main() -> None:
     import torch
 
-    from cnnlab.models.native import (DOT_CONV_MAX_IN, DOT_CONV_MAX_OUT, F32_CONV_MAX_IN, F32_CONV_OUT,
-                                      conv_relu_channels, dot_conv_available, dot_conv_pays, f32_conv_pays, library,
-                                      why_not)
+    from cnnlab.models.native import (DOT_CONV_MAX_IN, DOT_CONV_MAX_OUT, F32_CONV_MAX_IN, F32_CONV_MIN_WIDTH,
+                                      F32_CONV_OUT, conv_relu_shape, dot_conv_available, dot_conv_pays,
+                                      f32_conv_pays, library, why_not)
     from cnnlab.training.runtime import auto_precision
 
     def available_loop(rounds: int) -> dict:
@@ -118,7 +118,7 @@ def main() -> None:
 
     def row(x: dict) -> str:
         ci, co, side, kk = x["shape"]
-        where = "taken" if conv_relu_channels(ci, co, getattr(torch, r["dtype"])) else "not taken"
+        where = "taken" if conv_relu_shape(ci, co, side - kk + 1, getattr(torch, r["dtype"])) else "not taken"
         t, nat = x["torch forward"] + x["torch backward"], x["native forward"] + x["native backward"]
         return (f"| {ci} → {co}, {side}×{side}, {kk}×{kk} ({where}) | {x['torch forward']:.2f} | "
                 f"{x['native forward']:.2f} | {x['torch backward']:.2f} | {x['native backward']:.2f} | "
@@ -130,7 +130,8 @@ def main() -> None:
         verdict = (f"It is the default on this CPU ({why}), "
                    + (f"for convolutions with ≤ {DOT_CONV_MAX_IN} input and ≤ {DOT_CONV_MAX_OUT} output channels."
                       if bf16 else f"for convolutions with ≤ {F32_CONV_MAX_IN} input and {F32_CONV_OUT[0]}–"
-                      f"{F32_CONV_OUT[1]} output channels (`native.conv_relu_channels`)."))
+                      f"{F32_CONV_OUT[1]} output channels and rows of ≥ {F32_CONV_MIN_WIDTH} output columns "
+                      "(`native.conv_relu_shape`)."))
     elif bf16:
         verdict = "It is not the default on this CPU: with AMX torch's oneDNN has its tile kernels (`native.dot_conv_pays`)."
     else:

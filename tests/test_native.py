@@ -806,13 +806,16 @@ def test_the_few_channel_convolution_is_taken_by_default_only_where_measured():
     assert native.dot_conv_pays({"avx2", "avx512f", "avx512bw"}) is False and native.dot_conv_pays({"avx2"}) is False
     assert native.dot_conv_available() <= ("avx512_bf16" in cpu_flags())  # built only where the CPU has it
     assert native.f32_conv_pays({"avx", "avx2", "fma"}) is True
-    assert native.f32_conv_pays({"avx2", "avx512f"}) is False and native.f32_conv_pays({"avx2", "avx512f", "avx512_bf16"}) is False
+    assert native.f32_conv_pays({"avx2", "avx512f"}) is False
+    assert native.f32_conv_pays({"avx2", "avx512f", "avx512_bf16"}) is False
     assert native.f32_conv_pays({"sse4_2", "avx"}) is False and native.f32_conv_pays(set()) is False
-    # float32: ≤ 10 input and 20–24 output channels, where it was measured faster (8 → 8, 6 → 16, 12 → 24 were not)
-    assert native.conv_relu_channels(10, 20, torch.float32) and native.conv_relu_channels(3, 24, torch.float32)
-    assert not any(native.conv_relu_channels(ci, co, torch.float32) for ci, co in [(8, 8), (6, 16), (12, 24), (10, 25)])
-    assert native.conv_relu_channels(8, 8, torch.bfloat16) and native.conv_relu_channels(12, 24, torch.bfloat16)
-    assert not native.conv_relu_channels(13, 8, torch.bfloat16) and not native.conv_relu_channels(8, 8, torch.float16)
+    # float32: ≤ 10 input and 20–24 output channels, rows of ≥ 16 output columns, where it was measured faster (8 → 8,
+    # 6 → 16, 12 → 24 and rows of 9 columns were not)
+    assert native.conv_relu_shape(10, 20, 27, torch.float32) and native.conv_relu_shape(3, 24, 16, torch.float32)
+    assert not any(native.conv_relu_shape(ci, co, w, torch.float32)
+                   for ci, co, w in [(8, 8, 27), (6, 16, 27), (12, 24, 27), (10, 25, 27), (10, 20, 9), (10, 20, 15)])
+    assert native.conv_relu_shape(8, 8, 9, torch.bfloat16) and native.conv_relu_shape(12, 24, 2, torch.bfloat16)
+    assert not native.conv_relu_shape(13, 8, 27, torch.bfloat16) and not native.conv_relu_shape(8, 8, 27, torch.float16)
     r = Runtime("cpu", precision="bf16-mixed")
     assert r.native_for(FusedSequential(nn.Conv2d(3, 8, 3), nn.ReLU(inplace=True))) is True
     said = "bf16 dot-product kernel" in r.reasons["native"]
@@ -822,7 +825,7 @@ def test_the_few_channel_convolution_is_taken_by_default_only_where_measured():
     assert r.native_for(FusedSequential(nn.Conv2d(3, 8, 3), nn.ReLU(inplace=True))) is True
     assert "dot-product" not in r.reasons["native"]  # a bf16 kernel
     assert ("float32 kernel" in r.reasons["native"]) == native.f32_conv_pays()
-    x = torch.randn(2, 6, 12, 12).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(2, 6, 12, 20).contiguous(memory_format=torch.channels_last)  # rows of 18 output columns
     for co in (20, 8):
         seq = FusedSequential(nn.Conv2d(6, co, 3), nn.ReLU(inplace=True)).to(memory_format=torch.channels_last)
         taken = type(seq(x).grad_fn).__name__ == "_NativeConvReLUBackward"  # float32, the default switch (None)
@@ -931,11 +934,11 @@ def test_second_papers_net_trains_through_the_few_channel_convolution(conv_dtype
     from cnnlab.data import load_source
     from cnnlab.models import create_model
 
-    ds = load_source("animal-shapes-5", max_per_class=32, image_size=32, channels=3)
+    ds = load_source("animal-shapes-5", max_per_class=32, image_size=48, channels=3)  # rows of 19 columns there
     x = ((torch.as_tensor(ds.images[:160]).float() / 255 - 0.3) / 0.4).contiguous(memory_format=torch.channels_last)
     y = torch.as_tensor(ds.labels[:160])
     torch.manual_seed(0)
-    m0 = create_model("alkhairi-cnn", num_classes=5, in_channels=3, image_size=32, dropout=0.0, batch_norm=batch_norm)
+    m0 = create_model("alkhairi-cnn", num_classes=5, in_channels=3, image_size=48, dropout=0.0, batch_norm=batch_norm)
     m0 = m0.to(memory_format=torch.channels_last)
     losses = {}
     for on in (True, False):
@@ -971,7 +974,7 @@ def test_few_channel_convolution_only_where_it_computes_the_same(conv_dtype, cas
     conv = nn.Conv2d(ci, 20, 3, padding=1 if case == "padded" else 0, stride=2 if case == "strided" else 1)
     mods = [conv, nn.ReLU(inplace=True)] + ([nn.Conv2d(20, 8, 1)] if case == "not the last" else [])
     seq = FusedSequential(*mods).to(memory_format=torch.channels_last)
-    x = torch.randn(2, ci, 12, 12).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(2, ci, 12, 20).contiguous(memory_format=torch.channels_last)  # rows of 18 (padded 20) columns
     if case == "half parameters":
         seq, x = seq.half(), x.half()
     seen = []

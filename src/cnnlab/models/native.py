@@ -464,8 +464,8 @@ def conv_pool_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
 # 12 input channels in the input gradient), and where dot_conv_bench measured them clearly faster than oneDNN (at 16
 # → 32 channels about even, at 32 → 64 slower)
 DOT_CONV_MAX_IN, DOT_CONV_MAX_OUT = 12, 24
-# the float32 pair's: where dot_conv_bench measured it faster than oneDNN's fp32 kernels (conv_relu_channels)
-F32_CONV_MAX_IN, F32_CONV_OUT = 10, (20, 24)
+# the float32 pair's: where dot_conv_bench measured it faster than oneDNN's fp32 kernels (conv_relu_shape)
+F32_CONV_MAX_IN, F32_CONV_OUT, F32_CONV_MIN_WIDTH = 10, (20, 24), 16
 
 
 def dot_conv_available() -> bool:
@@ -504,24 +504,27 @@ def f32_conv_pays(flags: frozenset[str] | set[str] | None = None) -> bool:
     return "avx2" in flags and "avx512f" not in flags
 
 
-def conv_relu_channels(ci: int, co: int, dtype: torch.dtype) -> bool:
-    """Whether conv_relu_forward/backward are taken for these channel counts in `dtype`: in bf16 ≤ DOT_CONV_MAX_IN
-    input and ≤ DOT_CONV_MAX_OUT output channels; in float32 ≤ F32_CONV_MAX_IN input and F32_CONV_OUT output
-    channels — where dot_conv_bench measured the float32 pair faster than oneDNN's fp32 kernels on an AVX2 Zen 3
-    (the second paper's 10 → 20 at 13–61 columns 1.06–1.78×, 10 → 24 1.21×; 8 → 8, 6 → 16, 12 → 24 and 16 → 20,
-    whose channels fill oneDNN's 8-lane blocks better, 0.88–0.96×)."""
+def conv_relu_shape(ci: int, co: int, width: int, dtype: torch.dtype) -> bool:
+    """Whether conv_relu_forward/backward are taken for these channel counts and output width in `dtype`: in bf16
+    ≤ DOT_CONV_MAX_IN input and ≤ DOT_CONV_MAX_OUT output channels; in float32 ≤ F32_CONV_MAX_IN input, F32_CONV_OUT
+    output channels and rows of ≥ F32_CONV_MIN_WIDTH output columns — where dot_conv_bench measured the float32 pair
+    faster than oneDNN's fp32 kernels on an AVX2 Zen 3, forward and backward together, in two runs (the second
+    paper's 10 → 20 with rows of 17–57 columns 1.14–1.81×, 10 → 24 1.16–1.21×; with rows of 9 columns, two 8-lane
+    chunks 56 % filled, 0.91–1.01×; 8 → 8, 6 → 16, 12 → 24 and 16 → 20, whose channels fill oneDNN's 8-lane blocks
+    better, 0.74–0.99×)."""
     if dtype == torch.bfloat16:
         return ci <= DOT_CONV_MAX_IN and co <= DOT_CONV_MAX_OUT
-    return dtype == torch.float32 and ci <= F32_CONV_MAX_IN and F32_CONV_OUT[0] <= co <= F32_CONV_OUT[1]
+    return (dtype == torch.float32 and ci <= F32_CONV_MAX_IN and F32_CONV_OUT[0] <= co <= F32_CONV_OUT[1]
+            and width >= F32_CONV_MIN_WIDTH)
 
 
 def conv_relu_applies(x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> bool:
     """Whether conv_relu_forward computes relu(conv2d(x, weight)) in `dtype` (bf16 or float32) for a stride-1
-    unpadded convolution with the channels it is taken for (conv_relu_channels), x a 4-D float32 or bf16 CPU tensor
-    at least the kernel's size, the kernels built here (bf16: the dot-product ones, AVX-512 BF16)."""
+    unpadded convolution of the shape it is taken for (conv_relu_shape), x a 4-D float32 or bf16 CPU tensor at
+    least the kernel's size, the kernels built here (bf16: the dot-product ones, AVX-512 BF16)."""
     co, ci, kh, kw = weight.shape
-    return (conv_relu_channels(ci, co, dtype) and x.device.type == "cpu" and x.dim() == 4
-            and x.dtype in DTYPES and x.shape[1] == ci and x.shape[2] >= kh and x.shape[3] >= kw
+    return (x.device.type == "cpu" and x.dim() == 4 and x.dtype in DTYPES and x.shape[1] == ci
+            and x.shape[2] >= kh and x.shape[3] >= kw and conv_relu_shape(ci, co, x.shape[3] - kw + 1, dtype)
             and (dot_conv_available() if dtype == torch.bfloat16 else library() is not None))
 
 
