@@ -838,7 +838,8 @@ DOT_CONVS = [  # (batch, input channels, height, width, output channels, KH, KW)
     (4, 10, 31, 31, 20, 5, 5), (3, 3, 12, 40, 7, 3, 3), (2, 11, 9, 9, 24, 7, 6), (2, 1, 5, 70, 2, 2, 3),
     (1, 12, 6, 6, 1, 1, 1), (2, 5, 20, 35, 13, 4, 2),
     (2, 4, 20, 36, 6, 5, 5), (2, 4, 36, 32, 6, 5, 5), (1, 2, 8, 48, 3, 3, 1),  # rows of exactly 32, 16 or 48 columns
-    (2, 3, 7, 8, 11, 2, 2), (3, 2, 9, 17, 9, 3, 3)]  # rows of exactly 8 (AVX2's lanes); 11 and 9 channels: odd blocks
+    (2, 3, 7, 9, 11, 2, 2), (3, 2, 9, 17, 9, 3, 3)]  # output rows of 8 and 15 columns (AVX2's lanes: one chunk, one
+    # short of two); 11 and 9 channels: odd blocks
 
 
 def _reference(n, ci, h, w, co, kh, kw, dtype=torch.bfloat16, seed=0):
@@ -909,12 +910,27 @@ def _keeps_nan(dtype):
     _, dw, db = native.conv_relu_backward(gy, y, x, wt, True, True)
     assert db[0] == 1 and db[1:].eq(0).all() and dw[0].isnan().any()
     # an infinite pixel in the last column: torch forms its products with the gradient only at the last kernel
-    # column, so the others stay finite (no 0 · Inf from the lanes past the output's width)
-    x, wt, b, *_ = _reference(2, 4, 10, 10, 6, 3, 3, dtype=dtype)
-    x[0, 1, 5, 9] = float("inf")
+    # column, so the others stay finite (no 0 · Inf from the lanes past the output's width: rows of 9 output
+    # columns, a chunk's tail with 8 lanes as with 16)
+    x, wt, b, *_ = _reference(2, 4, 10, 11, 6, 3, 3, dtype=dtype)
+    x[0, 1, 5, 10] = float("inf")
     y = native.conv_relu_forward(x, wt, b, dtype)
     _, dw, _ = native.conv_relu_backward(torch.ones(y.shape, dtype=dtype), y, x, wt, False, True)
     assert dw[:, :, :, :2].isfinite().all() and dw[:, [0, 2, 3]].isfinite().all()
+
+
+def test_float32_few_channel_convolution_sums_a_whole_batch_without_bias():
+    """The second paper's layer at batch 128 and no bias: the weight gradient, summed in float lanes over each
+    thread's 64 images (the lanes and threads then in double), still within 1e-5 of float64; the output without a
+    bias term; the bias gradient not asked for."""
+    x, wt, _, gy, *_ = _reference(128, 10, 31, 31, 20, 5, 5, dtype=torch.float32, seed=3)
+    xr, wr = x.double().requires_grad_(), wt.double().requires_grad_()
+    y = F.conv2d(xr, wr).relu()
+    y.backward(gy.double())
+    got = native.conv_relu_forward(x, wt, None, torch.float32)
+    assert _max_rel(got, y.detach()) < 1e-5
+    gx, gw, gb = native.conv_relu_backward(gy, got, x, wt, True, False)
+    assert gb is None and _max_rel(gx, xr.grad) < 1e-5 and _max_rel(gw, wr.grad) < 1e-5
 
 
 def test_dot_product_convolution_keeps_nan_and_passes_its_gradient(dot_conv):

@@ -21,10 +21,11 @@ scratch buffer that stays in the core's cache and multiplies it into the convolu
 instead of pool_backward writing it in full for torch's convolution backward (`benchmarks/conv_block_bench.py`;
 in bf16 on CPUs with AVX-512 BF16 and no AMX its products in bf16 dot products, two positions an instruction:
 wgrad_dot_pays), and its forward — a 1-channel convolution, ReLU, the pool and batch norm's sums — in one bf16 pass,
-y written once (conv_pool_stats, conv_pool_stats_pays). On CPUs with AVX-512 BF16 and no AMX, a few-channel
-convolution + ReLU that ends the block (the second paper's
-10 → 20) runs in bf16 through conv_relu_forward / conv_relu_backward, whose vector lanes are output columns
-rather than the channels oneDNN's blocks leave partly empty (dot_conv_pays, `benchmarks/dot_conv_bench.py`).
+y written once (conv_pool_stats, conv_pool_stats_pays). A few-channel convolution + ReLU that ends the block (the
+second paper's 10 → 20) runs through conv_relu_forward / conv_relu_backward, whose vector lanes are output columns
+rather than the channels oneDNN's blocks leave partly empty: in bf16 on CPUs with AVX-512 BF16 and no AMX
+(dot_conv_pays), in float32 on AVX2 CPUs without AVX-512 (f32_conv_pays, conv_relu_shape;
+`benchmarks/dot_conv_bench.py`).
 Batch augmentation's flip and affine warp (data/augment.py) run in one pass too, warp_affine: θ formed from the
 draws, each output pixel sampled bilinearly with the border repeated, as torch's affine_grid + grid_sample do it
 in a dozen ops (`benchmarks/augment_bench.py`); taken for any model whose run augments its batches
@@ -500,7 +501,7 @@ def f32_conv_pays(flags: frozenset[str] | set[str] | None = None) -> bool:
     the copies to and from the dense layer's (C, H, W) order) on an AMD EPYC Zen 3 (BENCHMARKS.md). With AVX-512
     it was not measured in float32 (those CPUs met so far had BF16 and train in bf16 by default): torch's
     convolution stays there unless `_NativeConvReLU.enabled` says otherwise."""
-    flags = set(cpu_flags() if flags is None else flags)
+    flags = cpu_flags() if flags is None else flags
     return "avx2" in flags and "avx512f" not in flags
 
 
@@ -508,10 +509,11 @@ def conv_relu_shape(ci: int, co: int, width: int, dtype: torch.dtype) -> bool:
     """Whether conv_relu_forward/backward are taken for these channel counts and output width in `dtype`: in bf16
     ≤ DOT_CONV_MAX_IN input and ≤ DOT_CONV_MAX_OUT output channels; in float32 ≤ F32_CONV_MAX_IN input, F32_CONV_OUT
     output channels and rows of ≥ F32_CONV_MIN_WIDTH output columns — where dot_conv_bench measured the float32 pair
-    faster than oneDNN's fp32 kernels on an AVX2 Zen 3, forward and backward together, in two runs (the second
-    paper's 10 → 20 with rows of 17–57 columns 1.14–1.81×, 10 → 24 1.16–1.21×; with rows of 9 columns, two 8-lane
-    chunks 56 % filled, 0.91–1.01×; 8 → 8, 6 → 16, 12 → 24 and 16 → 20, whose channels fill oneDNN's 8-lane blocks
-    better, 0.74–0.99×)."""
+    faster than oneDNN's fp32 kernels on an AVX2 Zen 3, forward and backward together, in two runs: the second
+    paper's layer and shapes like it (its 10 → 20 with rows of 17–57 columns 1.14–1.81×, 10 → 24 1.16–1.21×; with
+    rows of 9 columns, two 8-lane chunks 56 % filled, 0.91–1.01×; 8 → 8, 6 → 16, 12 → 24 and 16 → 20, whose
+    channels fill oneDNN's 8-lane blocks better, 0.74–0.99×). Other shapes stay with oneDNN even where one was
+    measured faster (3 → 16, 3×3, 1.66–1.81×): the rule covers what was decided on, not every shape that wins."""
     if dtype == torch.bfloat16:
         return ci <= DOT_CONV_MAX_IN and co <= DOT_CONV_MAX_OUT
     return (dtype == torch.float32 and ci <= F32_CONV_MAX_IN and F32_CONV_OUT[0] <= co <= F32_CONV_OUT[1]
