@@ -57,8 +57,8 @@ bench-finetune: $(STAMP)
 # depthwise gradients bf16 vs fp32, CpuConv2d on/off, inference pass sizes (a CPU with native bf16 only);
 # the papers' conv blocks alone: torch's modules, fused on torch's ops, cnnlab's native kernels;
 # the second paper's stem with and without its native weight gradient; the first paper's conv block with and
-# without its one-pass backward; the second paper's 10 → 20-channel convolution with bf16 dot products or torch's
-# (AVX-512 BF16 CPUs only); the pretrained backbones with batch norm folded into their convolutions or not;
+# without its one-pass backward; the second paper's 10 → 20-channel convolution through cnnlab's kernels (bf16 dot
+# products with AVX-512 BF16, float32 elsewhere: the CPU's default precision) or torch's; the pretrained backbones with batch norm folded into their convolutions or not;
 # batch augmentation's flip and warp through torch's ops or the native kernel
 bench-kernels: $(STAMP)
 	$(BIN)/python benchmarks/cpu_kernels_bench.py --repeats 5 --write BENCHMARKS.md
