@@ -14,7 +14,7 @@ a broadcast weight feeding two output rows (built everywhere, taken by default o
 `native.f32_conv_pays`). The bench measures the precision the CPU trains in by default (bf16-mixed where it has
 native bf16, fp32 elsewhere). Two measurements:
 
-  kernels   forward and backward alone at batch 128 for the second paper's shape and seven others with few
+  kernels   forward and backward alone at batch 128 for the second paper's shape and eleven others with few
             channels, in that precision: torch's convolution + ReLU (+ the copy to (C, H, W) order forward; the
             copy of the gradient back to channels-last, ReLU's backward and the convolution's backward) against
             the native pair; median of interleaved calls
@@ -118,7 +118,7 @@ def main() -> None:
 
     def row(x: dict) -> str:
         ci, co, side, kk = x["shape"]
-        where = "taken" if conv_relu_shape(ci, co, side - kk + 1, getattr(torch, r["dtype"])) else "not taken"
+        where = "taken" if taken and conv_relu_shape(ci, co, side - kk + 1, getattr(torch, r["dtype"])) else "not taken"
         t, nat = x["torch forward"] + x["torch backward"], x["native forward"] + x["native backward"]
         return (f"| {ci} → {co}, {side}×{side}, {kk}×{kk} ({where}) | {x['torch forward']:.2f} | "
                 f"{x['native forward']:.2f} | {x['torch backward']:.2f} | {x['native backward']:.2f} | "

@@ -202,9 +202,9 @@ class TrainConfig:
               "their convolutions at inference (null: on for the CPU, where they measured faster; off on CUDA)")
     native: Optional[bool] = _opt(
         None, "cnnlab's native CPU kernels for the papers' conv blocks (ReLU → batch norm → max-pool, ReLU → "
-              "max-pool; channels-last fp32 or bf16; the first convolutions' passes on the image; with AVX-512 "
-              "BF16 and no AMX, in bf16, a few-channel last convolution + ReLU and a 1-channel first convolution "
-              "with its block's forward too), and data.augment's flip and affine warp of the training batches "
+              "max-pool; channels-last fp32 or bf16; the first convolutions' passes on the image; a few-channel "
+              "last convolution + ReLU in bf16 with AVX-512 BF16 and no AMX, in fp32 on AVX2 CPUs without AVX-512; "
+              "with AVX-512 BF16 and no AMX a 1-channel first convolution with its block's forward too), and data.augment's flip and affine warp of the training batches "
               "in one pass (any model), compiled once per machine with its C compiler (null: on "
               "for the CPU where a C compiler is found, else the torch-op path; true: an error without one, or on CUDA)")
     feature_engine: str = _opt(

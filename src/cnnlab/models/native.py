@@ -509,18 +509,19 @@ def conv_relu_shape(ci: int, co: int, width: int, dtype: torch.dtype) -> bool:
     """Whether conv_relu_forward/backward are taken for these channel counts and output width in `dtype`: in bf16
     ≤ DOT_CONV_MAX_IN input and ≤ DOT_CONV_MAX_OUT output channels; in float32 ≤ F32_CONV_MAX_IN input, F32_CONV_OUT
     output channels and rows of ≥ F32_CONV_MIN_WIDTH output columns — where dot_conv_bench measured the float32 pair
-    faster than oneDNN's fp32 kernels on an AVX2 Zen 3, forward and backward together, in two runs: the second
-    paper's layer and shapes like it (its 10 → 20 with rows of 17–57 columns 1.14–1.81×, 10 → 24 1.16–1.21×; with
-    rows of 9 columns, two 8-lane chunks 56 % filled, 0.91–1.01×; 8 → 8, 6 → 16, 12 → 24 and 16 → 20, whose
-    channels fill oneDNN's 8-lane blocks better, 0.74–0.99×). Other shapes stay with oneDNN even where one was
-    measured faster (3 → 16, 3×3, 1.66–1.81×): the rule covers what was decided on, not every shape that wins."""
+    faster than oneDNN's fp32 kernels on an AVX2 Zen 3, forward and backward together (BENCHMARKS.md's AVX2
+    section): the second paper's layer and shapes like it (its 10 → 20 with rows of 17–57 columns 1.16–1.59×,
+    10 → 24 1.21×; with rows of 9 columns, two 8-lane chunks 56 % filled, 1.01×; 8 → 8, 6 → 16, 12 → 24 and
+    16 → 20, whose channels fill oneDNN's 8-lane blocks better, 0.81–0.99×). Other shapes stay with oneDNN even
+    where one was measured faster (3 → 16, 3×3, 1.81×): the rule covers what was decided on, not every shape
+    that wins."""
     if dtype == torch.bfloat16:
         return ci <= DOT_CONV_MAX_IN and co <= DOT_CONV_MAX_OUT
     return (dtype == torch.float32 and ci <= F32_CONV_MAX_IN and F32_CONV_OUT[0] <= co <= F32_CONV_OUT[1]
             and width >= F32_CONV_MIN_WIDTH)
 
 
-def conv_relu_applies(x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> bool:
+def conv_relu_applies(x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype) -> bool:
     """Whether conv_relu_forward computes relu(conv2d(x, weight)) in `dtype` (bf16 or float32) for a stride-1
     unpadded convolution of the shape it is taken for (conv_relu_shape), x a 4-D float32 or bf16 CPU tensor at
     least the kernel's size, the kernels built here (bf16: the dot-product ones, AVX-512 BF16)."""
@@ -531,7 +532,7 @@ def conv_relu_applies(x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype 
 
 
 def conv_relu_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                      dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+                      dtype: torch.dtype) -> torch.Tensor:
     """relu(conv2d(x, weight, bias)) in `dtype`, (N, Co, Ho, Wo) in plain NCHW order — the order a dense layer
     after it reads — for a stride-1 unpadded convolution (conv_relu_applies). bf16 as autocast computes it (x,
     weight and bias rounded to bf16, float sums rounded once); float32 in float sums."""

@@ -1198,7 +1198,7 @@ DEFINE_CONV_POOL_FORWARD(cnnlab_conv_pool_forward_bf16, uint16_t, conv_pool_chun
 /* The same few-channel convolution + ReLU in float32, for any AVX2 or AVX-512 CPU: relu(conv2d(x, w, b)), stride 1,
  * no padding, groups 1, output (N, Co, Ho, Wo) in plain NCHW order (the dense layer's), x (N, H, W, Ci) float32
  * channels-last. torch's oneDNN fp32 kernels keep channels as the lanes (10 and 20 channels in 8- or 16-lane
- * blocks) and ran this layer of the second paper's net at 76 GFLOP/s forward and 62 backward on a Zen 3 (AVX2,
+ * blocks) and ran this layer of the second paper's net at 76 GFLOP/s forward and 49 backward on a Zen 3 (AVX2,
  * 2 cores; its 2048² matrix product 177): here the lanes are VL output columns, as in the bf16 kernels above, and
  * a block of 2 output rows × CB channels sums in registers, one broadcast weight feeding two multiply-adds. Each
  * image is first laid out as channel planes padded with zeros past W, so a chunk's lanes past the row read zeros.
